@@ -1,0 +1,149 @@
+"""Recognise what a model file is before loading it.
+
+Users point the pack at whatever sits in ``models/checkpoints``.  Before a single
+tensor is read, :func:`inspect_checkpoint` parses the safetensors header (never
+unpickling anything), checks that the file is complete, and names the model family
+from its keys and shapes, so that an SDXL, SD 2, SD 3, Flux, LoRA, truncated or
+pickle file gets an error that says what it is instead of a shape mismatch deep
+inside torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A model file that the pack cannot use; the message names what was found and the fix."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    family: str  # "sd1", "sd1-inpaint", "sd2", "sdxl", "sd3", "flux", "lora", "unet-only", "diffusers-unet", "unknown"
+    shapes: dict[str, list[int]]
+    dtypes: dict[str, str]
+    metadata: dict[str, str]
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """Parse a safetensors header: ({name: {dtype, shape, data_offsets}, "__metadata__": ...}, data start).
+
+    Raises CheckpointError for files that are not safetensors or are cut short.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{p.name}: only {size} bytes, not a safetensors file")
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(
+                f"{p.name}: a pickle/zip (PyTorch .ckpt/.pt) file. The pack never unpickles model files; "
+                "convert it to .safetensors (for example with ComfyUI's 'CheckpointSave' node) and use that file."
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > 100_000_000 or 8 + n > size:
+            raise CheckpointError(f"{p.name}: not a valid safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{p.name}: the safetensors header is not valid JSON ({e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{p.name}: truncated: the header describes {8 + n + end:,} bytes but the file has {size:,}. "
+            "Download or copy it again."
+        )
+    return header, 8 + n
+
+
+def _family(shapes: dict[str, list[int]]) -> str:
+    keys = shapes.keys()
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    def contains(part: str) -> bool:
+        return any(part in k for k in keys)
+
+    if contains("lora_up") or contains("lora_down") or contains("lora_A.") or contains("lora_B.") or has("lora_unet_"):
+        return "lora"
+    if has("model.diffusion_model.joint_blocks.") or has("joint_blocks."):
+        return "sd3"
+    if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
+        return "flux"
+    if has("conditioner.embedders.") or has("model.diffusion_model.label_emb."):
+        return "sdxl"
+    k_attn = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if k_attn in shapes:
+        ctx = shapes[k_attn][1]
+        if ctx == 1024 or has("cond_stage_model.model."):
+            return "sd2"
+        if ctx == 768:
+            conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0, 4])
+            return "sd1" if conv_in[1] == 4 else "sd1-inpaint"
+        return "unknown"
+    if has("input_blocks.") and has("middle_block."):
+        return "unet-only"
+    if has("down_blocks.") and has("mid_block."):
+        return "diffusers-unet"
+    return "unknown"
+
+
+FAMILY_NAMES = {
+    "sd1": "Stable Diffusion 1.x",
+    "sd1-inpaint": "a Stable Diffusion 1.x inpainting model (9 input channels)",
+    "sd2": "Stable Diffusion 2.x (OpenCLIP-H text encoder, 1024-wide conditioning)",
+    "sdxl": "Stable Diffusion XL",
+    "sd3": "Stable Diffusion 3",
+    "flux": "a Flux model",
+    "lora": "a LoRA (a set of weight deltas, not a full model)",
+    "unet-only": "a UNet on its own (no VAE and no text encoder)",
+    "diffusers-unet": "a diffusers-format UNet on its own",
+    "unknown": "an unrecognised model",
+}
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Header-only inspection of a single-file checkpoint; raises CheckpointError on bad files."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a folder; pass a single .safetensors file (or use the diffusers-folder loader)")
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{p.name}: {p.suffix} files are pickles; the pack only loads .safetensors. "
+            "Convert the checkpoint to .safetensors and use that file."
+        )
+    header, _ = read_safetensors_header(p)
+    meta = header.pop("__metadata__", {}) or {}
+    shapes = {k: list(v["shape"]) for k, v in header.items()}
+    dtypes = {k: v["dtype"] for k, v in header.items()}
+    return CheckpointInfo(str(p), _family(shapes), shapes, dtypes, meta)
+
+
+def require_sd1(info: CheckpointInfo) -> None:
+    """Raise CheckpointError unless the file is a complete SD 1.x checkpoint."""
+    if info.family != "sd1":
+        raise CheckpointError(
+            f"{Path(info.path).name}: this is {FAMILY_NAMES[info.family]}, but the pack needs a "
+            "Stable Diffusion 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors) in the original single-file layout."
+        )
+    for prefix, what in (("first_stage_model.", "VAE"), ("cond_stage_model.", "text encoder")):
+        if not any(k.startswith(prefix) for k in info.shapes):
+            raise CheckpointError(
+                f"{Path(info.path).name}: an SD 1.x UNet without its {what} ({prefix}* keys). "
+                "Use a full checkpoint that includes the VAE and the CLIP text encoder."
+            )
