@@ -26,7 +26,7 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: str
-    family: str  # "sd1", "sd1-inpaint", "sd2", "sdxl", "sd3", "flux", "lora", "unet-only", "diffusers-unet", "unknown"
+    family: str  # a key of FAMILY_NAMES
     shapes: dict[str, list[int]]
     dtypes: dict[str, str]
     metadata: dict[str, str]
@@ -34,6 +34,12 @@ class CheckpointInfo:
     @property
     def keys(self) -> list[str]:
         return list(self.shapes)
+
+    @property
+    def context_dim(self) -> int | None:
+        """Width of the UNet's cross-attention context (768 for SD 1.x), if it has one."""
+        shape = self.shapes.get(_K_ATTN2)
+        return shape[1] if shape else None
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
@@ -68,6 +74,9 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, 8 + n
 
 
+_K_ATTN2 = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
 def _family(shapes: dict[str, list[int]]) -> str:
     keys = shapes.keys()
 
@@ -85,15 +94,14 @@ def _family(shapes: dict[str, list[int]]) -> str:
         return "flux"
     if has("conditioner.embedders.") or has("model.diffusion_model.label_emb."):
         return "sdxl"
-    k_attn = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if k_attn in shapes:
-        ctx = shapes[k_attn][1]
+    if _K_ATTN2 in shapes:
+        ctx = shapes[_K_ATTN2][1]
         if ctx == 1024 or has("cond_stage_model.model."):
             return "sd2"
-        if ctx == 768:
-            conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0, 4])
-            return "sd1" if conv_in[1] == 4 else "sd1-inpaint"
-        return "unknown"
+        conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0, 4])
+        if conv_in[1] != 4:
+            return "sd1-inpaint"
+        return "sd1" if ctx == 768 else "ldm"
     if has("input_blocks.") and has("middle_block."):
         return "unet-only"
     if has("down_blocks.") and has("mid_block."):
@@ -103,7 +111,8 @@ def _family(shapes: dict[str, list[int]]) -> str:
 
 FAMILY_NAMES = {
     "sd1": "Stable Diffusion 1.x",
-    "sd1-inpaint": "a Stable Diffusion 1.x inpainting model (9 input channels)",
+    "sd1-inpaint": "a Stable Diffusion 1.x inpainting or instruct model (more than 4 input channels)",
+    "ldm": "a latent-diffusion UNet of a non-standard width",
     "sd2": "Stable Diffusion 2.x (OpenCLIP-H text encoder, 1024-wide conditioning)",
     "sdxl": "Stable Diffusion XL",
     "sd3": "Stable Diffusion 3",
@@ -134,9 +143,13 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(str(p), _family(shapes), shapes, dtypes, meta)
 
 
-def require_sd1(info: CheckpointInfo) -> None:
-    """Raise CheckpointError unless the file is a complete SD 1.x checkpoint."""
-    if info.family != "sd1":
+def require_sd1(info: CheckpointInfo, context_dim: int = 768) -> None:
+    """Raise CheckpointError unless the file is a complete SD 1.x checkpoint.
+
+    ``context_dim`` other than 768 accepts SD-1.x-shaped models of another width (the
+    tiny models of the tests, loaded with their own configs).
+    """
+    if info.family not in ("sd1", "ldm") or info.context_dim != context_dim:
         raise CheckpointError(
             f"{Path(info.path).name}: this is {FAMILY_NAMES[info.family]}, but the pack needs a "
             "Stable Diffusion 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors) in the original single-file layout."

@@ -72,13 +72,19 @@ def materialize_buffers(module: torch.nn.Module) -> None:
             raise RuntimeError(f"parameter {name} was not loaded")
 
 
-def load_single_file_modules(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
-    """(unet, vae, text_encoder) from an SD 1.x single-file checkpoint (.safetensors)."""
+def load_single_file_modules(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", config_dir: str | os.PathLike | None = None
+):
+    """(unet, vae, text_encoder) from an SD 1.x single-file checkpoint (.safetensors).
+
+    ``config_dir`` holds unet/vae/text_encoder configs (default: the shipped SD 1.5 ones).
+    """
     from safetensors import safe_open
 
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    ucfg, vcfg, tcfg = read_config("unet", root), read_config("vae", root), read_config("text_encoder", root)
     info = inspect_checkpoint(path)
-    require_sd1(info)
-    ucfg, vcfg, tcfg = read_config("unet"), read_config("vae"), read_config("text_encoder")
+    require_sd1(info, context_dim=ucfg["cross_attention_dim"])
     unet, vae, text = build_modules(ucfg, vcfg, tcfg, "meta")
     targets = (unet.state_dict().keys(), vae.state_dict().keys(), text.state_dict().keys())
 
@@ -128,11 +134,18 @@ def load_diffusers_folder_modules(folder: str | os.PathLike, dtype: torch.dtype 
         if not (root / sub / "config.json").is_file():
             raise CheckpointError(f"{root}: not a diffusers Stable Diffusion folder (no {sub}/config.json)")
     ucfg = read_config("unet", root)
-    if ucfg.get("cross_attention_dim") != 768 or ucfg.get("in_channels") != 4 or ucfg.get("addition_embed_type"):
+    ctx = ucfg.get("cross_attention_dim")
+    family = None
+    if ucfg.get("addition_embed_type") or ctx == 2048 or isinstance(ctx, list):
+        family = "Stable Diffusion XL"
+    elif ctx == 1024:
+        family = "Stable Diffusion 2.x"
+    elif ucfg.get("in_channels") != 4:
+        family = f"a UNet with {ucfg.get('in_channels')} input channels (inpainting/instruct)"
+    if family is not None:
         raise CheckpointError(
-            f"{root}: the UNet has cross_attention_dim={ucfg.get('cross_attention_dim')}, "
-            f"in_channels={ucfg.get('in_channels')}, addition_embed_type={ucfg.get('addition_embed_type')}; "
-            "the pack needs Stable Diffusion 1.x (768, 4, none)."
+            f"{root}: this is {family} (cross_attention_dim={ctx}, in_channels={ucfg.get('in_channels')}, "
+            f"addition_embed_type={ucfg.get('addition_embed_type')}); the pack needs Stable Diffusion 1.x."
         )
 
     def load(cls, sub):
@@ -149,12 +162,15 @@ def load_diffusers_folder_modules(folder: str | os.PathLike, dtype: torch.dtype 
 
 
 def load_sd15(
-    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    config_dir: str | os.PathLike | None = None,
 ):
     """Load an SD 1.x model from a single file or a diffusers folder as a :class:`DiffusersSD`.
 
     ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA and float32
-    on the CPU.
+    on the CPU.  ``config_dir`` overrides the shipped SD 1.5 configs for single files.
     """
     from .backend import DiffusersSD
     from .tokenizer import load_clip_tokenizer
@@ -166,7 +182,7 @@ def load_sd15(
     if p.is_dir():
         unet, vae, text, tok_dir = load_diffusers_folder_modules(p, dtype, device)
     else:
-        unet, vae, text = load_single_file_modules(p, dtype, device)
+        unet, vae, text = load_single_file_modules(p, dtype, device, config_dir)
         tok_dir = None
     for m in (unet, vae, text):
         m.requires_grad_(False)

@@ -1,0 +1,111 @@
+"""A trained SinDDM model (the SIE_SINDDM object) and its safetensors file.
+
+The file holds the EMA network weights and the training pyramid (uint8 images of every
+scale), with the network config, the pyramid geometry and errors and the training
+summary as JSON in the safetensors header.  Loading needs nothing else: no pickle, no
+original image.  Writes are atomic (temporary file in the same folder, then rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .model import NetConfig, SinDDMNet
+from .pyramid import Pyramid, PyramidSpec, pyramid_from_scales
+from .schedule import MultiScaleSchedule
+
+FORMAT = "sie.sinddm"
+VERSION = 1
+
+
+@dataclass
+class SinDDM:
+    net: SinDDMNet
+    pyramid: Pyramid
+    schedule: MultiScaleSchedule
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, net: SinDDMNet, pyramid: Pyramid, info: dict | None = None) -> "SinDDM":
+        return cls(net, pyramid, MultiScaleSchedule.build(pyramid.spec.errors), dict(info or {}))
+
+    def schedule_with(self, start_steps=None) -> MultiScaleSchedule:
+        if start_steps is None:
+            return self.schedule
+        return MultiScaleSchedule.build(self.pyramid.spec.errors, self.schedule.num_timesteps,
+                                        start_override=list(start_steps))
+
+    def with_schedule(self, schedule: MultiScaleSchedule) -> "SinDDM":
+        return dataclasses.replace(self, schedule=schedule)
+
+    @property
+    def training_size(self) -> tuple[int, int]:
+        """(H, W) of the finest scale."""
+        return self.pyramid.spec.sizes[-1]
+
+    def describe(self) -> str:
+        spec = self.pyramid.spec
+        sizes = ", ".join(f"{w}x{h}" for h, w in spec.sizes)
+        return (f"SinDDM width {self.net.config.width}, {spec.n_scales} scales ({sizes}), r={spec.scale_factor:.4f}, "
+                f"T[s]={list(self.schedule.start_steps)}, trained {self.info.get('steps_done', '?')} steps")
+
+
+def save(model: SinDDM, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` (.safetensors) atomically; returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path.name}: SinDDM models are saved as .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"net.{k}": v.detach().float().contiguous().cpu() for k, v in model.net.state_dict().items()}
+    for s in range(model.pyramid.spec.n_scales):
+        tensors[f"pyramid.{s}"] = model.pyramid.uint8(s).contiguous()
+    meta = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "net": json.dumps(dataclasses.asdict(model.net.config)),
+        "pyramid": json.dumps(model.pyramid.spec.to_dict()),
+        "info": json.dumps(model.info, default=str),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SinDDM:
+    """Read a model written by :func:`save`; raises ValueError for other files."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SinDDM model not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path.name}: not a SinDDM model saved by this pack (format {meta.get('format')!r})")
+            if int(meta.get("version", "0")) > VERSION:
+                raise ValueError(f"{path.name}: saved by a newer version of the pack (format v{meta['version']})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path.name}: not a readable safetensors file ({e})") from None
+    net = SinDDMNet(NetConfig(**json.loads(meta["net"])))
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    spec = PyramidSpec.from_dict(json.loads(meta["pyramid"]))
+    scales = [tensors[f"pyramid.{s}"] for s in range(spec.n_scales)]
+    model = SinDDM.create(net.to(device).eval(), pyramid_from_scales(spec, scales), json.loads(meta.get("info", "{}")))
+    return model

@@ -1,0 +1,230 @@
+"""The only module that touches ComfyUI internals; every import of ComfyUI is lazy.
+
+What the pack uses from ComfyUI, all of it here:
+
+* ``comfy.utils.ProgressBar`` and ``comfy.model_management`` (interrupts, devices,
+  model loading) for long-running nodes: :class:`Progress`;
+* ``folder_paths`` for the pack's model folders: :func:`list_models`,
+  :func:`model_path`, :func:`save_dir`;
+* ``MODEL`` / ``CLIP`` / ``VAE`` objects, seen through the core seam: :class:`ComfySD`.
+
+Outside a ComfyUI process (tests, scripts) the folder and progress helpers degrade to
+no-ops or empty lists instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# folder_paths name -> (sub-folder of ComfyUI's models dir, accepted extensions)
+MODEL_FOLDERS = {
+    "sie_sinddm": (os.path.join("single_image_edit", "sinddm"), {".safetensors"}),
+    "sie_trained": (os.path.join("single_image_edit", "trained"), {".safetensors"}),
+    "open_clip": ("open_clip", {".safetensors", ".bin", ".pt", ".pth"}),
+}
+
+
+def _folder_paths():
+    try:
+        import folder_paths  # ComfyUI's top-level module
+    except ImportError:
+        return None
+    return folder_paths
+
+
+def register_model_folders() -> bool:
+    """Register the pack's folders with ComfyUI (idempotent); False outside ComfyUI.
+
+    Paths users added for the same names in ``extra_model_paths.yaml`` are kept.
+    """
+    fp = _folder_paths()
+    if fp is None:
+        return False
+    for name, (sub, exts) in MODEL_FOLDERS.items():
+        default = os.path.join(fp.models_dir, sub)
+        if name in fp.folder_names_and_paths:
+            paths, old_exts = fp.folder_names_and_paths[name]
+            if default not in paths:
+                paths.append(default)
+            fp.folder_names_and_paths[name] = (paths, set(old_exts) | exts)
+        else:
+            fp.folder_names_and_paths[name] = ([default], set(exts))
+    return True
+
+
+def list_models(name: str) -> list[str]:
+    """File names in a registered folder, for a COMBO input ([] outside ComfyUI)."""
+    if not register_model_folders():
+        return []
+    return list(_folder_paths().get_filename_list(name))
+
+
+def model_path(name: str, file_name: str) -> str:
+    """Full path of a file in a registered folder, or FileNotFoundError naming the folders."""
+    if not register_model_folders():
+        p = Path(file_name)
+        if p.is_file():
+            return str(p)
+        raise FileNotFoundError(f"{file_name}: not found (no ComfyUI folder registry in this process)")
+    fp = _folder_paths()
+    path = fp.get_full_path(name, file_name)
+    if path is None:
+        raise FileNotFoundError(
+            f"'{file_name}' is not in the {name} folders ({', '.join(fp.get_folder_paths(name))}); "
+            "put the file there and refresh the node list"
+        )
+    return path
+
+
+def save_dir(name: str) -> Path:
+    """The first (default) folder of a registered name, created on demand."""
+    if register_model_folders():
+        d = Path(_folder_paths().get_folder_paths(name)[0])
+    else:
+        d = Path("models") / MODEL_FOLDERS[name][0]
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def output_dir() -> Path:
+    fp = _folder_paths()
+    return Path(fp.get_output_directory()) if fp else Path("output")
+
+
+# --------------------------------------------------------------------------------------
+# Progress and cancellation
+# --------------------------------------------------------------------------------------
+class Progress:
+    """Adapter from core's ``on_step(i, total, info)`` to ComfyUI's progress bar.
+
+    Every call is a cancellation point: ComfyUI's interrupt exception propagates out of
+    the core loop (which cleans up in ``finally`` blocks).  ``info`` may carry a
+    ``"preview"`` tensor [3, H, W] in [0, 1], shown on the node.
+    """
+
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        try:
+            import comfy.model_management
+            import comfy.utils
+
+            self._mm = comfy.model_management
+            self._bar = comfy.utils.ProgressBar(self.total)
+        except ImportError:
+            self._mm = self._bar = None
+        self.last_info: dict = {}
+
+    def __call__(self, i: int, total: int | None = None, info: dict | None = None) -> None:
+        self.last_info = info or {}
+        if self._mm is not None:
+            self._mm.throw_exception_if_processing_interrupted()
+        if self._bar is not None:
+            preview = None
+            if info and info.get("preview") is not None:
+                preview = ("JPEG", _to_pil(info["preview"]), 512)
+            self._bar.update_absolute(min(i, self.total), total or self.total, preview)
+
+    def should_stop(self) -> bool:
+        return bool(self._mm is not None and self._mm.processing_interrupted())
+
+
+def _to_pil(x: torch.Tensor):
+    from PIL import Image
+
+    arr = (x.detach().float().clamp(0, 1).movedim(0, -1).cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(arr)
+
+
+def torch_device() -> torch.device:
+    try:
+        import comfy.model_management
+
+        return comfy.model_management.get_torch_device()
+    except ImportError:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free_memory() -> None:
+    try:
+        import comfy.model_management
+
+        comfy.model_management.soft_empty_cache()
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# The seam over ComfyUI's MODEL / CLIP / VAE
+# --------------------------------------------------------------------------------------
+class ComfySD:
+    """:class:`core.seam.LatentDiffusion` over a ComfyUI MODEL (ModelPatcher), CLIP and VAE.
+
+    ``eps`` runs through ``BaseModel.apply_model`` with the patcher's
+    ``transformer_options``, so weight patches, weight wrappers and model patches set on
+    the MODEL apply.  The variance-preserving x_t of the seam is converted to ComfyUI's
+    sigma parameterisation (x = x_t / sqrt(alpha_bar), sigma = sqrt((1 - alpha_bar) /
+    alpha_bar)) and the denoised output back to epsilon.  ``encode`` crops images to a
+    multiple of 8 as ComfyUI's VAE does.
+    """
+
+    def __init__(self, model, clip=None, vae=None):
+        import comfy.model_management
+
+        self.model, self.clip, self.vae = model, clip, vae
+        self._mm = comfy.model_management
+        ms = model.get_model_object("model_sampling")
+        sigmas = ms.sigmas.detach().to("cpu", torch.float64)
+        self._alphas_cumprod = 1.0 / (sigmas**2 + 1.0)
+        self._loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._mm.load_models_gpu([self.model])
+            self._loaded = True
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.load_device
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.model.model.model_config.unet_config.get("context_dim") or 0)
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, **extra) -> torch.Tensor:
+        self._load()
+        a = self._alphas_cumprod.to(x_t.device)[t.long().to(x_t.device)]  # [B] float64
+        sigma = ((1 - a) / a).sqrt().to(torch.float32)
+        x = x_t / a.sqrt().to(x_t.dtype).view(-1, 1, 1, 1)
+        options = dict(self.model.model_options.get("transformer_options", {}))
+        den = self.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options=options, **extra)
+        return ((x - den) / sigma.view(-1, 1, 1, 1)).to(x_t.dtype)
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model.model.diffusion_model
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise ValueError("this ComfySD has no VAE")
+        raw = self.vae.encode(image.movedim(1, -1)[..., :3])
+        return self.model.model.process_latent_in(raw.to(self.device)).float()
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise ValueError("this ComfySD has no VAE")
+        img = self.vae.decode(self.model.model.process_latent_out(latent))
+        return img.reshape(-1, *img.shape[-3:]).movedim(-1, 1).float()
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if self.clip is None:
+            raise ValueError("this ComfySD has no CLIP")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        conds = [self.clip.encode_from_tokens(self.clip.tokenize(p)) for p in prompts]
+        return torch.cat(conds, 0).float()

@@ -1,0 +1,83 @@
+"""Conversions and checks shared by the node classes (no ComfyUI imports here).
+
+ComfyUI's IMAGE is [B, H, W, C] float in [0, 1]; MASK is [B, H, W] (sometimes [H, W]);
+core works on [B, C, H, W].  Every check raises :class:`NodeInputError`, whose message
+names the input and says how to fix it; ComfyUI shows that message in its error
+dialog and in the ``execution_error`` of the API.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CATEGORY_ROOT = "single_image_edit"
+
+
+class NodeInputError(ValueError):
+    """Bad input to a node: the message names the input and the fix."""
+
+    def __init__(self, input_name: str, problem: str, fix: str = ""):
+        self.input_name = input_name
+        msg = f"input '{input_name}': {problem}"
+        if fix:
+            msg += f". Fix: {fix}"
+        super().__init__(msg)
+
+
+def image_to_bchw(image, name: str = "image", min_side: int = 1) -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> float32 [B, 3, H, W]; grayscale is repeated to RGB."""
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+        raise NodeInputError(name, f"expected an IMAGE tensor [B, H, W, C], got {_describe(image)}",
+                             "connect the IMAGE output of a loader or another image node")
+    if image.ndim == 3:
+        image = image[None]
+    b, h, w, c = image.shape
+    if b == 0 or h == 0 or w == 0:
+        raise NodeInputError(name, f"the image is empty (shape {tuple(image.shape)})", "connect a non-empty image")
+    if c == 4:
+        raise NodeInputError(name, "the image has an alpha channel (4 channels)",
+                             "use an RGB image; Load Image already splits alpha into its MASK output")
+    if c not in (1, 3):
+        raise NodeInputError(name, f"expected 3 colour channels, got {c}", "connect an RGB IMAGE")
+    if min(h, w) < min_side:
+        raise NodeInputError(name, f"the image is {w}x{h}; each side must be at least {min_side} px",
+                             "use a larger image")
+    x = image.detach().to(torch.float32).movedim(-1, 1)
+    if c == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.clamp(0, 1).contiguous()
+
+
+def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [0, 1] -> IMAGE [B, H, W, 3] on the CPU."""
+    return x.detach().clamp(0, 1).movedim(1, -1).to("cpu", torch.float32).contiguous()
+
+
+def mask_to_b1hw(mask, name: str, size: tuple[int, int] | None = None, batch: int | None = None) -> torch.Tensor:
+    """MASK [B, H, W] or [H, W] -> float32 [B, 1, H, W] in [0, 1], checked against ``size`` (H, W)."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3, 4):
+        raise NodeInputError(name, f"expected a MASK tensor [B, H, W], got {_describe(mask)}", "connect a MASK")
+    m = mask.detach().to(torch.float32)
+    if m.ndim == 4:  # [B, 1, H, W] or [B, H, W, 1] from unusual nodes
+        m = m[:, 0] if m.shape[1] == 1 else m[..., 0]
+    m = m.reshape(-1, 1, m.shape[-2], m.shape[-1])
+    if size is not None and tuple(m.shape[-2:]) != tuple(size):
+        raise NodeInputError(
+            name, f"the mask is {m.shape[-1]}x{m.shape[-2]} but the image is {size[1]}x{size[0]}",
+            "resize the mask to the image size (e.g. with an 'Upscale Image' on the mask image) or use a mask made from that image",
+        )
+    if batch is not None and m.shape[0] not in (1, batch):
+        raise NodeInputError(name, f"{m.shape[0]} masks for {batch} images", "give one mask, or one per image")
+    return m.clamp(0, 1)
+
+
+def check_positive(value: int, name: str) -> int:
+    if int(value) <= 0:
+        raise NodeInputError(name, f"must be at least 1, got {value}", f"set {name} to 1 or more")
+    return int(value)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
