@@ -40,38 +40,55 @@ class Guidance:
 class ROIGuidance(Guidance):
     """Paper eq. 2: x0 <- m * ((1 - eta) x0 + eta x_target) + (1 - m) * x0, at scales 0..N-2.
 
-    ``target`` [1 or B, 3, H, W] in [0, 1] and ``mask`` [1 or B, 1, H, W] in [0, 1] are given
-    at the *output* size (H, W); they are resized (anti-aliased bilinear) to every
-    scale.  The official code pastes boxes with nearest-neighbour resizing and a fixed
-    eta = 0.8; a mask generalises the boxes (any shape, soft edges).  Outpainting is the
-    training image as target on a larger canvas, with the mask covering it.
+    ``target`` [1, 3, h, w] in [0, 1] and ``mask`` [1, 1, h, w] in [0, 1] are pasted onto
+    the output canvas with their top-left corner at ``offset`` = (x, y) pixels (parts
+    outside the canvas are dropped; the canvas outside the target is unconstrained),
+    then resized (anti-aliased bilinear) to every scale.  The official code copies
+    boxes of the training image with nearest-neighbour resizing and a fixed eta = 0.8; a
+    mask generalises the boxes (any shape, soft edges).  Outpainting is the training
+    image as target on a larger canvas, with the mask covering all of it.
     """
 
-    def __init__(self, target: torch.Tensor, mask: torch.Tensor, strength: float = 0.8):
-        if target.ndim != 4 or target.shape[1] != 3:
-            raise ValueError(f"target: expected [B, 3, H, W], got {tuple(target.shape)}")
-        if mask.ndim != 4 or mask.shape[1] != 1:
-            raise ValueError(f"mask: expected [B, 1, H, W], got {tuple(mask.shape)}")
+    def __init__(self, target: torch.Tensor, mask: torch.Tensor | None = None, strength: float = 0.8,
+                 offset: tuple[int, int] = (0, 0)):
+        if target.ndim != 4 or target.shape[0] != 1 or target.shape[1] != 3:
+            raise ValueError(f"target: expected one RGB image [1, 3, H, W], got {tuple(target.shape)}")
+        if mask is None:
+            mask = torch.ones(1, 1, *target.shape[-2:])
+        if mask.ndim != 4 or mask.shape[0] != 1 or mask.shape[1] != 1:
+            raise ValueError(f"mask: expected one mask [1, 1, H, W], got {tuple(mask.shape)}")
         if tuple(mask.shape[-2:]) != tuple(target.shape[-2:]):
-            raise ValueError(f"mask: size {tuple(mask.shape[-2:])} differs from the target's {tuple(target.shape[-2:])}")
+            raise ValueError(f"mask: {mask.shape[-1]}x{mask.shape[-2]} differs from the target's "
+                             f"{target.shape[-1]}x{target.shape[-2]}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
-        self.target = target.float() * 2 - 1
+        self.target = target.float().clamp(0, 1)
         self.mask = mask.float().clamp(0, 1)
         self.eta = float(strength)
+        self.offset = (int(offset[0]), int(offset[1]))
+
+    def canvas(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target in [-1, 1], mask) pasted on an (H, W) canvas."""
+        h, w = size
+        x, y = self.offset
+        th, tw = self.target.shape[-2:]
+        tgt = torch.zeros(1, 3, h, w)
+        msk = torch.zeros(1, 1, h, w)
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + th, h), min(x + tw, w)
+        if y1 <= y0 or x1 <= x0:
+            raise ValueError(f"ROI: the target ({tw}x{th} at x={x}, y={y}) lies outside the {w}x{h} output")
+        tgt[..., y0:y1, x0:x1] = self.target[..., y0 - y : y1 - y, x0 - x : x1 - x] * 2 - 1
+        msk[..., y0:y1, x0:x1] = self.mask[..., y0 - y : y1 - y, x0 - x : x1 - x]
+        return tgt, msk
 
     def begin(self, sizes, count, device):
         super().begin(sizes, count, device)
-        if tuple(self.target.shape[-2:]) != tuple(sizes[-1]):
-            h, w = sizes[-1]
-            th, tw = self.target.shape[-2:]
-            raise ValueError(f"ROI target is {tw}x{th} but the output is {w}x{h}: give the target and mask at the "
-                             "output size (or sample at the target's size)")
+        self.full_target, self.full_mask = self.canvas(sizes[-1])
         self.begin_scale(0, sizes[0])
 
     def begin_scale(self, s, size):
-        self.t_s = resize_to(self.target, size).to(self.device)
-        self.m_s = resize_to(self.mask, size).to(self.device)
+        self.t_s = resize_to(self.full_target, size).to(self.device)
+        self.m_s = resize_to(self.full_mask, size).to(self.device)
 
     def apply(self, x0, s, t, sampler):
         if s >= len(self.sizes) - 1:  # "in all scales except for the finest one"

@@ -1,0 +1,126 @@
+"""Command line for SinDDM: ``python -m core.sinddm {demo,train,sample} ...`` from the pack's folder.
+
+``demo`` trains on a bundled image with CPU-sized settings (a few minutes on 2 cores),
+then writes a grid of samples at two sizes, the loss curve and the model, and prints
+where they are.  ``--paper`` selects the paper's settings (width 160, batch 32, 120k
+steps on the 250x200 image): hours on a GPU, weeks on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..plot import grid, loss_curve
+from . import NetConfig, SinDDM, TrainConfig, build_pyramid, load, sample, save, train
+
+DATA = Path(__file__).resolve().parent / "data"
+DEMO = dict(image=DATA / "coffee_128x100.png", steps=1200, width=64, batch=8)
+PAPER = dict(image=DATA / "coffee_250x200.png", steps=120_000, width=160, batch=32)
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _progress(total: int, every: int):
+    t0 = time.perf_counter()
+    window: list[float] = []
+
+    def on_step(i, n, info):
+        window.append(info.get("loss", float("nan")))
+        if i % every == 0 or i == n:
+            rate = (time.perf_counter() - t0) / i
+            print(f"  step {i:>6}/{n}  loss {sum(window) / len(window):.4f}  {rate:.3f} s/step  "
+                  f"eta {rate * (n - i) / 60:.1f} min", flush=True)
+            window.clear()
+
+    return on_step
+
+
+def cmd_train(a) -> SinDDM:
+    device = _device(a.device)
+    img = Image.open(a.image)
+    pyr = build_pyramid(img)
+    spec = pyr.spec
+    print(f"image {a.image} -> {spec.n_scales} scales "
+          f"({', '.join(f'{w}x{h}' for h, w in spec.sizes)}), r = {spec.scale_factor:.4f}")
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, seed=a.seed, precision=a.precision)
+    print(f"training {cfg.steps} steps, width {a.width}, batch {cfg.batch_size} on {device}")
+    res = train(pyr, NetConfig(a.width), cfg, device, on_step=_progress(cfg.steps, max(1, cfg.steps // 20)))
+    model = SinDDM.create(res.net, pyr, res.info())
+    print(f"done in {res.seconds / 60:.1f} min; start steps T[s] = {list(model.schedule.start_steps)}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = save(model, out / "sinddm.safetensors")
+    loss_curve(res.losses, title="SinDDM training loss (L1 on eps)").save(out / "loss.png")
+    print(f"model:      {path}\nloss curve: {out / 'loss.png'}")
+    return model
+
+
+def cmd_sample(a, model: SinDDM | None = None) -> None:
+    device = _device(a.device)
+    model = model or load(a.model, device)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    same = sample(model, count=a.count, seed=a.seed, device=device)
+    wide = sample(model, count=max(1, a.count // 2), seed=a.seed + 1000, scale_mul=(1.0, 2.0), device=device)
+    h, w = model.training_size
+    print(f"sampled {a.count} at {w}x{h} and {max(1, a.count // 2)} at {2 * w}x{h} in "
+          f"{time.perf_counter() - t0:.1f} s")
+    train_img = model.pyramid.images[-1][0].add(1).div(2)
+    picture = grid([[train_img], list(same), list(wide)])
+    picture.save(out / "samples.png")
+    print(f"samples:    {out / 'samples.png'}  (row 1: training image; row 2: same size; row 3: twice as wide)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m core.sinddm", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p):
+        p.add_argument("--out", default="sinddm_out", help="output folder (default: ./sinddm_out)")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--seed", type=int, default=0)
+
+    for name in ("demo", "train"):
+        p = sub.add_parser(name, help="train on an image" + (" (bundled, CPU-sized) and sample" if name == "demo" else ""))
+        p.add_argument("--image", default=None, help=f"training image (default: {DEMO['image'].name})")
+        p.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEMO['steps']})")
+        p.add_argument("--width", type=int, default=None, help=f"network width (default {DEMO['width']}; paper 160)")
+        p.add_argument("--batch", type=int, default=None, help=f"batch size (default {DEMO['batch']}; paper 32)")
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+        p.add_argument("--paper", action="store_true", help="the paper's settings (250x200 image, width 160, "
+                                                            "batch 32, 120k steps): for a GPU")
+        p.add_argument("--count", type=int, default=4, help="samples per size (demo)")
+        common(p)
+    p = sub.add_parser("sample", help="sample from a saved model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--count", type=int, default=4)
+    common(p)
+    a = ap.parse_args(argv)
+
+    if a.cmd in ("demo", "train"):
+        base = PAPER if a.paper else DEMO
+        for key in ("image", "steps", "width", "batch"):
+            if getattr(a, key) is None:
+                setattr(a, key, base[key])
+        try:
+            model = cmd_train(a)
+        except KeyboardInterrupt:
+            sys.exit("interrupted")
+        if a.cmd == "demo":
+            cmd_sample(a, model)
+    else:
+        cmd_sample(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""SinDDM nodes: train on one image, sample at any size, guide by regions or text, inject images.
+
+Thin wrappers over :mod:`core.sinddm`; every check raises :class:`NodeInputError`
+naming the input.  Custom types: ``SIE_SINDDM`` (a trained model),
+``SIE_SINDDM_GUIDANCE`` (a chain of guidance specs), ``SIE_OPEN_CLIP`` (a CLIP model).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+
+import torch
+
+from ..core.plot import loss_curve, pil_to_tensor
+from ..core.sinddm import (
+    NetConfig,
+    SinDDM,
+    TrainConfig,
+    build_pyramid,
+    harmonize,
+    load,
+    output_sizes,
+    sample,
+    save,
+    style_transfer,
+    train,
+)
+from ..core.sinddm.edit import HARMONIZATION_T, STYLE_TRANSFER_T
+from ..core.sinddm.guidance import ROIGuidance
+from ..core.sinddm.pyramid import MIN_INPUT_SIDE
+from . import comfy_bridge as bridge
+from .common import CATEGORY_ROOT, NodeInputError, bchw_to_image, check_positive, image_to_bchw, mask_to_b1hw
+
+log = logging.getLogger("comfyui-single-image-edit")
+
+CATEGORY = f"{CATEGORY_ROOT}/sinddm"
+SINDDM, GUIDANCE, OPEN_CLIP = "SIE_SINDDM", "SIE_SINDDM_GUIDANCE", "SIE_OPEN_CLIP"
+SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True}
+
+
+def _seed(tooltip: str) -> tuple:
+    return ("INT", {**SEED, "tooltip": tooltip})
+
+
+def _guidance_in() -> tuple:
+    return (GUIDANCE, {"tooltip": "Optional guidance from other SinDDM Guide nodes; this node adds its own to the "
+                                  "chain, so several regions, or regions plus text, act on one sample."})
+
+
+# --------------------------------------------------------------------------------------
+class SinDDMTrain:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMTrain", "SinDDM Train (single image)", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (SINDDM, "IMAGE")
+    RETURN_NAMES = ("model", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The trained SinDDM model (EMA weights), for SinDDM Sample / Harmonize / Save.",
+                       "The training loss (L1 on the noise) per step.")
+    DESCRIPTION = ("Trains a SinDDM model (Kulikov et al., ICML 2023) on one image: a 1.1 M-parameter "
+                   "fully-convolutional denoiser conditioned on the noise level and the pyramid scale. The paper "
+                   "trains 120,000 steps (about 7 h on an A6000; far less on recent GPUs). On a CPU use a few "
+                   "thousand steps, a smaller width and batch: results are rough but show the method. The image "
+                   "is capped at 50,000 pixels and split into 3-6 scales.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The training image (first of the batch is used). At least 32 px per "
+                                           "side; larger images are downscaled to 50,000 pixels."}),
+            "steps": ("INT", {"default": 120000, "min": 1, "max": 1000000, "step": 100,
+                              "tooltip": "Training steps (paper: 120,000). LR milestones and EMA are scaled to it."}),
+            "batch_size": ("INT", {"default": 32, "min": 1, "max": 256,
+                                   "tooltip": "Noisy copies of the image per step (paper: 32)."}),
+            "width": ("INT", {"default": 160, "min": 8, "max": 512, "step": 8,
+                              "tooltip": "Network width (paper: 160, 1.1 M parameters). 64 trains ~6x faster."}),
+            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1e-1, "step": 1e-4, "round": 1e-6,
+                                        "tooltip": "Adam learning rate (paper: 0.001)."}),
+            "seed": _seed("Seed for scales, timesteps and noise drawn during training."),
+            "preview_every": ("INT", {"default": 1000, "min": 0, "max": 1000000,
+                                      "tooltip": "Show a coarse-scale sample on the node every N steps (0: off)."}),
+            "precision": (["auto", "fp32", "bf16"], {"default": "auto",
+                                                     "tooltip": "auto: bf16 autocast where the device runs it "
+                                                                "natively (recent GPUs, CPUs with AVX512-BF16), "
+                                                                "else fp32. Weights stay fp32."}),
+        }}
+
+    def run(self, image, steps, batch_size, width, learning_rate, seed, preview_every, precision):
+        x = image_to_bchw(image, "image", min_side=MIN_INPUT_SIDE)[:1]
+        check_positive(steps, "steps")
+        check_positive(batch_size, "batch_size")
+        if width < 8 or width % 2:
+            raise NodeInputError("width", f"must be an even number of at least 8, got {width}", "use 64, 128 or 160")
+        pyramid = build_pyramid(x[0])
+        progress = bridge.Progress(steps)
+        device = bridge.torch_device()
+
+        def preview(net):
+            m = SinDDM.create(net, pyramid)
+            return sample(m, count=1, seed=seed, scales=1, device=device)[0]
+
+        cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(learning_rate), seed=int(seed),
+                          precision=precision)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                result = train(pyramid, NetConfig(int(width)), cfg, device, on_step=progress,
+                               should_stop=progress.should_stop, preview_every=int(preview_every), preview=preview)
+        finally:
+            bridge.free_memory()
+        model = SinDDM.create(result.net, pyramid, result.info())
+        log.info("SinDDM trained: %s (final loss %.4f, %.1f s)", model.describe(), result.losses[-1], result.seconds)
+        curve = pil_to_tensor(loss_curve(result.losses, title="SinDDM training loss"))[None]
+        return (model, bchw_to_image(curve))
+
+
+# --------------------------------------------------------------------------------------
+def _parse_start_steps(text: str, n: int) -> list[int] | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        values = [int(v) for v in re.split(r"[,\s]+", text) if v]
+    except ValueError:
+        raise NodeInputError("start_steps", f"'{text}' is not a list of integers",
+                             "write comma-separated steps, e.g. 55, 43") from None
+    if len(values) != n - 1:
+        raise NodeInputError("start_steps", f"{len(values)} values for a model with {n} scales",
+                             f"give {n - 1} values (one per scale above the coarsest), or leave empty")
+    return values
+
+
+class SinDDMSample:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMSample", "SinDDM Sample", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The samples, a batch of 'count' images.",)
+    DESCRIPTION = ("Draws random samples from a SinDDM model, coarse to fine (paper Alg. 2), at any size: set "
+                   "width/height in pixels, or leave them at 0 and use the scale multipliers. Sample k uses seed + k. "
+                   "Connect SinDDM Guide nodes to constrain regions or steer content/style with text.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (SINDDM, {"tooltip": "A trained SinDDM model (SinDDM Train or Load SinDDM Model)."}),
+            "count": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Number of samples."}),
+            "seed": _seed("Seed of the first sample; sample k uses seed + k."),
+            "width_scale": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 16.0, "step": 0.05,
+                                      "tooltip": "Output width as a multiple of the training width (when width is 0)."}),
+            "height_scale": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 16.0, "step": 0.05,
+                                       "tooltip": "Output height as a multiple of the training height (when height is 0)."}),
+            "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
+                              "tooltip": "Output width in pixels; 0 uses width_scale."}),
+            "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
+                               "tooltip": "Output height in pixels; 0 uses height_scale."}),
+            "start_steps": ("STRING", {"default": "", "multiline": False,
+                                       "tooltip": "Optional: the noise step at which each finer scale starts "
+                                                  "(comma-separated, one per scale above the coarsest; the "
+                                                  "official --sample_t_list). Empty: the model's own T[s]."}),
+        }, "optional": {"guidance": _guidance_in()}}
+
+    def run(self, model, count, seed, width_scale, height_scale, width, height, start_steps, guidance=None):
+        check_positive(count, "count")
+        th, tw = model.training_size
+        h = int(height) if height > 0 else th * float(height_scale)
+        w = int(width) if width > 0 else tw * float(width_scale)
+        size = (int(round(h)), int(round(w))) if (height > 0 or width > 0) else None
+        mul = (float(height_scale), float(width_scale))
+        try:
+            output_sizes(model, mul, size)
+        except ValueError as e:
+            raise NodeInputError("width" if width > 0 else "width_scale", str(e)) from None
+        steps = _parse_start_steps(start_steps, model.pyramid.spec.n_scales)
+        sched = model.schedule_with(steps)
+        progress = bridge.Progress(sched.num_timesteps + sum(sched.start_steps[1:]))
+        with torch.inference_mode(False):
+            out = sample(model, count=int(count), seed=int(seed), scale_mul=mul, size=size,
+                         guidance=_guidance_list(guidance), start_steps=steps, device=bridge.torch_device(),
+                         on_step=progress, should_stop=progress.should_stop)
+        return (bchw_to_image(out),)
+
+
+def _guidance_list(chain) -> list:
+    """Fresh guidance objects from the chain's factories (guidance keeps per-run state)."""
+    try:
+        return [factory() for factory in (chain or ())]
+    except ValueError as e:
+        raise NodeInputError("guidance", str(e)) from None
+
+
+# --------------------------------------------------------------------------------------
+class SinDDMGuideROI:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMGuideROI", "SinDDM Guide: Region (ROI / outpaint)", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (GUIDANCE,)
+    RETURN_NAMES = ("guidance",)
+    OUTPUT_TOOLTIPS = ("Guidance for SinDDM Sample (chainable).",)
+    DESCRIPTION = ("Forces regions of the sample to show given content (paper eq. 2): at every step of every scale "
+                   "but the finest, the clean-image estimate inside the mask moves towards the target by "
+                   "'strength'. The target is pasted on the output canvas at (x, y). Outpainting: use the "
+                   "training image as target with no mask and sample wider than it.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "target": ("IMAGE", {"tooltip": "Content to enforce, e.g. the training image or a crop of it."}),
+            "strength": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.05,
+                                   "tooltip": "eta of eq. 2 (official: 0.8). 1 copies the target exactly."}),
+            "x": ("INT", {"default": 0, "min": -8192, "max": 8192,
+                          "tooltip": "Where the target's left edge lands on the output (pixels)."}),
+            "y": ("INT", {"default": 0, "min": -8192, "max": 8192,
+                          "tooltip": "Where the target's top edge lands on the output (pixels)."}),
+        }, "optional": {
+            "mask": ("MASK", {"tooltip": "Which pixels of the target to enforce (same size as the target; "
+                                         "white = enforce). Default: the whole target."}),
+            "guidance": _guidance_in(),
+        }}
+
+    def run(self, target, strength, x, y, mask=None, guidance=None):
+        tgt = image_to_bchw(target, "target")[:1]
+        msk = mask_to_b1hw(mask, "mask", size=tuple(tgt.shape[-2:]))[:1] if mask is not None else None
+        try:
+            ROIGuidance(tgt, msk, float(strength), (int(x), int(y)))  # validate now, not at sampling
+        except ValueError as e:
+            raise NodeInputError("target", str(e)) from None
+        factory = functools.partial(ROIGuidance, tgt, msk, float(strength), (int(x), int(y)))
+        return (tuple(guidance or ()) + (factory,),)
+
+
+# --------------------------------------------------------------------------------------
+_ARCHS: list[str] = []
+
+
+def _open_clip_archs() -> list[str]:
+    if not _ARCHS:
+        try:
+            import open_clip
+
+            _ARCHS.extend(sorted(open_clip.list_models()))
+        except ImportError:
+            _ARCHS.append("ViT-B-32")
+    return _ARCHS
+
+
+class LoadOpenCLIP:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadOpenCLIP", "Load OpenCLIP (local file)", ("open_clip",)
+    CATEGORY = f"{CATEGORY_ROOT}/loaders"
+    FUNCTION = "run"
+    RETURN_TYPES = (OPEN_CLIP,)
+    RETURN_NAMES = ("clip",)
+    OUTPUT_TOOLTIPS = ("An OpenCLIP model for SinDDM text guidance.",)
+    DESCRIPTION = ("Loads an OpenCLIP model from a local file in models/open_clip (no download). SinDDM's paper "
+                   "uses ViT-B/32 with OpenAI weights: put e.g. open_clip_model.safetensors of "
+                   "'timm/vit_base_patch32_clip_224.openai' there and pick arch ViT-B-32.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        archs = _open_clip_archs()
+        return {"required": {
+            "clip_name": (bridge.list_models("open_clip"), {"tooltip": "Checkpoint in models/open_clip "
+                                                                       "(.safetensors preferred)."}),
+            "arch": (archs, {"default": "ViT-B-32" if "ViT-B-32" in archs else archs[0],
+                             "tooltip": "The OpenCLIP architecture the checkpoint belongs to."}),
+        }}
+
+    def run(self, clip_name, arch):
+        from ..core.sinddm.clip_guidance import load_open_clip
+
+        try:
+            path = bridge.model_path("open_clip", clip_name)
+        except FileNotFoundError as e:
+            raise NodeInputError("clip_name", str(e)) from None
+        try:
+            with torch.inference_mode(False):  # CLIP is differentiated through at sampling time
+                return (load_open_clip(path, arch),)
+        except ValueError as e:
+            raise NodeInputError("arch", str(e), "pick the architecture that matches the file") from None
+
+
+class SinDDMGuideText:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMGuideText", "SinDDM Guide: Text (CLIP)", ("open_clip",)
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (GUIDANCE,)
+    RETURN_NAMES = ("guidance",)
+    OUTPUT_TOOLTIPS = ("Guidance for SinDDM Sample (chainable).",)
+    DESCRIPTION = ("Steers SinDDM samples with a text prompt through CLIP (paper Sec. 4). content: changes what "
+                   "appears, at every scale but the coarsest, inside a mask made of the pixels CLIP cares about "
+                   "most ('fill_factor' of the image). style: changes the look at the finest scale only "
+                   "(the prompt gets ' Style' appended). Slow on a CPU: every step runs CLIP on 16 views.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": (OPEN_CLIP, {"tooltip": "From Load OpenCLIP."}),
+            "text": ("STRING", {"default": "", "multiline": True, "tooltip": "The prompt, e.g. 'volcano eruption' "
+                                                                            "(content) or 'Van Gogh' (style)."}),
+            "mode": (["content", "style"], {"default": "content", "tooltip": "content or style guidance."}),
+            "strength": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05,
+                                   "tooltip": "eta: size of each CLIP step relative to the image (style: 0.3)."}),
+            "fill_factor": ("FLOAT", {"default": 0.3, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Fraction of the image that content guidance may change "
+                                                 "(ignored for style, which uses the whole image)."}),
+            "seed": _seed("Seed of the random augmentations and template choices."),
+        }, "optional": {"guidance": _guidance_in()}}
+
+    def run(self, clip, text, mode, strength, fill_factor, seed, guidance=None):
+        from ..core.sinddm.clip_guidance import CLIPGuidance
+
+        if not text.strip():
+            raise NodeInputError("text", "the prompt is empty", "write what the sample should show")
+        if mode not in ("content", "style"):
+            raise NodeInputError("mode", f"unknown mode {mode!r}", "use content or style")
+        if any(getattr(f, "func", None) is CLIPGuidance for f in guidance or ()):
+            raise NodeInputError("guidance", "the chain already has a text guidance",
+                                 "use one SinDDM Guide: Text per sample")
+        factory = functools.partial(CLIPGuidance, clip, text, mode, float(strength), float(fill_factor), 16, 3,
+                                    int(seed))
+        return (tuple(guidance or ()) + (factory,),)
+
+
+# --------------------------------------------------------------------------------------
+class SinDDMInject:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMInject", "SinDDM Harmonize / Style Transfer", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The results, a batch of 'count' images at the input's size (capped at 50,000 pixels).",)
+    DESCRIPTION = ("Injects an image into the finest scale of a SinDDM model trained on another image and denoises "
+                   "it for a few steps (paper Sec. 4). harmonization: a composite with a pasted object (mask = the "
+                   "object) is blended into the training image's look, then composited back through a dilated, "
+                   "blurred mask. style_transfer: the content image takes the training image's textures "
+                   "(colours matched by histogram first).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (SINDDM, {"tooltip": "A SinDDM model trained on the background / style image."}),
+            "image": ("IMAGE", {"tooltip": "The composite (harmonization) or the content image (style transfer)."}),
+            "mode": (["harmonization", "style_transfer"], {"default": "harmonization",
+                                                           "tooltip": "Which task."}),
+            "t_start": ("INT", {"default": 0, "min": 0, "max": 99,
+                                "tooltip": f"Noise step to inject at; 0 uses the paper's value ({HARMONIZATION_T} "
+                                           f"for harmonization, {STYLE_TRANSFER_T} for style transfer). Higher "
+                                           "changes more."}),
+            "count": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Number of results."}),
+            "seed": _seed("Seed of the first result; result k uses seed + k."),
+            "match_colors": ("BOOLEAN", {"default": True, "tooltip": "Style transfer: match the content's colour "
+                                                                    "histogram to the training image first."}),
+        }, "optional": {
+            "mask": ("MASK", {"tooltip": "Harmonization: the pasted object (white), same size as the image."}),
+        }}
+
+    def run(self, model, image, mode, t_start, count, seed, match_colors, mask=None):
+        x = image_to_bchw(image, "image", min_side=8)[:1]
+        check_positive(count, "count")
+        device = bridge.torch_device()
+        progress = bridge.Progress(t_start or (HARMONIZATION_T if mode == "harmonization" else STYLE_TRANSFER_T))
+        common = dict(count=int(count), seed=int(seed), device=device, on_step=progress,
+                      should_stop=progress.should_stop)
+        with torch.inference_mode(False):
+            if mode == "harmonization":
+                if mask is None:
+                    raise NodeInputError("mask", "harmonization needs the mask of the pasted object",
+                                         "connect a MASK that is white on the object")
+                m = mask_to_b1hw(mask, "mask", size=tuple(x.shape[-2:]))[:1]
+                if m.max() <= 0:
+                    raise NodeInputError("mask", "the mask is empty", "paint the pasted object white")
+                out = harmonize(model, x, m, int(t_start) or HARMONIZATION_T, **common)
+            elif mode == "style_transfer":
+                out = style_transfer(model, x, int(t_start) or STYLE_TRANSFER_T, match_colors=bool(match_colors),
+                                     **common)
+            else:
+                raise NodeInputError("mode", f"unknown mode {mode!r}", "use harmonization or style_transfer")
+        return (bchw_to_image(out),)
+
+
+# --------------------------------------------------------------------------------------
+class SaveSinDDM:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SaveSinDDM", "Save SinDDM Model", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+    DESCRIPTION = ("Saves a trained SinDDM model as .safetensors in models/single_image_edit/sinddm (weights, "
+                   "pyramid and settings in one file; written atomically, never overwriting). Load it later with "
+                   "Load SinDDM Model instead of training again.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (SINDDM, {"tooltip": "The model to save."}),
+            "filename_prefix": ("STRING", {"default": "sinddm/model",
+                                           "tooltip": "File name prefix inside models/single_image_edit/sinddm; "
+                                                      "a counter is appended (prefix_00001.safetensors)."}),
+        }}
+
+    def run(self, model, filename_prefix):
+        prefix = (filename_prefix or "").strip().replace("\\", "/")
+        if not prefix or prefix.startswith("/") or ".." in prefix.split("/"):
+            raise NodeInputError("filename_prefix", f"'{filename_prefix}' is not a relative file name",
+                                 "use a name like sinddm/coffee")
+        root = bridge.save_dir("sie_sinddm")
+        target_dir = (root / prefix).parent
+        target_dir.mkdir(parents=True, exist_ok=True)
+        stem = os.path.basename(prefix)
+        taken = {p.name for p in target_dir.glob(f"{stem}_*.safetensors")}
+        counter = 1
+        while f"{stem}_{counter:05d}.safetensors" in taken:
+            counter += 1
+        path = save(model, target_dir / f"{stem}_{counter:05d}.safetensors")
+        rel = path.relative_to(root).as_posix()
+        log.info("saved SinDDM model to %s", path)
+        return {"ui": {"text": [rel]}}
+
+
+class LoadSinDDM:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadSinDDM", "Load SinDDM Model", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (SINDDM, "STRING")
+    RETURN_NAMES = ("model", "info")
+    OUTPUT_TOOLTIPS = ("The saved SinDDM model.", "A one-line summary: scales, sizes, start steps, training steps.")
+    DESCRIPTION = "Loads a SinDDM model saved by Save SinDDM Model from models/single_image_edit/sinddm."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (bridge.list_models("sie_sinddm"), {"tooltip": "A .safetensors file written by "
+                                                                         "Save SinDDM Model."}),
+        }}
+
+    def run(self, model_name):
+        try:
+            path = bridge.model_path("sie_sinddm", model_name)
+            with torch.inference_mode(False):
+                model = load(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise NodeInputError("model_name", str(e), "pick a file saved by Save SinDDM Model") from None
+        return (model, model.describe())
+
+
+NODES = [SinDDMTrain, SinDDMSample, SinDDMGuideROI, SinDDMGuideText, LoadOpenCLIP, SinDDMInject, SaveSinDDM,
+         LoadSinDDM]

@@ -1,0 +1,98 @@
+"""Schema rules for every registered node, and the append-only snapshot of their inputs.
+
+The snapshot (tests/data/node_inputs.json) records each node's inputs in widget order
+(required, then optional).  A node may append inputs; renaming, removing or reordering
+one breaks saved workflows (their widgets_values are positional) and fails here.
+After appending inputs or adding a node, refresh it with
+
+    SIE_UPDATE_SNAPSHOT=1 python -m pytest tests/test_node_schema.py
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+
+import pytest
+
+from conftest import ROOT, load_pack
+
+SNAPSHOT = ROOT / "tests" / "data" / "node_inputs.json"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+PACK = load_pack()
+NODES = sorted(PACK.NODE_CLASS_MAPPINGS.items())
+
+
+def input_order(cls) -> list[str]:
+    spec = cls.INPUT_TYPES()
+    return list(spec.get("required", {})) + list(spec.get("optional", {}))
+
+
+@pytest.mark.parametrize("node_id,cls", NODES, ids=[n for n, _ in NODES])
+def test_node_schema(node_id, cls):
+    assert node_id.startswith("SIE_")
+    assert PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id].strip()
+    assert cls.CATEGORY.startswith("single_image_edit/")
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 20
+    assert callable(getattr(cls, cls.FUNCTION, None)), f"FUNCTION {cls.FUNCTION!r} missing"
+    assert isinstance(cls.RETURN_TYPES, tuple)
+    names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
+    assert len(names) == len(cls.RETURN_TYPES) and len(set(names)) == len(names)
+    if hasattr(cls, "OUTPUT_TOOLTIPS"):
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+    if not cls.RETURN_TYPES:
+        assert getattr(cls, "OUTPUT_NODE", False), "a node without outputs must be an output node"
+
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    for section in ("required", "optional"):
+        for name, decl in spec.get(section, {}).items():
+            assert isinstance(decl, tuple) and 1 <= len(decl) <= 2, (name, decl)
+            typ, opts = decl[0], (decl[1] if len(decl) > 1 else {})
+            assert opts.get("tooltip", "").strip(), f"{node_id}.{name} has no tooltip"
+            assert name in params, f"{node_id}.{cls.FUNCTION} does not accept {name!r}"
+            if section == "optional":
+                assert params[name].default is not inspect.Parameter.empty, f"optional {name!r} needs a default"
+            if isinstance(typ, list):  # COMBO
+                if typ and "default" in opts:
+                    assert opts["default"] in typ
+            elif typ in ("INT", "FLOAT"):
+                assert opts["min"] <= opts["default"] <= opts["max"], (name, opts)
+            elif typ in ("STRING", "BOOLEAN"):
+                assert "default" in opts
+            else:
+                assert isinstance(typ, str) and typ.isupper(), (name, typ)
+    for name, p in params.items():
+        if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD and p.default is inspect.Parameter.empty:
+            assert name in spec.get("required", {}), f"{node_id}.{cls.FUNCTION} needs {name!r} but it is no input"
+
+
+def current_snapshot() -> dict[str, list[str]]:
+    return {node_id: input_order(cls) for node_id, cls in NODES}
+
+
+def test_inputs_are_append_only():
+    now = current_snapshot()
+    if os.environ.get("SIE_UPDATE_SNAPSHOT"):
+        old = json.loads(SNAPSHOT.read_text()) if SNAPSHOT.exists() else {}
+        for node_id, inputs in old.items():  # refuse to record a breaking change
+            if node_id in now:
+                assert now[node_id][: len(inputs)] == inputs, f"{node_id}: inputs renamed/removed/reordered"
+        SNAPSHOT.write_text(json.dumps({**old, **now}, indent=1, sort_keys=True) + "\n")
+    saved = json.loads(SNAPSHOT.read_text())
+    for node_id, inputs in saved.items():
+        assert node_id in now, f"{node_id} was removed (saved workflows use it)"
+        assert now[node_id][: len(inputs)] == inputs, (
+            f"{node_id}: inputs were {inputs}, now {now[node_id]}; only appending is allowed")
+    missing = sorted(set(now) - set(saved))
+    assert not missing, f"new nodes {missing}: run with SIE_UPDATE_SNAPSHOT=1 to record them"
+
+
+def test_snapshot_check_detects_a_reorder():
+    saved = {"SIE_X": ["a", "b"]}
+    assert ["a", "b", "c"][:2] == saved["SIE_X"]  # appending passes
+    assert ["b", "a"][:2] != saved["SIE_X"]  # reordering fails
+    assert ["a"][:2] != saved["SIE_X"]  # removing fails
