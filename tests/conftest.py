@@ -1,4 +1,4 @@
-"""Shared test set-up: the repository root on sys.path (``import core``), offline hubs."""
+"""Shared test set-up: import paths (``import core``, ``import helpers``) and offline model hubs."""
 
 from __future__ import annotations
 
@@ -7,23 +7,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "tests", ROOT / "tests" / "integration"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
 # No test may reach a model hub: fail fast instead of hanging on the closed network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-
-def load_pack(name: str = "sie_pack"):
-    """Import the repository as a package the way ComfyUI loads a custom node folder."""
-    import importlib.util
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module

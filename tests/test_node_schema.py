@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, load_pack
+from helpers import ROOT, load_pack
 
 SNAPSHOT = ROOT / "tests" / "data" / "node_inputs.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}

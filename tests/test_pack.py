@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_pack
+from helpers import ROOT, load_pack
 
 FORBIDDEN_IN_CORE = {"comfy", "comfy_extras", "comfy_execution", "comfy_api", "comfy_api_nodes", "folder_paths",
                      "server", "nodes", "execution", "latent_preview", "node_helpers"}

@@ -153,9 +153,9 @@ class ComfyServer:
 
 
 def main() -> None:
-    """`python tests/integration/server.py contract OUT.json`: dump ComfyUI's core node schemas."""
+    """`python tests/integration/comfy_server.py contract OUT.json`: dump ComfyUI's core node schemas."""
     if len(sys.argv) != 3 or sys.argv[1] != "contract":
-        sys.exit("usage: server.py contract OUT.json")
+        sys.exit("usage: comfy_server.py contract OUT.json")
     if skip_reason():
         sys.exit(skip_reason())
     with ComfyServer(with_pack=False) as srv:
@@ -168,7 +168,7 @@ def main() -> None:
     out = {
         "comfyui_commit": comfyui_commit(srv.root),
         "comfyui_version": stats.get("system", {}).get("comfyui_version"),
-        "note": "GET /object_info of a ComfyUI server with no custom nodes (tests/integration/server.py contract). "
+        "note": "GET /object_info of a ComfyUI server with no custom nodes (tests/integration/comfy_server.py contract). "
                 "File-list combos (checkpoints, loras, images) reflect that server's empty folders.",
         "nodes": nodes,
     }

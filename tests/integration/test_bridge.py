@@ -1,0 +1,91 @@
+"""The two implementations of the seam agree on a real-architecture SD 1.5 checkpoint.
+
+``nodes.comfy_bridge.ComfySD`` wraps ComfyUI's own MODEL / CLIP / VAE (loaded by
+ComfyUI from the file); ``core.sd`` loads the same file with diffusers modules.  Both
+must give the same text encoding, epsilon prediction, VAE latents and decoded images
+(up to float32 round-off between two attention implementations).  Runs in ComfyUI's
+Python because it needs ``comfy``; skipped without COMFYUI_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from comfy_server import REPO, comfyui_dir, comfyui_python, skip_reason
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
+
+
+def random_sd15() -> Path:
+    """The random-weight SD 1.5 checkpoint, built once with ComfyUI's classes and cached."""
+    cache = Path(os.environ.get("SIE_TEST_CACHE", Path.home() / ".cache" / "comfyui-single-image-edit"))
+    path = cache / "random_sd15.safetensors"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(comfyui_python(comfyui_dir())), str(REPO / "tests/integration/make_random_sd15.py"),
+                        str(path), "--comfyui", str(comfyui_dir())], check=True, timeout=900)
+    return path
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, importlib.util
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+    args.cpu = True
+    import torch, comfy.sd
+    spec = importlib.util.spec_from_file_location("sie_pack", sys.argv[1] + "/__init__.py",
+                                                  submodule_search_locations=[sys.argv[1]])
+    pack = importlib.util.module_from_spec(spec); sys.modules["sie_pack"] = pack; spec.loader.exec_module(pack)
+    from sie_pack.nodes.comfy_bridge import ComfySD
+    from sie_pack.core.sd.loader import load_sd15
+    from sie_pack.core.seam import LatentDiffusion
+    path = sys.argv[2]
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
+    a = ComfySD(model, clip, vae)
+    b = load_sd15(path, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990])
+    img = torch.rand(1, 3, 64, 64, generator=g)
+    out = {"protocol": [isinstance(a, LatentDiffusion), isinstance(b, LatentDiffusion)],
+           "context_dim": [a.context_dim, b.context_dim]}
+    with torch.no_grad():
+        ca, cb = a.encode_text(["a photo of a cat"] * 3), b.encode_text(["a photo of a cat"] * 3)
+        ea, eb = a.eps(x, t, cb), b.eps(x, t, cb)
+        la, lb = a.encode(img), b.encode(img)
+        da, db = a.decode(lb), b.decode(lb)
+    rel = lambda p, q: float((p - q).abs().max() / q.abs().max())
+    out.update(cond=rel(ca, cb), eps=rel(ea, eb), latent=rel(la, lb), image=float((da - db).abs().max()),
+               schedule=float((a.alphas_cumprod - b.alphas_cumprod).abs().max()),
+               shapes=[list(ea.shape), list(la.shape), list(da.shape)], eps_scale=float(eb.abs().mean()))
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_comfy_bridge_matches_diffusers_backend(tmp_path):
+    ckpt = random_sd15()
+    script = tmp_path / "bridge_check.py"
+    script.write_text(SCRIPT)
+    run = subprocess.run([str(comfyui_python(comfyui_dir())), str(script), str(REPO), str(ckpt)],
+                         cwd=comfyui_dir(), capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, PYTHONPATH=str(comfyui_dir()), HF_HUB_OFFLINE="1"))
+    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-4000:]
+    r = json.loads(lines[0][len("RESULT "):])
+    assert r["protocol"] == [True, True] and r["context_dim"] == [768, 768]
+    assert r["shapes"] == [[3, 4, 8, 8], [1, 4, 8, 8], [1, 3, 64, 64]]
+    assert r["schedule"] < 1e-6
+    assert r["eps_scale"] > 0.01  # the comparison is not between two zero tensors
+    # relative to the largest value; fp32 with different attention kernels (measured: ~1e-6)
+    assert r["cond"] < 1e-5, r
+    assert r["eps"] < 1e-5, r
+    assert r["latent"] < 1e-5, r
+    assert r["image"] < 1e-5, r

@@ -1,0 +1,346 @@
+"""Generate the bundled workflows: each graph once, written in both formats.
+
+    python workflows/build.py            # rewrite workflows/*.json and workflows/api/*.json
+
+A graph is described once below (node types, widget values by input name, links) and
+written as the UI (litegraph, version 0.4) workflow that ComfyUI shows as a template and
+as its API-format twin that ``POST /prompt`` takes.  Widget order and the extra
+widget values the frontend stores (the "control after generate" value of seeds, the
+upload button of image loaders) come from the node schemas: ours from the pack, core
+nodes' from tests/data/comfyui_object_info.json.  The API twins live in
+``workflows/api/`` so that ComfyUI's template scanner (which reads ``workflows/*.json``)
+does not offer them as templates.  tests/test_workflows.py re-checks every file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT = ROOT / "tests" / "data" / "comfyui_object_info.json"
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+UI_ONLY = {"Note", "MarkdownNote"}
+
+
+def load_schemas() -> dict[str, dict]:
+    """{node type: {"order": [names], "inputs": {name: (type, opts)}, "outputs": [(name, type)]}}."""
+    core = json.loads(CONTRACT.read_text())["nodes"]
+    schemas = {}
+    for name, info in core.items():
+        inputs = {}
+        order = []
+        for section in ("required", "optional"):
+            for inp in info.get("input_order", {}).get(section, []):
+                decl = info["input"][section][inp]
+                inputs[inp] = (decl[0], decl[1] if len(decl) > 1 else {})
+                order.append(inp)
+        schemas[name] = {"order": order, "inputs": inputs, "display": info.get("display_name", name),
+                         "outputs": list(zip(info.get("output_name", []), info.get("output", [])))}
+    spec = importlib.util.spec_from_file_location("sie_pack_build", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["sie_pack_build"] = pack
+    spec.loader.exec_module(pack)
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        decls = cls.INPUT_TYPES()
+        inputs, order = {}, []
+        for section in ("required", "optional"):
+            for inp, decl in decls.get(section, {}).items():
+                inputs[inp] = (decl[0], decl[1] if len(decl) > 1 else {})
+                order.append(inp)
+        names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
+        schemas[node_id] = {"order": order, "inputs": inputs, "display": pack.NODE_DISPLAY_NAME_MAPPINGS[node_id],
+                            "outputs": list(zip(names, cls.RETURN_TYPES))}
+    return schemas
+
+
+def is_widget(typ, opts) -> bool:
+    return (isinstance(typ, list) or typ in WIDGETS) and not opts.get("forceInput")
+
+
+def extra_widget_values(name: str, typ, opts) -> list:
+    """Values the frontend stores after a widget's own value."""
+    if typ == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+        return ["fixed"]
+    if opts.get("image_upload"):
+        return ["image"]
+    return []
+
+
+@dataclass(frozen=True)
+class Out:
+    node: int
+    slot: int
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    values: dict
+    title: str | None = None
+    text: str | None = None  # for notes
+
+    def out(self, slot: int = 0) -> Out:
+        return Out(self.id, slot)
+
+
+@dataclass
+class Graph:
+    name: str
+    nodes: list[Node] = field(default_factory=list)
+
+    def add(self, type_: str, title: str | None = None, **values) -> Node:
+        node = Node(len(self.nodes) + 1, type_, values, title)
+        self.nodes.append(node)
+        return node
+
+    def note(self, text: str) -> Node:
+        node = Node(len(self.nodes) + 1, "Note", {}, "Note", text)
+        self.nodes.append(node)
+        return node
+
+    # -- output ------------------------------------------------------------------------
+    def resolve(self, schemas) -> dict[int, dict]:
+        """Per node: {"widgets": [(name, value)], "links": {name: Out}} with defaults filled in."""
+        out = {}
+        for n in self.nodes:
+            if n.type in UI_ONLY:
+                continue
+            sch = schemas[n.type]
+            unknown = set(n.values) - set(sch["inputs"])
+            if unknown:
+                raise KeyError(f"{self.name}: {n.type} has no inputs {sorted(unknown)}")
+            widgets, links = [], {}
+            for name in sch["order"]:
+                typ, opts = sch["inputs"][name]
+                v = n.values.get(name)
+                if isinstance(v, Out):
+                    links[name] = v
+                    if is_widget(typ, opts):
+                        widgets.append((name, None))
+                    continue
+                if is_widget(typ, opts):
+                    if v is None:
+                        v = opts.get("default", typ[0] if isinstance(typ, list) and typ else "")
+                    widgets.append((name, v))
+            out[n.id] = {"widgets": widgets, "links": links}
+        return out
+
+    def depth(self, resolved) -> dict[int, int]:
+        d: dict[int, int] = {}
+
+        def walk(i: int) -> int:
+            if i not in d:
+                srcs = [o.node for o in resolved.get(i, {"links": {}})["links"].values()]
+                d[i] = 1 + max((walk(s) for s in srcs), default=-1)
+            return d[i]
+
+        for n in self.nodes:
+            walk(n.id) if n.type not in UI_ONLY else d.setdefault(n.id, 0)
+        return d
+
+    def api(self, schemas) -> dict:
+        resolved = self.resolve(schemas)
+        prompt = {}
+        for n in self.nodes:
+            if n.type in UI_ONLY:
+                continue
+            r = resolved[n.id]
+            inputs = {name: v for name, v in r["widgets"] if name not in r["links"]}
+            inputs.update({name: [str(o.node), o.slot] for name, o in r["links"].items()})
+            prompt[str(n.id)] = {"class_type": n.type, "inputs": inputs,
+                                 "_meta": {"title": n.title or schemas[n.type]["display"]}}
+        return prompt
+
+    def ui(self, schemas) -> dict:
+        resolved = self.resolve(schemas)
+        depth = self.depth(resolved)
+        links, link_id = [], 0
+        out_links: dict[tuple[int, int], list[int]] = {}
+        in_links: dict[tuple[int, str], int] = {}
+        for n in self.nodes:
+            if n.type in UI_ONLY:
+                continue
+            sch = schemas[n.type]
+            for name, o in resolved[n.id]["links"].items():
+                link_id += 1
+                src_type = schemas[self.nodes[o.node - 1].type]["outputs"][o.slot][1]
+                target_slot = self._input_slots(n, sch, resolved).index(name)
+                links.append([link_id, o.node, o.slot, n.id, target_slot, src_type])
+                out_links.setdefault((o.node, o.slot), []).append(link_id)
+                in_links[(n.id, name)] = link_id
+        column_y: dict[int, float] = {}
+        nodes = []
+        for order, n in enumerate(self.nodes):
+            col = depth[n.id]
+            x = 40 + 400 * col
+            y = column_y.get(col, 40)
+            if n.type in UI_ONLY:
+                size = [380, 220]
+                nodes.append({"id": n.id, "type": n.type, "pos": [x, y], "size": size, "flags": {}, "order": order,
+                              "mode": 0, "properties": {"text": ""}, "widgets_values": [n.text],
+                              "color": "#432", "bgcolor": "#653"})
+                column_y[col] = y + size[1] + 40
+                continue
+            sch = schemas[n.type]
+            r = resolved[n.id]
+            inputs = []
+            for name in self._input_slots(n, sch, resolved):
+                typ, opts = sch["inputs"][name]
+                entry = {"name": name, "type": "COMBO" if isinstance(typ, list) else typ,
+                         "link": in_links.get((n.id, name))}
+                if is_widget(typ, opts):
+                    entry["widget"] = {"name": name}
+                inputs.append(entry)
+            outputs = [{"name": oname, "type": otype, "links": out_links.get((n.id, i), []), "slot_index": i}
+                       for i, (oname, otype) in enumerate(sch["outputs"])]
+            widgets_values = []
+            for name, v in r["widgets"]:
+                typ, opts = sch["inputs"][name]
+                widgets_values.append(v if v is not None else opts.get("default"))
+                widgets_values.extend(extra_widget_values(name, typ, opts))
+            size = [340, 46 + 22 * (len(inputs) + len(outputs)) + 24 * len(widgets_values)]
+            node = {"id": n.id, "type": n.type, "pos": [x, y], "size": size, "flags": {}, "order": order, "mode": 0,
+                    "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": n.type},
+                    "widgets_values": widgets_values}
+            if n.title:
+                node["title"] = n.title
+            nodes.append(node)
+            column_y[col] = y + size[1] + 40
+        return {"last_node_id": len(self.nodes), "last_link_id": link_id, "nodes": nodes, "links": links,
+                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+    @staticmethod
+    def _input_slots(n: Node, sch, resolved) -> list[str]:
+        """Input sockets of the node: every link-type input, plus widget inputs that are linked."""
+        links = resolved[n.id]["links"]
+        return [name for name in sch["order"]
+                if not is_widget(*sch["inputs"][name]) or name in links]
+
+
+# ======================================================================================
+# The graphs
+# ======================================================================================
+PAPER_TRAIN = dict(steps=120000, batch_size=32, width=160, learning_rate=0.001, seed=0, preview_every=1000,
+                   precision="auto")
+CPU_HINT = ("Paper settings: 120,000 steps, batch 32, width 160 (about 1 h on an H100, 7 h on an A6000). "
+            "On a CPU set steps 2000, batch 8, width 64 (roughly 10 minutes; rough results).")
+
+
+def sinddm_random_samples() -> Graph:
+    g = Graph("sinddm_random_samples")
+    g.note("SinDDM: train a diffusion model on ONE image, then draw random samples of any size.\n\n"
+           f"{CPU_HINT}\n\nThe trained model is saved to models/single_image_edit/sinddm; next time use "
+           "'Load SinDDM Model' instead of training again (or keep ComfyUI running: unchanged nodes are cached).")
+    img = g.add("LoadImage", image="coffee_250x200.png")
+    train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    g.add("SIE_SaveSinDDM", model=train.out(0), filename_prefix="sinddm/coffee")
+    g.add("SaveImage", title="Loss curve", images=train.out(1), filename_prefix="sinddm/loss")
+    same = g.add("SIE_SinDDMSample", title="Same size", model=train.out(0), count=4, seed=0)
+    g.add("SaveImage", title="Samples (training size)", images=same.out(0), filename_prefix="sinddm/samples")
+    wide = g.add("SIE_SinDDMSample", title="Twice as wide", model=train.out(0), count=2, seed=100, width_scale=2.0)
+    g.add("SaveImage", title="Samples (2x wide)", images=wide.out(0), filename_prefix="sinddm/wide")
+    tall = g.add("SIE_SinDDMSample", title="Exact pixel size", model=train.out(0), count=2, seed=200, width=200,
+                 height=320)
+    g.add("SaveImage", title="Samples (200x320)", images=tall.out(0), filename_prefix="sinddm/tall")
+    return g
+
+
+def sinddm_roi_outpaint() -> Graph:
+    g = Graph("sinddm_roi_outpaint")
+    g.note("SinDDM region guidance (paper eq. 2).\n\nTop: outpainting - the whole training image is the region, "
+           "placed in the middle of an output twice as wide; SinDDM invents the sides.\n\nBottom: two copies of a "
+           f"crop of the image (the cup) are forced at chosen places; the rest is generated around them.\n\n{CPU_HINT}")
+    img = g.add("LoadImage", image="coffee_250x200.png")
+    train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    whole = g.add("SIE_SinDDMGuideROI", title="Region: whole image (outpaint)", target=img.out(0), strength=0.8,
+                  x=125, y=0)
+    wide = g.add("SIE_SinDDMSample", title="Outpaint to 2x width", model=train.out(0), guidance=whole.out(0), count=2,
+                 seed=0, width_scale=2.0)
+    g.add("SaveImage", title="Outpainted", images=wide.out(0), filename_prefix="sinddm/outpaint")
+    crop = g.add("ImageCrop", image=img.out(0), width=110, height=100, x=60, y=40)
+    roi1 = g.add("SIE_SinDDMGuideROI", title="Region 1", target=crop.out(0), strength=0.8, x=10, y=20)
+    roi2 = g.add("SIE_SinDDMGuideROI", title="Region 2", target=crop.out(0), strength=0.8, x=130, y=80,
+                 guidance=roi1.out(0))
+    two = g.add("SIE_SinDDMSample", title="Two regions", model=train.out(0), guidance=roi2.out(0), count=2, seed=10)
+    g.add("SaveImage", title="Region-guided", images=two.out(0), filename_prefix="sinddm/roi")
+    return g
+
+
+def sinddm_harmonization() -> Graph:
+    g = Graph("sinddm_harmonization")
+    g.note("SinDDM harmonization: a pasted object is blended into the look of the image the model was trained on "
+           "(paper Sec. 4, injected at t = 5 of the finest scale).\n\nThis example pastes a flat orange square onto "
+           "the training image and harmonizes it; to use your own, load a composite and a mask of the pasted object "
+           f"(white = object).\n\n{CPU_HINT}")
+    img = g.add("LoadImage", image="coffee_250x200.png")
+    train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    patch = g.add("EmptyImage", width=50, height=40, batch_size=1, color=0xE07020)
+    comp = g.add("ImageCompositeMasked", destination=img.out(0), source=patch.out(0), x=170, y=120,
+                 resize_source=False)
+    base = g.add("SolidMask", value=0.0, width=250, height=200)
+    obj = g.add("SolidMask", value=1.0, width=50, height=40)
+    mask = g.add("MaskComposite", destination=base.out(0), source=obj.out(0), x=170, y=120, operation="add")
+    g.add("SaveImage", title="Naive composite", images=comp.out(0), filename_prefix="sinddm/composite")
+    harm = g.add("SIE_SinDDMInject", model=train.out(0), image=comp.out(0), mask=mask.out(0), mode="harmonization",
+                 t_start=0, count=2, seed=0, match_colors=True)
+    g.add("SaveImage", title="Harmonized", images=harm.out(0), filename_prefix="sinddm/harmonized")
+    return g
+
+
+def sinddm_style_transfer() -> Graph:
+    g = Graph("sinddm_style_transfer")
+    g.note("SinDDM style transfer: the model is trained on the STYLE image; the content image is colour-matched to it "
+           "and injected at t = 15 of the finest scale (paper Sec. 4), so its layout stays and its textures change.\n\n"
+           f"{CPU_HINT}")
+    style = g.add("LoadImage", title="Style image (training)", image="coffee_250x200.png")
+    train = g.add("SIE_SinDDMTrain", image=style.out(0), **PAPER_TRAIN)
+    content = g.add("LoadImage", title="Content image", image="coffee_128x100.png")
+    flip = g.add("ImageFlip", image=content.out(0), flip_method="y-axis: horizontally")
+    out = g.add("SIE_SinDDMInject", model=train.out(0), image=flip.out(0), mode="style_transfer", t_start=0, count=2,
+                seed=0, match_colors=True)
+    g.add("SaveImage", title="Style transfer", images=out.out(0), filename_prefix="sinddm/style_transfer")
+    return g
+
+
+def sinddm_text_guided() -> Graph:
+    g = Graph("sinddm_text_guided")
+    g.note("SinDDM text guidance with CLIP (paper Sec. 4). Content: CLIP changes what appears in a part of the "
+           "image ('fill_factor'); style: the look of the finest scale.\n\nNeeds an OpenCLIP checkpoint in "
+           "models/open_clip (the paper uses ViT-B/32, OpenAI weights, e.g. open_clip_model.safetensors from "
+           "timm/vit_base_patch32_clip_224.openai), and open_clip_torch installed.\n\nSlow on a CPU: every guided "
+           f"step runs CLIP on 16 views.\n\n{CPU_HINT}")
+    img = g.add("LoadImage", image="coffee_250x200.png")
+    train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    clip = g.add("SIE_LoadOpenCLIP", clip_name="open_clip_vit_b32.safetensors", arch="ViT-B-32")
+    content = g.add("SIE_SinDDMGuideText", title="Text: content", clip=clip.out(0), text="latte art heart",
+                    mode="content", strength=0.3, fill_factor=0.3, seed=0)
+    s1 = g.add("SIE_SinDDMSample", title="Content-guided", model=train.out(0), guidance=content.out(0), count=2, seed=0)
+    g.add("SaveImage", title="Text-guided content", images=s1.out(0), filename_prefix="sinddm/text_content")
+    style = g.add("SIE_SinDDMGuideText", title="Text: style", clip=clip.out(0), text="Van Gogh", mode="style",
+                  strength=0.3, fill_factor=1.0, seed=0)
+    s2 = g.add("SIE_SinDDMSample", title="Style-guided", model=train.out(0), guidance=style.out(0), count=2, seed=0)
+    g.add("SaveImage", title="Text-guided style", images=s2.out(0), filename_prefix="sinddm/text_style")
+    return g
+
+
+GRAPHS = [sinddm_random_samples, sinddm_roi_outpaint, sinddm_harmonization, sinddm_style_transfer, sinddm_text_guided]
+
+
+def main() -> None:
+    schemas = load_schemas()
+    (ROOT / "workflows" / "api").mkdir(exist_ok=True)
+    for make in GRAPHS:
+        g = make()
+        (ROOT / "workflows" / f"{g.name}.json").write_text(json.dumps(g.ui(schemas), indent=1) + "\n")
+        (ROOT / "workflows" / "api" / f"{g.name}.json").write_text(json.dumps(g.api(schemas), indent=1) + "\n")
+        print(f"wrote workflows/{g.name}.json and workflows/api/{g.name}.json")
+
+
+if __name__ == "__main__":
+    main()
