@@ -79,8 +79,8 @@ class SinDDMNet(nn.Module):
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
         s = torch.as_tensor(s, device=x.device).reshape(-1).expand(b)
-        cond = self.cond_mlp(torch.cat([sinusoidal_embedding(t), sinusoidal_embedding(s)], dim=-1))
-        cond = cond.to(x.dtype) if not torch.is_autocast_enabled() else cond
+        emb = torch.cat([sinusoidal_embedding(t), sinusoidal_embedding(s)], dim=-1)  # [B, 64]
+        cond = self.cond_mlp(emb.to(self.cond_mlp[0].weight.dtype))  # [B, 32]
         h = x
         for block in self.blocks:
             h = block(h, cond)

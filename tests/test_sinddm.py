@@ -1,0 +1,380 @@
+"""SinDDM: pyramid rules, T[s]/gamma, network, training, sampling, guidance, injection, save/load.
+
+Reference numbers in tests/data/sinddm_official_reference.json come from running the
+official code (fallenshock/SinDDM @ e7107d9) on the same inputs.  Models here are tiny
+(width 16) and train for a few hundred steps on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.diffusion import predict_x0, q_sample
+from core.sinddm import (
+    NetConfig,
+    ROIGuidance,
+    SinDDM,
+    SinDDMNet,
+    TrainConfig,
+    build_pyramid,
+    harmonize,
+    load,
+    output_sizes,
+    sample,
+    save,
+    style_transfer,
+    train,
+)
+from core.sinddm.guidance import harmonization_mask, match_histograms
+from core.sinddm.model import parameter_count, receptive_field
+from core.sinddm.pyramid import capped_size, scale_geometry, scale_sizes
+from core.sinddm.schedule import SAMPLE_GAMMA_MAX, MultiScaleSchedule
+from helpers import ROOT
+
+DATA = ROOT / "core" / "sinddm" / "data"
+REF = json.loads((ROOT / "tests" / "data" / "sinddm_official_reference.json").read_text())
+
+
+# ------------------------------------------------------------------------------ pyramid
+@pytest.mark.parametrize("size", sorted(REF["geometry"]))
+def test_pyramid_geometry_matches_official(size):
+    w, h = map(int, size.split("x"))
+    ref = REF["geometry"][size]
+    cw, ch = capped_size(w, h)
+    n, r = scale_geometry(cw, ch)
+    assert n == ref["n_scales"]
+    if ref["r"] is not None:
+        assert r == pytest.approx(ref["r"], rel=1e-12)
+    assert [[sw, sh] for sh, sw in scale_sizes(cw, ch, n, r)] == ref["sizes_wh"]
+    assert cw * ch <= 50_000
+
+
+@pytest.mark.parametrize("name", sorted(REF["coffee"]))
+def test_wrapped_errors_start_steps_and_gammas_match_official(name):
+    """The documented choice: the official uint8-wrapped error, reproduced exactly."""
+    ref = REF["coffee"][name]
+    pyr = build_pyramid(Image.open(DATA / name))
+    assert pyr.spec.error_kind == "wrapped"
+    assert list(pyr.spec.errors) == pytest.approx(ref["errors"], rel=1e-12)
+    sch = MultiScaleSchedule.build(pyr.spec.errors)
+    assert list(sch.start_steps) == ref["start_steps"]
+    for s in range(1, pyr.spec.n_scales):
+        assert float(sch.gammas[s, 0]) == pytest.approx(ref["gamma_train_t0"][s - 1], rel=1e-6)
+        assert float(sch.gammas[s, sch.start_steps[s] - 1]) == pytest.approx(ref["gamma_train_at_T_minus_1"][s - 1],
+                                                                             rel=1e-6)
+        assert float(sch.gammas[s, sch.start_steps[s]]) == 1.0  # gamma reaches 1 at T[s]
+        first = int((sch.gammas[s] >= SAMPLE_GAMMA_MAX).nonzero()[0])
+        assert first == ref["first_t_gamma_ge_055"][s - 1]
+        assert sch.gamma_sample(s, 99) == SAMPLE_GAMMA_MAX
+
+
+def test_float_error_variant_gives_the_documented_start_steps():
+    ref = REF["coffee"]["coffee_128x100.png"]
+    pyr = build_pyramid(Image.open(DATA / "coffee_128x100.png"), error_kind="float")
+    assert list(pyr.spec.errors) == pytest.approx(ref["float_rmse_m1_1_errors"], rel=1e-9)
+    assert list(MultiScaleSchedule.build(pyr.spec.errors).start_steps) == ref["float_rmse_m1_1_start_steps"]
+
+
+def test_pyramid_images_and_blurry_references():
+    pyr = build_pyramid(Image.open(DATA / "coffee_128x100.png"))
+    for s, (h, w) in enumerate(pyr.spec.sizes):
+        assert pyr.images[s].shape == (1, 3, h, w) and pyr.blurry[s].shape == (1, 3, h, w)
+        assert -1 <= float(pyr.images[s].min()) and float(pyr.images[s].max()) <= 1
+    orig = np.array(Image.open(DATA / "coffee_128x100.png").convert("RGB"))
+    assert torch.equal(pyr.uint8(2).permute(1, 2, 0), torch.from_numpy(orig))  # finest scale = the image
+    # the blurry reference is smoother than the image at the same scale
+    lap = lambda x: (x[..., 1:, :] - x[..., :-1, :]).abs().mean()  # noqa: E731
+    assert lap(pyr.blurry[2]) < 0.8 * lap(pyr.images[2])
+
+
+def test_tiny_images_are_rejected():
+    with pytest.raises(ValueError, match="at least 32"):
+        build_pyramid(Image.new("RGB", (31, 100)))
+
+
+# ------------------------------------------------------------------------------ network
+def test_network_size_and_receptive_field():
+    net = SinDDMNet(NetConfig(160))
+    assert parameter_count(net) == 1_106_772
+    assert receptive_field() == 33
+    torch.manual_seed(0)
+    small = SinDDMNet(NetConfig(8)).eval().double()  # float64: the edge of the field is a ~1e-7 effect
+    x = torch.randn(1, 3, 41, 41, dtype=torch.float64)
+    t, s = torch.tensor([5]), torch.tensor([1])
+    with torch.no_grad():
+        base = small(x, t, s)[0, :, 20, 20]
+        for d, affects in ((16, True), (17, False)):
+            y = x.clone()
+            y[0, :, 20, 20 + d] += 10.0
+            changed = bool((small(y, t, s)[0, :, 20, 20] - base).abs().max() > 0)
+            assert changed == affects, f"offset {d}"
+
+
+@pytest.mark.parametrize("hw", [(17, 23), (50, 63), (64, 31)])
+def test_network_is_fully_convolutional(hw):
+    net = SinDDMNet(NetConfig(16))
+    out = net(torch.randn(2, 3, *hw), torch.tensor([0, 99]), torch.tensor([0, 2]))
+    assert out.shape == (2, 3, *hw)
+
+
+def test_network_is_conditioned_on_t_and_s():
+    torch.manual_seed(0)
+    net = SinDDMNet(NetConfig(16)).eval()
+    x = torch.randn(1, 3, 20, 20)
+    with torch.no_grad():
+        a = net(x, torch.tensor([3]), torch.tensor([0]))
+        assert not torch.allclose(a, net(x, torch.tensor([50]), torch.tensor([0])))
+        assert not torch.allclose(a, net(x, torch.tensor([3]), torch.tensor([2])))
+
+
+# ------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def pyramid():
+    return build_pyramid(Image.open(DATA / "coffee_128x100.png"))
+
+
+@pytest.fixture(scope="module")
+def trained(pyramid):
+    return train(pyramid, NetConfig(16), TrainConfig(steps=300, batch_size=4, seed=0, precision="fp32"))
+
+
+@pytest.fixture(scope="module")
+def model(trained, pyramid):
+    return SinDDM.create(trained.net, pyramid, trained.info())
+
+
+def test_training_lowers_the_loss(trained):
+    assert len(trained.losses) == 300
+    first, last = np.mean(trained.losses[:30]), np.mean(trained.losses[-30:])
+    assert last < 0.75 * first, (first, last)
+
+
+def test_trained_model_denoises_held_out_noise_better(trained, pyramid):
+    untrained = SinDDMNet(NetConfig(16)).eval()
+    sch = MultiScaleSchedule.build(pyramid.spec.errors)
+    g = torch.Generator().manual_seed(12345)  # noise never seen in training
+    errs = {}
+    for name, net in (("trained", trained.net), ("untrained", untrained)):
+        total = 0.0
+        for s in range(pyramid.spec.n_scales):
+            x0 = pyramid.images[s]
+            for t in (5, 20, 40):
+                eps = torch.randn(x0.shape, generator=g)
+                x_t = q_sample(x0, sch.alphas_cumprod[t], eps)
+                with torch.no_grad():
+                    x0_hat = predict_x0(x_t, net(x_t, torch.tensor([t]), torch.tensor([s])), sch.alphas_cumprod[t])
+                total += float((x0_hat.clamp(-1, 1) - x0).pow(2).mean())
+        errs[name] = total
+    assert errs["trained"] < 0.75 * errs["untrained"], errs
+
+
+def test_lr_milestones_and_ema_are_scaled():
+    paper = TrainConfig()
+    assert paper.milestones == [20_000, 40_000, 70_000, 80_000, 90_000, 110_000]
+    assert (paper.ema_start, paper.ema_every, paper.ema_decay) == (2000, 10, 0.995)
+    short = TrainConfig(steps=1200)
+    assert short.milestones == [200, 400, 700, 800, 900, 1100] and short.ema_start == 20 and short.ema_every == 1
+
+
+@pytest.mark.parametrize("kw,match", [({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"),
+                                      ({"lr": 0.0}, "lr"), ({"precision": "fp8"}, "precision")])
+def test_bad_training_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_training_can_be_stopped(pyramid):
+    from core.sinddm import Interrupted
+
+    calls = []
+    with pytest.raises(Interrupted):
+        train(pyramid, NetConfig(8), TrainConfig(steps=50, batch_size=1), should_stop=lambda: len(calls) >= 3,
+              on_step=lambda i, n, info: calls.append(i))
+    assert calls == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------ sampling
+def test_samples_have_the_requested_sizes_and_differ_across_seeds(model):
+    h, w = model.training_size
+    x = sample(model, count=3, seed=0)
+    assert x.shape == (3, 3, h, w) and 0 <= x.min() and x.max() <= 1
+    assert (x[0] - x[1]).abs().mean() > 0.01 and (x[1] - x[2]).abs().mean() > 0.01
+    wide = sample(model, count=1, seed=0, scale_mul=(1.0, 2.0))
+    assert wide.shape == (1, 3, h, 2 * w)
+    exact = sample(model, count=1, seed=0, size=(77, 201))
+    assert exact.shape == (1, 3, 77, 201)
+    sizes = output_sizes(model, size=(77, 201))
+    assert sizes[-1] == (77, 201) and len(sizes) == model.pyramid.spec.n_scales
+
+
+def test_sampling_is_deterministic_per_sample(model):
+    a = sample(model, count=2, seed=7)
+    assert torch.equal(a, sample(model, count=2, seed=7))
+    # sample k uses seed + k (batched convolutions may differ in the last bits)
+    assert torch.allclose(a[1], sample(model, count=1, seed=8)[0], atol=1e-4)
+
+
+def test_start_steps_override(model):
+    sch = model.schedule_with([10, 5])
+    assert sch.start_steps == (100, 10, 5)
+    steps = []
+    sample(model, count=1, seed=0, start_steps=[10, 5], on_step=lambda i, n, info: steps.append((i, n)))
+    assert steps[-1] == (115, 115)
+    with pytest.raises(ValueError, match="one value per scale"):
+        model.schedule_with([10])
+    with pytest.raises(ValueError, match="0..99"):
+        model.schedule_with([100, 5])
+
+
+def test_too_small_outputs_are_refused(model):
+    with pytest.raises(ValueError, match="too small"):
+        output_sizes(model, scale_mul=(0.1, 0.1))
+
+
+def test_roi_guidance_reproduces_the_target_inside_the_mask(model):
+    """Eq. 2 acts at every scale but the finest: there the region equals the target; the
+    finest scale then refines it, and the final sample stays closer to the target inside."""
+    h, w = model.training_size
+    target = (model.pyramid.images[-1] + 1) / 2  # content from the training image, as in the paper
+    mask = torch.zeros(1, 1, h, w)
+    mask[..., 20:70, 30:90] = 1.0
+    n = model.pyramid.spec.n_scales
+    guided = sample(model, count=2, seed=0, guidance=[ROIGuidance(target, mask, strength=1.0)], scales=n - 1)
+    size = guided.shape[-2:]
+    t_s = torch.nn.functional.interpolate(target, size=size, mode="bilinear", antialias=True)
+    inside = (torch.nn.functional.interpolate(mask, size=size, mode="bilinear", antialias=True) > 0.99)
+    inside = inside.expand_as(guided)
+    err_in, err_out = (guided - t_s).abs()[inside].mean(), (guided - t_s).abs()[~inside].mean()
+    assert err_in < 1e-3 and err_out > 0.1, (float(err_in), float(err_out))
+    final = sample(model, count=2, seed=0, guidance=[ROIGuidance(target, mask, strength=0.8)])
+    free = sample(model, count=2, seed=0)
+    full = mask.expand_as(final).bool()
+    assert (final - target).abs()[full].mean() < 0.9 * (free - target).abs()[full].mean()
+
+
+def test_roi_placement_and_outpainting(model):
+    h, w = model.training_size
+    train_img = (model.pyramid.images[-1] + 1) / 2
+    g = ROIGuidance(train_img, None, 1.0, offset=(w // 2, 0))
+    tgt, msk = g.canvas((h, 2 * w))
+    assert msk[..., :, : w // 2].sum() == 0 and msk[..., :, w // 2 : w // 2 + w].min() == 1
+    out = sample(model, count=1, seed=0, scale_mul=(1.0, 2.0), guidance=[g])
+    assert out.shape == (1, 3, h, 2 * w)
+    centre = out[..., :, w // 2 : w // 2 + w]
+    assert (centre - train_img).abs().mean() < (out[..., :, : w // 2] - train_img[..., : w // 2]).abs().mean()
+    with pytest.raises(ValueError, match="outside"):
+        ROIGuidance(train_img, None, 1.0, offset=(5000, 0)).canvas((h, w))
+    with pytest.raises(ValueError, match="differs"):
+        ROIGuidance(train_img, torch.ones(1, 1, 10, 10))
+
+
+def test_guidance_composes(model):
+    h, w = model.training_size
+    red, blue = torch.zeros(1, 3, h, w), torch.zeros(1, 3, h, w)
+    red[:, 0], blue[:, 2] = 1.0, 1.0
+    left, right = torch.zeros(1, 1, h, w), torch.zeros(1, 1, h, w)
+    left[..., :, : w // 3], right[..., :, -w // 3 :] = 1.0, 1.0
+    out = sample(model, count=1, seed=0, guidance=[ROIGuidance(red, left), ROIGuidance(blue, right)])
+    assert out[0, 0, :, : w // 3].mean() > out[0, 2, :, : w // 3].mean()
+    assert out[0, 2, :, -w // 3 :].mean() > out[0, 0, :, -w // 3 :].mean()
+
+
+# ------------------------------------------------------------------------------ injection
+def test_harmonization_changes_the_object_and_keeps_the_rest(model):
+    img = (model.pyramid.images[-1] + 1) / 2
+    comp = img.clone()
+    comp[..., 40:60, 50:80] = torch.tensor([0.1, 0.9, 0.1]).view(1, 3, 1, 1)
+    mask = torch.zeros(1, 1, *img.shape[-2:])
+    mask[..., 40:60, 50:80] = 1
+    out = harmonize(model, comp, mask, count=1, seed=0)
+    assert out.shape == comp.shape
+    soft = harmonization_mask(mask)
+    far = soft[0, 0] == 0
+    assert torch.allclose(out[0][:, far], comp[0][:, far], atol=1e-6)
+    assert (out - comp)[..., 40:60, 50:80].abs().mean() > 0.01
+    with pytest.raises(ValueError, match="mask"):
+        harmonize(model, comp, torch.ones(1, 1, 10, 10))
+
+
+def test_harmonization_mask_matches_the_official_recipe():
+    m = torch.zeros(1, 1, 60, 60)
+    m[..., 30, 30] = 1
+    soft = harmonization_mask(m)
+    assert float(soft.max()) == 1.0 and float(soft.min()) == 0.0
+    assert soft[0, 0, 30, 30] == soft.max() and soft[0, 0, 30, 37] > 0.3  # dilated by 7, then blurred
+    assert soft[0, 0, 30, 59] < 0.05
+
+
+def test_style_transfer_keeps_size_and_matches_colours(model):
+    content = torch.rand(1, 3, 64, 80)
+    out = style_transfer(model, content, count=2, seed=0)
+    assert out.shape == (2, 3, 64, 80)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_histogram_matching():
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 100, (30, 40, 3)).astype(np.uint8)
+    ref = rng.integers(150, 256, (50, 20, 3)).astype(np.uint8)
+    out = match_histograms(src, ref)
+    assert out.min() >= 150
+    for c in range(3):  # order is kept: the mapping is monotone
+        order = np.argsort(src[..., c].ravel(), kind="stable")
+        assert np.all(np.diff(out[..., c].ravel()[order].astype(int)) >= 0)
+        assert abs(float(np.median(out[..., c])) - float(np.median(ref[..., c]))) < 5
+
+
+def test_inject_validates_t_start(model):
+    from core.sinddm import inject
+
+    with pytest.raises(ValueError, match="t_start"):
+        inject(model, torch.rand(1, 3, 32, 32), 0)
+
+
+# ------------------------------------------------------------------------------ save / load
+def test_save_load_round_trip_gives_identical_samples(model, tmp_path):
+    path = save(model, tmp_path / "m.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
+    loaded = load(path)
+    assert loaded.pyramid.spec == model.pyramid.spec
+    assert loaded.schedule.start_steps == model.schedule.start_steps
+    assert loaded.net.config == model.net.config
+    assert torch.equal(sample(loaded, count=2, seed=3), sample(model, count=2, seed=3))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["pyramid"])["sizes"] == [list(s) for s in model.pyramid.spec.sizes]
+    assert json.loads(meta["net"]) == {"width": 16, "channels": 3}
+
+
+def test_failed_save_leaves_no_file(model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def boom(*a, **k):
+        Path(a[1]).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save(model, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_refuses_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="not a SinDDM model"):
+        load(other)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="safetensors"):
+        load(junk)
