@@ -378,3 +378,20 @@ def test_load_refuses_other_files(tmp_path):
     junk.write_bytes(b"\x00" * 20)
     with pytest.raises(ValueError, match="safetensors"):
         load(junk)
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_quality_metrics_behave():
+    from core.sinddm.metrics import multiscale_patch_swd, patch_swd, pixel_diversity
+
+    pyr = build_pyramid(Image.open(DATA / "coffee_128x100.png"))
+    ref = (pyr.images[-1] + 1) / 2
+    assert patch_swd(ref, ref) == pytest.approx(0.0, abs=1e-6)
+    noisy = (ref + 0.2 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert patch_swd(ref.flip(-1), ref) < patch_swd(noisy, ref) < patch_swd(torch.rand_like(ref), ref)
+    assert len(multiscale_patch_swd(ref, ref, pyr.spec.sizes)) == 3
+    same = ref.repeat(4, 1, 1, 1)
+    assert pixel_diversity(same, ref) == pytest.approx(0.0, abs=1e-6)
+    assert pixel_diversity(torch.rand(4, 3, 100, 128), ref) > 0.5
+    with pytest.raises(ValueError):
+        pixel_diversity(ref, ref)

@@ -123,6 +123,37 @@ def training_batch(pyramid: Pyramid, schedule: MultiScaleSchedule, s: int, batch
     return q_sample(x, ab, eps), t, eps
 
 
+class TrainStep:
+    """One optimisation step of Alg. 1 at a given scale: ``loss = step(s)``.
+
+    Holds the network being trained, Adam and the LR schedule; ``train`` drives it and
+    ``benchmarks/sinddm_speed.py`` times it.
+    """
+
+    def __init__(self, net: SinDDMNet, pyramid: Pyramid, config: TrainConfig, device: torch.device,
+                 generator: torch.Generator):
+        self.pyramid, self.config, self.device, self.gen = pyramid, config, device, generator
+        self.schedule = MultiScaleSchedule.build(pyramid.spec.errors)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.net = net.to(device=device, memory_format=self.memory_format).train()
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=config.milestones,
+                                                          gamma=config.lr_gamma)
+
+    def __call__(self, s: int) -> float:
+        x_t, t, eps = training_batch(self.pyramid, self.schedule, s, self.config.batch_size, self.gen, self.device)
+        x_t = x_t.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            pred = self.net(x_t, t, torch.full_like(t, s))
+        loss = (eps - pred.float()).abs().mean()  # L1 on eps (official loss_type "l1")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.item()
+
+
 def train(
     pyramid: Pyramid,
     net_config: NetConfig = NetConfig(),
@@ -142,17 +173,11 @@ def train(
     every step and raises :class:`Interrupted`.  Returns the EMA network on the CPU.
     """
     device = torch.device(device)
-    schedule = MultiScaleSchedule.build(pyramid.spec.errors)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    net = init if init is not None else SinDDMNet(net_config)
-    net = copy.deepcopy(net).to(device).train()
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=config.milestones, gamma=config.lr_gamma)
+    net = copy.deepcopy(init) if init is not None else SinDDMNet(net_config)
+    step_fn = TrainStep(net, pyramid, config, device, gen)
+    ema = copy.deepcopy(step_fn.net).eval().requires_grad_(False)
     n_scales = pyramid.spec.n_scales
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -160,28 +185,19 @@ def train(
         if should_stop is not None and should_stop():
             raise Interrupted(f"training stopped at step {step - 1} of {config.steps}")
         s = int(torch.randint(0, n_scales, (1,), generator=gen, device=device))
-        x_t, t, eps = training_batch(pyramid, schedule, s, config.batch_size, gen, device)
-        x_t = x_t.contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            pred = net(x_t, t, torch.full_like(t, s))
-        loss = (eps - pred.float()).abs().mean()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training diverged at step {step} (loss {loss.item()}); lower lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(step_fn(s))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"training diverged at step {step} (loss {losses[-1]}); lower the lr")
         if step % config.ema_every == 0:
-            _ema_update(ema, net, config.ema_decay if step >= config.ema_start else 0.0)
-        info = {"loss": losses[-1], "scale": s, "lr": opt.param_groups[0]["lr"]}
+            _ema_update(ema, step_fn.net, config.ema_decay if step >= config.ema_start else 0.0)
+        info = {"loss": losses[-1], "scale": s, "lr": step_fn.opt.param_groups[0]["lr"]}
         if preview is not None and preview_every > 0 and step % preview_every == 0:
             info["preview"] = preview(ema)
         if on_step is not None:
             on_step(step, config.steps, info)
     if config.steps % config.ema_every:  # make the returned EMA include the last steps
-        _ema_update(ema, net, config.ema_decay if config.steps >= config.ema_start else 0.0)
-    out = SinDDMNet(net.config)
+        _ema_update(ema, step_fn.net, config.ema_decay if config.steps >= config.ema_start else 0.0)
+    out = SinDDMNet(step_fn.net.config)
     out.load_state_dict({k: v.float().contiguous() for k, v in ema.state_dict().items()})
     return TrainResult(out.eval(), losses, config.steps, time.perf_counter() - t0, config)
 
