@@ -93,7 +93,8 @@ class SinDDMTrain:
         check_positive(batch_size, "batch_size")
         if width < 8 or width % 2:
             raise NodeInputError("width", f"must be an even number of at least 8, got {width}", "use 64, 128 or 160")
-        pyramid = build_pyramid(x[0])
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs ordinary tensors
+            pyramid = build_pyramid(x[0])
         progress = bridge.Progress(steps)
         device = bridge.torch_device()
 
@@ -395,9 +396,10 @@ class SaveSinDDM:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (SINDDM, {"tooltip": "The model to save."}),
-            "filename_prefix": ("STRING", {"default": "sinddm/model",
-                                           "tooltip": "File name prefix inside models/single_image_edit/sinddm; "
-                                                      "a counter is appended (prefix_00001.safetensors)."}),
+            "filename_prefix": ("STRING", {"default": "sinddm",
+                                           "tooltip": "File name prefix inside models/single_image_edit/sinddm "
+                                                      "(may contain sub-folders); a counter is appended "
+                                                      "(prefix_00001.safetensors)."}),
         }}
 
     def run(self, model, filename_prefix):

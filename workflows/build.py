@@ -239,7 +239,7 @@ def sinddm_random_samples() -> Graph:
            "'Load SinDDM Model' instead of training again (or keep ComfyUI running: unchanged nodes are cached).")
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
-    g.add("SIE_SaveSinDDM", model=train.out(0), filename_prefix="sinddm/coffee")
+    g.add("SIE_SaveSinDDM", model=train.out(0), filename_prefix="coffee")
     g.add("SaveImage", title="Loss curve", images=train.out(1), filename_prefix="sinddm/loss")
     same = g.add("SIE_SinDDMSample", title="Same size", model=train.out(0), count=4, seed=0)
     g.add("SaveImage", title="Samples (training size)", images=same.out(0), filename_prefix="sinddm/samples")

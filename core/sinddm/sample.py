@@ -23,6 +23,7 @@ does not depend on how many others are drawn with it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -71,7 +72,10 @@ class _Noise:
 class _Sampler:
     def __init__(self, model: SinDDM, device: torch.device, guidance: Sequence[Guidance],
                  on_step: OnStep | None, should_stop: Callable[[], bool] | None, total_steps: int):
-        self.net = model.net.to(device).eval()
+        net = model.net
+        if next(net.parameters()).device != device or net.training:
+            net = copy.deepcopy(net).to(device).eval()  # never move or mutate the caller's model
+        self.net = net
         self.sch = model.schedule
         self.ab = model.schedule.alphas_cumprod.to(device)
         self.n = model.pyramid.spec.n_scales
