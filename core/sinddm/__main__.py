@@ -20,7 +20,7 @@ from ..plot import grid, loss_curve
 from . import NetConfig, SinDDM, TrainConfig, build_pyramid, load, sample, save, train
 
 DATA = Path(__file__).resolve().parent / "data"
-DEMO = dict(image=DATA / "coffee_128x100.png", steps=1200, width=64, batch=8)
+DEMO = dict(image=DATA / "coffee_128x100.png", steps=2000, width=48, batch=8)
 PAPER = dict(image=DATA / "coffee_250x200.png", steps=120_000, width=160, batch=32)
 
 
