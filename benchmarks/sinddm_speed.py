@@ -64,7 +64,8 @@ class Official:
     def __init__(self, checkout: str, image: str, batch: int, width: int, device: torch.device, pyramid):
         sys.path.insert(0, checkout)
         from SinDDM.functions import create_img_scales
-        from SinDDM.models import MultiScaleGaussianDiffusion, SinDDMNet as OfficialNet
+        from SinDDM.models import MultiScaleGaussianDiffusion
+        from SinDDM.models import SinDDMNet as OfficialNet
 
         work = Path(tempfile.mkdtemp(prefix="sinddm_official_"))
         shutil.copy(image, work / Path(image).name)

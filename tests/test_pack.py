@@ -10,8 +10,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from helpers import ROOT, load_pack
 
 FORBIDDEN_IN_CORE = {"comfy", "comfy_extras", "comfy_execution", "comfy_api", "comfy_api_nodes", "folder_paths",

@@ -14,11 +14,11 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import save_file  # noqa: E402
 
-from core.seam import LatentDiffusion  # noqa: E402
 from core.sd import keymap  # noqa: E402
 from core.sd.checkpoint import CheckpointError, inspect_checkpoint  # noqa: E402
 from core.sd.loader import CONFIG_DIR, build_modules, load_sd15, read_config  # noqa: E402
 from core.sd.tokenizer import SHIPPED_DIR, clip_vocab_from_bpe, load_clip_tokenizer, tokenize  # noqa: E402
+from core.seam import LatentDiffusion  # noqa: E402
 from tiny_sd import build_tiny, write_config_dir, write_diffusers_folder, write_single_file  # noqa: E402
 
 DATA = Path(__file__).parent / "data"

@@ -158,9 +158,8 @@ def test_open_clip_loader_node(tiny_clip, monkeypatch):
 
 
 def test_clip_guidance_steers_samples(tiny_clip, node_model):
-    from core.sinddm.clip_guidance import CLIPGuidance, load_open_clip
-
     from core.sinddm import SinDDM, sample
+    from core.sinddm.clip_guidance import CLIPGuidance, load_open_clip
 
     clip = load_open_clip(tiny_clip, "sie-tiny-clip")
 

@@ -57,10 +57,10 @@ def build(out_path: str, seed: int = 0) -> None:
     from comfy.cli_args import args
 
     args.cpu = True
-    import torch
     import comfy.model_detection
     import comfy.model_patcher
     import comfy.sd
+    import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     g = torch.Generator().manual_seed(seed)

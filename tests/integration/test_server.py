@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from helpers import load_pack
 from comfy_server import PACK_DIR_NAME, REPO, ComfyServer, comfyui_commit, skip_reason
+from helpers import load_pack
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
