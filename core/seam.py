@@ -22,9 +22,12 @@ Conventions, identical for both back ends:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 from .diffusion import predict_x0
 
@@ -60,6 +63,22 @@ class LatentDiffusion(Protocol):
         """
         ...
 
+    def unet_parameters(self) -> dict[str, torch.Tensor]:
+        """The denoiser's parameters under their *canonical* names: the original SD layout
+        without the ``model.diffusion_model.`` prefix (e.g.
+        ``input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``), whatever the back end."""
+        ...
+
+    def adapted(self, weight_functions: Mapping[str, WeightFunction],
+                gradient_checkpointing: bool = False) -> AbstractContextManager["LatentDiffusion"]:
+        """A context in which a view of the model computes with ``fn(W)`` in place of each
+        named parameter W (canonical names), differentiably: LoRA adapters, trainable
+        copies (full fine-tuning) and weight modulations all plug in here.  The base
+        weights are never modified; the view is valid inside the ``with`` block only.
+        An empty mapping still gives a view that autograd can differentiate through
+        (e.g. w.r.t. ``cond``), which a back end may need to arrange."""
+        ...
+
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """VAE encode: image [B, 3, H, W] in [0, 1] -> model-space latent (posterior mean)."""
         ...
@@ -71,6 +90,32 @@ class LatentDiffusion(Protocol):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Text encoder: a list of B prompts -> cond [B, 77, context_dim]."""
         ...
+
+
+WeightFunction = Callable[[torch.Tensor], torch.Tensor]
+
+
+class DeltaFunction(nn.Module):
+    """Weight function W -> W + delta (a fixed, trained delta reshaped to W)."""
+
+    def __init__(self, delta: torch.Tensor, strength: float = 1.0):
+        super().__init__()
+        self.register_buffer("delta", delta.detach().float().clone())
+        self.strength = float(strength)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.strength * self.delta).reshape(weight.shape).to(weight)
+
+
+class ReplaceFunction(nn.Module):
+    """Weight function W -> P: a trainable float32 copy P used in place of W (full fine-tuning)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.param = nn.Parameter(weight.detach().float().clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.param.to(weight.dtype)
 
 
 def denoised(model: LatentDiffusion, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

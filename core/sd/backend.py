@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
 from ..diffusion import sd_alphas_cumprod
-from ..seam import check_image
+from ..seam import WeightFunction, check_image
+from .keymap import unet_names
 from .tokenizer import tokenize
 
 
@@ -54,6 +59,47 @@ class DiffusersSD:
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
 
+    def canonical_names(self) -> dict[str, str]:
+        """{canonical (original-layout) parameter name: diffusers parameter name}."""
+        if not hasattr(self, "_canonical"):
+            names = unet_names([n for n, _ in self.unet.named_parameters()], self.unet.config)
+            self._canonical = {orig: diff for diff, orig in names.items()}
+        return self._canonical
+
+    def unet_parameters(self) -> dict[str, torch.Tensor]:
+        params = dict(self.unet.named_parameters())
+        return {canon: params[d] for canon, d in self.canonical_names().items()}
+
+    @contextmanager
+    def adapted(self, weight_functions: Mapping[str, WeightFunction],
+                gradient_checkpointing: bool = False) -> Iterator["DiffusersSD"]:
+        """Registers each function as a ``torch.nn.utils.parametrize`` parametrization of its
+        weight for the duration of the block (so it also applies when gradient
+        checkpointing recomputes a block) and removes them afterwards, restoring the
+        original parameters untouched.  The view is this object itself: inside the block
+        every use of this model is adapted."""
+        names = self.canonical_names()
+        unknown = sorted(set(weight_functions) - set(names))
+        if unknown:
+            raise KeyError(f"no such UNet parameters: {unknown[:3]}")
+        done: list[tuple[nn.Module, str]] = []
+        was_ckpt = bool(getattr(self.unet, "is_gradient_checkpointing", False))
+        try:
+            for canon, fn in weight_functions.items():
+                path, leaf = names[canon].rsplit(".", 1)
+                module = self.unet.get_submodule(path)
+                parametrize.register_parametrization(module, leaf, fn if isinstance(fn, nn.Module) else _Fn(fn),
+                                                     unsafe=True)
+                done.append((module, leaf))
+            if gradient_checkpointing and hasattr(self.unet, "enable_gradient_checkpointing"):
+                self.unet.enable_gradient_checkpointing()
+            yield self
+        finally:
+            for module, leaf in reversed(done):
+                parametrize.remove_parametrizations(module, leaf, leave_parametrized=False)
+            if gradient_checkpointing and not was_ckpt and hasattr(self.unet, "disable_gradient_checkpointing"):
+                self.unet.disable_gradient_checkpointing()
+
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         check_image(image)
@@ -71,3 +117,14 @@ class DiffusersSD:
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = tokenize(self.tokenizer, prompts).to(self.device)
         return self.text_encoder(ids)[0].float()
+
+
+class _Fn(nn.Module):
+    """Wraps a plain callable so that it can be registered as a parametrization."""
+
+    def __init__(self, fn: WeightFunction):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.fn(weight)

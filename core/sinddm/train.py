@@ -19,7 +19,6 @@ AMX); weights, optimiser state and the EMA stay in float32.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..diffusion import q_sample
+from ..training import Interrupted, OnStep, check_finite
 from .model import NetConfig, SinDDMNet
 from .pyramid import Pyramid
 from .schedule import MultiScaleSchedule
@@ -34,13 +34,6 @@ from .schedule import MultiScaleSchedule
 PAPER_STEPS = 120_000
 PAPER_MILESTONES = (20_000, 40_000, 70_000, 80_000, 90_000, 110_000)
 PAPER_EMA_START, PAPER_EMA_EVERY = 2000, 10
-
-OnStep = Callable[[int, int, dict], None]
-
-
-class Interrupted(RuntimeError):
-    """Raised inside a core loop when ``should_stop()`` returns True."""
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -186,8 +179,7 @@ def train(
             raise Interrupted(f"training stopped at step {step - 1} of {config.steps}")
         s = int(torch.randint(0, n_scales, (1,), generator=gen, device=device))
         losses.append(step_fn(s))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"training diverged at step {step} (loss {losses[-1]}); lower the lr")
+        check_finite(losses[-1], step, "SinDDM training")
         if step % config.ema_every == 0:
             _ema_update(ema, step_fn.net, config.ema_decay if step >= config.ema_start else 0.0)
         info = {"loss": losses[-1], "scale": s, "lr": step_fn.opt.param_groups[0]["lr"]}

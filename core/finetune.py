@@ -1,0 +1,108 @@
+"""Imagic stage 2: fine-tune the denoiser on the image at the frozen e_opt (Imagic Sec. 3.1).
+
+Same loss as stage 1 (eq. 2), now over the denoiser's weights.  Two modes:
+
+* ``lora`` (default): low-rank adapters on the UNet's convolution and linear weights
+  (:mod:`core.lora`); a few MB of trainable parameters, default lr 1e-4;
+* ``full``: every UNet parameter, as in the paper (Imagen) and the SD ports (diffusers'
+  community pipeline uses lr 2e-6, the default here), trained as a float32 copy.
+
+Either way the base model is untouched: training runs through the seam's weight
+functions and the result is a *delta* in ComfyUI's LoRA-file layout (LoRA tensors, or
+``.diff`` tensors for full fine-tuning), applied later as native weight patches.
+The image latent and the conditioning are computed once by the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .lora import LoRAConfig, diff_state_dict, lora_state_dict, make_loras
+from .losses import NoiseDraw, denoising_loss
+from .seam import DeltaFunction, LatentDiffusion, ReplaceFunction
+from .training import OnStep, ShouldStop, autocast_for, check_finite, poll
+
+DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    mode: str = "lora"
+    steps: int = 1000
+    lr: float | None = None  # None: DEFAULT_LR[mode]
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.mode not in DEFAULT_LR:
+            raise ValueError(f"mode must be 'lora' or 'full', got {self.mode!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+
+@dataclass
+class FineTuneResult:
+    mode: str
+    delta: dict[str, torch.Tensor]  # ComfyUI LoRA-file layout (see core.lora)
+    deltas: dict[str, torch.Tensor]  # {canonical parameter name: dense delta}
+    losses: list[float]
+    seconds: float
+    trainable_parameters: int
+
+    def weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
+        """W -> W + strength * delta for every trained parameter (to apply through the seam)."""
+        return {name: DeltaFunction(d, strength) for name, d in self.deltas.items()}
+
+
+def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
+             config: FineTuneConfig = FineTuneConfig(), mask: torch.Tensor | None = None,
+             on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> FineTuneResult:
+    """Fine-tune ``model`` to reconstruct ``latent`` [1, 4, h, w] at ``cond`` [1, 77, D]."""
+    device = torch.device(model.device)
+    latent = latent.detach().to(device, torch.float32)
+    cond = cond.detach().to(device, torch.float32)
+    params = model.unet_parameters()
+    if config.mode == "lora":
+        fns = make_loras({k: tuple(v.shape) for k, v in params.items()}, config.lora, config.seed)
+    else:
+        fns = {name: ReplaceFunction(p) for name, p in params.items()}
+    for fn in fns.values():
+        fn.to(device)
+    trainable = [p for fn in fns.values() for p in fn.parameters()]
+    opt = torch.optim.Adam(trainable, lr=config.learning_rate)
+    draw = NoiseDraw(config.seed + 1, len(model.alphas_cumprod))
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    with model.adapted(fns, config.gradient_checkpointing) as m:
+        for step in range(1, config.steps + 1):
+            poll(should_stop, "fine-tuning", step - 1)
+            t, eps = draw(latent)
+            with autocast_for(device):
+                loss = denoising_loss(m, latent, cond, t, eps, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            check_finite(losses[-1], step, "fine-tuning")
+            if on_step is not None:
+                on_step(step, config.steps, {"loss": losses[-1]})
+    with torch.no_grad():
+        if config.mode == "lora":
+            deltas = {name: fn.delta().detach().float().cpu() for name, fn in fns.items()}
+            delta = {k: v.cpu() for k, v in lora_state_dict(fns).items()}
+        else:
+            deltas = {name: (fn.param.detach().float() - params[name].detach().float()).cpu()
+                      for name, fn in fns.items()}
+            deltas = {k: v for k, v in deltas.items() if bool(v.any())}
+            delta = diff_state_dict(deltas)
+    return FineTuneResult(config.mode, delta, deltas, losses, time.perf_counter() - t0, sum(p.numel() for p in trainable))

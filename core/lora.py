@@ -1,0 +1,139 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) as weight functions, and the delta file format.
+
+A :class:`LoRA` is a *weight function*: given a frozen weight W it returns
+W + (alpha / r) * B A (eq. 3 of the LoRA paper), with A [r, fan_in] (``down``) and
+B [out, r] (``up``, zero at initialisation, so the adapted model starts as the base).
+Convolution kernels are adapted through their flattened [out, in*kh*kw] view, which
+is how ComfyUI applies conv LoRAs.  Because an adapter only *wraps* a weight, the base
+model is never modified: the seam applies weight functions on the fly
+(:meth:`core.seam.LatentDiffusion.weight_functions`).
+
+Trained deltas are saved in ComfyUI's generic LoRA layout, keyed by the original SD
+module path, so ComfyUI's own LoRA loaders read them:
+
+* LoRA: ``diffusion_model.<module>.lora_down.weight`` [r, in(, kh, kw)],
+  ``...lora_up.weight`` [out, r(, 1, 1)], ``...alpha`` (scalar);
+* full fine-tune: ``diffusion_model.<module>.diff`` (delta of the weight) and
+  ``...diff_b`` (delta of the bias).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PREFIX = "diffusion_model."
+ATTENTION_LEAVES = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str = "all"  # "all": every conv/linear weight; "attention": q/k/v/out projections only
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.targets not in ("all", "attention"):
+            raise ValueError(f"targets must be 'all' or 'attention', got {self.targets!r}")
+
+
+def select_targets(shapes: Mapping[str, tuple[int, ...]], targets: str = "all") -> list[str]:
+    """Canonical weight names (``...weight``, 2-D or 4-D) to adapt."""
+    out = []
+    for name, shape in shapes.items():
+        if not name.endswith(".weight") or len(shape) not in (2, 4):
+            continue
+        if targets == "attention" and not name.endswith(ATTENTION_LEAVES):
+            continue
+        out.append(name)
+    return sorted(out)
+
+
+class LoRA(nn.Module):
+    """Weight function W -> W + (alpha / r) * up @ down (reshaped to W's shape)."""
+
+    def __init__(self, shape: tuple[int, ...], rank: int, alpha: float, generator: torch.Generator | None = None):
+        super().__init__()
+        out_features, fan_in = shape[0], math.prod(shape[1:])
+        rank = min(rank, out_features, fan_in)
+        self.shape = tuple(shape)
+        self.rank, self.alpha = rank, float(alpha)
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming-uniform(a=sqrt(5)), as nn.Linear initialises
+        down = (torch.rand(rank, fan_in, generator=generator) * 2 - 1) * bound
+        self.down = nn.Parameter(down)
+        self.up = nn.Parameter(torch.zeros(out_features, rank))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        return (self.up @ self.down).reshape(self.shape) * self.scale
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta().to(weight.dtype)
+
+    def state(self, module: str) -> dict[str, torch.Tensor]:
+        """The ComfyUI generic-LoRA tensors of this adapter (``module``: canonical module path)."""
+        down, up = self.down.detach().float(), self.up.detach().float()
+        if len(self.shape) == 4:
+            down = down.reshape(self.rank, *self.shape[1:])
+            up = up.reshape(self.shape[0], self.rank, 1, 1)
+        base = PREFIX + module
+        return {f"{base}.lora_down.weight": down.contiguous(), f"{base}.lora_up.weight": up.contiguous(),
+                f"{base}.alpha": torch.tensor(self.alpha)}
+
+
+def make_loras(shapes: Mapping[str, tuple[int, ...]], config: LoRAConfig, seed: int = 0) -> dict[str, LoRA]:
+    """One adapter per selected weight, deterministically initialised."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: LoRA(shapes[name], config.rank, config.alpha, g) for name in select_targets(shapes, config.targets)}
+
+
+def lora_state_dict(loras: Mapping[str, LoRA]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, lora in loras.items():
+        out.update(lora.state(name[: -len(".weight")]))
+    return out
+
+
+def diff_state_dict(deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full fine-tune deltas {canonical param name: delta} -> ``.diff`` / ``.diff_b`` tensors."""
+    out = {}
+    for name, d in deltas.items():
+        module, leaf = name.rsplit(".", 1)
+        key = {"weight": "diff", "bias": "diff_b"}.get(leaf)
+        if key is None:
+            raise ValueError(f"cannot store a delta for {name!r} (only .weight and .bias)")
+        out[f"{PREFIX}{module}.{key}"] = d.detach().float().contiguous()
+    return out
+
+
+def delta_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any delta file (LoRA or diff layout) -> {canonical param name: delta tensor}.
+
+    Used to apply a saved delta through the diffusers back end; ComfyUI reads the file
+    with its own loader.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if not key.startswith(PREFIX):
+            continue
+        rest = key[len(PREFIX):]
+        if rest.endswith(".lora_down.weight"):
+            module = rest[: -len(".lora_down.weight")]
+            down = value.float().flatten(1)
+            up = sd[f"{PREFIX}{module}.lora_up.weight"].float().flatten(1)
+            alpha = float(sd.get(f"{PREFIX}{module}.alpha", torch.tensor(float(down.shape[0]))))
+            out[module + ".weight"] = (up @ down) * (alpha / down.shape[0])
+        elif rest.endswith(".diff"):
+            out[rest[: -len(".diff")] + ".weight"] = value.float()
+        elif rest.endswith(".diff_b"):
+            out[rest[: -len(".diff_b")] + ".bias"] = value.float()
+    return out
