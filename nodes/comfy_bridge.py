@@ -15,6 +15,8 @@ no-ops or empty lists instead of failing.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +27,8 @@ MODEL_FOLDERS = {
     "sie_trained": (os.path.join("single_image_edit", "trained"), {".safetensors"}),
     "open_clip": ("open_clip", {".safetensors", ".bin", ".pt", ".pth"}),
 }
+# Folders of ours that ComfyUI's own loaders should also list (name -> ComfyUI folder name)
+ALSO_REGISTER = {"sie_trained": "loras"}
 
 
 def _folder_paths():
@@ -52,6 +56,10 @@ def register_model_folders() -> bool:
             fp.folder_names_and_paths[name] = (paths, set(old_exts) | exts)
         else:
             fp.folder_names_and_paths[name] = ([default], set(exts))
+    for ours, theirs in ALSO_REGISTER.items():
+        default = os.path.join(fp.models_dir, MODEL_FOLDERS[ours][0])
+        if theirs in fp.folder_names_and_paths and default not in fp.folder_names_and_paths[theirs][0]:
+            fp.folder_names_and_paths[theirs][0].append(default)
     return True
 
 
@@ -209,6 +217,45 @@ class ComfySD:
     def trainable_module(self) -> torch.nn.Module:
         return self.model.model.diffusion_model
 
+    def unet_parameters(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.model.diffusion_model.named_parameters())
+
+    @contextmanager
+    def adapted(self, weight_functions: Mapping, gradient_checkpointing: bool = False) -> Iterator["ComfySD"]:
+        """A view over a *clone* of the MODEL with ComfyUI weight wrappers.
+
+        Each function is attached with ``ModelPatcher.add_weight_wrapper`` (ComfyUI's own
+        mechanism for trainable adapters): the shared module's weights are never written,
+        ComfyUI applies the wrappers while the clone is loaded and drops them when another
+        patcher of the model loads.  Weights that ComfyUI loaded inside inference mode
+        cannot be saved for backward; every other weight then gets an identity wrapper,
+        which makes ComfyUI compute with an ordinary copy.  Gradient checkpointing wraps
+        the forward of every block (object patches, also undone on unload).
+        """
+        import comfy.model_management
+
+        dm = self.model.model.diffusion_model
+        params = dict(dm.named_parameters())
+        unknown = sorted(set(weight_functions) - set(params))
+        if unknown:
+            raise KeyError(f"no such UNet parameters: {unknown[:3]}")
+        clone = self.model.clone()
+        copy_all = any(p.is_inference() for p in params.values())
+        modules = dict(dm.named_modules())
+        for name in params:
+            fn = weight_functions.get(name)
+            if fn is None and not copy_all:
+                continue
+            owner = modules[name.rsplit(".", 1)[0]]
+            if not hasattr(owner, "weight_function"):
+                raise RuntimeError(f"cannot adapt {name}: its layer ({type(owner).__name__}) is not a ComfyUI op")
+            clone.add_weight_wrapper(f"diffusion_model.{name}", fn if fn is not None else _identity)
+        if gradient_checkpointing:
+            for path, module in _blocks(dm):
+                clone.add_object_patch(f"diffusion_model.{path}.forward", _checkpointed(module.forward))
+        comfy.model_management.load_models_gpu([clone], memory_required=1e20, force_full_load=True)
+        yield ComfySD(clone, self.clip, self.vae)
+
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             raise ValueError("this ComfySD has no VAE")
@@ -228,3 +275,95 @@ class ComfySD:
             prompts = [prompts]
         conds = [self.clip.encode_from_tokens(self.clip.tokenize(p)) for p in prompts]
         return torch.cat(conds, 0).float()
+
+
+def _identity(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def _checkpointed(forward):
+    import torch.utils.checkpoint
+
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def _blocks(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.nn.Module]]:
+    """The outermost non-container sub-modules (ResBlocks, transformers, resamplers...)."""
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+            yield from _blocks(child, path + ".")
+        else:
+            yield path, child
+
+
+# --------------------------------------------------------------------------------------
+# MODEL checks and patches, sampling
+# --------------------------------------------------------------------------------------
+def sd1_problem(model) -> str | None:
+    """None for an SD 1.x epsilon-prediction MODEL, else what it is."""
+    try:
+        base = model.model
+        config = base.model_config
+    except AttributeError:
+        return f"not a ComfyUI MODEL ({type(model).__name__})"
+    name = type(config).__name__
+    unet = getattr(config, "unet_config", {}) or {}
+    ctx, cin = unet.get("context_dim"), unet.get("in_channels")
+    model_type = getattr(getattr(base, "model_type", None), "name", "?")
+    if ctx != 768 or cin != 4 or model_type != "EPS" or unet.get("adm_in_channels"):
+        return f"a {name} model (context {ctx}, {cin} input channels, {model_type} prediction)"
+    return None
+
+
+def apply_delta(model, delta: Mapping[str, torch.Tensor], strength: float = 1.0):
+    """A clone of ``model`` with a LoRA-layout delta applied as ComfyUI weight patches.
+
+    Uses ComfyUI's own LoRA loading (what LoraLoaderModelOnly does), so a saved delta
+    loaded by the native node gives exactly the same MODEL.
+    """
+    import comfy.sd
+
+    patched, _ = comfy.sd.load_lora_for_models(model, None, dict(delta), float(strength), 0.0)
+    return patched
+
+
+def sampler_names() -> list[str]:
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.KSampler.SAMPLERS)
+    except ImportError:
+        return ["ddim"]
+
+
+def scheduler_names() -> list[str]:
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.KSampler.SCHEDULERS)
+    except ImportError:
+        return ["ddim_uniform"]
+
+
+def ksample(model, positive, negative, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str,
+            scheduler: str, noise: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+    """ComfyUI's own sampling (what KSampler runs) with given starting noise; returns samples."""
+    import comfy.sample
+
+    samples = latent["samples"]
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)
+    if noise is None:
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
+                               denoise=1.0, noise_mask=latent.get("noise_mask"), callback=callback,
+                               disable_pbar=True, seed=seed)
+
+
+def prepare_noise(samples: torch.Tensor, seed: int) -> torch.Tensor:
+    import comfy.sample
+
+    return comfy.sample.prepare_noise(samples, seed)

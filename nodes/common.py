@@ -8,6 +8,8 @@ dialog and in the ``execution_error`` of the API.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 CATEGORY_ROOT = "single_image_edit"
@@ -81,3 +83,23 @@ def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
     return type(x).__name__
+
+
+def safe_prefix(prefix: str, name: str = "filename_prefix") -> str:
+    """A relative file prefix (sub-folders allowed) that cannot escape the target folder."""
+    p = (prefix or "").strip().replace("\\", "/")
+    if not p or p.startswith("/") or ".." in p.split("/") or p.endswith("/"):
+        raise NodeInputError(name, f"'{prefix}' is not a relative file name", "use a name like edits/cat")
+    return p
+
+
+def next_free_path(root: Path, prefix: str, suffix: str) -> Path:
+    """root/prefix_00001<suffix>, with the first counter not yet taken (never overwrites)."""
+    target = Path(root) / prefix
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stem = target.name
+    taken = {p.name for p in target.parent.glob(f"{stem}_*{suffix}")}
+    counter = 1
+    while f"{stem}_{counter:05d}{suffix}" in taken:
+        counter += 1
+    return target.parent / f"{stem}_{counter:05d}{suffix}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 
 import torch
@@ -32,7 +31,16 @@ from ..core.sinddm.edit import HARMONIZATION_T, STYLE_TRANSFER_T
 from ..core.sinddm.guidance import ROIGuidance
 from ..core.sinddm.pyramid import MIN_INPUT_SIDE
 from . import comfy_bridge as bridge
-from .common import CATEGORY_ROOT, NodeInputError, bchw_to_image, check_positive, image_to_bchw, mask_to_b1hw
+from .common import (
+    CATEGORY_ROOT,
+    NodeInputError,
+    bchw_to_image,
+    check_positive,
+    image_to_bchw,
+    mask_to_b1hw,
+    next_free_path,
+    safe_prefix,
+)
 
 log = logging.getLogger("comfyui-single-image-edit")
 
@@ -403,19 +411,8 @@ class SaveSinDDM:
         }}
 
     def run(self, model, filename_prefix):
-        prefix = (filename_prefix or "").strip().replace("\\", "/")
-        if not prefix or prefix.startswith("/") or ".." in prefix.split("/"):
-            raise NodeInputError("filename_prefix", f"'{filename_prefix}' is not a relative file name",
-                                 "use a name like sinddm/coffee")
         root = bridge.save_dir("sie_sinddm")
-        target_dir = (root / prefix).parent
-        target_dir.mkdir(parents=True, exist_ok=True)
-        stem = os.path.basename(prefix)
-        taken = {p.name for p in target_dir.glob(f"{stem}_*.safetensors")}
-        counter = 1
-        while f"{stem}_{counter:05d}.safetensors" in taken:
-            counter += 1
-        path = save(model, target_dir / f"{stem}_{counter:05d}.safetensors")
+        path = save(model, next_free_path(root, safe_prefix(filename_prefix), ".safetensors"))
         rel = path.relative_to(root).as_posix()
         log.info("saved SinDDM model to %s", path)
         return {"ui": {"text": [rel]}}

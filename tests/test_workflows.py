@@ -171,9 +171,10 @@ def test_contract_records_its_comfyui_commit():
 
 def test_converter_rejects_a_shifted_widget_list():
     """Guard against a vacuous comparison: dropping one widget value must be caught."""
-    ui = json.loads(UI_FILES[0].read_text())
+    path = WF / "sinddm_random_samples.json"
+    ui = json.loads(path.read_text())
     node = next(n for n in ui["nodes"] if n["type"] == "SIE_SinDDMTrain")
     node["widgets_values"] = node["widgets_values"][1:]
     with pytest.raises(AssertionError):
-        api = json.loads((WF / "api" / UI_FILES[0].name).read_text())
+        api = json.loads((WF / "api" / path.name).read_text())
         assert ui_to_api(ui) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}

@@ -329,7 +329,44 @@ def sinddm_text_guided() -> Graph:
     return g
 
 
-GRAPHS = [sinddm_random_samples, sinddm_roi_outpaint, sinddm_harmonization, sinddm_style_transfer, sinddm_text_guided]
+def imagic() -> Graph:
+    g = Graph("imagic")
+    g.note("Imagic (Kawar et al., CVPR 2023): edit ONE real photo from a target text.\n\n"
+           "1. Optimize Text Embedding: e_tgt -> e_opt that reconstructs the photo (500 steps, lr 1e-3).\n"
+           "2. Fine-Tune Model at e_opt (lora: adapters, lr 1e-4; full: the paper's whole-UNet tune, lr 2e-6; 1000 "
+           "steps).\n3. Interpolate: e = eta*e_tgt + (1-eta)*e_opt, then sample with DDIM. SD needs eta about "
+           "0.9-1.2; the Eta Sweep renders several etas with one seed so you can pick by eye.\n\n"
+           "Needs an SD 1.x checkpoint in models/checkpoints. On an H100 the whole edit takes about 2 minutes; "
+           "on a CPU many hours. Save Trained keeps the edit (a LoRA + e_opt) for Load Trained / Load LoRA.")
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    img = g.add("LoadImage", image="coffee_250x200.png")
+    scaled = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=512, height=512, crop="center")
+    target = g.add("CLIPTextEncode", title="Target text (e_tgt)", clip=ckpt.out(1),
+                   text="a photo of a cup of green matcha tea")
+    negative = g.add("CLIPTextEncode", title="Negative (empty)", clip=ckpt.out(1), text="")
+    emb = g.add("SIE_OptimizeEmbedding", model=ckpt.out(0), vae=ckpt.out(2), image=scaled.out(0),
+                conditioning=target.out(0), steps=500, learning_rate=0.001, seed=0)
+    g.add("SaveImage", title="Embedding loss", images=emb.out(1), filename_prefix="imagic/embedding_loss")
+    ft = g.add("SIE_FineTune", model=ckpt.out(0), vae=ckpt.out(2), image=scaled.out(0), conditioning=emb.out(0),
+               mode="lora", steps=1000, learning_rate=0.0, rank=8, seed=0)
+    g.add("SaveImage", title="Fine-tuning loss", images=ft.out(1), filename_prefix="imagic/finetune_loss")
+    g.add("SIE_SaveTrained", trained=ft.out(2), filename_prefix="imagic/edit")
+    mix = g.add("SIE_InterpolateConditioning", target=target.out(0), optimized=emb.out(0), eta=1.0)
+    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    ks = g.add("KSampler", model=ft.out(0), positive=mix.out(0), negative=negative.out(0), latent_image=empty.out(0),
+               seed=0, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+    dec = g.add("VAEDecode", samples=ks.out(0), vae=ckpt.out(2))
+    g.add("SaveImage", title="Edited image", images=dec.out(0), filename_prefix="imagic/edit")
+    sweep = g.add("SIE_EtaSweep", model=ft.out(0), target=target.out(0), optimized=emb.out(0),
+                  negative=negative.out(0), latent_image=empty.out(0), etas="0.7, 0.8, 0.9, 1.0, 1.1", seed=0,
+                  steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform")
+    dec2 = g.add("VAEDecode", samples=sweep.out(0), vae=ckpt.out(2))
+    g.add("SaveImage", title="Eta sweep (0.7 ... 1.1)", images=dec2.out(0), filename_prefix="imagic/eta_sweep")
+    return g
+
+
+GRAPHS = [sinddm_random_samples, sinddm_roi_outpaint, sinddm_harmonization, sinddm_style_transfer, sinddm_text_guided,
+          imagic]
 
 
 def main() -> None:

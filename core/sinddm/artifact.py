@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..artifact_io import atomic_save_safetensors
 from .model import NetConfig, SinDDMNet
 from .pyramid import Pyramid, PyramidSpec, pyramid_from_scales
 from .schedule import MultiScaleSchedule
@@ -59,12 +59,6 @@ class SinDDM:
 
 def save(model: SinDDM, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` (.safetensors) atomically; returns the path."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path.name}: SinDDM models are saved as .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"net.{k}": v.detach().float().contiguous().cpu() for k, v in model.net.state_dict().items()}
     for s in range(model.pyramid.spec.n_scales):
         tensors[f"pyramid.{s}"] = model.pyramid.uint8(s).contiguous()
@@ -75,16 +69,7 @@ def save(model: SinDDM, path: str | os.PathLike) -> Path:
         "pyramid": json.dumps(model.pyramid.spec.to_dict()),
         "info": json.dumps(model.info, default=str),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp files are private; a model file is not
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_safetensors(tensors, path, meta)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SinDDM:

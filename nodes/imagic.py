@@ -1,0 +1,374 @@
+"""Imagic nodes: optimise the text embedding, fine-tune the model, interpolate, sweep eta, save/load.
+
+Each stage is an atomic node on native types (MODEL, VAE, IMAGE, CONDITIONING), so the
+stages compose with the rest of ComfyUI: sampling is ComfyUI's own KSampler (or
+SamplerCustomAdvanced) on the fine-tuned MODEL with the interpolated CONDITIONING.
+Training nodes run on clones under ``torch.inference_mode(False)``, report the loss on
+the progress bar, stop on cancel and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.artifact_io import atomic_save_safetensors
+from ..core.finetune import DEFAULT_LR, FineTuneConfig, finetune
+from ..core.interpolate import interpolate
+from ..core.lora import LoRAConfig
+from ..core.optimize_embedding import EmbeddingConfig, optimize_embedding
+from ..core.plot import loss_curve, pil_to_tensor
+from . import comfy_bridge as bridge
+from .common import (
+    CATEGORY_ROOT,
+    NodeInputError,
+    bchw_to_image,
+    check_positive,
+    image_to_bchw,
+    next_free_path,
+    safe_prefix,
+)
+
+log = logging.getLogger("comfyui-single-image-edit")
+
+CATEGORY = f"{CATEGORY_ROOT}/imagic"
+TRAINED = "SIE_TRAINED"
+SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}
+EMBEDDING_KEY = "sie.embedding"
+TRAINED_FORMAT = "sie.trained"
+
+
+@dataclass
+class Trained:
+    """A fine-tuning result: the weight delta (LoRA-file layout) and the embedding it was tuned at."""
+
+    delta: dict[str, torch.Tensor]
+    mode: str
+    embedding: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# Input checks shared by the training nodes
+# --------------------------------------------------------------------------------------
+def check_model(model, name: str = "model") -> None:
+    problem = bridge.sd1_problem(model)
+    if problem:
+        raise NodeInputError(name, f"this is {problem}; Imagic here needs a Stable Diffusion 1.x MODEL",
+                             "load an SD 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors)")
+
+
+def cond_tensor(conditioning, model, name: str = "conditioning") -> tuple[torch.Tensor, dict]:
+    """(cond [1, 77, D] float32 clone, its options dict) from a CONDITIONING, checked against the MODEL."""
+    if not isinstance(conditioning, list) or not conditioning or not isinstance(conditioning[0], (list, tuple)):
+        raise NodeInputError(name, "expected a CONDITIONING (from CLIP Text Encode)", "connect a CONDITIONING")
+    cond, opts = conditioning[0][0], conditioning[0][1] if len(conditioning[0]) > 1 else {}
+    if not isinstance(cond, torch.Tensor) or cond.ndim != 3:
+        raise NodeInputError(name, f"expected a [1, tokens, width] tensor, got {getattr(cond, 'shape', cond)}")
+    width = bridge.ComfySD(model).context_dim
+    if cond.shape[-1] != width:
+        raise NodeInputError(name, f"the text encoding is {cond.shape[-1]} wide but the model expects {width}",
+                             "encode the prompt with the CLIP of the same SD 1.x checkpoint")
+    if len(conditioning) > 1:
+        log.warning("%s: %d conditioning entries; only the first is optimised", name, len(conditioning))
+    return cond[:1].detach().clone().float(), dict(opts)
+
+
+def curve(losses: list[float], title: str) -> torch.Tensor:
+    return bchw_to_image(pil_to_tensor(loss_curve(losses, title=title))[None])
+
+
+def image_latent(sd: bridge.ComfySD, image, name: str = "image") -> torch.Tensor:
+    x = image_to_bchw(image, name, min_side=8)[:1]
+    return sd.encode(x)
+
+
+# --------------------------------------------------------------------------------------
+class OptimizeEmbedding:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_OptimizeEmbedding", "Imagic: Optimize Text Embedding", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("CONDITIONING", "IMAGE")
+    RETURN_NAMES = ("e_opt", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The optimised embedding e_opt (same layout as the input conditioning).",
+                       "The reconstruction loss per step.")
+    DESCRIPTION = ("Imagic stage 1 (Kawar et al., CVPR 2023): with the model frozen, optimises the target text's "
+                   "embedding so that it reconstructs the image (eq. 2). SD ports: 500 steps at lr 0.001 (the paper: "
+                   "100 steps on Imagen). Feed e_opt to Imagic: Fine-Tune and Imagic: Interpolate Conditioning.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD 1.x MODEL (frozen here)."}),
+            "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint; encodes the image once."}),
+            "image": ("IMAGE", {"tooltip": "The image to edit (first of the batch; SD 1.x works best at 512x512)."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "The target text, encoded (CLIP Text Encode): e_tgt."}),
+            "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Adam steps (SD ports: 500)."}),
+            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
+                                        "tooltip": "Adam learning rate (paper and ports: 0.001)."}),
+            "seed": ("INT", {**SEED, "tooltip": "Seed of the timesteps and noise drawn at each step."}),
+        }}
+
+    def run(self, model, vae, image, conditioning, steps, learning_rate, seed):
+        check_model(model)
+        check_positive(steps, "steps")
+        cond, opts = cond_tensor(conditioning, model)
+        progress = bridge.Progress(steps)
+        device = torch.device(bridge.torch_device())
+        try:
+            with torch.inference_mode(False):
+                sd = bridge.ComfySD(model, None, vae)
+                latent = image_latent(sd, image).clone()
+                cfg = EmbeddingConfig(int(steps), float(learning_rate), int(seed), device.type == "cuda")
+                res = optimize_embedding(sd, latent, cond.to(latent.device), cfg, on_step=progress,
+                                         should_stop=progress.should_stop)
+        finally:
+            bridge.free_memory()
+        log.info("Imagic embedding: loss %.4f -> %.4f in %.1f s", res.losses[0], res.losses[-1], res.seconds)
+        return ([[res.e_opt.cpu(), opts]], curve(res.losses, "Imagic embedding optimisation loss"))
+
+
+class FineTune:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_FineTune", "Imagic: Fine-Tune Model", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "IMAGE", TRAINED)
+    RETURN_NAMES = ("model", "loss_curve", "trained")
+    OUTPUT_TOOLTIPS = ("A clone of the input MODEL with the trained weights applied as patches (the input MODEL "
+                       "is unchanged).", "The reconstruction loss per step.",
+                       "The trained delta and e_opt, for Save Trained.")
+    DESCRIPTION = ("Imagic stage 2: fine-tunes the model to reconstruct the image at the frozen e_opt (eq. 2). "
+                   "lora (default): low-rank adapters on every conv/linear weight, little memory, lr 1e-4. full: the "
+                   "paper's whole-UNet fine-tune (lr 2e-6; about 14 GB of optimiser state for SD 1.5). SD ports: "
+                   "1000 steps. The output MODEL is a native patched clone: use it with KSampler.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD 1.x MODEL (not modified)."}),
+            "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint."}),
+            "image": ("IMAGE", {"tooltip": "The image to edit (the same as for the embedding)."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "e_opt from Imagic: Optimize Text Embedding."}),
+            "mode": (["lora", "full"], {"default": "lora", "tooltip": "lora: adapters (small, fast); full: every "
+                                                                     "UNet weight (the paper's; large memory)."}),
+            "steps": ("INT", {"default": 1000, "min": 1, "max": 100000, "tooltip": "Adam steps (SD ports: 1000)."}),
+            "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": 1e-8,
+                                        "tooltip": f"0 = the mode's default ({DEFAULT_LR['lora']} for lora, "
+                                                   f"{DEFAULT_LR['full']} for full)."}),
+            "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank (lora mode); alpha = rank."}),
+            "seed": ("INT", {**SEED, "tooltip": "Seed of the adapters' initialisation, timesteps and noise."}),
+        }}
+
+    def run(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed):
+        check_model(model)
+        check_positive(steps, "steps")
+        check_positive(rank, "rank")
+        if mode not in DEFAULT_LR:
+            raise NodeInputError("mode", f"unknown mode {mode!r}", "use lora or full")
+        cond, _ = cond_tensor(conditioning, model)
+        progress = bridge.Progress(steps)
+        device = torch.device(bridge.torch_device())
+        cfg = FineTuneConfig(mode=mode, steps=int(steps), lr=float(learning_rate) or None,
+                             lora=LoRAConfig(rank=int(rank), alpha=float(rank)), seed=int(seed),
+                             gradient_checkpointing=device.type == "cuda")
+        try:
+            with torch.inference_mode(False):
+                sd = bridge.ComfySD(model, None, vae)
+                latent = image_latent(sd, image).clone()
+                res = finetune(sd, latent, cond.to(latent.device), cfg, on_step=progress,
+                               should_stop=progress.should_stop)
+        finally:
+            bridge.free_memory()
+        log.info("Imagic fine-tune (%s, %d trainable parameters): loss %.4f -> %.4f in %.1f s", mode,
+                 res.trainable_parameters, res.losses[0], res.losses[-1], res.seconds)
+        trained = Trained(res.delta, mode, cond.cpu(), {"steps": int(steps), "lr": cfg.learning_rate,
+                                                        "rank": int(rank) if mode == "lora" else None,
+                                                        "final_loss": res.losses[-1]})
+        return (bridge.apply_delta(model, res.delta), curve(res.losses, f"Imagic fine-tuning loss ({mode})"), trained)
+
+
+# --------------------------------------------------------------------------------------
+class InterpolateConditioning:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_InterpolateConditioning", "Imagic: Interpolate Conditioning", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("eta * target + (1 - eta) * optimized.",)
+    DESCRIPTION = ("Imagic stage 3 (eq. 3): e = eta * e_tgt + (1 - eta) * e_opt. eta = 0 reproduces the image, 1 is "
+                   "the target text; the paper uses 0.6-0.8 on Imagen, SD needs about 0.9-1.2, so eta may exceed 1 "
+                   "(core ConditioningAverage stops at 1). The pooled output, if any, is mixed the same way.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "target": ("CONDITIONING", {"tooltip": "e_tgt: the encoded target text."}),
+            "optimized": ("CONDITIONING", {"tooltip": "e_opt from Imagic: Optimize Text Embedding."}),
+            "eta": ("FLOAT", {"default": 0.9, "min": -1.0, "max": 3.0, "step": 0.01,
+                              "tooltip": "Edit strength eta (SD: ~0.9-1.2)."}),
+        }}
+
+    def run(self, target, optimized, eta):
+        return (interpolate_conditioning(target, optimized, float(eta)),)
+
+
+def interpolate_conditioning(target, optimized, eta: float):
+    """CONDITIONING with eq. 3 applied entry by entry (options copied from the target)."""
+    for name, c in (("target", target), ("optimized", optimized)):
+        if not isinstance(c, list) or not c:
+            raise NodeInputError(name, "expected a CONDITIONING", "connect a CONDITIONING")
+    e_opt = optimized[0][0]
+    out = []
+    for cond, opts in target:
+        if cond.shape[-1] != e_opt.shape[-1] or cond.shape[-2] != e_opt.shape[-2]:
+            raise NodeInputError("optimized", f"shape {tuple(e_opt.shape)} does not match the target's "
+                                              f"{tuple(cond.shape)}", "use e_opt optimised from this target")
+        new = dict(opts)
+        p_t, p_o = opts.get("pooled_output"), optimized[0][1].get("pooled_output")
+        if p_t is not None and p_o is not None and p_t.shape == p_o.shape:
+            new["pooled_output"] = interpolate(p_t, p_o, eta)
+        out.append([interpolate(cond, e_opt.to(cond), eta), new])
+    return out
+
+
+def parse_etas(text: str) -> list[float]:
+    try:
+        etas = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise NodeInputError("etas", f"'{text}' is not a list of numbers", "write e.g. 0.7, 0.8, 0.9, 1.0") from None
+    if not etas:
+        raise NodeInputError("etas", "no eta given", "write e.g. 0.7, 0.8, 0.9, 1.0")
+    return etas
+
+
+class EtaSweep:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_EtaSweep", "Imagic: Eta Sweep", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latents",)
+    OUTPUT_TOOLTIPS = ("One latent per eta (same seed and noise), in the order given; decode with VAE Decode.",)
+    DESCRIPTION = ("Samples the fine-tuned model once per eta with the same seed and noise, so the edit strength "
+                   "can be picked by eye (the paper's users choose eta per image). Uses ComfyUI's samplers; "
+                   "DDIM is the paper's choice.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The fine-tuned MODEL."}),
+            "target": ("CONDITIONING", {"tooltip": "e_tgt."}),
+            "optimized": ("CONDITIONING", {"tooltip": "e_opt."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative / unconditional text (usually empty)."}),
+            "latent_image": ("LATENT", {"tooltip": "Size of the output (e.g. Empty Latent Image 512x512); only "
+                                                   "its first latent is used."}),
+            "etas": ("STRING", {"default": "0.7, 0.8, 0.9, 1.0, 1.1", "tooltip": "Comma-separated eta values."}),
+            "seed": ("INT", {**SEED, "tooltip": "One seed for every eta."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "Sampling steps."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale (SD ports: 7.5)."}),
+            "sampler_name": (bridge.sampler_names(), {"default": "ddim", "tooltip": "ComfyUI sampler."}),
+            "scheduler": (bridge.scheduler_names(), {"default": "ddim_uniform", "tooltip": "ComfyUI scheduler."}),
+        }}
+
+    def run(self, model, target, optimized, negative, latent_image, etas, seed, steps, cfg, sampler_name,
+            scheduler):
+        values = parse_etas(etas)
+        check_positive(steps, "steps")
+        if not isinstance(latent_image, dict) or "samples" not in latent_image:
+            raise NodeInputError("latent_image", "expected a LATENT", "connect Empty Latent Image")
+        first = {"samples": latent_image["samples"][:1]}
+        noise = bridge.prepare_noise(first["samples"], int(seed))
+        progress = bridge.Progress(len(values) * int(steps))
+        outs = []
+        for k, eta in enumerate(values):
+            def callback(step, x0, x, total, k=k):
+                progress(k * int(steps) + step + 1, len(values) * int(steps))
+
+            positive = interpolate_conditioning(target, optimized, eta)
+            outs.append(bridge.ksample(model, positive, negative, first, int(seed), int(steps), float(cfg),
+                                       sampler_name, scheduler, noise=noise, callback=callback))
+        return ({"samples": torch.cat(outs)},)
+
+
+# --------------------------------------------------------------------------------------
+class SaveTrained:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SaveTrained", "Save Trained (LoRA / delta + embedding)", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+    DESCRIPTION = ("Saves a fine-tuning result to models/single_image_edit/trained as .safetensors (atomic write, "
+                   "never overwriting): the weight delta in ComfyUI's LoRA layout (so the native Load LoRA nodes "
+                   "read it; the folder is registered with them) and the embedding e_opt it was tuned at.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "trained": (TRAINED, {"tooltip": "From Imagic: Fine-Tune Model."}),
+            "filename_prefix": ("STRING", {"default": "imagic", "tooltip": "File name prefix (may contain sub-"
+                                                                           "folders); a counter is appended."}),
+        }}
+
+    def run(self, trained, filename_prefix):
+        root = bridge.save_dir("sie_trained")
+        path = next_free_path(root, safe_prefix(filename_prefix), ".safetensors")
+        save_trained(trained, path)
+        rel = path.relative_to(root).as_posix()
+        log.info("saved trained delta to %s", path)
+        return {"ui": {"text": [rel]}}
+
+
+def save_trained(trained: Trained, path) -> None:
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in trained.delta.items()}
+    if trained.embedding is not None:
+        tensors[EMBEDDING_KEY] = trained.embedding.detach().float().contiguous().cpu()
+    meta = {"format": TRAINED_FORMAT, "version": "1", "method": "imagic", "mode": trained.mode,
+            "info": json.dumps(trained.info, default=str)}
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def load_trained(path) -> Trained:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    emb = tensors.pop(EMBEDDING_KEY, None)
+    return Trained(tensors, meta.get("mode", "unknown"), emb, json.loads(meta.get("info", "{}")))
+
+
+class LoadTrained:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadTrained", "Load Trained (LoRA / delta + embedding)", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "CONDITIONING")
+    RETURN_NAMES = ("model", "e_opt")
+    OUTPUT_TOOLTIPS = ("A clone of the MODEL with the saved delta applied.", "The saved embedding e_opt.")
+    DESCRIPTION = ("Loads a file written by Save Trained: applies its delta to the MODEL (as ComfyUI's Load LoRA "
+                   "would) and returns its embedding as CONDITIONING, so an edit can be resampled without training.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The SD 1.x MODEL the delta was trained on."}),
+            "trained_name": (bridge.list_models("sie_trained"), {"tooltip": "A file from Save Trained."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "Scale of the delta (1 = as trained)."}),
+        }}
+
+    def run(self, model, trained_name, strength):
+        check_model(model)
+        try:
+            trained = load_trained(bridge.model_path("sie_trained", trained_name))
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise NodeInputError("trained_name", str(e), "pick a file written by Save Trained") from None
+        if trained.embedding is None:
+            raise NodeInputError("trained_name", "the file holds no embedding",
+                                 "load plain LoRAs with ComfyUI's LoraLoaderModelOnly")
+        return (bridge.apply_delta(model, trained.delta, float(strength)), [[trained.embedding.clone(), {}]])
+
+
+NODES = [OptimizeEmbedding, FineTune, InterpolateConditioning, EtaSweep, SaveTrained, LoadTrained]
