@@ -227,10 +227,11 @@ class ComfySD:
         Each function is attached with ``ModelPatcher.add_weight_wrapper`` (ComfyUI's own
         mechanism for trainable adapters): the shared module's weights are never written,
         ComfyUI applies the wrappers while the clone is loaded and drops them when another
-        patcher of the model loads.  Weights that ComfyUI loaded inside inference mode
-        cannot be saved for backward; every other weight then gets an identity wrapper,
-        which makes ComfyUI compute with an ordinary copy.  Gradient checkpointing wraps
-        the forward of every block (object patches, also undone on unload).
+        patcher of the model loads.  *Every* weight gets a wrapper that sees a detached
+        copy: ComfyUI loads weights inside inference mode (they cannot be saved for
+        backward) and with requires_grad set (they must not collect gradients); a wrapped
+        layer computes with an ordinary per-call copy instead.  Gradient checkpointing
+        wraps the forward of every block (object patches, also undone on unload).
         """
         import comfy.model_management
 
@@ -240,34 +241,33 @@ class ComfySD:
         if unknown:
             raise KeyError(f"no such UNet parameters: {unknown[:3]}")
         clone = self.model.clone()
-        copy_all = any(p.is_inference() for p in params.values())
         modules = dict(dm.named_modules())
         for name in params:
-            fn = weight_functions.get(name)
-            if fn is None and not copy_all:
-                continue
             owner = modules[name.rsplit(".", 1)[0]]
             if not hasattr(owner, "weight_function"):
                 raise RuntimeError(f"cannot adapt {name}: its layer ({type(owner).__name__}) is not a ComfyUI op")
-            clone.add_weight_wrapper(f"diffusion_model.{name}", fn if fn is not None else _identity)
+            clone.add_weight_wrapper(f"diffusion_model.{name}", _Detached(weight_functions.get(name)))
         if gradient_checkpointing:
             for path, module in _blocks(dm):
                 clone.add_object_patch(f"diffusion_model.{path}.forward", _checkpointed(module.forward))
         comfy.model_management.load_models_gpu([clone], memory_required=1e20, force_full_load=True)
         yield ComfySD(clone, self.clip, self.vae)
 
+    @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             raise ValueError("this ComfySD has no VAE")
         raw = self.vae.encode(image.movedim(1, -1)[..., :3])
         return self.model.model.process_latent_in(raw.to(self.device)).float()
 
+    @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             raise ValueError("this ComfySD has no VAE")
         img = self.vae.decode(self.model.model.process_latent_out(latent))
         return img.reshape(-1, *img.shape[-3:]).movedim(-1, 1).float()
 
+    @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         if self.clip is None:
             raise ValueError("this ComfySD has no CLIP")
@@ -277,8 +277,22 @@ class ComfySD:
         return torch.cat(conds, 0).float()
 
 
-def _identity(weight: torch.Tensor) -> torch.Tensor:
-    return weight
+class _Detached:
+    """Weight wrapper: ``fn(W.detach())`` (or the detached copy itself when ``fn`` is None)."""
+
+    def __init__(self, fn=None):
+        self.fn = fn
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach()
+        return w if self.fn is None else self.fn(w)
+
+    def move_to(self, device=None) -> int:
+        """ComfyUI moves weight functions with the model; returns the bytes moved."""
+        if isinstance(self.fn, torch.nn.Module) and device is not None:
+            self.fn.to(device)
+            return sum(p.numel() * p.element_size() for p in self.fn.parameters())
+        return 0
 
 
 def _checkpointed(forward):

@@ -115,11 +115,12 @@ class OptimizeEmbedding:
     def run(self, model, vae, image, conditioning, steps, learning_rate, seed):
         check_model(model)
         check_positive(steps, "steps")
-        cond, opts = cond_tensor(conditioning, model)
+        cond_tensor(conditioning, model)  # validate before any work
         progress = bridge.Progress(steps)
         device = torch.device(bridge.torch_device())
         try:
-            with torch.inference_mode(False):
+            with torch.inference_mode(False):  # tensors made here are ordinary: autograd may save them
+                cond, opts = cond_tensor(conditioning, model)
                 sd = bridge.ComfySD(model, None, vae)
                 latent = image_latent(sd, image).clone()
                 cfg = EmbeddingConfig(int(steps), float(learning_rate), int(seed), device.type == "cuda")
@@ -168,14 +169,15 @@ class FineTune:
         check_positive(rank, "rank")
         if mode not in DEFAULT_LR:
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use lora or full")
-        cond, _ = cond_tensor(conditioning, model)
+        cond_tensor(conditioning, model)  # validate before any work
         progress = bridge.Progress(steps)
         device = torch.device(bridge.torch_device())
         cfg = FineTuneConfig(mode=mode, steps=int(steps), lr=float(learning_rate) or None,
                              lora=LoRAConfig(rank=int(rank), alpha=float(rank)), seed=int(seed),
                              gradient_checkpointing=device.type == "cuda")
         try:
-            with torch.inference_mode(False):
+            with torch.inference_mode(False):  # tensors made here are ordinary: autograd may save them
+                cond, _ = cond_tensor(conditioning, model)
                 sd = bridge.ComfySD(model, None, vae)
                 latent = image_latent(sd, image).clone()
                 res = finetune(sd, latent, cond.to(latent.device), cfg, on_step=progress,

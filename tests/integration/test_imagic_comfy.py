@@ -1,0 +1,121 @@
+"""Imagic nodes on a real ComfyUI MODEL (random-weight SD 1.5), run as ComfyUI's executor runs them.
+
+The checkpoint is loaded and every node called inside ``torch.inference_mode()``, as in
+the server, so the weights are inference tensors.  Checks: training through the bridge
+works, the input MODEL's weights are bit-identical afterwards, a saved LoRA loaded with
+ComfyUI's own LoraLoaderModelOnly predicts exactly like the node's patched MODEL, and
+bad inputs give errors naming the input.  Runs in ComfyUI's Python; skipped without
+COMFYUI_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+
+import pytest
+
+from comfy_server import REPO, comfyui_dir, comfyui_python, skip_reason
+from test_bridge import random_sd15
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
+
+SCRIPT = textwrap.dedent("""
+    import hashlib, json, os, sys, importlib.util, tempfile
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+    args.cpu = True
+    import torch, comfy.sd, comfy.model_management, folder_paths, nodes as comfy_nodes
+    spec = importlib.util.spec_from_file_location("sie_pack", sys.argv[1] + "/__init__.py",
+                                                  submodule_search_locations=[sys.argv[1]])
+    pack = importlib.util.module_from_spec(spec); sys.modules["sie_pack"] = pack; spec.loader.exec_module(pack)
+    from sie_pack.nodes.comfy_bridge import ComfySD
+    from sie_pack.nodes.common import NodeInputError
+    from sie_pack.nodes.imagic import save_trained
+    N = pack.NODE_CLASS_MAPPINGS
+    out = {}
+
+    def digest(model):
+        comfy.model_management.load_models_gpu([model])
+        h = hashlib.sha256()
+        for k, v in sorted(model.model.diffusion_model.state_dict().items()):
+            h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def eps_of(model, cond):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, 8, 8, generator=g)
+        with torch.inference_mode(False), torch.no_grad():
+            return ComfySD(model).eps(x, torch.tensor([400]), cond)
+
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=True, output_clip=True)
+        out["inference_weights"] = any(p.is_inference() for p in model.model.diffusion_model.parameters())
+        target = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+        before = digest(model)
+        e_opt, curve1 = N["SIE_OptimizeEmbedding"]().run(model, vae, image, target, 3, 1e-2, 0)
+        model_ft, curve2, trained = N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 3, 1e-3, 4, 0)
+        out["weights_unchanged"] = digest(model) == before
+        out["e_opt_moved"] = float((e_opt[0][0] - target[0][0]).abs().max())
+        out["curves"] = [list(curve1.shape), list(curve2.shape)]
+        mixed = N["SIE_InterpolateConditioning"]().run(target, e_opt, 1.2)[0]
+        out["interp_ok"] = bool(torch.allclose(mixed[0][0], 1.2 * target[0][0] - 0.2 * e_opt[0][0], atol=1e-5))
+        latents = N["SIE_EtaSweep"]().run(model_ft, target, e_opt, negative, {"samples": torch.zeros(1, 4, 8, 8)},
+                                          "0.5, 1.0", 7, 2, 5.0, "ddim", "ddim_uniform")[0]["samples"]
+        out["sweep_shape"] = list(latents.shape)
+        out["sweep_differs"] = float((latents[0] - latents[1]).abs().max())
+        cond = e_opt[0][0]
+        base_eps, ft_eps = eps_of(model, cond), eps_of(model_ft, cond)
+        out["ft_changes_eps"] = float((ft_eps - base_eps).abs().max())
+        # save -> ComfyUI's own LoraLoaderModelOnly -> identical predictions
+        loras = tempfile.mkdtemp()
+        folder_paths.add_model_folder_path("loras", loras)
+        save_trained(trained, os.path.join(loras, "imagic_test.safetensors"))
+        native = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "imagic_test.safetensors", 1.0)[0]
+        out["native_vs_ours"] = float((eps_of(native, cond) - ft_eps).abs().max())
+        out["weights_unchanged_after_all"] = digest(model) == before
+        errors = {}
+        for name, call in {
+            "conditioning": lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, [[torch.zeros(1, 77, 1024), {}]], 1, 1e-3, 0),
+            "image": lambda: N["SIE_FineTune"]().run(model, vae, torch.rand(1, 64, 64, 4), e_opt, "lora", 1, 0.0, 4, 0),
+            "steps": lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 0, 0.0, 4, 0),
+            "empty": lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, torch.rand(1, 0, 64, 3), target, 1, 1e-3, 0),
+        }.items():
+            try:
+                call()
+                errors[name] = "no error"
+            except NodeInputError as e:
+                errors[name] = str(e)
+        out["errors"] = errors
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_imagic_nodes_on_a_real_comfyui_model(tmp_path):
+    ckpt = random_sd15()
+    script = tmp_path / "imagic_check.py"
+    script.write_text(SCRIPT)
+    run = subprocess.run([str(comfyui_python(comfyui_dir())), str(script), str(REPO), str(ckpt)],
+                         cwd=comfyui_dir(), capture_output=True, text=True, timeout=1800,
+                         env=dict(os.environ, PYTHONPATH=str(comfyui_dir()), HF_HUB_OFFLINE="1"))
+    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-6000:]
+    r = json.loads(lines[0][len("RESULT "):])
+    assert r["inference_weights"], "expected ComfyUI to load inference-mode weights, as its executor does"
+    assert r["weights_unchanged"] and r["weights_unchanged_after_all"], r
+    assert r["e_opt_moved"] > 0 and r["ft_changes_eps"] > 0, r
+    assert r["curves"][0][0] == 1 and r["curves"][0][-1] == 3
+    assert r["interp_ok"]
+    assert r["sweep_shape"] == [2, 4, 8, 8] and r["sweep_differs"] > 0
+    assert r["native_vs_ours"] == 0.0, r  # the native loader gives exactly our patched MODEL
+    errs = r["errors"]
+    assert "input 'conditioning'" in errs["conditioning"] and "1024" in errs["conditioning"], errs
+    assert "input 'image'" in errs["image"] and "alpha" in errs["image"], errs
+    assert "input 'steps'" in errs["steps"], errs
+    assert "input 'image'" in errs["empty"] and "empty" in errs["empty"], errs
