@@ -1,0 +1,151 @@
+"""Execution tier: every bundled API workflow runs in a real ComfyUI server (needs COMFYUI_DIR).
+
+Each workflow is posted as shipped, with the overrides of ``OVERRIDES`` (CPU-sized
+steps and resolutions; applied per node class, never by editing copies of the files),
+its input images uploaded through ``/upload/image``, the random-weight SD 1.5
+checkpoint and a random-weight OpenCLIP ViT-B-32 in the model folders.  Asserted: no
+``node_errors``, ``execution_success``, and every SaveImage node wrote the expected
+number of files of the expected size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from comfy_server import REPO, ComfyServer, skip_reason
+from test_bridge import random_sd15
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
+
+WF = REPO / "workflows" / "api"
+IMAGES = REPO / "core" / "sinddm" / "data"
+CLIP_FILE = "open_clip_vit_b32.safetensors"
+
+SINDDM_TRAIN = {"SIE_SinDDMTrain": {"steps": 20, "width": 8, "batch_size": 2, "preview_every": 10}}
+# workflow -> {node class: {input: value}}; then the expected SaveImage outputs {filename_prefix: (count, W, H)}
+OVERRIDES = {
+    "sinddm_random_samples": {**SINDDM_TRAIN, "SIE_SinDDMSample": {"count": 1}},
+    "sinddm_roi_outpaint": {**SINDDM_TRAIN, "SIE_SinDDMSample": {"count": 1}},
+    "sinddm_harmonization": {**SINDDM_TRAIN, "SIE_SinDDMInject": {"count": 1}},
+    "sinddm_style_transfer": {**SINDDM_TRAIN, "SIE_SinDDMInject": {"count": 1}},
+    "sinddm_text_guided": {**SINDDM_TRAIN, "SIE_SinDDMSample": {"count": 1, "start_steps": "3, 3, 3, 4"}},
+    "imagic": {
+        "CheckpointLoaderSimple": {"ckpt_name": "random_sd15.safetensors"},
+        "ImageScale": {"width": 64, "height": 64},
+        "EmptyLatentImage": {"width": 64, "height": 64},
+        "SIE_OptimizeEmbedding": {"steps": 2},
+        "SIE_FineTune": {"steps": 2},
+        "KSampler": {"steps": 2},
+        "SIE_EtaSweep": {"steps": 2, "etas": "0.5, 1.0"},
+    },
+}
+EXPECTED = {
+    "sinddm_random_samples": {"sinddm/samples": (1, 250, 200), "sinddm/wide": (1, 500, 200),
+                              "sinddm/tall": (1, 200, 320), "sinddm/loss": (1, 640, 320)},
+    "sinddm_roi_outpaint": {"sinddm/outpaint": (1, 500, 200), "sinddm/roi": (1, 250, 200)},
+    "sinddm_harmonization": {"sinddm/composite": (1, 250, 200), "sinddm/harmonized": (1, 250, 200)},
+    "sinddm_style_transfer": {"sinddm/style_transfer": (1, 128, 100)},
+    "sinddm_text_guided": {"sinddm/text_content": (1, 250, 200), "sinddm/text_style": (1, 250, 200)},
+    "imagic": {"imagic/edit": (1, 64, 64), "imagic/eta_sweep": (2, 64, 64), "imagic/embedding_loss": (1, 640, 320),
+               "imagic/finetune_loss": (1, 640, 320)},
+}
+
+
+def random_open_clip() -> Path:
+    """A random-weight OpenCLIP ViT-B-32 in safetensors, made once and cached."""
+    open_clip = pytest.importorskip("open_clip")
+    import torch
+    from safetensors.torch import save_file
+
+    cache = Path(os.environ.get("SIE_TEST_CACHE", Path.home() / ".cache" / "comfyui-single-image-edit"))
+    path = cache / CLIP_FILE
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-32", pretrained=None)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.rename(path)
+    return path
+
+
+def upload(srv: ComfyServer, path: Path) -> dict:
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode() + path.read_bytes() + b"\r\n",
+        f'--{boundary}\r\nContent-Disposition: form-data; name="overwrite"\r\n\r\ntrue\r\n'.encode(),
+        f"--{boundary}--\r\n".encode(),
+    ]
+    req = urllib.request.Request(srv.url + "/upload/image", data=b"".join(parts),
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def apply_overrides(prompt: dict, overrides: dict) -> dict:
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        for key, value in overrides.get(node["class_type"], {}).items():
+            assert key in node["inputs"], f"override {node['class_type']}.{key} matches no input"
+            node["inputs"][key] = value
+    return out
+
+
+def wait(srv: ComfyServer, prompt_id: str, timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = srv.get(f"/history/{prompt_id}")
+        if hist:
+            return hist[prompt_id]
+        time.sleep(0.5)
+    srv.post("/interrupt", {})
+    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def server():
+    models = {"checkpoints": [random_sd15()], "open_clip": [random_open_clip()]}
+    with ComfyServer(models=models) as srv:
+        for image in ("coffee_250x200.png", "coffee_128x100.png"):
+            upload(srv, IMAGES / image)
+        yield srv
+
+
+def test_every_workflow_has_overrides():
+    assert sorted(OVERRIDES) == sorted(p.stem for p in WF.glob("*.json")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(OVERRIDES))
+def test_workflow_executes(server, name):
+    from PIL import Image
+
+    prompt = apply_overrides(json.loads((WF / f"{name}.json").read_text()), OVERRIDES[name])
+    code, resp = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    assert code == 200 and not resp.get("node_errors"), resp
+    t0 = time.time()
+    entry = wait(server, resp["prompt_id"], timeout=1500)
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert not errors, json.dumps(errors[0], indent=1)[:4000] + server.log()[-3000:]
+    assert entry["status"]["status_str"] == "success" and "execution_success" in kinds, kinds
+    written: dict[str, list[Path]] = {}
+    for node_id, ui in entry["outputs"].items():
+        prefix = prompt[node_id]["inputs"].get("filename_prefix")
+        for img in ui.get("images", []):
+            path = server.base / "output" / img["subfolder"] / img["filename"]
+            written.setdefault(prefix, []).append(path)
+    for prefix, (count, w, h) in EXPECTED[name].items():
+        files = written.get(prefix, [])
+        assert len(files) == count, (prefix, files)
+        for f in files:
+            assert f.is_file() and Image.open(f).size == (w, h), (f, Image.open(f).size)
+    print(f"{name}: executed in {time.time() - t0:.1f} s")
