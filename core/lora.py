@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PREFIX = "diffusion_model."
@@ -78,6 +79,21 @@ class LoRA(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.delta().to(weight.dtype)
+
+    def output_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The same adaptation applied to activations: (delta W) x, computed as up(down(x)).
+
+        Equal to ``module(x)`` with weight ``forward(W)`` minus ``module(x)`` with W, but
+        never materialises a full-size weight or weight gradient (the saving peft's LoRA
+        layers make).  ``module`` supplies a convolution's stride, padding and dilation.
+        """
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if len(self.shape) == 4:
+            kh, kw = self.shape[2:]
+            h = F.conv2d(x, down.reshape(self.rank, self.shape[1], kh, kw), None, module.stride, module.padding,
+                         module.dilation)
+            return F.conv2d(h, up[:, :, None, None]) * self.scale
+        return F.linear(F.linear(x, down), up) * self.scale
 
     def state(self, module: str) -> dict[str, torch.Tensor]:
         """The ComfyUI generic-LoRA tensors of this adapter (``module``: canonical module path)."""

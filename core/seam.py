@@ -76,7 +76,11 @@ class LatentDiffusion(Protocol):
         copies (full fine-tuning) and weight modulations all plug in here.  The base
         weights are never modified; the view is valid inside the ``with`` block only.
         An empty mapping still gives a view that autograd can differentiate through
-        (e.g. w.r.t. ``cond``), which a back end may need to arrange."""
+        (e.g. w.r.t. ``cond``), which a back end may need to arrange.
+
+        A function with an ``output_delta(module, x)`` method (a LoRA) may instead be
+        applied to the layer's output, ``y + output_delta(module, x)``: the same result
+        without a full-size weight or weight gradient.  Both back ends do so."""
         ...
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:

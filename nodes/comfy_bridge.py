@@ -227,7 +227,9 @@ class ComfySD:
         Each function is attached with ``ModelPatcher.add_weight_wrapper`` (ComfyUI's own
         mechanism for trainable adapters): the shared module's weights are never written,
         ComfyUI applies the wrappers while the clone is loaded and drops them when another
-        patcher of the model loads.  *Every* weight gets a wrapper that sees a detached
+        patcher of the model loads.  Functions with ``output_delta`` (LoRA) are applied to
+        the layer's output through an object patch of its ``forward`` instead (no full-size
+        weight gradient), also undone on unload.  *Every* weight gets a wrapper that sees a detached
         copy: ComfyUI loads weights inside inference mode (they cannot be saved for
         backward) and with requires_grad set (they must not collect gradients); a wrapped
         layer computes with an ordinary per-call copy instead.  Gradient checkpointing
@@ -243,10 +245,15 @@ class ComfySD:
         clone = self.model.clone()
         modules = dict(dm.named_modules())
         for name in params:
-            owner = modules[name.rsplit(".", 1)[0]]
+            path, leaf = name.rsplit(".", 1)
+            owner = modules[path]
             if not hasattr(owner, "weight_function"):
                 raise RuntimeError(f"cannot adapt {name}: its layer ({type(owner).__name__}) is not a ComfyUI op")
-            clone.add_weight_wrapper(f"diffusion_model.{name}", _Detached(weight_functions.get(name)))
+            fn = weight_functions.get(name)
+            if fn is not None and hasattr(fn, "output_delta") and leaf == "weight":
+                clone.add_object_patch(f"diffusion_model.{path}.forward", _OutputDelta(owner, fn))
+                fn = None
+            clone.add_weight_wrapper(f"diffusion_model.{name}", _Detached(fn))
         if gradient_checkpointing:
             for path, module in _blocks(dm):
                 clone.add_object_patch(f"diffusion_model.{path}.forward", _checkpointed(module.forward))
@@ -293,6 +300,16 @@ class _Detached:
             self.fn.to(device)
             return sum(p.numel() * p.element_size() for p in self.fn.parameters())
         return 0
+
+
+class _OutputDelta:
+    """Object patch for a layer's ``forward``: y = forward(x) + fn.output_delta(layer, x)."""
+
+    def __init__(self, layer: torch.nn.Module, fn):
+        self.forward, self.layer, self.fn = layer.forward, layer, fn
+
+    def __call__(self, x, *args, **kwargs):
+        return self.forward(x, *args, **kwargs) + self.fn.output_delta(self.layer, x)
 
 
 def _checkpointed(forward):

@@ -205,3 +205,55 @@ def test_ddim_sampler_with_cfg(tiny_model):
     assert a.shape == (2, 4, 8, 8) and torch.equal(a, b) and not torch.allclose(a, c)
     with pytest.raises(ValueError, match="uncond"):
         ddim_sample(tiny_model, cond, None, shape=(1, 4, 8, 8), steps=2, guidance=2.0)
+
+
+def test_standalone_command_runs_end_to_end(tmp_path):
+    """python -m core.imagic on a tiny single-file checkpoint (the real loader, offline)."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from tiny_sd import write_config_dir, write_single_file
+
+    unet, vae, text = build_tiny(0)
+    cfg = write_config_dir(tmp_path / "cfg", unet, vae, text)
+    ckpt = write_single_file(tmp_path / "tiny.safetensors", unet, vae, text)
+    out, delta = tmp_path / "out" / "edit.png", tmp_path / "edit.safetensors"
+    cmd = [sys.executable, "-m", "core.imagic", "--checkpoint", str(ckpt), "--config-dir", str(cfg),
+           "--image", str(ROOT / "core/sinddm/data/coffee_128x100.png"), "--prompt", "a cup of tea",
+           "--size", "64", "--emb-steps", "3", "--ft-steps", "3", "--steps", "3", "--etas", "0.5,1.0",
+           "--device", "cpu", "--out", str(out), "--save-delta", str(delta)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert Image.open(out).size == (128, 64)  # two etas side by side
+    with safe_open(str(delta), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["format"] == "sie.trained"
+    assert "sie.embedding" in keys and any(k.endswith("lora_up.weight") for k in keys)
+    assert "stage 2" in run.stdout
+
+
+def test_lora_on_activations_equals_lora_on_weights(tiny_model, latent):
+    """A LoRA applied to layer outputs (the fast path) gives the weight-space result."""
+    from core.lora import make_loras
+    from core.seam import DeltaFunction
+
+    params = tiny_model.unet_parameters()
+    loras = make_loras({k: tuple(v.shape) for k, v in params.items()}, LoRAConfig(rank=4, alpha=4), seed=0)
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.up.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    cond = tiny_model.encode_text(["x"]).expand(2, -1, -1)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        with tiny_model.adapted(loras) as m:
+            fast = m.eps(x, t, cond)
+        with tiny_model.adapted({k: DeltaFunction(v.delta()) for k, v in loras.items()}) as m:
+            slow = m.eps(x, t, cond)
+        base = tiny_model.eps(x, t, cond)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    assert (fast - base).abs().max() > 1e-3
+    assert any(k.endswith("in_layers.2.weight") for k in loras)  # convolutions are adapted too

@@ -83,11 +83,15 @@ class DiffusersSD:
         if unknown:
             raise KeyError(f"no such UNet parameters: {unknown[:3]}")
         done: list[tuple[nn.Module, str]] = []
+        hooks = []
         was_ckpt = bool(getattr(self.unet, "is_gradient_checkpointing", False))
         try:
             for canon, fn in weight_functions.items():
                 path, leaf = names[canon].rsplit(".", 1)
                 module = self.unet.get_submodule(path)
+                if hasattr(fn, "output_delta") and leaf == "weight":
+                    hooks.append(module.register_forward_hook(_output_hook(fn)))
+                    continue
                 parametrize.register_parametrization(module, leaf, fn if isinstance(fn, nn.Module) else _Fn(fn),
                                                      unsafe=True)
                 done.append((module, leaf))
@@ -95,6 +99,8 @@ class DiffusersSD:
                 self.unet.enable_gradient_checkpointing()
             yield self
         finally:
+            for hook in hooks:
+                hook.remove()
             for module, leaf in reversed(done):
                 parametrize.remove_parametrizations(module, leaf, leave_parametrized=False)
             if gradient_checkpointing and not was_ckpt and hasattr(self.unet, "disable_gradient_checkpointing"):
@@ -128,3 +134,10 @@ class _Fn(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return self.fn(weight)
+
+
+def _output_hook(fn):
+    def hook(module, args, output):
+        return output + fn.output_delta(module, args[0])
+
+    return hook

@@ -80,6 +80,19 @@ SCRIPT = textwrap.dedent("""
         native = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "imagic_test.safetensors", 1.0)[0]
         out["native_vs_ours"] = float((eps_of(native, cond) - ft_eps).abs().max())
         out["weights_unchanged_after_all"] = digest(model) == before
+        # the training path (LoRA on layer outputs via object patches) == ComfyUI's weight-space LoRA patches
+        from sie_pack.core.lora import LoRAConfig, lora_state_dict, make_loras
+        from sie_pack.nodes.comfy_bridge import apply_delta
+        with torch.inference_mode(False):
+            sd = ComfySD(model)
+            loras = make_loras({k: tuple(v.shape) for k, v in sd.unet_parameters().items()}, LoRAConfig(4, 4.0), 0)
+            for lora in loras.values():
+                torch.nn.init.normal_(lora.up, std=0.02)
+            x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad(), sd.adapted(loras) as view:
+                train_path = view.eps(x, torch.tensor([400]), cond)
+            patched = apply_delta(model, lora_state_dict(loras))
+        out["train_vs_patch"] = float((eps_of(patched, cond) - train_path).abs().max() / train_path.abs().max())
         errors = {}
         for name, call in {
             "conditioning": lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, [[torch.zeros(1, 77, 1024), {}]], 1, 1e-3, 0),
@@ -114,6 +127,7 @@ def test_imagic_nodes_on_a_real_comfyui_model(tmp_path):
     assert r["interp_ok"]
     assert r["sweep_shape"] == [2, 4, 8, 8] and r["sweep_differs"] > 0
     assert r["native_vs_ours"] == 0.0, r  # the native loader gives exactly our patched MODEL
+    assert r["train_vs_patch"] < 1e-4, r  # what training optimised is what the patched MODEL computes
     errs = r["errors"]
     assert "input 'conditioning'" in errs["conditioning"] and "1024" in errs["conditioning"], errs
     assert "input 'image'" in errs["image"] and "alpha" in errs["image"], errs
