@@ -258,7 +258,10 @@ class ComfySD:
             for path, module in _blocks(dm):
                 clone.add_object_patch(f"diffusion_model.{path}.forward", _checkpointed(module.forward))
         comfy.model_management.load_models_gpu([clone], memory_required=1e20, force_full_load=True)
-        yield ComfySD(clone, self.clip, self.vae)
+        try:
+            yield ComfySD(clone, self.clip, self.vae)
+        finally:
+            _unload(clone, dm)
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -300,6 +303,23 @@ class _Detached:
             self.fn.to(device)
             return sum(p.numel() * p.element_size() for p in self.fn.parameters())
         return 0
+
+
+def _unload(clone, module: torch.nn.Module) -> None:
+    """Unload a training clone now (not whenever ComfyUI next needs the memory), so that
+    the trainable tensors its wrappers hold are freed, and drop our wrappers from the
+    shared layers (ComfyUI resets these lists on the next load anyway)."""
+    import comfy.model_management as mm
+
+    for i, loaded in enumerate(list(mm.current_loaded_models)):
+        if loaded.model is clone:
+            mm.current_loaded_models.pop(i).model_unload()
+            break
+    for m in module.modules():
+        for attr in ("weight_function", "bias_function"):
+            fns = getattr(m, attr, None)
+            if fns and any(isinstance(f, _Detached) for f in fns):
+                setattr(m, attr, [f for f in fns if not isinstance(f, _Detached)])
 
 
 class _OutputDelta:
