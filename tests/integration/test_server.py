@@ -58,6 +58,12 @@ def test_pack_imports_without_error(server):
     assert import_line and "IMPORT FAILED" not in import_line[0], import_line
 
 
+# Combo inputs whose choices come from the running ComfyUI (its model folders, its samplers): the test
+# process has no ComfyUI, so only their place and options are compared, and the default must be offered.
+SERVER_LISTS = {"SIE_LoadOpenCLIP": {"clip_name"}, "SIE_LoadSinDDM": {"model_name"},
+                "SIE_LoadTrained": {"trained_name"}, "SIE_EtaSweep": {"sampler_name", "scheduler"}}
+
+
 def test_object_info_lists_every_node_with_our_schema(server):
     pack = load_pack()
     info = server.get("/object_info")
@@ -66,6 +72,13 @@ def test_object_info_lists_every_node_with_our_schema(server):
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         got = {k: v for k, v in info[node_id].items() if k not in ("deprecated", "experimental", "api_node")}
         want = expected_info(node_id, cls, pack.NODE_DISPLAY_NAME_MAPPINGS[node_id])
+        for name in SERVER_LISTS.get(node_id, ()):
+            section = "required" if name in want["input"].get("required", {}) else "optional"
+            server_list, opts = got["input"][section][name][0], want["input"][section][name][1]
+            assert isinstance(server_list, list)
+            if "default" in opts:
+                assert opts["default"] in server_list, (node_id, name, opts["default"])
+            got["input"][section][name][0] = want["input"][section][name][0] = "<server list>"
         assert got == want, f"{node_id}: /object_info differs from the class"
 
 
