@@ -67,6 +67,7 @@ def test_embedding_optimisation_then_finetuning_lower_the_loss(tiny_model, laten
     l_tgt, l_opt = fixed_loss(tiny_model, latent, e_tgt), fixed_loss(tiny_model, latent, emb.e_opt)
     with tiny_model.adapted(ft.weight_functions()) as tuned:
         l_ft = fixed_loss(tuned, latent, emb.e_opt)
+    print(f"fixed-seed loss: e_tgt {l_tgt:.4f}, e_opt {l_opt:.4f}, fine-tuned {l_ft:.4f}")
     assert l_opt < 0.97 * l_tgt, (l_tgt, l_opt)
     assert l_ft < 0.3 * l_opt, (l_opt, l_ft)
     assert emb.e_opt.shape == e_tgt.shape and not torch.equal(emb.e_opt, e_tgt)
