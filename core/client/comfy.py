@@ -1,0 +1,184 @@
+"""A client of a running ComfyUI server's HTTP and WebSocket API (standard library only).
+
+Not a re-implementation of ComfyUI's executor: it uploads inputs, queues an API-format
+prompt, follows the WebSocket stream (progress, errors, completion) and downloads the
+outputs listed in ``/history``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .ws import WebSocket, WebSocketClosed
+
+
+class ComfyError(RuntimeError):
+    """The server refused or failed a prompt; ``details`` holds the server's report."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    status: str  # "success" | "error" | "interrupted"
+    seconds: float
+    outputs: dict = field(default_factory=dict)  # node id -> ui dict from /history
+    error: dict | None = None  # the execution_error message, if any
+    messages: list[tuple[str, dict]] = field(default_factory=list)
+
+
+class ComfyClient:
+    def __init__(self, server: str = "http://127.0.0.1:8188", timeout: float = 60.0):
+        self.base = server.rstrip("/")
+        self.timeout = timeout
+        self.client_id = uuid.uuid4().hex
+
+    # -- plain HTTP -----------------------------------------------------------------------
+    def _request(self, path: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.base + path, data=data, headers=headers or {},
+                                     method="POST" if data is not None else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, socket.timeout) as e:
+            raise ComfyError(f"cannot reach ComfyUI at {self.base}: {e}") from None
+
+    def get_json(self, path: str):
+        code, body = self._request(path)
+        if code != 200:
+            raise ComfyError(f"GET {path}: HTTP {code}")
+        return json.loads(body) if body else None
+
+    def post_json(self, path: str, payload: dict) -> tuple[int, object]:
+        code, body = self._request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        try:
+            return code, (json.loads(body) if body else None)
+        except json.JSONDecodeError:
+            return code, body.decode(errors="replace")
+
+    def upload_image(self, path: str | Path, subfolder: str = "", overwrite: bool = True) -> str:
+        """Upload into the server's input folder; returns the name to put in a LoadImage input."""
+        path = Path(path)
+        if not path.is_file():
+            raise ComfyError(f"image not found: {path}")
+        boundary = uuid.uuid4().hex
+        fields = [("overwrite", "true" if overwrite else "false")] + ([("subfolder", subfolder)] if subfolder else [])
+        body = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields)
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        code, resp = self._request("/upload/image", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        if code != 200:
+            raise ComfyError(f"upload of {path.name} failed: HTTP {code} {resp[:200]!r}")
+        info = json.loads(resp)
+        return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+    def interrupt(self) -> None:
+        self.post_json("/interrupt", {})
+
+    def download(self, image: dict, out_dir: str | Path) -> Path:
+        q = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                    "type": image.get("type", "output")})
+        code, body = self._request(f"/view?{q}")
+        if code != 200:
+            raise ComfyError(f"download of {image['filename']} failed: HTTP {code}")
+        target = Path(out_dir) / image.get("subfolder", "") / image["filename"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        tmp.write_bytes(body)
+        tmp.replace(target)
+        return target
+
+    # -- running a prompt -------------------------------------------------------------------
+    def connect(self) -> WebSocket:
+        u = urllib.parse.urlsplit(self.base)
+        return WebSocket(f"ws://{u.hostname}:{u.port or 80}/ws?clientId={self.client_id}", timeout=self.timeout)
+
+    def queue(self, prompt: dict) -> str:
+        code, resp = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        if code != 200 or (isinstance(resp, dict) and resp.get("node_errors")):
+            details = resp if isinstance(resp, dict) else {"error": {"message": str(resp)}}
+            raise ComfyError(describe_rejection(details), details)
+        return resp["prompt_id"]
+
+    def run(self, prompt: dict, timeout: float = 3600.0,
+            on_message: Callable[[str, dict], None] | None = None) -> RunResult:
+        """Queue ``prompt`` and follow it on the WebSocket until it finishes (or ``timeout``)."""
+        t0 = time.time()
+        ws = self.connect()  # connect first: no message can be missed
+        try:
+            prompt_id = self.queue(prompt)
+            messages: list[tuple[str, dict]] = []
+            status, error = None, None
+            deadline = t0 + timeout
+            while status is None:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    self.interrupt()
+                    raise ComfyError(f"prompt {prompt_id} did not finish within {timeout:.0f} s (interrupted)")
+                try:
+                    raw = ws.recv(timeout=min(remaining, 30))
+                except socket.timeout:
+                    continue
+                except WebSocketClosed:
+                    raise ComfyError("the server closed the WebSocket (did it crash?)") from None
+                if isinstance(raw, bytes):  # preview images
+                    continue
+                msg = json.loads(raw)
+                kind, data = msg.get("type"), msg.get("data", {}) or {}
+                if data.get("prompt_id") not in (None, prompt_id):
+                    continue
+                messages.append((kind, data))
+                if on_message is not None:
+                    on_message(kind, data)
+                if kind == "execution_error":
+                    status, error = "error", data
+                elif kind == "execution_interrupted":
+                    status = "interrupted"
+                elif kind == "execution_success" or (kind == "executing" and data.get("node") is None
+                                                     and data.get("prompt_id") == prompt_id):
+                    status = "success"
+        finally:
+            ws.close()
+        # the server reports success before it files the prompt's history: wait for the entry
+        entry, until = {}, time.time() + 60
+        while not entry and time.time() < until:
+            entry = (self.get_json(f"/history/{prompt_id}") or {}).get(prompt_id, {})
+            if not entry:
+                time.sleep(0.2)
+        return RunResult(prompt_id, status, time.time() - t0, entry.get("outputs", {}), error, messages)
+
+
+def describe_rejection(resp: dict) -> str:
+    """A readable account of a 400 from /prompt (or of node_errors in a 200)."""
+    lines = []
+    err = resp.get("error")
+    if isinstance(err, dict):
+        lines.append(f"{err.get('message', 'prompt rejected')}" + (f": {err['details']}" if err.get("details") else ""))
+    for node_id, info in (resp.get("node_errors") or {}).items():
+        for e in info.get("errors", []):
+            name = e.get("extra_info", {}).get("input_name")
+            where = f"node {node_id} ({info.get('class_type')})" + (f", input '{name}'" if name else "")
+            lines.append(f"  {where}: {e.get('message')}" + (f" - {e['details']}" if e.get("details") else ""))
+    return "\n".join(lines) or "prompt rejected"
+
+
+def describe_error(err: dict) -> str:
+    """A readable account of an execution_error message."""
+    return (f"node {err.get('node_id')} ({err.get('node_type')}) failed: "
+            f"{err.get('exception_type', 'Error')}: {str(err.get('exception_message', '')).strip()}")
