@@ -136,7 +136,11 @@ class Progress:
             self._bar.update_absolute(min(i, self.total), total or self.total, preview)
 
     def should_stop(self) -> bool:
-        return bool(self._mm is not None and self._mm.processing_interrupted())
+        """Raises ComfyUI's own interrupt exception (so the server reports the prompt as
+        interrupted, not failed) instead of returning True."""
+        if self._mm is not None:
+            self._mm.throw_exception_if_processing_interrupted()
+        return False
 
 
 def _to_pil(x: torch.Tensor):

@@ -107,7 +107,10 @@ class ComfyClient:
     # -- running a prompt -------------------------------------------------------------------
     def connect(self) -> WebSocket:
         u = urllib.parse.urlsplit(self.base)
-        return WebSocket(f"ws://{u.hostname}:{u.port or 80}/ws?clientId={self.client_id}", timeout=self.timeout)
+        try:
+            return WebSocket(f"ws://{u.hostname}:{u.port or 80}/ws?clientId={self.client_id}", timeout=self.timeout)
+        except OSError as e:
+            raise ComfyError(f"cannot reach ComfyUI at {self.base}: {e}") from None
 
     def queue(self, prompt: dict) -> str:
         code, resp = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
