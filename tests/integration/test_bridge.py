@@ -55,7 +55,8 @@ SCRIPT = textwrap.dedent("""
     x = torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([10, 500, 990])
     img = torch.rand(1, 3, 64, 64, generator=g)
-    out = {"protocol": [isinstance(a, LatentDiffusion), isinstance(b, LatentDiffusion)],
+    out = {"comfy_config": type(model.model.model_config).__name__,
+           "protocol": [isinstance(a, LatentDiffusion), isinstance(b, LatentDiffusion)],
            "context_dim": [a.context_dim, b.context_dim]}
     with torch.no_grad():
         ca, cb = a.encode_text(["a photo of a cat"] * 3), b.encode_text(["a photo of a cat"] * 3)
@@ -80,6 +81,7 @@ def test_comfy_bridge_matches_diffusers_backend(tmp_path):
     lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-4000:]
     r = json.loads(lines[0][len("RESULT "):])
+    assert r["comfy_config"] == "SD15"  # ComfyUI's checkpoint loader detects the file as SD 1.5
     assert r["protocol"] == [True, True] and r["context_dim"] == [768, 768]
     assert r["shapes"] == [[3, 4, 8, 8], [1, 4, 8, 8], [1, 3, 64, 64]]
     assert r["schedule"] < 1e-6
