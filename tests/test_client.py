@@ -41,6 +41,12 @@ def _serve_once(listener: socket.socket, replies: list[bytes]) -> None:
     for frame in replies:
         conn.sendall(frame)
     conn.sendall(b"\x88\x00")
+    conn.settimeout(10)  # let the client read everything (and answer the ping) before closing
+    try:
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass
     conn.close()
 
 
