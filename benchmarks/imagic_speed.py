@@ -25,6 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memory import peak_mib, reset_peak  # noqa: E402
 
 from core.finetune import FineTuneConfig, finetune  # noqa: E402
 from core.lora import LoRAConfig  # noqa: E402
@@ -33,24 +36,8 @@ from core.sampling import ddim_sample  # noqa: E402
 from core.sd.loader import load_sd15  # noqa: E402
 
 
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
 def peak_gib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+    return peak_mib(device) / 1024
 
 
 class Timer:

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .lora import LoRAConfig, diff_state_dict, lora_state_dict, make_loras
-from .losses import NoiseDraw, denoising_loss
 from .seam import DeltaFunction, LatentDiffusion, ReplaceFunction
-from .training import OnStep, ShouldStop, autocast_for, check_finite, poll
+from .training import OnStep, ShouldStop, fit_denoising
 
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
 
@@ -79,23 +78,10 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
     for fn in fns.values():
         fn.to(device)
     trainable = [p for fn in fns.values() for p in fn.parameters()]
-    opt = torch.optim.Adam(trainable, lr=config.learning_rate)
-    draw = NoiseDraw(config.seed + 1, len(model.alphas_cumprod))
-    losses: list[float] = []
     t0 = time.perf_counter()
     with model.adapted(fns, config.gradient_checkpointing) as m:
-        for step in range(1, config.steps + 1):
-            poll(should_stop, "fine-tuning", step - 1)
-            t, eps = draw(latent)
-            with autocast_for(device):
-                loss = denoising_loss(m, latent, cond, t, eps, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            check_finite(losses[-1], step, "fine-tuning")
-            if on_step is not None:
-                on_step(step, config.steps, {"loss": losses[-1]})
+        losses = fit_denoising(m, latent, cond, trainable, config.learning_rate, config.steps, config.seed + 1,
+                               "fine-tuning", mask, on_step, should_stop)
     with torch.no_grad():
         if config.mode == "lora":
             deltas = {name: fn.delta().detach().float().cpu() for name, fn in fns.items()}

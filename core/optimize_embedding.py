@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import NoiseDraw, denoising_loss
 from .seam import LatentDiffusion
-from .training import OnStep, ShouldStop, autocast_for, check_finite, poll
+from .training import OnStep, ShouldStop, fit_denoising
 
 
 @dataclass(frozen=True)
@@ -48,21 +47,8 @@ def optimize_embedding(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torc
     device = torch.device(model.device)
     latent = latent.detach().to(device, torch.float32)
     e = torch.nn.Parameter(e_tgt.detach().to(device, torch.float32).clone())
-    opt = torch.optim.Adam([e], lr=config.lr)
-    draw = NoiseDraw(config.seed, len(model.alphas_cumprod))
-    losses: list[float] = []
     t0 = time.perf_counter()
     with model.adapted({}, config.gradient_checkpointing) as m:
-        for step in range(1, config.steps + 1):
-            poll(should_stop, "embedding optimisation", step - 1)
-            t, eps = draw(latent)
-            with autocast_for(device):
-                loss = denoising_loss(m, latent, e, t, eps, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            check_finite(losses[-1], step, "embedding optimisation")
-            if on_step is not None:
-                on_step(step, config.steps, {"loss": losses[-1]})
+        losses = fit_denoising(m, latent, e, [e], config.lr, config.steps, config.seed, "embedding optimisation",
+                               mask, on_step, should_stop)
     return EmbeddingResult(e.detach().clone(), losses, time.perf_counter() - t0)

@@ -35,3 +35,33 @@ def autocast_for(device: torch.device):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast(device.type, enabled=False)
+
+
+def fit_denoising(model, latent: torch.Tensor, cond: torch.Tensor, parameters: list[torch.Tensor], lr: float,
+                  steps: int, seed: int, what: str, mask: torch.Tensor | None = None,
+                  on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> list[float]:
+    """Adam on ``parameters`` against the denoising loss (Imagic eq. 2) of ``latent`` at ``cond``.
+
+    ``model`` is a seam view whose output depends on the parameters (an adapted view, or
+    ``cond`` itself is the parameter).  One (t, eps) draw per step from ``seed``; bf16
+    autocast on a GPU.  Returns the loss per step.
+    """
+    from .losses import NoiseDraw, denoising_loss
+
+    device = latent.device
+    opt = torch.optim.Adam(parameters, lr=lr)
+    draw = NoiseDraw(seed, len(model.alphas_cumprod))
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        poll(should_stop, what, step - 1)
+        t, eps = draw(latent)
+        with autocast_for(device):
+            loss = denoising_loss(model, latent, cond, t, eps, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        check_finite(losses[-1], step, what)
+        if on_step is not None:
+            on_step(step, steps, {"loss": losses[-1]})
+    return losses

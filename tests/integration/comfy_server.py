@@ -61,6 +61,38 @@ def comfyui_commit(root: Path) -> str:
         return "unknown"
 
 
+# Prepended to every script run_in_comfyui runs: ComfyUI on the CPU, the pack imported as ComfyUI imports it.
+PRELUDE = """
+import json, sys, importlib.util
+import comfy.options
+comfy.options.enable_args_parsing(False)
+from comfy.cli_args import args
+args.cpu = True
+import torch
+_spec = importlib.util.spec_from_file_location("sie_pack", sys.argv[1] + "/__init__.py",
+                                               submodule_search_locations=[sys.argv[1]])
+pack = importlib.util.module_from_spec(_spec)
+sys.modules["sie_pack"] = pack
+_spec.loader.exec_module(pack)
+"""
+
+
+def run_in_comfyui(script: str, *args: str, timeout: float = 900, tmp_dir: Path | None = None) -> dict:
+    """Run ``script`` with ComfyUI's Python (cwd and PYTHONPATH = COMFYUI_DIR; ``sys.argv[1]`` is this
+    repository, then ``args``; :data:`PRELUDE` runs first) and return the JSON it prints on a line starting
+    with ``RESULT ``."""
+    root = comfyui_dir()
+    folder = Path(tmp_dir or tempfile.mkdtemp(prefix="sie_script_"))
+    path = folder / "check.py"
+    path.write_text(PRELUDE + script)
+    run = subprocess.run([str(comfyui_python(root)), str(path), str(REPO), *args], cwd=root, capture_output=True,
+                         text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1"))
+    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        raise AssertionError(f"script failed (exit {run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-6000:]}")
+    return json.loads(lines[0][len("RESULT "):])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

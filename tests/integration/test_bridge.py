@@ -9,7 +9,6 @@ Python because it needs ``comfy``; skipped without COMFYUI_DIR.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import textwrap
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_server import REPO, comfyui_dir, comfyui_python, skip_reason
+from comfy_server import REPO, comfyui_dir, comfyui_python, run_in_comfyui, skip_reason
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
@@ -35,15 +34,7 @@ def random_sd15() -> Path:
 
 
 SCRIPT = textwrap.dedent("""
-    import json, sys, importlib.util
-    import comfy.options
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args
-    args.cpu = True
-    import torch, comfy.sd
-    spec = importlib.util.spec_from_file_location("sie_pack", sys.argv[1] + "/__init__.py",
-                                                  submodule_search_locations=[sys.argv[1]])
-    pack = importlib.util.module_from_spec(spec); sys.modules["sie_pack"] = pack; spec.loader.exec_module(pack)
+    import comfy.sd
     from sie_pack.nodes.comfy_bridge import ComfySD
     from sie_pack.core.sd.loader import load_sd15
     from sie_pack.core.seam import LatentDiffusion
@@ -73,14 +64,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_comfy_bridge_matches_diffusers_backend(tmp_path):
     ckpt = random_sd15()
-    script = tmp_path / "bridge_check.py"
-    script.write_text(SCRIPT)
-    run = subprocess.run([str(comfyui_python(comfyui_dir())), str(script), str(REPO), str(ckpt)],
-                         cwd=comfyui_dir(), capture_output=True, text=True, timeout=900,
-                         env=dict(os.environ, PYTHONPATH=str(comfyui_dir()), HF_HUB_OFFLINE="1"))
-    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-4000:]
-    r = json.loads(lines[0][len("RESULT "):])
+    r = run_in_comfyui(SCRIPT, str(ckpt), timeout=900, tmp_dir=tmp_path)
     assert r["comfy_config"] == "SD15"  # ComfyUI's checkpoint loader detects the file as SD 1.5
     assert r["protocol"] == [True, True] and r["context_dim"] == [768, 768]
     assert r["shapes"] == [[3, 4, 8, 8], [1, 4, 8, 8], [1, 3, 64, 64]]

@@ -10,29 +10,19 @@ COMFYUI_DIR.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import textwrap
 
 import pytest
 
-from comfy_server import REPO, comfyui_dir, comfyui_python, skip_reason
+from comfy_server import run_in_comfyui, skip_reason
 from test_bridge import random_sd15
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
 
 SCRIPT = textwrap.dedent("""
-    import hashlib, json, os, sys, importlib.util, tempfile
-    import comfy.options
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args
-    args.cpu = True
-    import torch, comfy.sd, comfy.model_management, folder_paths, nodes as comfy_nodes
-    spec = importlib.util.spec_from_file_location("sie_pack", sys.argv[1] + "/__init__.py",
-                                                  submodule_search_locations=[sys.argv[1]])
-    pack = importlib.util.module_from_spec(spec); sys.modules["sie_pack"] = pack; spec.loader.exec_module(pack)
+    import hashlib, os, tempfile
+    import comfy.sd, comfy.model_management, folder_paths, nodes as comfy_nodes
     from sie_pack.nodes.comfy_bridge import ComfySD
     from sie_pack.nodes.common import NodeInputError
     from sie_pack.nodes.imagic import save_trained
@@ -112,14 +102,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_imagic_nodes_on_a_real_comfyui_model(tmp_path):
     ckpt = random_sd15()
-    script = tmp_path / "imagic_check.py"
-    script.write_text(SCRIPT)
-    run = subprocess.run([str(comfyui_python(comfyui_dir())), str(script), str(REPO), str(ckpt)],
-                         cwd=comfyui_dir(), capture_output=True, text=True, timeout=1800,
-                         env=dict(os.environ, PYTHONPATH=str(comfyui_dir()), HF_HUB_OFFLINE="1"))
-    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-6000:]
-    r = json.loads(lines[0][len("RESULT "):])
+    r = run_in_comfyui(SCRIPT, str(ckpt), timeout=1800, tmp_dir=tmp_path)
     assert r["inference_weights"], "expected ComfyUI to load inference-mode weights, as its executor does"
     assert r["weights_unchanged"] and r["weights_unchanged_after_all"], r
     assert r["e_opt_moved"] > 0 and r["ft_changes_eps"] > 0, r
