@@ -93,6 +93,17 @@ def safe_prefix(prefix: str, name: str = "filename_prefix") -> str:
     return p
 
 
+def save_output(root: Path, filename_prefix: str, write, what: str) -> dict:
+    """The body of a saver node: a fresh ``<prefix>_NNNNN.safetensors`` under ``root``, written by
+    ``write(path)``; returns the node's ``{"ui": {"text": [relative name]}}``."""
+    import logging
+
+    path = next_free_path(root, safe_prefix(filename_prefix), ".safetensors")
+    write(path)
+    logging.getLogger("comfyui-single-image-edit").info("saved %s to %s", what, path)
+    return {"ui": {"text": [path.relative_to(root).as_posix()]}}
+
+
 def next_free_path(root: Path, prefix: str, suffix: str) -> Path:
     """root/prefix_00001<suffix>, with the first counter not yet taken (never overwrites)."""
     target = Path(root) / prefix

@@ -28,8 +28,7 @@ from .common import (
     bchw_to_image,
     check_positive,
     image_to_bchw,
-    next_free_path,
-    safe_prefix,
+    save_output,
 )
 
 log = logging.getLogger("comfyui-single-image-edit")
@@ -315,12 +314,8 @@ class SaveTrained:
         }}
 
     def run(self, trained, filename_prefix):
-        root = bridge.save_dir("sie_trained")
-        path = next_free_path(root, safe_prefix(filename_prefix), ".safetensors")
-        save_trained(trained, path)
-        rel = path.relative_to(root).as_posix()
-        log.info("saved trained delta to %s", path)
-        return {"ui": {"text": [rel]}}
+        return save_output(bridge.save_dir("sie_trained"), filename_prefix, lambda path: save_trained(trained, path),
+                           "trained delta")
 
 
 def save_trained(trained: Trained, path) -> None:

@@ -38,8 +38,7 @@ from .common import (
     check_positive,
     image_to_bchw,
     mask_to_b1hw,
-    next_free_path,
-    safe_prefix,
+    save_output,
 )
 
 log = logging.getLogger("comfyui-single-image-edit")
@@ -411,11 +410,8 @@ class SaveSinDDM:
         }}
 
     def run(self, model, filename_prefix):
-        root = bridge.save_dir("sie_sinddm")
-        path = save(model, next_free_path(root, safe_prefix(filename_prefix), ".safetensors"))
-        rel = path.relative_to(root).as_posix()
-        log.info("saved SinDDM model to %s", path)
-        return {"ui": {"text": [rel]}}
+        return save_output(bridge.save_dir("sie_sinddm"), filename_prefix, lambda path: save(model, path),
+                           "SinDDM model")
 
 
 class LoadSinDDM:
