@@ -3,7 +3,8 @@
 What the pack uses from ComfyUI, all of it here:
 
 * ``comfy.utils.ProgressBar`` and ``comfy.model_management`` (interrupts, devices,
-  model loading) for long-running nodes: :class:`Progress`;
+  model loading) for long-running nodes, and the server's progress text:
+  :class:`Progress`;
 * ``folder_paths`` for the pack's model folders: :func:`list_models`,
   :func:`model_path`, :func:`save_dir`;
 * ``MODEL`` / ``CLIP`` / ``VAE`` objects, seen through the core seam: :class:`ComfySD`.
@@ -109,9 +110,12 @@ class Progress:
     """Adapter from core's ``on_step(i, total, info)`` to ComfyUI's progress bar.
 
     Every call is a cancellation point: ComfyUI's interrupt exception propagates out of
-    the core loop (which cleans up in ``finally`` blocks).  ``info`` may carry a
-    ``"preview"`` tensor [3, H, W] in [0, 1], shown on the node.
+    the core loop (which cleans up in ``finally`` blocks).  ``info["preview"]`` (an image
+    [3, H, W] in [0, 1]) is shown on the node; when the loop reports ``info["loss"]``
+    instead, the node shows the loss as text and, every few seconds, the loss curve.
     """
+
+    TEXT_EVERY, CURVE_EVERY = 0.5, 5.0  # seconds
 
     def __init__(self, total: int):
         self.total = max(int(total), 1)
@@ -124,16 +128,32 @@ class Progress:
         except ImportError:
             self._mm = self._bar = None
         self.last_info: dict = {}
+        self.losses: list[float] = []
+        self._text_at = self._curve_at = 0.0
 
     def __call__(self, i: int, total: int | None = None, info: dict | None = None) -> None:
+        import time
+
         self.last_info = info or {}
         if self._mm is not None:
             self._mm.throw_exception_if_processing_interrupted()
-        if self._bar is not None:
-            preview = None
-            if info and info.get("preview") is not None:
-                preview = ("JPEG", _to_pil(info["preview"]), 512)
-            self._bar.update_absolute(min(i, self.total), total or self.total, preview)
+        if self._bar is None:
+            return
+        preview = None
+        now = time.monotonic()
+        if self.last_info.get("preview") is not None:
+            preview = ("JPEG", _to_pil(self.last_info["preview"]), 512)
+        elif "loss" in self.last_info:
+            self.losses.append(float(self.last_info["loss"]))
+            if now - self._text_at >= self.TEXT_EVERY or i >= self.total:
+                self._text_at = now
+                _progress_text(f"step {i}/{total or self.total}  loss {self.losses[-1]:.4f}")
+            if now - self._curve_at >= self.CURVE_EVERY and len(self.losses) > 1:
+                from ..core.plot import loss_curve
+
+                self._curve_at = now
+                preview = ("JPEG", loss_curve(self.losses, 480, 240, title="loss"), 512)
+        self._bar.update_absolute(min(i, self.total), total or self.total, preview)
 
     def should_stop(self) -> bool:
         """Raises ComfyUI's own interrupt exception (so the server reports the prompt as
@@ -141,6 +161,19 @@ class Progress:
         if self._mm is not None:
             self._mm.throw_exception_if_processing_interrupted()
         return False
+
+
+def _progress_text(text: str) -> None:
+    """Show ``text`` on the executing node (ComfyUI's progress text), when running in a server."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+
+        ctx = get_executing_context()
+        if ctx is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, ctx.node_id, PromptServer.instance.client_id)
+    except (ImportError, AttributeError):
+        pass
 
 
 def _to_pil(x: torch.Tensor):

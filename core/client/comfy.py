@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 import urllib.error
 import urllib.parse
@@ -37,6 +38,8 @@ class RunResult:
     outputs: dict = field(default_factory=dict)  # node id -> ui dict from /history
     error: dict | None = None  # the execution_error message, if any
     messages: list[tuple[str, dict]] = field(default_factory=list)
+    texts: list[tuple[str, str]] = field(default_factory=list)  # (node id, progress text) shown on nodes
+    previews: int = 0  # preview images received
 
 
 class ComfyClient:
@@ -127,6 +130,8 @@ class ComfyClient:
         try:
             prompt_id = self.queue(prompt)
             messages: list[tuple[str, dict]] = []
+            texts: list[tuple[str, str]] = []
+            previews = 0
             status, error = None, None
             deadline = t0 + timeout
             while status is None:
@@ -140,7 +145,13 @@ class ComfyClient:
                     continue
                 except WebSocketClosed:
                     raise ComfyError("the server closed the WebSocket (did it crash?)") from None
-                if isinstance(raw, bytes):  # preview images
+                if isinstance(raw, bytes):
+                    kind_id = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else 0
+                    if kind_id == 3 and len(raw) >= 8:  # progress text: node id length, node id, text
+                        (n,) = struct.unpack(">I", raw[4:8])
+                        texts.append((raw[8 : 8 + n].decode(errors="replace"), raw[8 + n :].decode(errors="replace")))
+                    elif kind_id in (1, 2):
+                        previews += 1
                     continue
                 msg = json.loads(raw)
                 kind, data = msg.get("type"), msg.get("data", {}) or {}
@@ -164,7 +175,8 @@ class ComfyClient:
             entry = (self.get_json(f"/history/{prompt_id}") or {}).get(prompt_id, {})
             if not entry:
                 time.sleep(0.2)
-        return RunResult(prompt_id, status, time.time() - t0, entry.get("outputs", {}), error, messages)
+        return RunResult(prompt_id, status, time.time() - t0, entry.get("outputs", {}), error, messages, texts,
+                         previews)
 
 
 def describe_rejection(resp: dict) -> str:

@@ -69,6 +69,18 @@ def test_bad_start_steps_fail_with_an_error_naming_the_input(server):
     assert result.status == "error" and "input 'start_steps'" in result.error["exception_message"]
 
 
+def test_training_shows_loss_text_and_previews_on_the_node(server):
+    prompt = train_prompt(40, prefix="progress_test")
+    prompt["2"]["inputs"]["preview_every"] = 20
+    result = ComfyClient(server.url).run(prompt, timeout=300)
+    assert result.status == "success"
+    texts = [t for node, t in result.texts if node == "2"]
+    assert texts and "loss" in texts[-1] and "/40" in texts[-1], result.texts[-3:]
+    assert result.previews >= 2  # coarse samples every 20 steps
+    progress = [d for k, d in result.messages if k == "progress" and d.get("node") == "2"]
+    assert progress[-1]["value"] == progress[-1]["max"] == 40
+
+
 def test_out_of_range_steps_are_rejected_before_running(server):
     with pytest.raises(ComfyError, match="steps"):
         ComfyClient(server.url).run(train_prompt(0), timeout=60)
