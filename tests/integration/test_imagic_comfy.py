@@ -116,3 +116,37 @@ def test_imagic_nodes_on_a_real_comfyui_model(tmp_path):
     assert "input 'image'" in errs["image"] and "alpha" in errs["image"], errs
     assert "input 'steps'" in errs["steps"], errs
     assert "input 'image'" in errs["empty"] and "empty" in errs["empty"], errs
+
+
+CROSS = textwrap.dedent("""
+    import comfy.sd
+    from sie_pack.core.lora import LoRAConfig, lora_state_dict, make_loras
+    from sie_pack.core.sd.loader import load_sd15
+    from sie_pack.nodes.comfy_bridge import ComfySD, apply_delta
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=False, output_clip=False)
+    ours = load_sd15(sys.argv[2], device="cpu", dtype=torch.float32)
+    loras = make_loras({k: tuple(v.shape) for k, v in ours.unet_parameters().items()}, LoRAConfig(4, 4.0), 0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.up.copy_(torch.randn(lora.up.shape, generator=g) * 0.02)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    t = torch.tensor([300])
+    cond = torch.randn(1, 77, 768, generator=g)
+    with torch.no_grad():
+        with ours.adapted(loras) as view:
+            a = view.eps(x, t, cond)
+        b = ComfySD(apply_delta(model, lora_state_dict(loras))).eps(x, t, cond)
+        base = ours.eps(x, t, cond)
+    print("RESULT " + json.dumps({"diff": float((a - b).abs().max() / a.abs().max()),
+                                  "effect": float((a - base).abs().max() / a.abs().max()),
+                                  "keys": len(loras)}))
+""")
+
+
+def test_a_lora_trained_outside_comfyui_loads_in_comfyui_identically(tmp_path):
+    """Standalone (diffusers) adapters, saved in the pack's layout, patch ComfyUI's MODEL to the same predictions."""
+    r = run_in_comfyui(CROSS, str(random_sd15()), timeout=900, tmp_dir=tmp_path)
+    assert r["keys"] == 282  # every conv and linear weight of the SD 1.5 UNet
+    assert r["effect"] > 1e-3  # the adapters change the prediction...
+    assert r["diff"] < 1e-5, r  # ...identically in both back ends
