@@ -229,7 +229,7 @@ class Graph:
 PAPER_TRAIN = dict(steps=120000, batch_size=32, width=160, learning_rate=0.001, seed=0, preview_every=1000,
                    precision="auto")
 CPU_HINT = ("Paper settings: 120,000 steps, batch 32, width 160 (about 1 h on an H100, 7 h on an A6000). "
-            "On a CPU set steps 2000, batch 8, width 64 (roughly 10 minutes; rough results).")
+            "On a CPU set steps 2000, batch 8, width 64 (about 20 minutes for this 250x200 image; rough results).")
 
 
 def sinddm_random_samples() -> Graph:
