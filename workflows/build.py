@@ -228,7 +228,7 @@ class Graph:
 # ======================================================================================
 PAPER_TRAIN = dict(steps=120000, batch_size=32, width=160, learning_rate=0.001, seed=0, preview_every=1000,
                    precision="auto")
-CPU_HINT = ("Paper settings: 120,000 steps, batch 32, width 160 (about 1 h on an H100, 7 h on an A6000). "
+CPU_HINT = ("Paper settings: 120,000 steps, batch 32, width 160 (the paper: about 7 h on an A6000). "
             "On a CPU set steps 2000, batch 8, width 64 (about 20 minutes for this 250x200 image; rough results).")
 
 
@@ -336,8 +336,8 @@ def imagic() -> Graph:
            "2. Fine-Tune Model at e_opt (lora: adapters, lr 1e-4; full: the paper's whole-UNet tune, lr 2e-6; 1000 "
            "steps).\n3. Interpolate: e = eta*e_tgt + (1-eta)*e_opt, then sample with DDIM. SD needs eta about "
            "0.9-1.2; the Eta Sweep renders several etas with one seed so you can pick by eye.\n\n"
-           "Needs an SD 1.x checkpoint in models/checkpoints. On an H100 the whole edit takes about 2 minutes; "
-           "on a CPU many hours. Save Trained keeps the edit (a LoRA + e_opt) for Load Trained / Load LoRA.")
+           "Needs an SD 1.x checkpoint in models/checkpoints. The SD ports report 5-10 minutes per edit on an A100 or "
+           "a 3090; on a CPU it takes many hours. Save Trained keeps the edit (a LoRA + e_opt) for Load Trained / Load LoRA.")
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
     img = g.add("LoadImage", image="coffee_250x200.png")
     scaled = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=512, height=512, crop="center")
