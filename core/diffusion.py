@@ -240,4 +240,4 @@ def prev_alpha_bar(
         return alphas_cumprod_[t_prev]
     if final_alpha_bar is None:
         return alphas_cumprod_[0]
-    return torch.as_tensor(final_alpha_bar, dtype=alphas_cumprod_.dtype)
+    return torch.as_tensor(final_alpha_bar, dtype=alphas_cumprod_.dtype, device=alphas_cumprod_.device)

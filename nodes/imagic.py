@@ -114,7 +114,6 @@ class OptimizeEmbedding:
     def run(self, model, vae, image, conditioning, steps, learning_rate, seed):
         check_model(model)
         check_positive(steps, "steps")
-        cond_tensor(conditioning, model)  # validate before any work
         progress = bridge.Progress(steps)
         device = torch.device(bridge.torch_device())
         try:
@@ -168,7 +167,6 @@ class FineTune:
         check_positive(rank, "rank")
         if mode not in DEFAULT_LR:
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use lora or full")
-        cond_tensor(conditioning, model)  # validate before any work
         progress = bridge.Progress(steps)
         device = torch.device(bridge.torch_device())
         cfg = FineTuneConfig(mode=mode, steps=int(steps), lr=float(learning_rate) or None,

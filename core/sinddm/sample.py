@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..diffusion import ddpm_step, predict_x0, q_sample
+from ..diffusion import ddpm_step, predict_x0, prev_alpha_bar, q_sample
 from .artifact import SinDDM
 from .guidance import Guidance
 from .pyramid import upsample
@@ -78,7 +78,6 @@ class _Sampler:
         self.net = net
         self.sch = model.schedule
         self.ab = model.schedule.alphas_cumprod.to(device)
-        self.n = model.pyramid.spec.n_scales
         self.guidance = list(guidance)
         self.ddpm = any(g.needs_ddpm for g in self.guidance)
         self.on_step, self.should_stop = on_step, should_stop
@@ -107,14 +106,14 @@ class _Sampler:
         for t in range(self.sch.num_timesteps - 1, -1, -1):
             x0 = predict_x0(x, self.eps(x, t, 0), self.ab[t])
             x0 = self._guide(x0, 0, t).clamp(-1, 1)
-            a_prev = self.ab[t - 1] if t > 0 else torch.ones((), dtype=self.ab.dtype, device=self.device)
-            x = ddpm_step(x, None, self.ab[t], a_prev, noise(shape[1:]) if t > 0 else None, x0=x0)
+            x = ddpm_step(x, None, self.ab[t], prev_alpha_bar(self.ab, t - 1, 1.0), noise(shape[1:]) if t > 0 else None,
+                          x0=x0)
             self._tick(0, t)
         return x
 
     def refine(self, x_tilde: torch.Tensor, s: int, t_start: int, noise: _Noise, zero_gamma: bool = False):
         """s >= 1: noise x~ to t_start, then t_start denoising steps (Alg. 2 lines 5-12)."""
-        x = q_sample(x_tilde, self.ab[t_start] if t_start < len(self.ab) else self.ab[-1], noise(x_tilde.shape[1:]))
+        x = q_sample(x_tilde, self.ab[t_start], noise(x_tilde.shape[1:]))  # t_start < T (checked by the schedule)
         if t_start == 0:  # the official sampler runs no step then
             return x
         for t in range(t_start - 1, -1, -1):
@@ -122,8 +121,8 @@ class _Sampler:
             x_mix_hat = predict_x0(x, eps, self.ab[t])
             if self.ddpm:
                 x0 = self._guide(x_mix_hat.clamp(-1, 1), s, t).clamp(-1, 1)
-                a_prev = self.ab[t - 1] if t > 0 else torch.ones((), dtype=self.ab.dtype, device=self.device)
-                x = ddpm_step(x, None, self.ab[t], a_prev, noise(x.shape[1:]) if t > 0 else None, x0=x0)
+                x = ddpm_step(x, None, self.ab[t], prev_alpha_bar(self.ab, t - 1, 1.0),
+                              noise(x.shape[1:]) if t > 0 else None, x0=x0)
             else:
                 g_t = 0.0 if zero_gamma else self.sch.gamma_sample(s, t)
                 g_prev = 0.0 if zero_gamma else self.sch.gamma_sample(s, t - 1)
