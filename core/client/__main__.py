@@ -6,10 +6,19 @@
 ``--image NODE=path`` uploads a file and feeds it to that LoadImage node; ``--set
 NODE.input=value`` changes an input (value parsed as JSON when it can be, else a
 string).  NODE is a node id, a node title or a node class (then every node of that
-class).  Progress comes from the server's WebSocket; node errors are printed readably;
-outputs are downloaded into ``--out``.  Exit status: 0 on success, 1 on a failed or
-rejected prompt, 2 on bad arguments, 130 when interrupted with Ctrl-C (the server is
-told to stop).
+class).  Progress comes from the server's WebSocket (the ``websocket-client`` package,
+a dependency of the pack); node errors are printed readably; outputs are downloaded
+into ``--out``.
+
+Nothing is ever written outside ``--out``: an output whose server-given subfolder or
+file name is absolute, names a drive, holds ``..``, a NUL byte, or resolves outside
+``--out`` (also through a symbolic link inside it) is refused with an error naming the
+path, and nothing is fetched or written for it.  The other outputs are still saved,
+but the run then exits with status 1.
+
+Exit status: 0 on success, 1 on a failed or rejected prompt or an output that could
+not be saved (refused or failed download), 2 on bad arguments, 130 when interrupted
+with Ctrl-C (the server is told to stop).
 """
 
 from __future__ import annotations
@@ -61,8 +70,9 @@ def apply_sets(prompt: dict, sets: list[str]) -> None:
 class ProgressPrinter:
     """Prints one updating line per node from the WebSocket messages."""
 
-    def __init__(self, prompt: dict, stream=sys.stderr):
-        self.prompt, self.stream, self.node = prompt, stream, None
+    def __init__(self, prompt: dict, stream=None):
+        self.prompt, self.node = prompt, None
+        self.stream = sys.stderr if stream is None else stream  # looked up now, so a redirected stderr is honoured
 
     def label(self, node_id: str) -> str:
         node = self.prompt.get(str(node_id), {})
@@ -130,17 +140,26 @@ def run(args) -> int:
         print("the prompt was interrupted on the server", file=sys.stderr)
         return 1
     out = Path(args.out)
-    files = []
+    files, failed = [], 0
     for node_id, ui in sorted(result.outputs.items()):
         for image in ui.get("images", []):
-            if image.get("type", "output") == "output" or args.all:
-                files.append(client.download(image, out))
+            if not isinstance(image, dict):
+                failed += 1
+                print(f"error: node {node_id}: the server listed an output that is not an object: {image!r}",
+                      file=sys.stderr)
+            elif image.get("type", "output") == "output" or args.all:
+                try:
+                    files.append(client.download(image, out))
+                except (ComfyError, OSError) as e:  # an unsafe path (UnsafePathError), HTTP or disk error
+                    failed += 1
+                    print(f"error: node {node_id}: {e}", file=sys.stderr)
         for text in ui.get("text", []):
             print(f"{node_id} ({prompt.get(node_id, {}).get('class_type')}): {text}")
-    print(f"done in {result.seconds:.1f} s; {len(files)} file(s) in {out}/", file=sys.stderr)
+    print(f"done in {result.seconds:.1f} s; {len(files)} file(s) in {out}/"
+          + (f"; {failed} output(s) NOT saved (see the errors above)" if failed else ""), file=sys.stderr)
     for f in files:
         print(f)
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:

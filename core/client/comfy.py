@@ -1,13 +1,24 @@
-"""A client of a running ComfyUI server's HTTP and WebSocket API (standard library only).
+"""A client of a running ComfyUI server's HTTP and WebSocket API.
 
 Not a re-implementation of ComfyUI's executor: it uploads inputs, queues an API-format
 prompt, follows the WebSocket stream (progress, errors, completion) and downloads the
-outputs listed in ``/history``.
+outputs listed in ``/history``.  HTTP is the standard library's; the WebSocket is the
+``websocket-client`` package (``import websocket``, as in ComfyUI's own API examples),
+a dependency of the pack.
+
+Downloads never leave the output folder.  The ``subfolder`` and ``filename`` of an
+output come from the server, so :func:`safe_output_path` refuses (``UnsafePathError``)
+a NUL byte, an absolute or drive path, a ``..`` component, a separator in a file name,
+and any path that resolves outside the folder, including through a symbolic link
+already inside it; nothing is requested or written for such an output.  A download is
+written to a temporary file beside its target and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import struct
 import time
@@ -19,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ws import WebSocket, WebSocketClosed
+import websocket
 
 
 class ComfyError(RuntimeError):
@@ -28,6 +39,48 @@ class ComfyError(RuntimeError):
     def __init__(self, message: str, details: dict | None = None):
         super().__init__(message)
         self.details = details or {}
+
+
+class UnsafePathError(ComfyError):
+    """The server named an output file that would land outside the output folder."""
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def safe_output_path(out_dir: str | Path, subfolder, filename) -> Path:
+    """Where ``subfolder/filename`` (both from the server) goes under ``out_dir``, checked.
+
+    Raises :class:`UnsafePathError` naming the path unless it is a plain file name in
+    zero or more plain folders that stays inside ``out_dir`` once the symbolic links
+    already there are followed.  Both ``/`` and ``\\`` separate folders (ComfyUI on
+    Windows reports ``a\\b``).  Creates nothing.
+    """
+    subfolder = "" if subfolder is None else subfolder
+    shown = f"{subfolder}/{filename}" if subfolder else f"{filename}"
+
+    def refuse(why: str) -> UnsafePathError:
+        return UnsafePathError(f"unsafe output path from the server: {shown!r} ({why}); not saved")
+
+    if not isinstance(subfolder, str) or not isinstance(filename, str):
+        raise refuse("subfolder and filename must be strings")
+    if "\x00" in shown:
+        raise refuse("it contains a NUL byte")
+    if subfolder.startswith(("/", "\\")) or filename.startswith(("/", "\\")):
+        raise refuse("an absolute path")
+    parts = [p for p in re.split(r"[/\\]", subfolder) if p not in ("", ".")]
+    for part in [*parts, *re.split(r"[/\\]", filename)]:
+        if part == "..":
+            raise refuse("a '..' component")
+        if _DRIVE.match(part) or (os.name == "nt" and ":" in part):
+            raise refuse("a drive letter or a stream name")
+    if filename in ("", ".") or "/" in filename or "\\" in filename:
+        raise refuse("the file name must be a plain name, without folders")
+    root = os.path.realpath(out_dir)
+    target = Path(root).joinpath(*parts, filename)
+    if os.path.commonpath([root, os.path.realpath(target)]) != root:
+        raise refuse(f"it resolves outside {str(out_dir)!r}, through a symbolic link")
+    return target
 
 
 @dataclass
@@ -95,24 +148,43 @@ class ComfyClient:
         self.post_json("/interrupt", {})
 
     def download(self, image: dict, out_dir: str | Path) -> Path:
-        q = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
-                                    "type": image.get("type", "output")})
+        """Fetch one output (an entry of a node's ``images``) into ``out_dir``, atomically.
+
+        Raises :class:`UnsafePathError` before any request or write when the server's
+        ``subfolder``/``filename`` would leave ``out_dir``.
+        """
+        filename, subfolder = image.get("filename"), image.get("subfolder") or ""
+        target = safe_output_path(out_dir, subfolder, filename)
+        q = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": image.get("type", "output")})
         code, body = self._request(f"/view?{q}")
         if code != 200:
-            raise ComfyError(f"download of {image['filename']} failed: HTTP {code}")
-        target = Path(out_dir) / image.get("subfolder", "") / image["filename"]
+            raise ComfyError(f"download of {filename} failed: HTTP {code}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        tmp.write_bytes(body)
-        tmp.replace(target)
+        # check again now that the folders exist: one may have been swapped for a link meanwhile
+        target = safe_output_path(out_dir, subfolder, filename)
+        # a fresh temporary file beside the target (O_EXCL: never through an existing link), then a rename
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return target
 
     # -- running a prompt -------------------------------------------------------------------
-    def connect(self) -> WebSocket:
+    def ws_url(self) -> str:
         u = urllib.parse.urlsplit(self.base)
+        scheme = "wss" if u.scheme == "https" else "ws"
+        return urllib.parse.urlunsplit((scheme, u.netloc, u.path.rstrip("/") + "/ws", f"clientId={self.client_id}", ""))
+
+    def connect(self) -> websocket.WebSocket:
         try:
-            return WebSocket(f"ws://{u.hostname}:{u.port or 80}/ws?clientId={self.client_id}", timeout=self.timeout)
-        except OSError as e:
+            # no Origin header: this is not a browser page (and ComfyUI checks Origin against Host)
+            return websocket.create_connection(self.ws_url(), timeout=self.timeout, suppress_origin=True)
+        except (OSError, websocket.WebSocketException) as e:
             raise ComfyError(f"cannot reach ComfyUI at {self.base}: {e}") from None
 
     def queue(self, prompt: dict) -> str:
@@ -139,13 +211,16 @@ class ComfyClient:
                 if remaining <= 0:
                     self.interrupt()
                     raise ComfyError(f"prompt {prompt_id} did not finish within {timeout:.0f} s (interrupted)")
+                ws.settimeout(min(remaining, 30))
                 try:
-                    raw = ws.recv(timeout=min(remaining, 30))
-                except socket.timeout:
+                    opcode, raw = ws.recv_data()
+                except (websocket.WebSocketTimeoutException, socket.timeout):
                     continue
-                except WebSocketClosed:
-                    raise ComfyError("the server closed the WebSocket (did it crash?)") from None
-                if isinstance(raw, bytes):
+                except (websocket.WebSocketException, OSError) as e:
+                    raise ComfyError(f"the WebSocket to the server broke (did it crash?): {e}") from None
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    raise ComfyError("the server closed the WebSocket (did it crash?)")
+                if opcode == websocket.ABNF.OPCODE_BINARY:
                     kind_id = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else 0
                     if kind_id == 3 and len(raw) >= 8:  # progress text: node id length, node id, text
                         (n,) = struct.unpack(">I", raw[4:8])
@@ -153,7 +228,7 @@ class ComfyClient:
                     elif kind_id in (1, 2):
                         previews += 1
                     continue
-                msg = json.loads(raw)
+                msg = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
                 kind, data = msg.get("type"), msg.get("data", {}) or {}
                 if data.get("prompt_id") not in (None, prompt_id):
                     continue
@@ -168,7 +243,7 @@ class ComfyClient:
                                                      and data.get("prompt_id") == prompt_id):
                     status = "success"
         finally:
-            ws.close()
+            _close_quickly(ws)
         # the server reports success before it files the prompt's history: wait for the entry
         entry, until = {}, time.time() + 60
         while not entry and time.time() < until:
@@ -177,6 +252,15 @@ class ComfyClient:
                 time.sleep(0.2)
         return RunResult(prompt_id, status, time.time() - t0, entry.get("outputs", {}), error, messages, texts,
                          previews)
+
+
+def _close_quickly(ws: websocket.WebSocket) -> None:
+    """Send a close frame and drop the socket without waiting for the server's reply."""
+    try:
+        ws.send_close()
+    except (OSError, websocket.WebSocketException):
+        pass
+    ws.shutdown()
 
 
 def describe_rejection(resp: dict) -> str:

@@ -1,8 +1,8 @@
-"""Headless Chromium driven over the Chrome DevTools Protocol (CDP), with the pack's stdlib WebSocket.
+"""Headless Chromium driven over the Chrome DevTools Protocol (CDP), with ``websocket-client``.
 
 No browser download and no driver package: Debian's ``chromium`` is started with the
 flags a closed network needs, and commands are JSON messages on the page's DevTools
-WebSocket.
+WebSocket (the ``websocket-client`` package the pack's headless client uses).
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import base64
 import itertools
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from core.client.ws import WebSocket
+import websocket
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1600,1000"]
@@ -47,7 +46,8 @@ class Browser:
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
             pages = [t for t in json.loads(r.read()) if t.get("type") == "page"]
-        self.ws = WebSocket(pages[0]["webSocketDebuggerUrl"], timeout=60)
+        # no Origin header: Chromium refuses DevTools connections from an origin not allowed by a flag
+        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
         self.ids = itertools.count(1)
         self.console: list[str] = []
         self.call("Runtime.enable")
@@ -55,12 +55,13 @@ class Browser:
 
     def call(self, method: str, params: dict | None = None, timeout: float = 60) -> dict:
         msg_id = next(self.ids)
-        self.ws.send_json({"id": msg_id, "method": method, "params": params or {}})
+        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params or {}}))
         deadline = time.time() + timeout
         while time.time() < deadline:
+            self.ws.settimeout(max(0.1, deadline - time.time()))
             try:
-                msg = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.time())))
-            except socket.timeout:
+                msg = json.loads(self.ws.recv())
+            except websocket.WebSocketTimeoutException:
                 break
             if msg.get("id") == msg_id:
                 if "error" in msg:
