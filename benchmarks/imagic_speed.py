@@ -29,9 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memory import peak_mib, reset_peak  # noqa: E402
 
-from core.finetune import FineTuneConfig, finetune  # noqa: E402
-from core.lora import LoRAConfig  # noqa: E402
-from core.optimize_embedding import EmbeddingConfig, optimize_embedding  # noqa: E402
+from core.imagic import EmbeddingConfig, FineTuneConfig, LoRAConfig, finetune, optimize_embedding  # noqa: E402
 from core.sampling import ddim_sample  # noqa: E402
 from core.sd.loader import load_sd15  # noqa: E402
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from .diffusion import ddim_step, prev_alpha_bar, timesteps
+from .fit import OnStep
 from .seam import LatentDiffusion
-from .training import OnStep
 
 
 @torch.no_grad()

@@ -1,29 +1,48 @@
-"""The model-agnostic seam: what every Stable-Diffusion-based method sees of a model.
+"""The model-agnostic seam: what every method sees of a diffusion model.
 
-Imagic, SINE and LayerDiffusion need the same five things from a latent diffusion
-model, and nothing more.  They are collected in :class:`LatentDiffusion`, a Protocol,
-so that the maths in ``core`` runs unchanged on two back ends:
+Two protocols, so that the maths in ``core`` runs unchanged on every back end:
 
-* :class:`core.sd.backend.DiffusersSD` (diffusers modules, used by the standalone API,
-  the CLI and the tests), and
-* ``nodes.comfy_bridge.ComfySD`` (ComfyUI's MODEL, CLIP and VAE objects).
+* :class:`Denoiser`: an epsilon-prediction network with its training schedule, its
+  parameters under canonical names, and *views* (adapted versions that coexist with
+  the base model).  Pixel-space DDPMs (:mod:`core.pixel`, diffusers ``UNet2DModel``)
+  are Denoisers.
+* :class:`LatentDiffusion`: a Denoiser that also has a VAE and a text encoder (the SD
+  1.x family): :class:`core.sd.backend.DiffusersSD` (diffusers modules; standalone API,
+  CLIs, tests) and ``nodes.comfy_views.ComfySD`` (ComfyUI's MODEL, CLIP and VAE).
 
-Conventions, identical for both back ends:
+Conventions, identical for every back end:
 
 * images are float tensors [B, 3, H, W] in [0, 1];
-* latents are *model-space* latents [B, 4, H/8, W/8], i.e. the VAE's output already
-  multiplied by its scaling factor (0.18215 for SD 1.x), which is what the denoiser
-  is trained on;
+* latents are *model-space* latents [B, 4, H/8, W/8] (the VAE output already multiplied
+  by its scaling factor, 0.18215 for SD 1.x); a pixel model's "latent" is the image in
+  [-1, 1];
 * ``t`` is the discrete DDPM timestep, an integer tensor [B] in 0..T-1;
-* ``cond`` is the text encoder's last hidden state [B, 77, 768] for SD 1.x;
-* ``eps`` returns the epsilon prediction in the variance-preserving parameterisation:
+* ``cond`` is the text encoder's last hidden state [B, 77, D] (None for unconditional
+  pixel models);
+* ``eps`` returns the epsilon prediction of the variance-preserving parameterisation
   x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+
+**Views.**  ``with model.views(spec_a, spec_b) as (base, a, b):`` gives the base model
+and one view per :class:`ViewSpec`; all of them can be evaluated inside one sampling
+step (SINE eq. 3 mixes the pretrained and the fine-tuned prediction; the rectifier
+needs an unmodulated and a modulated pass).  A view computes with ``fn(W)`` in place
+of each named weight W *only during its own calls* (and inside ``view.activated()``,
+which a training loop keeps open across backward so that gradient checkpointing
+recomputes with the same weights).  Switching views never reloads or copies the
+model.  ``model.adapted(fns)`` is the exclusive form: one view, active for the whole
+block.
+
+**Features** (:class:`Features`) are typed per-call inputs with the same meaning on
+every back end, instead of back-end specific keyword arguments: an additive map after
+the first input block (SINE's positional map F(v)), the crop box it is cut from, and a
+per-call weight modulation (the rectifier's theta * (1 + Delta)).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -31,10 +50,62 @@ from torch import nn
 
 from .diffusion import predict_x0
 
+WeightFunction = Callable[[torch.Tensor], torch.Tensor]
+"""W -> W' for one named weight.  A function that also has ``output_delta(module, x)``
+(a LoRA, a per-sample modulation) is applied to the layer's *output* instead,
+y + output_delta(module, x): the same result without a full-size weight (or weight
+gradient), and the only form in which a per-sample weight change can be expressed."""
+
+FeatureMap = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""(h [B, C, H, W], crop_box [B, 4] or None) -> a map broadcastable to h, added to h."""
+
+
+@dataclass(frozen=True)
+class Features:
+    """Typed per-call features; every back end gives identical eps for the same features.
+
+    ``input_map``: added to the output of the denoiser's first input block (the
+    ``conv_in`` of diffusers' UNets; ComfyUI's ``input_block_patch`` at block
+    ("input", 0)), before the skip connection is stored.  ``crop_box`` [B, 4] (top,
+    left, height, width, in the map's own grid units) is handed to ``input_map``.
+    ``modulation``: weight functions (canonical names) applied for this call only, on top
+    of the view's own; a view must list their names in :attr:`ViewSpec.modulates`.
+    """
+
+    input_map: FeatureMap | None = None
+    crop_box: torch.Tensor | None = None
+    modulation: Mapping[str, WeightFunction] | None = None
+
+    def merged(self, other: "Features | None") -> "Features":
+        """This call's features over a view's defaults (fields of ``other`` win when set)."""
+        if other is None:
+            return self
+        mod = dict(self.modulation or {})
+        mod.update(other.modulation or {})
+        return replace(self, input_map=other.input_map or self.input_map,
+                       crop_box=other.crop_box if other.crop_box is not None else self.crop_box,
+                       modulation=mod or None)
+
+
+NO_FEATURES = Features()
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One adapted version of a model: weight functions (canonical names), default
+    features, and the names a per-call :attr:`Features.modulation` may touch."""
+
+    weight_functions: Mapping[str, WeightFunction] = field(default_factory=dict)
+    features: Features | None = None
+    modulates: tuple[str, ...] = ()
+
+    def names(self) -> set[str]:
+        return set(self.weight_functions) | set(self.modulates)
+
 
 @runtime_checkable
-class LatentDiffusion(Protocol):
-    """A text-conditioned epsilon-prediction latent diffusion model (SD 1.x family)."""
+class Denoiser(Protocol):
+    """An epsilon-prediction diffusion network (pixel or latent)."""
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -46,41 +117,39 @@ class LatentDiffusion(Protocol):
         """Where :meth:`eps` runs and where its inputs should live."""
         ...
 
-    @property
-    def context_dim(self) -> int:
-        """Width of the text-encoder output the denoiser cross-attends to (768 for SD 1.x)."""
-        ...
-
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, **extra) -> torch.Tensor:
-        """epsilon_theta(x_t, t, cond): [B, 4, h, w] -> [B, 4, h, w]."""
-        ...
-
-    def trainable_module(self) -> torch.nn.Module:
-        """The denoiser network a fine-tuner attaches its adapters or gradients to.
-
-        Shared with every other user of the model: a method must never change its
-        parameters in place (train a delta, or a copy).
-        """
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+            features: Features | None = None) -> torch.Tensor:
+        """epsilon_theta(x_t, t, cond): [B, C, h, w] -> [B, C, h, w]."""
         ...
 
     def unet_parameters(self) -> dict[str, torch.Tensor]:
-        """The denoiser's parameters under their *canonical* names: the original SD layout
-        without the ``model.diffusion_model.`` prefix (e.g.
-        ``input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``), whatever the back end."""
+        """The network's parameters under their canonical names (SD: the original layout
+        without ``model.diffusion_model.``; pixel models: diffusers' names).  Shared with
+        every other user of the model: never change them in place."""
+        ...
+
+    def views(self, *specs: ViewSpec, gradient_checkpointing: bool = False,
+              differentiable: bool = False) -> AbstractContextManager[tuple["Denoiser", ...]]:
+        """``(base, view_1, ..., view_n)``, valid inside the block; see the module docstring.
+        ``differentiable``: gradients will flow through the network (training); a back end
+        may need to prepare for it (ComfyUI computes with per-call weight copies then)."""
         ...
 
     def adapted(self, weight_functions: Mapping[str, WeightFunction],
-                gradient_checkpointing: bool = False) -> AbstractContextManager["LatentDiffusion"]:
-        """A context in which a view of the model computes with ``fn(W)`` in place of each
-        named parameter W (canonical names), differentiably: LoRA adapters, trainable
-        copies (full fine-tuning) and weight modulations all plug in here.  The base
-        weights are never modified; the view is valid inside the ``with`` block only.
-        An empty mapping still gives a view that autograd can differentiate through
-        (e.g. w.r.t. ``cond``), which a back end may need to arrange.
+                gradient_checkpointing: bool = False) -> AbstractContextManager["Denoiser"]:
+        """One view, active for the whole block (every use of the model inside is adapted);
+        differentiable.  An empty mapping still gives a view autograd can differentiate
+        through (e.g. w.r.t. ``cond``)."""
+        ...
 
-        A function with an ``output_delta(module, x)`` method (a LoRA) may instead be
-        applied to the layer's output, ``y + output_delta(module, x)``: the same result
-        without a full-size weight or weight gradient.  Both back ends do so."""
+
+@runtime_checkable
+class LatentDiffusion(Denoiser, Protocol):
+    """A text-conditioned latent Denoiser (SD 1.x family): adds the VAE and the text encoder."""
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the text-encoder output the denoiser cross-attends to (768 for SD 1.x)."""
         ...
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -96,11 +165,8 @@ class LatentDiffusion(Protocol):
         ...
 
 
-WeightFunction = Callable[[torch.Tensor], torch.Tensor]
-
-
 class DeltaFunction(nn.Module):
-    """Weight function W -> W + delta (a fixed, trained delta reshaped to W)."""
+    """Weight function W -> W + strength * delta (a fixed, trained delta reshaped to W)."""
 
     def __init__(self, delta: torch.Tensor, strength: float = 1.0):
         super().__init__()
@@ -122,10 +188,11 @@ class ReplaceFunction(nn.Module):
         return self.param.to(weight.dtype)
 
 
-def denoised(model: LatentDiffusion, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def denoised(model: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+             features: Features | None = None) -> torch.Tensor:
     """x0_hat(x_t) through the seam (Tweedie, :func:`core.diffusion.predict_x0`)."""
     a = model.alphas_cumprod.to(x_t.device)[t.long()]
-    return predict_x0(x_t, model.eps(x_t, t, cond), a)
+    return predict_x0(x_t, model.eps(x_t, t, cond, features), a)
 
 
 def check_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:

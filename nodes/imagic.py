@@ -16,10 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.artifact_io import atomic_save_safetensors
-from ..core.finetune import DEFAULT_LR, FineTuneConfig, finetune
-from ..core.interpolate import interpolate
-from ..core.lora import LoRAConfig
-from ..core.optimize_embedding import EmbeddingConfig, optimize_embedding
+from ..core.imagic import (
+    DEFAULT_LR,
+    EmbeddingConfig,
+    FineTuneConfig,
+    LoRAConfig,
+    finetune,
+    interpolate,
+    optimize_embedding,
+)
 from ..core.plot import loss_curve, pil_to_tensor
 from . import comfy_bridge as bridge
 from .common import (

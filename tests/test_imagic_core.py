@@ -16,15 +16,13 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 from core.diffusion import predict_x0, q_sample  # noqa: E402
-from core.finetune import FineTuneConfig, finetune  # noqa: E402
-from core.interpolate import interpolate  # noqa: E402
+from core.fit import Interrupted  # noqa: E402
+from core.imagic import EmbeddingConfig, FineTuneConfig, finetune, interpolate, optimize_embedding  # noqa: E402
 from core.lora import LoRA, LoRAConfig, delta_weights, diff_state_dict, lora_state_dict, select_targets  # noqa: E402
 from core.losses import NoiseDraw, denoising_loss  # noqa: E402
-from core.optimize_embedding import EmbeddingConfig, optimize_embedding  # noqa: E402
 from core.sampling import ddim_sample  # noqa: E402
 from core.sd.backend import DiffusersSD  # noqa: E402
 from core.sd.tokenizer import load_clip_tokenizer  # noqa: E402
-from core.training import Interrupted  # noqa: E402
 from helpers import ROOT  # noqa: E402
 from tiny_sd import build_tiny  # noqa: E402
 

@@ -3,10 +3,7 @@
     python -m core.imagic --checkpoint v1-5-pruned-emaonly.safetensors --image in.png \\
         --prompt "a photo of a sitting dog" --eta 0.9 --out out.png
 
-Stages: (1) optimise e_tgt into e_opt (:mod:`core.optimize_embedding`), (2) fine-tune
-the UNet at e_opt (:mod:`core.finetune`, LoRA by default), (3) sample with DDIM and
-classifier-free guidance at e = eta e_tgt + (1 - eta) e_opt (:mod:`core.interpolate`,
-:mod:`core.sampling`).  Everything is read from local files (offline).  ``--etas``
+Stages: see :mod:`core.imagic.pipeline`.  Everything is read from local files (offline).  ``--etas``
 renders several etas with one seed; ``--save-delta`` keeps the trained delta and e_opt
 in the pack's file layout (loadable by ComfyUI's LoRA loaders and by Load Trained).
 """
@@ -14,85 +11,15 @@ in the pack's file layout (loadable by ComfyUI's LoRA loaders and by Load Traine
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .artifact_io import atomic_save_safetensors
-from .finetune import FineTuneConfig, FineTuneResult, finetune
-from .interpolate import interpolate
-from .lora import LoRAConfig
-from .optimize_embedding import EmbeddingConfig, EmbeddingResult, optimize_embedding
-from .sampling import ddim_sample
-from .seam import LatentDiffusion
-
-
-@dataclass
-class ImagicEdit:
-    e_tgt: torch.Tensor
-    embedding: EmbeddingResult
-    tuned: FineTuneResult
-
-    def render(self, model: LatentDiffusion, eta: float, shape, steps: int = 50, guidance: float = 7.5,
-               seed: int = 0) -> torch.Tensor:
-        """Decoded image(s) [B, 3, H, W] in [0, 1] for one eta."""
-        uncond = model.encode_text([""])
-        e = interpolate(self.e_tgt, self.embedding.e_opt, eta)
-        with model.adapted(self.tuned.weight_functions()) as tuned:
-            latent = ddim_sample(tuned, e, uncond, shape=shape, steps=steps, guidance=guidance, seed=seed)
-        return model.decode(latent)
-
-
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """RGB image resized (shorter side) and centre-cropped to size x size -> [1, 3, S, S] in [0, 1]."""
-    img = Image.open(path).convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.LANCZOS)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img).astype(np.float32) / 255).permute(2, 0, 1)[None]
-
-
-def edit(model: LatentDiffusion, image: torch.Tensor, prompt: str, emb_config: EmbeddingConfig,
-         ft_config: FineTuneConfig, log=print) -> ImagicEdit:
-    """Run stages 1 and 2 for ``image`` [1, 3, H, W] in [0, 1] and target ``prompt``."""
-    latent = model.encode(image)
-    e_tgt = model.encode_text([prompt])
-
-    def progress(name):
-        def on_step(i, n, info):
-            if i == 1 or i % max(1, n // 10) == 0 or i == n:
-                log(f"  {name} {i}/{n}  loss {info['loss']:.4f}")
-        return on_step
-
-    t0 = time.perf_counter()
-    emb = optimize_embedding(model, latent, e_tgt, emb_config, on_step=progress("embedding"))
-    log(f"stage 1 (embedding, {emb_config.steps} steps): {time.perf_counter() - t0:.1f} s")
-    t0 = time.perf_counter()
-    tuned = finetune(model, latent, emb.e_opt, ft_config, on_step=progress(f"fine-tune ({ft_config.mode})"))
-    log(f"stage 2 (fine-tune, {ft_config.steps} steps, {tuned.trainable_parameters:,} trainable): "
-        f"{time.perf_counter() - t0:.1f} s")
-    return ImagicEdit(e_tgt, emb, tuned)
-
-
-def save_edit(result: ImagicEdit, path: str | Path) -> Path:
-    tensors = dict(result.tuned.delta)
-    tensors["sie.embedding"] = result.embedding.e_opt.detach().float().cpu()
-    meta = {"format": "sie.trained", "version": "1", "method": "imagic", "mode": result.tuned.mode,
-            "info": json.dumps({"final_loss": result.tuned.losses[-1]})}
-    return atomic_save_safetensors(tensors, path, meta)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray((x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round()
-                           .astype(np.uint8))
+from ..lora import LoRAConfig
+from .embedding import EmbeddingConfig
+from .finetune import FineTuneConfig
+from .pipeline import edit, load_image, save_edit, to_pil
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.size % 8:
         ap.error("--size must be a multiple of 8")
-    from .sd.loader import load_sd15
+    from ..sd.loader import load_sd15
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .seam import LatentDiffusion
-from .training import OnStep, ShouldStop, fit_denoising
+from ..fit import FitConfig, OnStep, ShouldStop, fit
+from ..losses import NoiseDraw, eps_term
+from ..seam import LatentDiffusion
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,10 @@ def optimize_embedding(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torc
     device = torch.device(model.device)
     latent = latent.detach().to(device, torch.float32)
     e = torch.nn.Parameter(e_tgt.detach().to(device, torch.float32).clone())
+    draw = NoiseDraw(config.seed, len(model.alphas_cumprod))
     t0 = time.perf_counter()
     with model.adapted({}, config.gradient_checkpointing) as m:
-        losses = fit_denoising(m, latent, e, [e], config.lr, config.steps, config.seed, "embedding optimisation",
-                               mask, on_step, should_stop)
-    return EmbeddingResult(e.detach().clone(), losses, time.perf_counter() - t0)
+        res = fit([e], lambda step: draw(latent), [eps_term("eps_mse", m, latent, e, mask)],
+                  FitConfig(config.steps, config.lr, what="embedding optimisation"), device,
+                  on_step=on_step, should_stop=should_stop)
+    return EmbeddingResult(e.detach().clone(), res.losses, time.perf_counter() - t0)

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lora import LoRAConfig, diff_state_dict, lora_state_dict, make_loras
-from .seam import DeltaFunction, LatentDiffusion, ReplaceFunction
-from .training import OnStep, ShouldStop, fit_denoising
+from ..fit import FitConfig, OnStep, ShouldStop, fit
+from ..lora import LoRAConfig, diff_state_dict, lora_state_dict, make_loras
+from ..losses import NoiseDraw, eps_term
+from ..seam import DeltaFunction, LatentDiffusion, ReplaceFunction
 
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
 
@@ -79,9 +80,12 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
         fn.to(device)
     trainable = [p for fn in fns.values() for p in fn.parameters()]
     t0 = time.perf_counter()
+    draw = NoiseDraw(config.seed + 1, len(model.alphas_cumprod))
     with model.adapted(fns, config.gradient_checkpointing) as m:
-        losses = fit_denoising(m, latent, cond, trainable, config.learning_rate, config.steps, config.seed + 1,
-                               "fine-tuning", mask, on_step, should_stop)
+        res = fit(trainable, lambda step: draw(latent), [eps_term("eps_mse", m, latent, cond, mask)],
+                  FitConfig(config.steps, config.learning_rate, what="fine-tuning"), device,
+                  on_step=on_step, should_stop=should_stop)
+    losses = res.losses
     with torch.no_grad():
         if config.mode == "lora":
             deltas = {name: fn.delta().detach().float().cpu() for name, fn in fns.items()}

@@ -1,4 +1,4 @@
-"""The diffusers implementation of the seam (:class:`core.seam.LatentDiffusion`)."""
+"""The diffusers implementation of the seam (:class:`core.seam.LatentDiffusion`) for SD 1.x."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-from torch.nn.utils import parametrize
 
 from ..diffusion import sd_alphas_cumprod
-from ..seam import WeightFunction, check_image
+from ..seam import Features, ViewSpec, WeightFunction, check_image
+from ..views import ModuleViews, View, view_tuple
 from .keymap import unet_names
 from .tokenizer import tokenize
 
@@ -51,9 +50,23 @@ class DiffusersSD:
     def scaling_factor(self) -> float:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, **extra) -> torch.Tensor:
+    def _module_views(self) -> ModuleViews:
+        if not hasattr(self, "_views"):
+            self._views = ModuleViews(self.unet, self.canonical_names(), self.unet.conv_in)
+        return self._views
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+            features: Features | None = None) -> torch.Tensor:
+        if features is not None and features.modulation:
+            raise ValueError("a per-call modulation needs a view: use model.views(ViewSpec(modulates=...))")
+        return self._forward(x_t, t, cond, features)
+
+    def _forward(self, x_t, t, cond, features) -> torch.Tensor:
+        if cond is None:
+            raise ValueError("Stable Diffusion needs a text conditioning (cond)")
         dt = self.dtype
-        out = self.unet(x_t.to(dt), t.to(x_t.device), encoder_hidden_states=cond.to(dt), **extra).sample
+        with self._module_views().features(features):
+            out = self.unet(x_t.to(dt), t.to(x_t.device), encoder_hidden_states=cond.to(dt)).sample
         return out.to(x_t.dtype)
 
     def trainable_module(self) -> torch.nn.Module:
@@ -67,44 +80,23 @@ class DiffusersSD:
         return self._canonical
 
     def unet_parameters(self) -> dict[str, torch.Tensor]:
-        params = dict(self.unet.named_parameters())
-        return {canon: params[d] for canon, d in self.canonical_names().items()}
+        return self._module_views().parameters()
+
+    @contextmanager
+    def views(self, *specs: ViewSpec, gradient_checkpointing: bool = False,
+              differentiable: bool = False) -> Iterator[tuple[View, ...]]:
+        """``(base, view_1, ...)`` over this one UNet (:mod:`core.views`): dispatching
+        parametrizations and output hooks, removed afterwards, the stored weights untouched."""
+        with self._module_views().install(specs, gradient_checkpointing) as viewset:
+            yield view_tuple(self, viewset, self._forward)
 
     @contextmanager
     def adapted(self, weight_functions: Mapping[str, WeightFunction],
-                gradient_checkpointing: bool = False) -> Iterator["DiffusersSD"]:
-        """Registers each function as a ``torch.nn.utils.parametrize`` parametrization of its
-        weight for the duration of the block (so it also applies when gradient
-        checkpointing recomputes a block) and removes them afterwards, restoring the
-        original parameters untouched.  The view is this object itself: inside the block
-        every use of this model is adapted."""
-        names = self.canonical_names()
-        unknown = sorted(set(weight_functions) - set(names))
-        if unknown:
-            raise KeyError(f"no such UNet parameters: {unknown[:3]}")
-        done: list[tuple[nn.Module, str]] = []
-        hooks = []
-        was_ckpt = bool(getattr(self.unet, "is_gradient_checkpointing", False))
-        try:
-            for canon, fn in weight_functions.items():
-                path, leaf = names[canon].rsplit(".", 1)
-                module = self.unet.get_submodule(path)
-                if hasattr(fn, "output_delta") and leaf == "weight":
-                    hooks.append(module.register_forward_hook(_output_hook(fn)))
-                    continue
-                parametrize.register_parametrization(module, leaf, fn if isinstance(fn, nn.Module) else _Fn(fn),
-                                                     unsafe=True)
-                done.append((module, leaf))
-            if gradient_checkpointing and hasattr(self.unet, "enable_gradient_checkpointing"):
-                self.unet.enable_gradient_checkpointing()
-            yield self
-        finally:
-            for hook in hooks:
-                hook.remove()
-            for module, leaf in reversed(done):
-                parametrize.remove_parametrizations(module, leaf, leave_parametrized=False)
-            if gradient_checkpointing and not was_ckpt and hasattr(self.unet, "disable_gradient_checkpointing"):
-                self.unet.disable_gradient_checkpointing()
+                gradient_checkpointing: bool = False) -> Iterator[View]:
+        """One view, active for the whole block (every use of this model inside is adapted)."""
+        with self.views(ViewSpec(dict(weight_functions)), gradient_checkpointing=gradient_checkpointing) as (_, v):
+            with v.activated():
+                yield v
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -123,21 +115,3 @@ class DiffusersSD:
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = tokenize(self.tokenizer, prompts).to(self.device)
         return self.text_encoder(ids)[0].float()
-
-
-class _Fn(nn.Module):
-    """Wraps a plain callable so that it can be registered as a parametrization."""
-
-    def __init__(self, fn: WeightFunction):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.fn(weight)
-
-
-def _output_hook(fn):
-    def hook(module, args, output):
-        return output + fn.output_delta(module, args[0])
-
-    return hook

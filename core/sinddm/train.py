@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..diffusion import q_sample
-from ..training import Interrupted, OnStep, check_finite
+from ..fit import Interrupted, OnStep, check_finite
 from .model import NetConfig, SinDDMNet
 from .pyramid import Pyramid
 from .schedule import MultiScaleSchedule

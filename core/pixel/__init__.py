@@ -1,0 +1,21 @@
+"""Pixel-space DDPMs (diffusers ``UNet2DModel``): offline loading and saving.
+
+See :mod:`core.pixel.loader` for the accepted layouts (model folder, pipeline folder,
+self-describing single ``.safetensors``) and what is refused.
+"""
+
+from .loader import (
+    PixelModelError,
+    alphas_cumprod_from_config,
+    load_pixel_unet,
+    save_pixel_folder,
+    save_pixel_unet,
+)
+
+__all__ = [
+    "PixelModelError",
+    "alphas_cumprod_from_config",
+    "load_pixel_unet",
+    "save_pixel_folder",
+    "save_pixel_unet",
+]
