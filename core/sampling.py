@@ -1,22 +1,51 @@
-"""A DDIM sampler with classifier-free guidance through the seam, for standalone use.
+"""DDIM sampling through the seam, for standalone use (inside ComfyUI, sampling is ComfyUI's own).
 
 Song et al. 2021 (DDIM eq. 12) on Stable Diffusion's schedule with diffusers' SD
 settings: "leading" spacing with offset 1 (981, 961, ..., 1 for 50 steps), alpha_bar_0
-past the last step.  Classifier-free guidance (Ho & Salimans 2022):
-eps = eps_u + w (eps_c - eps_u).  Inside ComfyUI, sampling is ComfyUI's own.
+past the last step.
+
+* :func:`ddim_loop`: the loop, driven by any per-step rule ``eps_fn(x, t, i)`` (t the
+  DDPM timestep, i the step index): the standalone side of the per-step guidance rules
+  in :mod:`core.guidance` (SINE eq. 3 with views, LayerDiffusion eq. 8 by index);
+* :func:`ddim_sample`: the loop with classifier-free guidance (Ho & Salimans 2022).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from .diffusion import ddim_step, prev_alpha_bar, timesteps
 from .fit import OnStep
-from .seam import LatentDiffusion
+from .guidance import cfg
+from .seam import Denoiser
+
+EpsRule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (x [B,C,h,w], t [B] long, step index) -> eps
 
 
 @torch.no_grad()
-def ddim_sample(model: LatentDiffusion, cond: torch.Tensor, uncond: torch.Tensor | None = None,
+def ddim_loop(eps_fn: EpsRule, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int = 50,
+              eta: float = 0.0, generator: torch.Generator | None = None,
+              on_step: OnStep | None = None) -> torch.Tensor:
+    """Run DDIM from ``x_T`` [B, C, h, w] with eps from ``eps_fn(x, t, i)``; returns x_0."""
+    ab = alphas_cumprod
+    T = len(ab)
+    x = x_T.float()
+    b = x.shape[0]
+    ts = timesteps(T, steps, "leading", steps_offset=1)
+    for i, t in enumerate(ts.tolist()):
+        tt = torch.full((b,), t, device=x.device, dtype=torch.long)
+        eps = eps_fn(x, tt, i)
+        noise = torch.randn(x.shape, generator=generator).to(x.device) if eta > 0 else None
+        x = ddim_step(x, eps.float(), ab[t], prev_alpha_bar(ab, t - T // steps), eta, noise)
+        if on_step is not None:
+            on_step(i + 1, len(ts), {"t": t})
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(model: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None = None,
                 shape: tuple[int, ...] = (1, 4, 64, 64), steps: int = 50, guidance: float = 7.5,
                 eta: float = 0.0, seed: int = 0, x_T: torch.Tensor | None = None,
                 on_step: OnStep | None = None) -> torch.Tensor:
@@ -35,19 +64,11 @@ def ddim_sample(model: LatentDiffusion, cond: torch.Tensor, uncond: torch.Tensor
         if uncond is None:
             raise ValueError("uncond is required for classifier-free guidance (guidance != 1)")
         uncond = uncond.to(device, torch.float32).expand(b, -1, -1)
-    ab = model.alphas_cumprod
-    T = len(ab)
-    ts = timesteps(T, steps, "leading", steps_offset=1)
-    for i, t in enumerate(ts.tolist()):
-        tt = torch.full((b,), t, device=device, dtype=torch.long)
-        if use_cfg:
-            e = model.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond]))
-            e_u, e_c = e.chunk(2)
-            eps = e_u + guidance * (e_c - e_u)
-        else:
-            eps = model.eps(x, tt, cond)
-        noise = torch.randn(x.shape, generator=gen).to(device) if eta > 0 else None
-        x = ddim_step(x, eps.float(), ab[t], prev_alpha_bar(ab, t - T // steps), eta, noise)
-        if on_step is not None:
-            on_step(i + 1, len(ts), {"t": t})
-    return x
+
+    def eps_fn(x, tt, i):
+        if not use_cfg:
+            return model.eps(x, tt, cond)
+        e_u, e_c = model.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond])).chunk(2)
+        return cfg(e_u, e_c, guidance)
+
+    return ddim_loop(eps_fn, x, model.alphas_cumprod, steps, eta, gen, on_step)

@@ -1,9 +1,10 @@
-"""Pixel-space DDPMs (diffusers ``UNet2DModel``): offline loading and saving.
+"""Pixel-space DDPMs (diffusers ``UNet2DModel``): the seam's pixel back end, offline loading and saving.
 
 See :mod:`core.pixel.loader` for the accepted layouts (model folder, pipeline folder,
 self-describing single ``.safetensors``) and what is refused.
 """
 
+from .backend import DiffusersPixel
 from .loader import (
     PixelModelError,
     alphas_cumprod_from_config,
@@ -13,6 +14,7 @@ from .loader import (
 )
 
 __all__ = [
+    "DiffusersPixel",
     "PixelModelError",
     "alphas_cumprod_from_config",
     "load_pixel_unet",

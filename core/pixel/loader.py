@@ -349,7 +349,9 @@ def _assign_weights(unet: torch.nn.Module, state: dict[str, torch.Tensor], sourc
             f"{source}: {len(wrong)} tensors have a shape the config does not expect (file vs model: {examples}). "
             "The weights and config.json must come from the same model."
         )
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # copy=True: fresh, aligned allocations (tensors read from a file may sit at unaligned offsets, which
+    # makes oneDNN pick other kernels and outputs differ from the saved module's in the last bits)
+    state = {k: v.to(dtype, copy=True) if v.is_floating_point() else v.clone() for k, v in state.items()}
     unet.load_state_dict(state, strict=True, assign=True)
 
 
