@@ -1,4 +1,5 @@
-"""The only module that touches ComfyUI internals; every import of ComfyUI is lazy.
+"""The ComfyUI bridge (with ``comfy_views`` and ``comfy_guider``, the only modules that touch ComfyUI
+internals); every import of ComfyUI is lazy.
 
 What the pack uses from ComfyUI, all of it here:
 
@@ -7,7 +8,9 @@ What the pack uses from ComfyUI, all of it here:
   :class:`Progress`;
 * ``folder_paths`` for the pack's model folders: :func:`list_models`,
   :func:`model_path`, :func:`save_dir`;
-* ``MODEL`` / ``CLIP`` / ``VAE`` objects, seen through the core seam: :class:`ComfySD`.
+* ``MODEL`` / ``CLIP`` / ``VAE`` objects, seen through the core seam: :class:`ComfySD`
+  (in :mod:`nodes.comfy_views`, with the views that coexist on one loaded MODEL), and
+  the GUIDER base that hands per-step rules their step index (:mod:`nodes.comfy_guider`).
 
 Outside a ComfyUI process (tests, scripts) the folder and progress helpers degrade to
 no-ops or empty lists instead of failing.
@@ -201,192 +204,8 @@ def free_memory() -> None:
         pass
 
 
-# --------------------------------------------------------------------------------------
-# The seam over ComfyUI's MODEL / CLIP / VAE
-# --------------------------------------------------------------------------------------
-class ComfySD:
-    """:class:`core.seam.LatentDiffusion` over a ComfyUI MODEL (ModelPatcher), CLIP and VAE.
-
-    ``eps`` runs through ``BaseModel.apply_model`` with the patcher's
-    ``transformer_options``, so weight patches, weight wrappers and model patches set on
-    the MODEL apply.  The variance-preserving x_t of the seam is converted to ComfyUI's
-    sigma parameterisation (x = x_t / sqrt(alpha_bar), sigma = sqrt((1 - alpha_bar) /
-    alpha_bar)) and the denoised output back to epsilon.  ``encode`` crops images to a
-    multiple of 8 as ComfyUI's VAE does.
-    """
-
-    def __init__(self, model, clip=None, vae=None):
-        import comfy.model_management
-
-        self.model, self.clip, self.vae = model, clip, vae
-        self._mm = comfy.model_management
-        ms = model.get_model_object("model_sampling")
-        sigmas = ms.sigmas.detach().to("cpu", torch.float64)
-        self._alphas_cumprod = 1.0 / (sigmas**2 + 1.0)
-        self._loaded = False
-
-    def _load(self) -> None:
-        if not self._loaded:
-            self._mm.load_models_gpu([self.model])
-            self._loaded = True
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self._alphas_cumprod
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.load_device
-
-    @property
-    def context_dim(self) -> int:
-        return int(self.model.model.model_config.unet_config.get("context_dim") or 0)
-
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, **extra) -> torch.Tensor:
-        self._load()
-        a = self._alphas_cumprod.to(x_t.device)[t.long().to(x_t.device)]  # [B] float64
-        sigma = ((1 - a) / a).sqrt().to(torch.float32)
-        x = x_t / a.sqrt().to(x_t.dtype).view(-1, 1, 1, 1)
-        options = dict(self.model.model_options.get("transformer_options", {}))
-        den = self.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options=options, **extra)
-        return ((x - den) / sigma.view(-1, 1, 1, 1)).to(x_t.dtype)
-
-    def trainable_module(self) -> torch.nn.Module:
-        return self.model.model.diffusion_model
-
-    def unet_parameters(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.model.diffusion_model.named_parameters())
-
-    @contextmanager
-    def adapted(self, weight_functions: Mapping, gradient_checkpointing: bool = False) -> Iterator["ComfySD"]:
-        """A view over a *clone* of the MODEL with ComfyUI weight wrappers.
-
-        Each function is attached with ``ModelPatcher.add_weight_wrapper`` (ComfyUI's own
-        mechanism for trainable adapters): the shared module's weights are never written,
-        ComfyUI applies the wrappers while the clone is loaded and drops them when another
-        patcher of the model loads.  Functions with ``output_delta`` (LoRA) are applied to
-        the layer's output through an object patch of its ``forward`` instead (no full-size
-        weight gradient), also undone on unload.  *Every* weight gets a wrapper that sees a detached
-        copy: ComfyUI loads weights inside inference mode (they cannot be saved for
-        backward) and with requires_grad set (they must not collect gradients); a wrapped
-        layer computes with an ordinary per-call copy instead.  Gradient checkpointing
-        wraps the forward of every block (object patches, also undone on unload).
-        """
-        import comfy.model_management
-
-        dm = self.model.model.diffusion_model
-        params = dict(dm.named_parameters())
-        unknown = sorted(set(weight_functions) - set(params))
-        if unknown:
-            raise KeyError(f"no such UNet parameters: {unknown[:3]}")
-        clone = self.model.clone()
-        modules = dict(dm.named_modules())
-        for name in params:
-            path, leaf = name.rsplit(".", 1)
-            owner = modules[path]
-            if not hasattr(owner, "weight_function"):
-                raise RuntimeError(f"cannot adapt {name}: its layer ({type(owner).__name__}) is not a ComfyUI op")
-            fn = weight_functions.get(name)
-            if fn is not None and hasattr(fn, "output_delta") and leaf == "weight":
-                clone.add_object_patch(f"diffusion_model.{path}.forward", _OutputDelta(owner, fn))
-                fn = None
-            clone.add_weight_wrapper(f"diffusion_model.{name}", _Detached(fn))
-        if gradient_checkpointing:
-            for path, module in _blocks(dm):
-                clone.add_object_patch(f"diffusion_model.{path}.forward", _checkpointed(module.forward))
-        comfy.model_management.load_models_gpu([clone], memory_required=1e20, force_full_load=True)
-        try:
-            yield ComfySD(clone, self.clip, self.vae)
-        finally:
-            _unload(clone, dm)
-
-    @torch.no_grad()
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            raise ValueError("this ComfySD has no VAE")
-        raw = self.vae.encode(image.movedim(1, -1)[..., :3])
-        return self.model.model.process_latent_in(raw.to(self.device)).float()
-
-    @torch.no_grad()
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            raise ValueError("this ComfySD has no VAE")
-        img = self.vae.decode(self.model.model.process_latent_out(latent))
-        return img.reshape(-1, *img.shape[-3:]).movedim(-1, 1).float()
-
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        if self.clip is None:
-            raise ValueError("this ComfySD has no CLIP")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        conds = [self.clip.encode_from_tokens(self.clip.tokenize(p)) for p in prompts]
-        return torch.cat(conds, 0).float()
-
-
-class _Detached:
-    """Weight wrapper: ``fn(W.detach())`` (or the detached copy itself when ``fn`` is None)."""
-
-    def __init__(self, fn=None):
-        self.fn = fn
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        w = weight.detach()
-        return w if self.fn is None else self.fn(w)
-
-    def move_to(self, device=None) -> int:
-        """ComfyUI moves weight functions with the model; returns the bytes moved."""
-        if isinstance(self.fn, torch.nn.Module) and device is not None:
-            self.fn.to(device)
-            return sum(p.numel() * p.element_size() for p in self.fn.parameters())
-        return 0
-
-
-def _unload(clone, module: torch.nn.Module) -> None:
-    """Unload a training clone now (not whenever ComfyUI next needs the memory), so that
-    the trainable tensors its wrappers hold are freed, and drop our wrappers from the
-    shared layers (ComfyUI resets these lists on the next load anyway)."""
-    import comfy.model_management as mm
-
-    for i, loaded in enumerate(list(mm.current_loaded_models)):
-        if loaded.model is clone:
-            mm.current_loaded_models.pop(i).model_unload()
-            break
-    for m in module.modules():
-        for attr in ("weight_function", "bias_function"):
-            fns = getattr(m, attr, None)
-            if fns and any(isinstance(f, _Detached) for f in fns):
-                setattr(m, attr, [f for f in fns if not isinstance(f, _Detached)])
-
-
-class _OutputDelta:
-    """Object patch for a layer's ``forward``: y = forward(x) + fn.output_delta(layer, x)."""
-
-    def __init__(self, layer: torch.nn.Module, fn):
-        self.forward, self.layer, self.fn = layer.forward, layer, fn
-
-    def __call__(self, x, *args, **kwargs):
-        return self.forward(x, *args, **kwargs) + self.fn.output_delta(self.layer, x)
-
-
-def _checkpointed(forward):
-    import torch.utils.checkpoint
-
-    def run(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
-
-
-def _blocks(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.nn.Module]]:
-    """The outermost non-container sub-modules (ResBlocks, transformers, resamplers...)."""
-    for name, child in module.named_children():
-        path = f"{prefix}{name}"
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
-            yield from _blocks(child, path + ".")
-        else:
-            yield path, child
-
+# The seam over ComfyUI's MODEL / CLIP / VAE lives in nodes/comfy_views.py (re-exported here).
+from .comfy_views import ComfySD  # noqa: E402,F401
 
 # --------------------------------------------------------------------------------------
 # MODEL checks and patches, sampling

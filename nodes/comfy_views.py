@@ -1,0 +1,306 @@
+"""The seam over ComfyUI's MODEL / CLIP / VAE, with views that coexist on one loaded MODEL.
+
+:class:`ComfySD` is a :class:`core.seam.LatentDiffusion`.  Its views
+(:meth:`ComfySD.views`) are built by :func:`install_views`: one clone of the MODEL whose
+adapted layers get a *dispatching* weight wrapper (``ModelPatcher.add_weight_wrapper``)
+or, for output-side functions (LoRA, per-sample modulation), a dispatching object
+patch of the layer's ``forward``.  The dispatchers read which view is active from a
+shared :class:`core.views.ViewSet`, so the clone is loaded once (one
+``load_models_gpu`` call, no ``memory_required`` that would evict other models) and
+switching between the base and its views inside one sampling step costs nothing but
+the adapted layers' per-call work.  The same clone is what the GUIDER base
+(:mod:`nodes.comfy_guider`) hands to ComfyUI's sampling.
+
+Features (:class:`core.seam.Features`) travel in ``transformer_options["sie_features"]``;
+:class:`InputMapPatch`, an ``input_block_patch``, adds ``input_map`` after input block 0
+(the UNet's first convolution, before the skip is stored, as the diffusers back end
+does after ``conv_in``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from ..core.seam import Features, ViewSpec, WeightFunction
+from ..core.views import View, ViewSet, view_tuple
+
+FEATURES_KEY = "sie_features"
+
+
+class InputMapPatch:
+    """``input_block_patch``: h + features.input_map(h, crop_box) after input block 0."""
+
+    def __call__(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        f: Features | None = transformer_options.get(FEATURES_KEY)
+        if f is None or f.input_map is None or transformer_options.get("block") != ("input", 0):
+            return h
+        return h + f.input_map(h, f.crop_box).to(h.dtype)
+
+    def to(self, *args, **kwargs) -> "InputMapPatch":  # ComfyUI moves model patches with the model
+        return self
+
+
+def with_features(model_options: dict, features: Features | None) -> dict:
+    """A copy of ``model_options`` whose transformer options carry ``features`` and the input-map patch."""
+    opts = dict(model_options)
+    to = dict(opts.get("transformer_options", {}))
+    if features is not None:
+        to[FEATURES_KEY] = features
+        if features.input_map is not None:
+            patches = {k: list(v) for k, v in to.get("patches", {}).items()}
+            if not any(isinstance(p, InputMapPatch) for p in patches.get("input_block_patch", [])):
+                patches.setdefault("input_block_patch", []).append(InputMapPatch())
+            to["patches"] = patches
+    opts["transformer_options"] = to
+    return opts
+
+
+class _WeightDispatch:
+    """Weight wrapper: the active view's weight functions (and this call's modulation) on W.
+
+    ``detach``: compute with a detached per-call copy (training: ComfyUI loads weights
+    inside inference mode and with requires_grad set; a wrapped layer then computes with
+    an ordinary tensor that autograd may save and that collects no gradient)."""
+
+    def __init__(self, viewset: ViewSet, name: str | None, detach: bool):
+        self.viewset, self.name, self.detach = viewset, name, detach
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach() if self.detach else weight
+        if self.name is None:
+            return w
+        for fn in self.viewset.functions(self.name):
+            if not hasattr(fn, "output_delta"):
+                w = fn(w)
+        return w
+
+    def move_to(self, device=None) -> int:
+        """ComfyUI moves weight functions with the model; returns the bytes moved."""
+        moved = 0
+        if device is None:
+            return 0
+        for spec in self.viewset.specs:
+            fn = spec.weight_functions.get(self.name) if self.name else None
+            if isinstance(fn, torch.nn.Module):
+                fn.to(device)
+                moved += sum(p.numel() * p.element_size() for p in fn.parameters())
+        return moved
+
+
+class _OutputDispatch:
+    """Object patch for a layer's ``forward``: y = forward(x) + sum of the active output deltas."""
+
+    def __init__(self, layer: torch.nn.Module, viewset: ViewSet, name: str):
+        self.forward, self.layer, self.viewset, self.name = layer.forward, layer, viewset, name
+
+    def __call__(self, x, *args, **kwargs):
+        y = self.forward(x, *args, **kwargs)
+        for fn in self.viewset.functions(self.name):
+            if hasattr(fn, "output_delta"):
+                y = y + fn.output_delta(self.layer, x)
+        return y
+
+
+def install_views(model, specs: Sequence[ViewSpec], gradient_checkpointing: bool = False,
+                  differentiable: bool = False) -> tuple[object, ViewSet]:
+    """(a clone of ``model`` carrying the dispatchers, the view set); nothing is loaded yet."""
+    dm = model.model.diffusion_model
+    params = dict(dm.named_parameters())
+    viewset = ViewSet(specs)
+    names = set().union(*(s.names() for s in specs)) if specs else set()
+    unknown = sorted(names - set(params))
+    if unknown:
+        raise KeyError(f"no such UNet parameters: {unknown[:3]}")
+    modulated = set().union(*(s.modulates for s in specs)) if specs else set()
+    clone = model.clone()
+    modules = dict(dm.named_modules())
+    for name in (params if differentiable else sorted(names)):
+        path, leaf = name.rsplit(".", 1)
+        owner = modules[path]
+        if not hasattr(owner, "weight_function"):
+            raise RuntimeError(f"cannot adapt {name}: its layer ({type(owner).__name__}) is not a ComfyUI op")
+        fns = [s.weight_functions.get(name) for s in specs]
+        if leaf == "weight" and (name in modulated or any(hasattr(f, "output_delta") for f in fns)):
+            clone.add_object_patch(f"diffusion_model.{path}.forward", _OutputDispatch(owner, viewset, name))
+        clone.add_weight_wrapper(f"diffusion_model.{name}", _WeightDispatch(viewset, name if name in names else None,
+                                                                            differentiable))
+    if gradient_checkpointing:
+        for path, module in _blocks(dm):
+            clone.add_object_patch(f"diffusion_model.{path}.forward", _checkpointed(module.forward))
+    return clone, viewset
+
+
+class ComfySD:
+    """:class:`core.seam.LatentDiffusion` over a ComfyUI MODEL (ModelPatcher), CLIP and VAE.
+
+    ``eps`` runs through ``BaseModel.apply_model`` with the patcher's
+    ``transformer_options``, so weight patches, weight wrappers and model patches set on
+    the MODEL apply.  The variance-preserving x_t of the seam is converted to ComfyUI's
+    sigma parameterisation (x = x_t / sqrt(alpha_bar), sigma = sqrt((1 - alpha_bar) /
+    alpha_bar)) and the denoised output back to epsilon.  ``encode`` crops images to a
+    multiple of 8 as ComfyUI's VAE does.
+    """
+
+    def __init__(self, model, clip=None, vae=None, loaded: bool = False):
+        import comfy.model_management
+
+        self.model, self.clip, self.vae = model, clip, vae
+        self._mm = comfy.model_management
+        ms = model.get_model_object("model_sampling")
+        sigmas = ms.sigmas.detach().to("cpu", torch.float64)
+        self._alphas_cumprod = 1.0 / (sigmas**2 + 1.0)
+        self._loaded = loaded
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._mm.load_models_gpu([self.model])
+            self._loaded = True
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.load_device
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.model.model.model_config.unet_config.get("context_dim") or 0)
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+            features: Features | None = None) -> torch.Tensor:
+        if features is not None and features.modulation:
+            raise ValueError("a per-call modulation needs a view: use model.views(ViewSpec(modulates=...))")
+        self._load()
+        return self._forward(x_t, t, cond, features)
+
+    def _forward(self, x_t, t, cond, features) -> torch.Tensor:
+        a = self._alphas_cumprod.to(x_t.device)[t.long().to(x_t.device)]  # [B] float64
+        sigma = ((1 - a) / a).sqrt().to(torch.float32)
+        x = x_t / a.sqrt().to(x_t.dtype).view(-1, 1, 1, 1)
+        opts = with_features(self.model.model_options, features)["transformer_options"]
+        den = self.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options=opts)
+        return ((x - den) / sigma.view(-1, 1, 1, 1)).to(x_t.dtype)
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model.model.diffusion_model
+
+    def unet_parameters(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.model.diffusion_model.named_parameters())
+
+    @contextmanager
+    def views(self, *specs: ViewSpec, gradient_checkpointing: bool = False,
+              differentiable: bool = False) -> Iterator[tuple[View, ...]]:
+        """``(base, view_1, ...)`` on one clone of the MODEL, loaded once (see the module docstring).
+
+        The clone is unloaded at the end of the block, so trainable tensors the wrappers hold
+        are freed and the shared layers lose the dispatchers."""
+        import comfy.model_management
+
+        clone, viewset = install_views(self.model, specs, gradient_checkpointing, differentiable)
+        comfy.model_management.load_models_gpu([clone], force_full_load=differentiable)
+        owner = ComfySD(clone, self.clip, self.vae, loaded=True)
+        try:
+            yield view_tuple(owner, viewset, owner._forward)
+        finally:
+            _unload(clone, self.model.model.diffusion_model)
+
+    @contextmanager
+    def adapted(self, weight_functions: Mapping[str, WeightFunction],
+                gradient_checkpointing: bool = False) -> Iterator[View]:
+        """One differentiable view, active for the whole block.  *Every* weight gets a
+        wrapper that computes with a detached per-call copy (see :class:`_WeightDispatch`)."""
+        with self.views(ViewSpec(dict(weight_functions)), gradient_checkpointing=gradient_checkpointing,
+                        differentiable=True) as (_, v):
+            with v.activated():
+                yield v
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise ValueError("this ComfySD has no VAE")
+        raw = self.vae.encode(image.movedim(1, -1)[..., :3])
+        return self.model.model.process_latent_in(raw.to(self.device)).float()
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise ValueError("this ComfySD has no VAE")
+        img = self.vae.decode(self.model.model.process_latent_out(latent))
+        return img.reshape(-1, *img.shape[-3:]).movedim(-1, 1).float()
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if self.clip is None:
+            raise ValueError("this ComfySD has no CLIP")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        conds = [self.clip.encode_from_tokens(self.clip.tokenize(p)) for p in prompts]
+        return torch.cat(conds, 0).float()
+
+
+class PatchFunction:
+    """Weight function applying ComfyUI weight patches (``ModelPatcher.patches`` entries:
+    LoRA, diff, ...) with ComfyUI's own ``comfy.lora.calculate_weight``: a view of a MODEL
+    that a LoRA loader or a fine-tune node patched."""
+
+    def __init__(self, patches: list, key: str):
+        self.patches, self.key = patches, key
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        import comfy.lora
+
+        return comfy.lora.calculate_weight(self.patches, weight.float(), self.key).to(weight.dtype)
+
+
+def view_spec_from_patched(base, patched, features: Features | None = None) -> ViewSpec:
+    """A :class:`ViewSpec` giving ``patched`` (a clone of ``base`` with extra weight patches,
+    e.g. from Load LoRA or Fine-Tune) as a view of ``base``."""
+    if not base.is_clone(patched):
+        raise ValueError("the patched MODEL is not a clone of the base MODEL (a different checkpoint)")
+    fns = {}
+    for key, plist in patched.patches.items():
+        extra = plist[len(base.patches.get(key, [])):]
+        if extra and key.startswith("diffusion_model."):
+            fns[key[len("diffusion_model."):]] = PatchFunction(extra, key)
+    return ViewSpec(fns, features)
+
+
+def _unload(clone, module: torch.nn.Module) -> None:
+    """Unload a views clone now (not whenever ComfyUI next needs the memory), so that the
+    tensors its wrappers hold are freed, and drop our wrappers from the shared layers
+    (ComfyUI resets these lists on the next load anyway)."""
+    import comfy.model_management as mm
+
+    for i, loaded in enumerate(list(mm.current_loaded_models)):
+        if loaded.model is clone:
+            mm.current_loaded_models.pop(i).model_unload()
+            break
+    for m in module.modules():
+        for attr in ("weight_function", "bias_function"):
+            fns = getattr(m, attr, None)
+            if fns and any(isinstance(f, _WeightDispatch) for f in fns):
+                setattr(m, attr, [f for f in fns if not isinstance(f, _WeightDispatch)])
+
+
+def _checkpointed(forward):
+    import torch.utils.checkpoint
+
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def _blocks(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.nn.Module]]:
+    """The outermost non-container sub-modules (ResBlocks, transformers, resamplers...)."""
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+            yield from _blocks(child, path + ".")
+        else:
+            yield path, child
