@@ -1,0 +1,45 @@
+"""Records SinDDM's fixed-seed training losses and EMA weights (run once, before the trainer moved onto core.fit).
+
+    python tests/record_sinddm_losses.py   # writes tests/data/sinddm_recorded_losses.json
+
+The numbers were produced by this script at commit f99f35a with ``core.sinddm.train`` still on
+its own loop; ``tests/test_sinddm.py::test_trainer_reproduces_recorded_losses`` checks that the
+trainer on the engine's fit loop gives the same numbers.  They are *our* numbers, not the
+official code's (those live in sinddm_official_reference.json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def record() -> dict:
+    from PIL import Image
+
+    from core.sinddm.model import NetConfig
+    from core.sinddm.pyramid import build_pyramid
+    from core.sinddm.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    img = Image.open(ROOT / "core/sinddm/data/coffee_128x100.png").convert("RGB")
+    pyr = build_pyramid(img)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        res = train(pyr, NetConfig(8), TrainConfig(steps=24, batch_size=2, seed=3, precision=precision))
+        out[precision] = {"losses": res.losses,
+                          "ema_sum": float(sum(p.detach().double().sum() for p in res.net.parameters()))}
+    return out
+
+
+if __name__ == "__main__":
+    data = {"about": "SinDDM losses and EMA parameter sums, tiny net, recorded by tests/record_sinddm_losses.py "
+                     "at commit f99f35a (SinDDM's own loop), 1 thread.", **record()}
+    (ROOT / "tests/data/sinddm_recorded_losses.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps(data)[:400])
