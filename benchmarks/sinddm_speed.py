@@ -89,7 +89,7 @@ def main() -> None:
     cfg = TrainConfig(steps=1000, batch_size=a.batch, precision=a.precision)
     gen = torch.Generator(device=device).manual_seed(0)
     ours = TrainStep(SinDDMNet(NetConfig(a.width)), pyr, cfg, device, gen)
-    runners = {"ours": ours}
+    runners = {"ours": ours.step}
     if a.official:
         runners["official"] = Official(a.official, a.image, a.batch, a.width, device, pyr)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, image {a.image} "

@@ -66,6 +66,7 @@ class FitConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     decay_every: int = 0  # step decay: lr * decay_gamma every decay_every steps (0: constant lr)
     decay_gamma: float = 1.0
+    milestones: tuple[int, ...] = ()  # or: lr * decay_gamma at each of these steps (SinDDM's schedule)
     precision: str = "auto"  # "auto" (GPU: bf16 or fp16 autocast; CPU: fp32) | "fp32" | "bf16" | "fp16"
     grad_clip: float | None = None
     what: str = "optimisation"
@@ -81,6 +82,8 @@ class FitConfig:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.decay_every < 0 or not self.decay_gamma > 0:
             raise ValueError("decay_every must be >= 0 and decay_gamma > 0")
+        if self.decay_every and self.milestones:
+            raise ValueError("give decay_every or milestones, not both")
 
 
 @dataclass
@@ -119,19 +122,25 @@ def make_optimizer(parameters: Iterable, config: FitConfig) -> torch.optim.Optim
 def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Term], config: FitConfig,
         device: torch.device | str = "cpu", scope: Callable[[], AbstractContextManager] | None = None,
         on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
-        after_step: Callable[[int], None] | None = None) -> FitResult:
+        after_step: Callable[[int], dict | None] | None = None,
+        optimizer: torch.optim.Optimizer | None = None) -> FitResult:
     """Minimise sum_k w_k term_k over ``parameters`` for ``config.steps`` steps.
 
     ``on_step(i, n, info)`` gets ``info["loss"]`` (the total) and ``info["terms"]``; it may
     raise to cancel, and ``should_stop()`` True raises :class:`Interrupted`.
-    ``after_step(i)`` runs after each optimiser step (e.g. an EMA update).
+    ``after_step(i)`` runs after each optimiser step (e.g. an EMA update); a dict it
+    returns is merged into ``info``.  ``optimizer``: an existing optimiser to continue
+    (its parameters replace ``parameters``).
     """
     if not terms:
         raise ValueError("fit needs at least one loss term")
     device = torch.device(device)
-    opt = make_optimizer(parameters, config)
-    sched = (torch.optim.lr_scheduler.StepLR(opt, config.decay_every, config.decay_gamma)
-             if config.decay_every else None)
+    opt = optimizer if optimizer is not None else make_optimizer(parameters, config)
+    sched = None
+    if config.decay_every:
+        sched = torch.optim.lr_scheduler.StepLR(opt, config.decay_every, config.decay_gamma)
+    elif config.milestones:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(config.milestones), config.decay_gamma)
     dtype = autocast_dtype(device, config.precision)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     trainable = [p for g in opt.param_groups for p in g["params"]]
@@ -165,10 +174,10 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
             result.terms[term.name].append(v.item())
         result.steps_done = step
         check_finite(total, step, config.what)
+        info = {"loss": total, "terms": {k: v[-1] for k, v in result.terms.items()}, "lr": opt.param_groups[0]["lr"]}
         if after_step is not None:
-            after_step(step)
+            info.update(after_step(step) or {})
         if on_step is not None:
-            on_step(step, config.steps, {"loss": total, "terms": {k: v[-1] for k, v in result.terms.items()},
-                                         "lr": opt.param_groups[0]["lr"]})
+            on_step(step, config.steps, info)
     result.seconds = time.perf_counter() - t0
     return result

@@ -19,11 +19,12 @@ no-ops or empty lists instead of failing.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from .comfy_views import ComfySD  # noqa: F401  (re-exported: the seam over MODEL / CLIP / VAE)
 
 # folder_paths name -> (sub-folder of ComfyUI's models dir, accepted extensions)
 MODEL_FOLDERS = {
@@ -203,9 +204,6 @@ def free_memory() -> None:
     except ImportError:
         pass
 
-
-# The seam over ComfyUI's MODEL / CLIP / VAE lives in nodes/comfy_views.py (re-exported here).
-from .comfy_views import ComfySD  # noqa: E402,F401
 
 # --------------------------------------------------------------------------------------
 # MODEL checks and patches, sampling

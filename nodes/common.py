@@ -8,6 +8,7 @@ dialog and in the ``execution_error`` of the API.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -95,22 +96,47 @@ def safe_prefix(prefix: str, name: str = "filename_prefix") -> str:
 
 def save_output(root: Path, filename_prefix: str, write, what: str) -> dict:
     """The body of a saver node: a fresh ``<prefix>_NNNNN.safetensors`` under ``root``, written by
-    ``write(path)``; returns the node's ``{"ui": {"text": [relative name]}}``."""
+    ``write(path)``; returns the node's ``{"ui": {"text": [relative name]}}``.
+
+    The name is claimed atomically first (:func:`next_free_path`), so two saves running at
+    once never pick the same name; ``write`` must replace the placeholder atomically (a
+    temporary file renamed over it, as :func:`core.artifact_io.atomic_save_safetensors`
+    does).  If ``write`` fails, no file is left under the name.
+    """
     import logging
 
     path = next_free_path(root, safe_prefix(filename_prefix), ".safetensors")
-    write(path)
+    try:
+        write(path)
+    except BaseException:
+        path.unlink(missing_ok=True)  # the placeholder, or whatever a failed write left there
+        raise
     logging.getLogger("comfyui-single-image-edit").info("saved %s to %s", what, path)
     return {"ui": {"text": [path.relative_to(root).as_posix()]}}
 
 
 def next_free_path(root: Path, prefix: str, suffix: str) -> Path:
-    """root/prefix_00001<suffix>, with the first counter not yet taken (never overwrites)."""
+    """Claim root/prefix_NNNNN<suffix> with the first counter not yet taken, and return it.
+
+    The claim is an empty placeholder file created with O_CREAT | O_EXCL, so no other
+    thread or process can claim the same name between the check and the write (never
+    overwrites).  The caller writes the real file over the placeholder, or removes it.
+    """
     target = Path(root) / prefix
     target.parent.mkdir(parents=True, exist_ok=True)
     stem = target.name
     taken = {p.name for p in target.parent.glob(f"{stem}_*{suffix}")}
     counter = 1
-    while f"{stem}_{counter:05d}{suffix}" in taken:
+    while True:
+        name = f"{stem}_{counter:05d}{suffix}"
         counter += 1
-    return target.parent / f"{stem}_{counter:05d}{suffix}"
+        if name in taken:
+            continue
+        path = target.parent / name
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:  # claimed since the listing: try the next counter
+            continue
+        os.close(fd)
+        return path
+

@@ -9,13 +9,11 @@ the progress bar, stop on cancel and never modify their inputs.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
-from ..core.artifact_io import atomic_save_safetensors
+from ..core.artifact_io import ArtifactError
 from ..core.imagic import (
     DEFAULT_LR,
     EmbeddingConfig,
@@ -25,6 +23,7 @@ from ..core.imagic import (
     interpolate,
     optimize_embedding,
 )
+from ..core.imagic.artifact import Trained, load_trained, save_trained
 from ..core.plot import loss_curve, pil_to_tensor
 from . import comfy_bridge as bridge
 from .common import (
@@ -41,18 +40,6 @@ log = logging.getLogger("comfyui-single-image-edit")
 CATEGORY = f"{CATEGORY_ROOT}/imagic"
 TRAINED = "SIE_TRAINED"
 SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}
-EMBEDDING_KEY = "sie.embedding"
-TRAINED_FORMAT = "sie.trained"
-
-
-@dataclass
-class Trained:
-    """A fine-tuning result: the weight delta (LoRA-file layout) and the embedding it was tuned at."""
-
-    delta: dict[str, torch.Tensor]
-    mode: str
-    embedding: torch.Tensor | None = None
-    info: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------
@@ -321,25 +308,6 @@ class SaveTrained:
                            "trained delta")
 
 
-def save_trained(trained: Trained, path) -> None:
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in trained.delta.items()}
-    if trained.embedding is not None:
-        tensors[EMBEDDING_KEY] = trained.embedding.detach().float().contiguous().cpu()
-    meta = {"format": TRAINED_FORMAT, "version": "1", "method": "imagic", "mode": trained.mode,
-            "info": json.dumps(trained.info, default=str)}
-    atomic_save_safetensors(tensors, path, meta)
-
-
-def load_trained(path) -> Trained:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    emb = tensors.pop(EMBEDDING_KEY, None)
-    return Trained(tensors, meta.get("mode", "unknown"), emb, json.loads(meta.get("info", "{}")))
-
-
 class LoadTrained:
     NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadTrained", "Load Trained (LoRA / delta + embedding)", ()
     CATEGORY = CATEGORY
@@ -363,8 +331,9 @@ class LoadTrained:
         check_model(model)
         try:
             trained = load_trained(bridge.model_path("sie_trained", trained_name))
-        except (FileNotFoundError, OSError, ValueError) as e:
-            raise NodeInputError("trained_name", str(e), "pick a file written by Save Trained") from None
+        except (FileNotFoundError, ArtifactError) as e:
+            raise NodeInputError("trained_name", str(e), "pick a file written by Save Trained (plain LoRAs load "
+                                 "with ComfyUI's LoraLoaderModelOnly)") from None
         if trained.embedding is None:
             raise NodeInputError("trained_name", "the file holds no embedding",
                                  "load plain LoRAs with ComfyUI's LoraLoaderModelOnly")

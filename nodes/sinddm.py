@@ -13,6 +13,7 @@ import re
 
 import torch
 
+from ..core.artifact_io import ArtifactError
 from ..core.plot import loss_curve, pil_to_tensor
 from ..core.sinddm import (
     NetConfig,
@@ -435,7 +436,7 @@ class LoadSinDDM:
             path = bridge.model_path("sie_sinddm", model_name)
             with torch.inference_mode(False):
                 model = load(path)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ArtifactError) as e:
             raise NodeInputError("model_name", str(e), "pick a file saved by Save SinDDM Model") from None
         return (model, model.describe())
 

@@ -426,3 +426,18 @@ def test_quality_metrics_behave():
     assert pixel_diversity(torch.rand(4, 3, 100, 128), ref) > 0.5
     with pytest.raises(ValueError):
         pixel_diversity(ref, ref)
+
+
+def test_trainer_on_the_fit_loop_reproduces_recorded_losses():
+    """tests/data/sinddm_recorded_losses.json was written by tests/record_sinddm_losses.py from SinDDM's
+    own training loop (commit f99f35a), before the trainer moved onto core.fit; same numbers now."""
+    import json
+
+    import record_sinddm_losses
+
+    recorded = json.loads((ROOT / "tests/data/sinddm_recorded_losses.json").read_text())
+    now = record_sinddm_losses.record()
+    for precision in ("fp32", "bf16"):
+        torch.testing.assert_close(torch.tensor(now[precision]["losses"]),
+                                   torch.tensor(recorded[precision]["losses"]), rtol=1e-5, atol=1e-6)
+        assert now[precision]["ema_sum"] == pytest.approx(recorded[precision]["ema_sum"], rel=1e-6)

@@ -16,10 +16,51 @@ from pathlib import Path
 
 import torch
 
+from .. import cli
+from ..artifact_io import FORMAT_NAMES, atomic_write_image, describe_format, sniff_file
 from ..lora import LoRAConfig
 from .embedding import EmbeddingConfig
 from .finetune import FineTuneConfig
 from .pipeline import edit, load_image, save_edit, to_pil
+
+CHECKPOINT_FIX = "give an SD 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors) or a diffusers SD 1.x folder"
+
+
+def parse_etas(text: str) -> list[float]:
+    try:
+        etas = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise cli.CLIError("--etas", f"'{text}' is not a list of numbers", "write e.g. --etas 0.7,0.8,0.9") from None
+    if not etas:
+        raise cli.CLIError("--etas", "no eta given", "write e.g. --etas 0.7,0.8,0.9")
+    return etas
+
+
+def check_checkpoint(path: str, config_dir: str | None) -> None:
+    """Header-only check of --checkpoint (and the configs of --config-dir) before anything is loaded."""
+    from ..sd.checkpoint import CheckpointError, inspect_checkpoint, require_sd1
+    from ..sd.loader import CONFIG_DIR, read_config
+
+    p = Path(path)
+    if not p.exists():
+        raise cli.CLIError("--checkpoint", f"{path}: file not found", CHECKPOINT_FIX)
+    if p.is_dir():
+        return  # a diffusers folder: its loader names what is missing
+    with cli.checking("--config-dir", "give a folder with unet/, vae/ and text_encoder/ config.json files"):
+        configs = {c: read_config(c, Path(config_dir) if config_dir else CONFIG_DIR)
+                   for c in ("unet", "vae", "text_encoder")}
+    try:
+        info = inspect_checkpoint(p)
+    except CheckpointError as e:
+        what = sniff_file(p)  # a text file or an image says so, instead of "header length 8675467939940627818"
+        raise cli.CLIError("--checkpoint", f"{p.name}: {what}, not a checkpoint" if what else str(e),
+                           CHECKPOINT_FIX) from None
+    tag = info.metadata.get("format")
+    if tag in FORMAT_NAMES:  # one of the pack's own trained files (a SinDDM model, an Imagic edit)
+        raise cli.CLIError("--checkpoint", f"{p.name}: this is {describe_format(tag)}, not a checkpoint",
+                           CHECKPOINT_FIX)
+    with cli.checking("--checkpoint"):  # the message names what the file is and what the pack needs
+        require_sd1(info, context_dim=configs["unet"]["cross_attention_dim"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,16 +71,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eta", type=float, default=0.9, help="interpolation eta (SD: ~0.9-1.2; may exceed 1)")
     ap.add_argument("--etas", default=None, help="comma-separated etas: render one image per eta (same seed)")
     ap.add_argument("--out", default="imagic_out.png", help="output PNG (with --etas: a horizontal strip)")
-    ap.add_argument("--size", type=int, default=512, help="square working size (multiple of 8)")
+    ap.add_argument("--size", type=cli.positive_int, default=512, help="square working size (multiple of 8)")
     ap.add_argument("--mode", default="lora", choices=["lora", "full"])
-    ap.add_argument("--emb-steps", type=int, default=500)
-    ap.add_argument("--emb-lr", type=float, default=1e-3)
-    ap.add_argument("--ft-steps", type=int, default=1000)
-    ap.add_argument("--ft-lr", type=float, default=None, help="default: 1e-4 (lora) / 2e-6 (full)")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ap.add_argument("--emb-steps", type=cli.positive_int, default=500)
+    ap.add_argument("--emb-lr", type=cli.positive_float, default=1e-3)
+    ap.add_argument("--ft-steps", type=cli.positive_int, default=1000)
+    ap.add_argument("--ft-lr", type=cli.positive_float, default=None, help="default: 1e-4 (lora) / 2e-6 (full)")
+    ap.add_argument("--rank", type=cli.positive_int, default=8)
+    ap.add_argument("--steps", type=cli.positive_int, default=50, help="DDIM steps")
     ap.add_argument("--cfg", type=float, default=7.5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=cli.seed, default=0, help="0 .. 2**64-1")
     ap.add_argument("--device", default=None)
     ap.add_argument("--config-dir", default=None, help="unet/vae/text_encoder configs for a non-standard SD 1.x file "
                                                        "(default: the shipped SD 1.5 configs)")
@@ -47,28 +88,36 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.size % 8:
         ap.error("--size must be a multiple of 8")
+    if a.save_delta and Path(a.save_delta).suffix != ".safetensors":
+        ap.error("--save-delta must name a .safetensors file")
+
+    # Every check that bad input can fail, before the (slow) model load and training.
+    etas = parse_etas(a.etas) if a.etas else [a.eta]
+    image = cli.open_image(a.image, "--image")
+    out = cli.check_image_output(a.out, "--out")
+    if a.save_delta:
+        cli.make_folder(Path(a.save_delta).parent, "--save-delta")
+    device = cli.device(a.device)
+    check_checkpoint(a.checkpoint, a.config_dir)
+
     from ..sd.loader import load_sd15
 
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
     model = load_sd15(a.checkpoint, device=device, config_dir=a.config_dir)
     print(f"loaded {a.checkpoint} on {device} in {time.perf_counter() - t0:.1f} s")
     gpu = device.type == "cuda"
-    result = edit(model, load_image(a.image, a.size), a.prompt,
+    result = edit(model, load_image(image, a.size), a.prompt,
                   EmbeddingConfig(a.emb_steps, a.emb_lr, a.seed, gradient_checkpointing=gpu),
                   FineTuneConfig(mode=a.mode, steps=a.ft_steps, lr=a.ft_lr, lora=LoRAConfig(a.rank, float(a.rank)),
                                  seed=a.seed, gradient_checkpointing=gpu))
-    etas = [float(v) for v in a.etas.split(",")] if a.etas else [a.eta]
     shape = (1, 4, a.size // 8, a.size // 8)
     images = [result.render(model, eta, shape, a.steps, a.cfg, a.seed)[0] for eta in etas]
     strip = torch.cat(images, dim=-1)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(strip).save(out)
+    atomic_write_image(to_pil(strip), out)
     print(f"wrote {out} (eta {', '.join(f'{e:g}' for e in etas)})")
     if a.save_delta:
         print(f"saved the trained delta and e_opt to {save_edit(result, a.save_delta)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_cli(main)

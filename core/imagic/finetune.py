@@ -24,6 +24,7 @@ from ..fit import FitConfig, OnStep, ShouldStop, fit
 from ..lora import LoRAConfig, diff_state_dict, lora_state_dict, make_loras
 from ..losses import NoiseDraw, eps_term
 from ..seam import DeltaFunction, LatentDiffusion, ReplaceFunction
+from ..seeds import derive_seed
 
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
 
@@ -80,7 +81,7 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
         fn.to(device)
     trainable = [p for fn in fns.values() for p in fn.parameters()]
     t0 = time.perf_counter()
-    draw = NoiseDraw(config.seed + 1, len(model.alphas_cumprod))
+    draw = NoiseDraw(derive_seed(config.seed, 1), len(model.alphas_cumprod))
     with model.adapted(fns, config.gradient_checkpointing) as m:
         res = fit(trainable, lambda step: draw(latent), [eps_term("eps_mse", m, latent, cond, mask)],
                   FitConfig(config.steps, config.learning_rate, what="fine-tuning"), device,

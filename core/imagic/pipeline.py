@@ -9,7 +9,6 @@ guidance at e = eta e_tgt + (1 - eta) e_opt (:mod:`.interpolate`,
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..artifact_io import atomic_save_safetensors
 from ..sampling import ddim_sample
 from ..seam import LatentDiffusion
+from .artifact import Trained, save_trained
 from .embedding import EmbeddingConfig, EmbeddingResult, optimize_embedding
 from .finetune import FineTuneConfig, FineTuneResult, finetune
 from .interpolate import interpolate
@@ -42,9 +41,10 @@ class ImagicEdit:
         return model.decode(latent)
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """RGB image resized (shorter side) and centre-cropped to size x size -> [1, 3, S, S] in [0, 1]."""
-    img = Image.open(path).convert("RGB")
+def load_image(image: str | Path | Image.Image, size: int) -> torch.Tensor:
+    """RGB image (a path or a PIL image) resized (shorter side) and centre-cropped to size x size
+    -> [1, 3, S, S] in [0, 1]."""
+    img = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
     w, h = img.size
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.LANCZOS)
@@ -77,11 +77,10 @@ def edit(model: LatentDiffusion, image: torch.Tensor, prompt: str, emb_config: E
 
 
 def save_edit(result: ImagicEdit, path: str | Path) -> Path:
-    tensors = dict(result.tuned.delta)
-    tensors["sie.embedding"] = result.embedding.e_opt.detach().float().cpu()
-    meta = {"format": "sie.trained", "version": "1", "method": "imagic", "mode": result.tuned.mode,
-            "info": json.dumps({"final_loss": result.tuned.losses[-1]})}
-    return atomic_save_safetensors(tensors, path, meta)
+    """Keep the trained delta and e_opt in the pack's ``sie.trained`` file (the nodes' Save Trained format)."""
+    trained = Trained(dict(result.tuned.delta), result.tuned.mode, result.embedding.e_opt,
+                      {"steps": len(result.tuned.losses), "final_loss": result.tuned.losses[-1]})
+    return save_trained(trained, path)
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

@@ -12,6 +12,7 @@ Public API::
 Command line: ``python -m core.sinddm demo`` (see ``--help``).
 """
 
+from ..fit import Interrupted
 from .artifact import SinDDM, load, save
 from .edit import harmonize, style_transfer
 from .guidance import Guidance, ROIGuidance
@@ -19,7 +20,7 @@ from .model import NetConfig, SinDDMNet
 from .pyramid import Pyramid, PyramidSpec, build_pyramid
 from .sample import inject, output_sizes, sample
 from .schedule import MultiScaleSchedule
-from .train import Interrupted, TrainConfig, TrainResult, train
+from .train import TrainConfig, TrainResult, train
 
 __all__ = [
     "SinDDM", "load", "save", "harmonize", "style_transfer", "Guidance", "ROIGuidance", "NetConfig", "SinDDMNet",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifact_io import atomic_save_safetensors
+from ..artifact_io import ArtifactError, atomic_save_safetensors, read_artifact
 from .model import NetConfig, SinDDMNet
 from .pyramid import Pyramid, PyramidSpec, pyramid_from_scales
 from .schedule import MultiScaleSchedule
@@ -73,25 +73,15 @@ def save(model: SinDDM, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SinDDM:
-    """Read a model written by :func:`save`; raises ValueError for other files."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SinDDM model not found: {path}")
+    """Read a model written by :func:`save`; raises ArtifactError (a ValueError naming the file) for any other file."""
+    tensors, meta = read_artifact(path, FORMAT, VERSION)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path.name}: not a SinDDM model saved by this pack (format {meta.get('format')!r})")
-            if int(meta.get("version", "0")) > VERSION:
-                raise ValueError(f"{path.name}: saved by a newer version of the pack (format v{meta['version']})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path.name}: not a readable safetensors file ({e})") from None
-    net = SinDDMNet(NetConfig(**json.loads(meta["net"])))
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    spec = PyramidSpec.from_dict(json.loads(meta["pyramid"]))
-    scales = [tensors[f"pyramid.{s}"] for s in range(spec.n_scales)]
-    model = SinDDM.create(net.to(device).eval(), pyramid_from_scales(spec, scales), json.loads(meta.get("info", "{}")))
-    return model
+        net = SinDDMNet(NetConfig(**json.loads(meta["net"])))
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        spec = PyramidSpec.from_dict(json.loads(meta["pyramid"]))
+        scales = [tensors[f"pyramid.{s}"] for s in range(spec.n_scales)]
+        info = json.loads(meta.get("info", "{}"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's mismatch
+        raise ArtifactError(path, f"a SinDDM model with damaged contents ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return SinDDM.create(net.to(device).eval(), pyramid_from_scales(spec, scales), info)

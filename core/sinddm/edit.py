@@ -18,10 +18,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..fit import OnStep
 from .artifact import SinDDM
 from .guidance import cap_image, harmonization_mask, match_histograms
 from .sample import inject
-from .train import OnStep
 
 HARMONIZATION_T = 5
 STYLE_TRANSFER_T = 15

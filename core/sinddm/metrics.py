@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..seeds import derive_seed
+
 
 def pixel_diversity(samples: torch.Tensor, reference: torch.Tensor) -> float:
     """samples [N, C, H, W] (N >= 2) and the training image [1, C, H, W], both in [0, 1]."""
@@ -35,7 +37,7 @@ def patch_swd(samples: torch.Tensor, reference: torch.Tensor, k: int = 7, projec
               seed: int = 0) -> float:
     """Sliced Wasserstein-1 distance between k x k patch distributions (pixel units of [0, 1])."""
     a, b = _patches(samples, k), _patches(reference, k)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(derive_seed(seed))
     dirs = F.normalize(torch.randn(a.shape[1], projections, generator=g), dim=0)
     pa, pb = (a @ dirs).sort(dim=0).values, (b @ dirs).sort(dim=0).values  # [P, K]
     n = max(pa.shape[0], pb.shape[0])

@@ -29,10 +29,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..diffusion import ddpm_step, predict_x0, prev_alpha_bar, q_sample
+from ..fit import Interrupted, OnStep
+from ..seeds import derive_seed
 from .artifact import SinDDM
 from .guidance import Guidance
 from .pyramid import upsample
-from .train import Interrupted, OnStep
 
 MIN_SAMPLE_SIDE = 8
 
@@ -62,7 +63,7 @@ class _Noise:
     """Per-sample noise streams: sample k draws from its own generator seeded seed + k."""
 
     def __init__(self, seed: int, count: int, device: torch.device):
-        self.gens = [torch.Generator().manual_seed(int(seed) + k) for k in range(count)]
+        self.gens = [torch.Generator().manual_seed(derive_seed(seed, k)) for k in range(count)]
         self.device = device
 
     def __call__(self, shape: tuple[int, ...]) -> torch.Tensor:

@@ -19,14 +19,13 @@ AMX); weights, optimiser state and the EMA stay in float32.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..diffusion import q_sample
-from ..fit import Interrupted, OnStep, check_finite
+from ..fit import FitConfig, OnStep, Term, fit
 from .model import NetConfig, SinDDMNet
 from .pyramid import Pyramid
 from .schedule import MultiScaleSchedule
@@ -117,10 +116,10 @@ def training_batch(pyramid: Pyramid, schedule: MultiScaleSchedule, s: int, batch
 
 
 class TrainStep:
-    """One optimisation step of Alg. 1 at a given scale: ``loss = step(s)``.
-
-    Holds the network being trained, Adam and the LR schedule; ``train`` drives it and
-    ``benchmarks/sinddm_speed.py`` times it.
+    """Alg. 1 at a given scale: the network being trained, its Adam optimiser, the batch
+    (:meth:`batch`) and the L1 loss (:meth:`loss`).  ``train`` runs it through the engine's
+    fit loop; ``step(s)`` (one optimiser step, the loop's own) is what
+    ``benchmarks/sinddm_speed.py`` times.
     """
 
     def __init__(self, net: SinDDMNet, pyramid: Pyramid, config: TrainConfig, device: torch.device,
@@ -131,20 +130,25 @@ class TrainStep:
         self.net = net.to(device=device, memory_format=self.memory_format).train()
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
         self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr)
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=config.milestones,
-                                                          gamma=config.lr_gamma)
 
-    def __call__(self, s: int) -> float:
+    def fit_config(self, steps: int) -> FitConfig:
+        return FitConfig(steps=steps, lr=self.config.lr, milestones=tuple(self.config.milestones),
+                         decay_gamma=self.config.lr_gamma, precision="bf16" if self.bf16 else "fp32",
+                         what="SinDDM training")
+
+    def batch(self, s: int):
         x_t, t, eps = training_batch(self.pyramid, self.schedule, s, self.config.batch_size, self.gen, self.device)
-        x_t = x_t.contiguous(memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pred = self.net(x_t, t, torch.full_like(t, s))
-        loss = (eps - pred.float()).abs().mean()  # L1 on eps (official loss_type "l1")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        return loss.item()
+        return x_t.contiguous(memory_format=self.memory_format), t, eps, s
+
+    def loss(self, batch) -> torch.Tensor:
+        x_t, t, eps, s = batch
+        pred = self.net(x_t, t, torch.full_like(t, s))
+        return (eps - pred.float()).abs().mean()  # L1 on eps (official loss_type "l1")
+
+    def step(self, s: int) -> float:
+        """One optimiser step at scale s (constant lr); returns the loss."""
+        cfg = FitConfig(steps=1, lr=self.config.lr, precision="bf16" if self.bf16 else "fp32", what="SinDDM step")
+        return fit([], lambda _: self.batch(s), [Term("l1", self.loss)], cfg, self.device, optimizer=self.opt).losses[0]
 
 
 def train(
@@ -158,12 +162,12 @@ def train(
     preview: Callable[[SinDDMNet], torch.Tensor] | None = None,
     init: SinDDMNet | None = None,
 ) -> TrainResult:
-    """Train a SinDDM denoiser on one image's pyramid (paper Alg. 1).
+    """Train a SinDDM denoiser on one image's pyramid (paper Alg. 1) with the engine's fit loop.
 
     ``on_step(i, total, info)`` is called after every step with ``info["loss"]`` (and
     ``info["preview"]``, an image [3, H, W] in [0, 1] made by ``preview(ema_net)``,
     every ``preview_every`` steps); it may raise to cancel.  ``should_stop()`` is polled
-    every step and raises :class:`Interrupted`.  Returns the EMA network on the CPU.
+    every step and raises :class:`core.fit.Interrupted`.  Returns the EMA network on the CPU.
     """
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -172,26 +176,28 @@ def train(
     step_fn = TrainStep(net, pyramid, config, device, gen)
     ema = copy.deepcopy(step_fn.net).eval().requires_grad_(False)
     n_scales = pyramid.spec.n_scales
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    for step in range(1, config.steps + 1):
-        if should_stop is not None and should_stop():
-            raise Interrupted(f"training stopped at step {step - 1} of {config.steps}")
+    scales: list[int] = []
+
+    def batches(step: int):
         s = int(torch.randint(0, n_scales, (1,), generator=gen, device=device))
-        losses.append(step_fn(s))
-        check_finite(losses[-1], step, "SinDDM training")
+        scales.append(s)
+        return step_fn.batch(s)
+
+    def after_step(step: int) -> dict:
         if step % config.ema_every == 0:
             _ema_update(ema, step_fn.net, config.ema_decay if step >= config.ema_start else 0.0)
-        info = {"loss": losses[-1], "scale": s, "lr": step_fn.opt.param_groups[0]["lr"]}
+        info = {"scale": scales[-1]}
         if preview is not None and preview_every > 0 and step % preview_every == 0:
             info["preview"] = preview(ema)
-        if on_step is not None:
-            on_step(step, config.steps, info)
+        return info
+
+    res = fit([], batches, [Term("l1", step_fn.loss)], step_fn.fit_config(config.steps), device,
+              on_step=on_step, should_stop=should_stop, after_step=after_step, optimizer=step_fn.opt)
     if config.steps % config.ema_every:  # make the returned EMA include the last steps
         _ema_update(ema, step_fn.net, config.ema_decay if config.steps >= config.ema_start else 0.0)
     out = SinDDMNet(step_fn.net.config)
     out.load_state_dict({k: v.float().contiguous() for k, v in ema.state_dict().items()})
-    return TrainResult(out.eval(), losses, config.steps, time.perf_counter() - t0, config)
+    return TrainResult(out.eval(), res.losses, config.steps, res.seconds, config)
 
 
 @torch.no_grad()
