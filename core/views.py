@@ -222,3 +222,55 @@ def _remove(owner: nn.Module, leaf: str, dispatch: nn.Module) -> None:
 
 def view_tuple(owner, viewset: ViewSet, forward: Callable) -> tuple[View, ...]:
     return tuple(View(owner, viewset, i, forward) for i in range(len(viewset.specs)))
+
+
+class ModuleDenoiser:
+    """The seam's shared part for back ends over one torch module (diffusers UNets): the
+    schedule, device, views and the exclusive ``adapted`` view.  Subclasses provide
+    ``unet``, ``schedule``, ``_module_views()`` and ``_forward(x_t, t, cond, features)``."""
+
+    unet: nn.Module
+    schedule: torch.Tensor
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.schedule
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def _module_views(self) -> ModuleViews:
+        raise NotImplementedError
+
+    def _forward(self, x_t, t, cond, features) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+            features: Features | None = None) -> torch.Tensor:
+        if features is not None and features.modulation:
+            raise ValueError("a per-call modulation needs a view: use model.views(ViewSpec(modulates=...))")
+        return self._forward(x_t, t, cond, features)
+
+    def unet_parameters(self) -> dict[str, torch.Tensor]:
+        return self._module_views().parameters()
+
+    @contextmanager
+    def views(self, *specs: ViewSpec, gradient_checkpointing: bool = False,
+              differentiable: bool = False) -> Iterator[tuple[View, ...]]:
+        """``(base, view_1, ...)`` over this one module: dispatching parametrizations and
+        output hooks, removed afterwards, the stored weights untouched."""
+        with self._module_views().install(specs, gradient_checkpointing) as viewset:
+            yield view_tuple(self, viewset, self._forward)
+
+    @contextmanager
+    def adapted(self, weight_functions: Mapping[str, WeightFunction],
+                gradient_checkpointing: bool = False) -> Iterator[View]:
+        """One view, active for the whole block (every use of this model inside is adapted)."""
+        with self.views(ViewSpec(dict(weight_functions)), gradient_checkpointing=gradient_checkpointing) as (_, v):
+            with v.activated():
+                yield v

@@ -14,18 +14,15 @@ diffusers' own (the canonical names of a pixel model).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from ..seam import Features, ViewSpec, WeightFunction
-from ..views import ModuleViews, View, view_tuple
+from ..views import ModuleDenoiser, ModuleViews
 
 
 @dataclass
-class DiffusersPixel:
+class DiffusersPixel(ModuleDenoiser):
     """An unconditional pixel-space epsilon-prediction DDPM (diffusers ``UNet2DModel``)."""
 
     unet: torch.nn.Module
@@ -39,6 +36,9 @@ class DiffusersPixel:
         names = [n for n, _ in self.unet.named_parameters()]
         self._views = ModuleViews(self.unet, {n: n for n in names}, self.unet.conv_in)
 
+    def _module_views(self) -> ModuleViews:
+        return self._views
+
     @classmethod
     def load(cls, path, device=None, dtype=None) -> "DiffusersPixel":
         """From a local diffusers folder or single file (:func:`core.pixel.load_pixel_unet`)."""
@@ -48,44 +48,10 @@ class DiffusersPixel:
         return cls(unet, alphas)
 
     @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.schedule
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
     def channels(self) -> int:
         return int(self.unet.config.in_channels)
-
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-            features: Features | None = None) -> torch.Tensor:
-        if features is not None and features.modulation:
-            raise ValueError("a per-call modulation needs a view: use model.views(ViewSpec(modulates=...))")
-        return self._forward(x_t, t, cond, features)
 
     def _forward(self, x_t, t, cond, features) -> torch.Tensor:
         with self._views.features(features):
             out = self.unet(x_t.to(self.dtype), t.to(x_t.device)).sample
         return out.to(x_t.dtype)
-
-    def unet_parameters(self) -> dict[str, torch.Tensor]:
-        return self._views.parameters()
-
-    @contextmanager
-    def views(self, *specs: ViewSpec, gradient_checkpointing: bool = False,
-              differentiable: bool = False) -> Iterator[tuple[View, ...]]:
-        with self._views.install(specs, gradient_checkpointing) as viewset:
-            yield view_tuple(self, viewset, self._forward)
-
-    @contextmanager
-    def adapted(self, weight_functions: Mapping[str, WeightFunction],
-                gradient_checkpointing: bool = False) -> Iterator[View]:
-        with self.views(ViewSpec(dict(weight_functions)), gradient_checkpointing=gradient_checkpointing) as (_, v):
-            with v.activated():
-                yield v

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..diffusion import sd_alphas_cumprod
-from ..seam import Features, ViewSpec, WeightFunction, check_image
-from ..views import ModuleViews, View, view_tuple
+from ..seam import check_image
+from ..views import ModuleDenoiser, ModuleViews
 from .keymap import unet_names
 from .tokenizer import tokenize
 
 
 @dataclass
-class DiffusersSD:
+class DiffusersSD(ModuleDenoiser):
     """SD 1.x from diffusers/transformers modules, seen through the seam.
 
     ``unet`` is a diffusers ``UNet2DConditionModel``, ``vae`` an ``AutoencoderKL``,
@@ -31,18 +29,6 @@ class DiffusersSD:
     schedule: torch.Tensor = field(default_factory=sd_alphas_cumprod)
 
     @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.schedule
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
     def context_dim(self) -> int:
         return int(self.unet.config.cross_attention_dim)
 
@@ -54,12 +40,6 @@ class DiffusersSD:
         if not hasattr(self, "_views"):
             self._views = ModuleViews(self.unet, self.canonical_names(), self.unet.conv_in)
         return self._views
-
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-            features: Features | None = None) -> torch.Tensor:
-        if features is not None and features.modulation:
-            raise ValueError("a per-call modulation needs a view: use model.views(ViewSpec(modulates=...))")
-        return self._forward(x_t, t, cond, features)
 
     def _forward(self, x_t, t, cond, features) -> torch.Tensor:
         if cond is None:
@@ -78,25 +58,6 @@ class DiffusersSD:
             names = unet_names([n for n, _ in self.unet.named_parameters()], self.unet.config)
             self._canonical = {orig: diff for diff, orig in names.items()}
         return self._canonical
-
-    def unet_parameters(self) -> dict[str, torch.Tensor]:
-        return self._module_views().parameters()
-
-    @contextmanager
-    def views(self, *specs: ViewSpec, gradient_checkpointing: bool = False,
-              differentiable: bool = False) -> Iterator[tuple[View, ...]]:
-        """``(base, view_1, ...)`` over this one UNet (:mod:`core.views`): dispatching
-        parametrizations and output hooks, removed afterwards, the stored weights untouched."""
-        with self._module_views().install(specs, gradient_checkpointing) as viewset:
-            yield view_tuple(self, viewset, self._forward)
-
-    @contextmanager
-    def adapted(self, weight_functions: Mapping[str, WeightFunction],
-                gradient_checkpointing: bool = False) -> Iterator[View]:
-        """One view, active for the whole block (every use of this model inside is adapted)."""
-        with self.views(ViewSpec(dict(weight_functions)), gradient_checkpointing=gradient_checkpointing) as (_, v):
-            with v.activated():
-                yield v
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
