@@ -196,13 +196,18 @@ class ComfySD:
     def views(self, *specs: ViewSpec, gradient_checkpointing: bool = False,
               differentiable: bool = False) -> Iterator[tuple[View, ...]]:
         """``(base, view_1, ...)`` on one clone of the MODEL, loaded once (see the module docstring).
+        ``differentiable`` (training) loads it the way the training nodes always did: fully,
+        asking ComfyUI to free every other model for activations and optimiser state.
 
         The clone is unloaded at the end of the block, so trainable tensors the wrappers hold
         are freed and the shared layers lose the dispatchers."""
         import comfy.model_management
 
         clone, viewset = install_views(self.model, specs, gradient_checkpointing, differentiable)
-        comfy.model_management.load_models_gpu([clone], force_full_load=differentiable)
+        if differentiable:  # training: free everything else for activations and optimiser state
+            comfy.model_management.load_models_gpu([clone], memory_required=1e20, force_full_load=True)
+        else:  # sampling-time views: load like any model, evicting nothing else
+            comfy.model_management.load_models_gpu([clone])
         owner = ComfySD(clone, self.clip, self.vae, loaded=True)
         try:
             yield view_tuple(owner, viewset, owner._forward)
