@@ -79,7 +79,11 @@ class View:
         return self.owner.device
 
     def features(self, features: Features | None) -> Features:
-        return (self.spec.features or NO_FEATURES).merged(features)
+        f = (self.spec.features or NO_FEATURES).merged(features)
+        extra = sorted(set(f.modulation or {}) - set(self.spec.modulates))
+        if extra:  # a name without a dispatcher would be silently ignored
+            raise KeyError(f"per-call modulation of {extra[:3]}: list these names in ViewSpec.modulates")
+        return f
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
             features: Features | None = None) -> torch.Tensor:

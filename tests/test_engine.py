@@ -201,6 +201,10 @@ def test_per_call_modulation_and_pixel_views(pixel):
     with pytest.raises(KeyError, match="modulates"):
         with pixel.views(ViewSpec({name: DeltaFunction(w * 0)})) as (_, v):
             v.eps(x, t, features=Features(modulation={name: DeltaFunction(w * 0.1)}))
+    other = "up_blocks.1.resnets.0.conv2.weight"  # a name the view did not declare is refused, not ignored
+    with pytest.raises(KeyError, match="modulates"):
+        with pixel.views(ViewSpec(modulates=(name,))) as (_, v):
+            v.eps(x, t, features=Features(modulation={other: DeltaFunction(w * 0.1)}))
 
 
 def test_pixel_model_loads_from_a_folder_and_a_single_file(tmp_path, pixel):
