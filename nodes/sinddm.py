@@ -1,4 +1,5 @@
-"""SinDDM nodes: train on one image, sample at any size, guide by regions or text, inject images.
+"""SinDDM nodes: train on one image, sample at any size, guide by regions or text (in a region),
+inject images at any scale, edit the training image itself with text.
 
 Thin wrappers over :mod:`core.sinddm`; every check raises :class:`NodeInputError`
 naming the input.  Custom types: ``SIE_SINDDM`` (a trained model),
@@ -20,6 +21,7 @@ from ..core.sinddm import (
     SinDDM,
     TrainConfig,
     build_pyramid,
+    edit_training_image,
     harmonize,
     load,
     output_sizes,
@@ -28,9 +30,10 @@ from ..core.sinddm import (
     style_transfer,
     train,
 )
-from ..core.sinddm.edit import HARMONIZATION_T, STYLE_TRANSFER_T
+from ..core.sinddm.edit import HARMONIZATION_T, REGION_EDIT_T, STARTS, STYLE_TRANSFER_T
 from ..core.sinddm.guidance import ROIGuidance
 from ..core.sinddm.pyramid import MIN_INPUT_SIDE
+from ..core.sinddm.sample import resolve_scale
 from . import comfy_bridge as bridge
 from .common import (
     CATEGORY_ROOT,
@@ -332,6 +335,100 @@ class SinDDMGuideText:
         return (tuple(guidance or ()) + (factory,),)
 
 
+class SinDDMGuideTextRegion:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMGuideTextRegion", "SinDDM Guide: Text in Region (CLIP)", ("open_clip",)
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (GUIDANCE,)
+    RETURN_NAMES = ("guidance",)
+    OUTPUT_TOOLTIPS = ("Guidance for SinDDM Sample or SinDDM Edit Training Image (chainable).",)
+    DESCRIPTION = ("Edits a region with a text prompt through CLIP (paper Sec. 4, Figs. 2 and S3; the official "
+                   "clip_roi): at the finest scale, the pixels inside the mask are optimised for 'iterations' CLIP "
+                   "steps and pasted back, the rest is kept, and the last 'denoise_steps' denoising steps blend the "
+                   "edit in. With SinDDM Edit Training Image (start: training_image) it edits the training image "
+                   "itself, as the paper; with SinDDM Sample it edits the region of each random sample.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": (OPEN_CLIP, {"tooltip": "From Load OpenCLIP."}),
+            "text": ("STRING", {"default": "", "multiline": True,
+                                "tooltip": "What the region should show, e.g. 'volcano eruption'."}),
+            "mask": ("MASK", {"tooltip": "The region to edit (white), on the output canvas; stretched to the output "
+                                         "size if it differs. CLIP sees the mask's bounding box."}),
+            "strength": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
+                                   "tooltip": "eta: size of each CLIP step relative to the region (official: 0.1)."}),
+            "iterations": ("INT", {"default": 100, "min": 1, "max": 10000,
+                                   "tooltip": "CLIP steps on the region (official: 100). Each runs CLIP on 16 views."}),
+            "denoise_steps": ("INT", {"default": REGION_EDIT_T, "min": 0, "max": 99,
+                                      "tooltip": "Denoising steps of the finest scale after the edit, which blend it "
+                                                 "into its surroundings (official: 3)."}),
+            "seed": _seed("Seed of the random augmentations and template choices."),
+        }, "optional": {"guidance": _guidance_in()}}
+
+    def run(self, clip, text, mask, strength, iterations, denoise_steps, seed, guidance=None):
+        from ..core.sinddm.clip_guidance import CLIPRegionGuidance
+
+        if not text.strip():
+            raise NodeInputError("text", "the prompt is empty", "write what the region should show")
+        m = mask_to_b1hw(mask, "mask")[:1]
+        if m.max() <= 0:
+            raise NodeInputError("mask", "the mask is empty", "paint the region to edit white")
+        check_positive(iterations, "iterations")
+        factory = functools.partial(CLIPRegionGuidance, clip, text, m, float(strength), int(iterations),
+                                    int(denoise_steps), 16, int(seed))
+        return (tuple(guidance or ()) + (factory,),)
+
+
+class SinDDMEditTrainingImage:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMEditTrainingImage", "SinDDM Edit Training Image (text)", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The edited training image, a batch of 'count' results at the training size.",)
+    DESCRIPTION = ("Applies guidance to the training image itself instead of a random sample (paper Sec. 4). "
+                   "coarser_scale: the training image one scale down is re-rendered at the finest scale, so a "
+                   "SinDDM Guide: Text in style mode restyles its textures and keeps its layout (the official "
+                   "clip_style_trans, paper Fig. S9). training_image: the image itself is noised a little (3 steps) "
+                   "and denoised, for SinDDM Guide: Text in Region (the official clip_roi).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (SINDDM, {"tooltip": "A trained SinDDM model; its own training image is edited."}),
+            "guidance": (GUIDANCE, {"tooltip": "The guidance to apply: SinDDM Guide: Text (style mode) or Guide: "
+                                               "Text in Region, possibly chained with others."}),
+            "start": (list(STARTS), {"default": STARTS[0],
+                                     "tooltip": "coarser_scale: start from the training image one scale down "
+                                                "(text style, official clip_style_trans). training_image: start from "
+                                                "the image itself (text in region, official clip_roi)."}),
+            "t_start": ("INT", {"default": 0, "min": 0, "max": 99,
+                                "tooltip": f"Noise step the finest scale starts from; 0 uses the official value "
+                                           f"(the model's T[N-1] for coarser_scale, {REGION_EDIT_T} for "
+                                           "training_image). Higher changes more."}),
+            "count": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Number of results."}),
+            "seed": _seed("Seed of the first result; result k uses seed + k."),
+        }}
+
+    def run(self, model, guidance, start, t_start, count, seed):
+        check_positive(count, "count")
+        if start not in STARTS:
+            raise NodeInputError("start", f"unknown start {start!r}", f"use one of {', '.join(STARTS)}")
+        n = model.pyramid.spec.n_scales
+        if start == "coarser_scale" and n < 2:
+            raise NodeInputError("start", "the model has a single scale", "use training_image")
+        t0 = int(t_start) or (model.schedule.start_steps[-1] if start == "coarser_scale" else REGION_EDIT_T)
+        progress = bridge.Progress(max(t0, 1))
+        with torch.inference_mode(False):
+            try:
+                out = edit_training_image(model, _guidance_list(guidance), start, t0, int(count), int(seed),
+                                          bridge.torch_device(), on_step=progress, should_stop=progress.should_stop)
+            except ValueError as e:
+                raise NodeInputError("guidance", str(e)) from None
+        return (bchw_to_image(out),)
+
+
 # --------------------------------------------------------------------------------------
 class SinDDMInject:
     NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMInject", "SinDDM Harmonize / Style Transfer", ()
@@ -340,8 +437,8 @@ class SinDDMInject:
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
     OUTPUT_TOOLTIPS = ("The results, a batch of 'count' images at the input's size (capped at 50,000 pixels).",)
-    DESCRIPTION = ("Injects an image into the finest scale of a SinDDM model trained on another image and denoises "
-                   "it for a few steps (paper Sec. 4). harmonization: a composite with a pasted object (mask = the "
+    DESCRIPTION = ("Injects an image into a scale of a SinDDM model trained on another image (the finest by default; "
+                   "'scale' picks another) and denoises it for a few steps (paper Sec. 4). harmonization: a composite with a pasted object (mask = the "
                    "object) is blended into the training image's look, then composited back through a dilated, "
                    "blurred mask. style_transfer: the content image takes the training image's textures "
                    "(colours matched by histogram first).")
@@ -363,15 +460,24 @@ class SinDDMInject:
                                                                     "histogram to the training image first."}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Harmonization: the pasted object (white), same size as the image."}),
+            "scale": ("INT", {"default": -1, "min": -16, "max": 15,
+                              "tooltip": "Pyramid scale to inject at (paper: any s <= N-1): 0 = coarsest, counting "
+                                         "up; negative counts from the finest (-1 = finest, the official choice; "
+                                         "-2 = one below). The finer scales then run as in sampling."}),
         }}
 
-    def run(self, model, image, mode, t_start, count, seed, match_colors, mask=None):
+    def run(self, model, image, mode, t_start, count, seed, match_colors, mask=None, scale=-1):
         x = image_to_bchw(image, "image", min_side=8)[:1]
         check_positive(count, "count")
+        try:
+            s = resolve_scale(model, int(scale))
+        except ValueError as e:
+            raise NodeInputError("scale", str(e)) from None
         device = bridge.torch_device()
-        progress = bridge.Progress(t_start or (HARMONIZATION_T if mode == "harmonization" else STYLE_TRANSFER_T))
+        t0 = int(t_start) or (HARMONIZATION_T if mode == "harmonization" else STYLE_TRANSFER_T)
+        progress = bridge.Progress(t0 + sum(model.schedule.start_steps[s + 1 :]))
         common = dict(count=int(count), seed=int(seed), device=device, on_step=progress,
-                      should_stop=progress.should_stop)
+                      should_stop=progress.should_stop, scale=s)
         with torch.inference_mode(False):
             if mode == "harmonization":
                 if mask is None:
@@ -380,10 +486,15 @@ class SinDDMInject:
                 m = mask_to_b1hw(mask, "mask", size=tuple(x.shape[-2:]))[:1]
                 if m.max() <= 0:
                     raise NodeInputError("mask", "the mask is empty", "paint the pasted object white")
-                out = harmonize(model, x, m, int(t_start) or HARMONIZATION_T, **common)
+                try:
+                    out = harmonize(model, x, m, t0, **common)
+                except ValueError as e:
+                    raise NodeInputError("scale" if "scale" in str(e) else "image", str(e)) from None
             elif mode == "style_transfer":
-                out = style_transfer(model, x, int(t_start) or STYLE_TRANSFER_T, match_colors=bool(match_colors),
-                                     **common)
+                try:
+                    out = style_transfer(model, x, t0, match_colors=bool(match_colors), **common)
+                except ValueError as e:
+                    raise NodeInputError("scale" if "scale" in str(e) else "image", str(e)) from None
             else:
                 raise NodeInputError("mode", f"unknown mode {mode!r}", "use harmonization or style_transfer")
         return (bchw_to_image(out),)
@@ -442,4 +553,4 @@ class LoadSinDDM:
 
 
 NODES = [SinDDMTrain, SinDDMSample, SinDDMGuideROI, SinDDMGuideText, LoadOpenCLIP, SinDDMInject, SaveSinDDM,
-         LoadSinDDM]
+         LoadSinDDM, SinDDMGuideTextRegion, SinDDMEditTrainingImage]

@@ -297,7 +297,8 @@ def sinddm_style_transfer() -> Graph:
     g = Graph("sinddm_style_transfer")
     g.note("SinDDM style transfer: the model is trained on the STYLE image; the content image is colour-matched to it "
            "and injected at t = 15 of the finest scale (paper Sec. 4), so its layout stays and its textures change.\n\n"
-           f"{CPU_HINT}")
+           "The second node injects it one scale lower ('scale' = -2; the paper allows any scale): the finest scale "
+           f"then re-renders it, so more of the style shows.\n\n{CPU_HINT}")
     style = g.add("LoadImage", title="Style image (training)", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=style.out(0), **PAPER_TRAIN)
     content = g.add("LoadImage", title="Content image", image="coffee_128x100.png")
@@ -305,6 +306,10 @@ def sinddm_style_transfer() -> Graph:
     out = g.add("SIE_SinDDMInject", model=train.out(0), image=flip.out(0), mode="style_transfer", t_start=0, count=2,
                 seed=0, match_colors=True)
     g.add("SaveImage", title="Style transfer", images=out.out(0), filename_prefix="sinddm/style_transfer")
+    lower = g.add("SIE_SinDDMInject", title="Injected one scale down", model=train.out(0), image=flip.out(0),
+                  mode="style_transfer", t_start=0, count=2, seed=0, match_colors=True, scale=-2)
+    g.add("SaveImage", title="Style transfer (one scale down)", images=lower.out(0),
+          filename_prefix="sinddm/style_transfer_coarser")
     return g
 
 
@@ -326,6 +331,54 @@ def sinddm_text_guided() -> Graph:
                   strength=0.3, fill_factor=1.0, seed=0)
     s2 = g.add("SIE_SinDDMSample", title="Style-guided", model=train.out(0), guidance=style.out(0), count=2, seed=0)
     g.add("SaveImage", title="Text-guided style", images=s2.out(0), filename_prefix="sinddm/text_style")
+    return g
+
+
+CLIP_NOTE = ("Needs an OpenCLIP checkpoint in models/open_clip (the paper uses ViT-B/32, OpenAI weights, e.g. "
+             "open_clip_model.safetensors from timm/vit_base_patch32_clip_224.openai), and open_clip_torch installed.")
+
+
+def sinddm_text_roi() -> Graph:
+    g = Graph("sinddm_text_roi")
+    g.note("SinDDM text in a region (paper Sec. 4, Figs. 2 and S3; the official clip_roi): the pixels inside the mask "
+           "(here a box over the coffee) are optimised with CLIP for 100 steps, pasted back, and 3 denoising steps "
+           "of the finest scale blend them in; the rest of the image is kept.\n\nTop: the training image itself "
+           "(SinDDM Edit Training Image, start = training_image). Bottom: the same guidance on random samples "
+           f"(it chains with other SinDDM guides).\n\n{CLIP_NOTE}\n\nEach CLIP step runs 16 views: about a minute "
+           f"on a CPU for 100 steps.\n\n{CPU_HINT}")
+    img = g.add("LoadImage", image="coffee_250x200.png")
+    train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    clip = g.add("SIE_LoadOpenCLIP", clip_name="open_clip_vit_b32.safetensors", arch="ViT-B-32")
+    base = g.add("SolidMask", value=0.0, width=250, height=200)
+    box = g.add("SolidMask", value=1.0, width=90, height=50)
+    mask = g.add("MaskComposite", title="Region: the coffee", destination=base.out(0), source=box.out(0), x=75,
+                 y=45, operation="add")
+    region = g.add("SIE_SinDDMGuideTextRegion", title="Text in region", clip=clip.out(0), text="latte art heart",
+                   mask=mask.out(0), strength=0.1, iterations=100, denoise_steps=3, seed=0)
+    edit = g.add("SIE_SinDDMEditTrainingImage", title="Edit the training image", model=train.out(0),
+                 guidance=region.out(0), start="training_image", t_start=0, count=2, seed=0)
+    g.add("SaveImage", title="Training image, region edited", images=edit.out(0), filename_prefix="sinddm/text_roi")
+    samples = g.add("SIE_SinDDMSample", title="Random samples, region edited", model=train.out(0),
+                    guidance=region.out(0), count=2, seed=0)
+    g.add("SaveImage", title="Samples, region edited", images=samples.out(0),
+          filename_prefix="sinddm/text_roi_samples")
+    return g
+
+
+def sinddm_text_style() -> Graph:
+    g = Graph("sinddm_text_style")
+    g.note("SinDDM text-guided style of the training image itself (paper Sec. 4 and Fig. S9; the official "
+           "clip_style_trans): the training image one scale down is re-rendered at the finest scale while CLIP "
+           "steers the style ('Van Gogh' + ' Style'), so the layout stays and the textures change.\n\n"
+           f"{CLIP_NOTE}\n\n{CPU_HINT}")
+    img = g.add("LoadImage", image="coffee_250x200.png")
+    train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    clip = g.add("SIE_LoadOpenCLIP", clip_name="open_clip_vit_b32.safetensors", arch="ViT-B-32")
+    style = g.add("SIE_SinDDMGuideText", title="Text: style", clip=clip.out(0), text="Van Gogh", mode="style",
+                  strength=0.3, fill_factor=1.0, seed=0)
+    edit = g.add("SIE_SinDDMEditTrainingImage", title="Restyle the training image", model=train.out(0),
+                 guidance=style.out(0), start="coarser_scale", t_start=0, count=2, seed=0)
+    g.add("SaveImage", title="Training image, text style", images=edit.out(0), filename_prefix="sinddm/text_style_trans")
     return g
 
 
@@ -366,7 +419,7 @@ def imagic() -> Graph:
 
 
 GRAPHS = [sinddm_random_samples, sinddm_roi_outpaint, sinddm_harmonization, sinddm_style_transfer, sinddm_text_guided,
-          imagic]
+          sinddm_text_roi, sinddm_text_style, imagic]
 
 
 def main() -> None:

@@ -14,16 +14,17 @@ Command line: ``python -m core.sinddm demo`` (see ``--help``).
 
 from ..fit import Interrupted
 from .artifact import SinDDM, load, save
-from .edit import harmonize, style_transfer
+from .edit import edit_training_image, harmonize, style_transfer
 from .guidance import Guidance, ROIGuidance
 from .model import NetConfig, SinDDMNet
 from .pyramid import Pyramid, PyramidSpec, build_pyramid
-from .sample import inject, output_sizes, sample
+from .sample import inject, output_sizes, resume, sample
 from .schedule import MultiScaleSchedule
 from .train import TrainConfig, TrainResult, train
 
 __all__ = [
-    "SinDDM", "load", "save", "harmonize", "style_transfer", "Guidance", "ROIGuidance", "NetConfig", "SinDDMNet",
-    "Pyramid", "PyramidSpec", "build_pyramid", "inject", "output_sizes", "sample", "MultiScaleSchedule",
+    "SinDDM", "load", "save", "edit_training_image", "harmonize", "style_transfer", "Guidance", "ROIGuidance",
+    "NetConfig", "SinDDMNet",
+    "Pyramid", "PyramidSpec", "build_pyramid", "inject", "output_sizes", "resume", "sample", "MultiScaleSchedule",
     "Interrupted", "TrainConfig", "TrainResult", "train",
 ]

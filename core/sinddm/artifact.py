@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..artifact_io import ArtifactError, atomic_save_safetensors, read_artifact
-from .model import NetConfig, SinDDMNet
+from .model import NetConfig, SinDDMNet, private_rng
 from .pyramid import Pyramid, PyramidSpec, pyramid_from_scales
 from .schedule import MultiScaleSchedule
 
@@ -76,7 +76,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SinDDM:
     """Read a model written by :func:`save`; raises ArtifactError (a ValueError naming the file) for any other file."""
     tensors, meta = read_artifact(path, FORMAT, VERSION)
     try:
-        net = SinDDMNet(NetConfig(**json.loads(meta["net"])))
+        with private_rng():  # the initial weights are replaced by the file's; leave the process RNG alone
+            net = SinDDMNet(NetConfig(**json.loads(meta["net"])))
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         spec = PyramidSpec.from_dict(json.loads(meta["pyramid"]))
         scales = [tensors[f"pyramid.{s}"] for s in range(spec.n_scales)]

@@ -18,6 +18,17 @@ similarity between augmented views of x0_hat and augmented phrasings of the prom
   finest scale unguided; style mode: the finest scale only, prompt + " Style",
   strength 0.3 and the whole image (f = 1), lambda = 0.05.
 
+Text in a region (:class:`CLIPRegionGuidance`, the official ``clip_roi``; paper Sec. 4,
+"editing of local regions via text", Figs. 2 and S3): at the finest scale the pixels of a
+user mask (the official code: a box) are optimised directly, 100 steps of
+x <- clamp(x + eta * (||x m|| / ||g m||) * g m, -1, 1) with eta = 0.1 and g the gradient of
+the CLIP score of the box's crop (the "lr" template set, as the official code), pasted back
+through the mask; the last 3 denoising steps of the finest scale then blend the edit in.
+
+Randomness (views, crops, template choices) comes from one ``torch.Generator`` seeded by
+the guidance's seed, so a guided sample depends on its seeds only and the process's
+random state is never touched.
+
 The official code feeds non-square 224 x 280 views to a CLIP with interpolated position
 embeddings; a stock OpenCLIP model has a fixed input size, so views are resized to it.
 """
@@ -26,7 +37,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from .guidance import Guidance
+from .model import private_rng
+from .pyramid import resize_to
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,7 +101,8 @@ def load_open_clip(path: str | os.PathLike, arch: str = "ViT-B-32", device="cpu"
         raise FileNotFoundError(f"OpenCLIP checkpoint not found: {path}")
     if arch not in open_clip.list_models():
         raise ValueError(f"arch: unknown OpenCLIP architecture {arch!r} (see open_clip.list_models())")
-    model = open_clip.create_model(arch, pretrained=None, device="cpu")
+    with private_rng():  # the random initial weights are replaced below; leave the process RNG alone
+        model = open_clip.create_model(arch, pretrained=None, device="cpu")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -127,57 +140,95 @@ def _warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return out + 1
 
 
-def _perspective_grid(b: int, h: int, w: int, distortion: float, device) -> torch.Tensor:
-    """A random perspective warp: each corner moves by up to ``distortion``/2 of the size."""
+def _perspective_grid(jitter: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A perspective-like warp: corner offsets ``jitter`` [b, 4, 2] blended bilinearly over the image."""
+    device = jitter.device
     ys, xs = torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    jitter = (torch.rand(b, 4, 2, device=device) * 2 - 1) * distortion / 2
     u, v = (gx + 1) / 2, (gy + 1) / 2  # bilinear blend of the four corner offsets
     weights = torch.stack([(1 - u) * (1 - v), u * (1 - v), (1 - u) * v, u * v])  # [4, h, w]
     offset = torch.einsum("khw,bkc->bhwc", weights, jitter)
     return torch.stack([gx, gy], -1)[None] + offset
 
 
-def augment_views(x: torch.Tensor, n_views: int, size: int, generator: random.Random) -> torch.Tensor:
-    """[1, 3, H, W] in [0, 1] -> [n_views, 3, size, size], CLIP-normalised (differentiable)."""
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def augment_views(x: torch.Tensor, n_views: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """[1, 3, H, W] in [0, 1] -> [n_views, 3, size, size], CLIP-normalised (differentiable).
+
+    Every random number is drawn from ``generator`` (a CPU ``torch.Generator``), in a fixed
+    order, so the views depend on its seed only.
+    """
     h, w = x.shape[-2:]
     views = [F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)]
     for _ in range(n_views - 1):
-        u = generator.uniform(0.6, 1.0)
+        u = float(_uniform(1, 0.6, 1.0, generator))
         ch, cw = max(1, int(h * u)), max(1, int(w * u))
-        top, left = generator.randint(0, h - ch), generator.randint(0, w - cw)
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
         crop = x[..., top : top + ch, left : left + cw]
         views.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True))
     v = torch.cat(views)  # [n, 3, S, S]
     n, dev = v.shape[0], v.device
-    flip = torch.tensor([generator.random() < 0.5 for _ in range(n)], device=dev)
-    v = torch.where(flip[:, None, None, None], v.flip(-1), v)
+
+    def draw(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(n, *shape, generator=generator)).to(dev)
+
+    def coin(p: float) -> torch.Tensor:
+        return (torch.rand(n, generator=generator) < p).to(dev)
+
+    v = torch.where(coin(0.5)[:, None, None, None], v.flip(-1), v)
     # affine with p 0.8: +-15 degrees, translation up to 10 % of the size (0.2 in [-1, 1] units)
-    on = torch.tensor([generator.random() < 0.8 for _ in range(n)], device=dev)
-    ang = torch.tensor([generator.uniform(-15, 15) for _ in range(n)], device=dev) * on
-    tr = torch.tensor([[generator.uniform(-0.2, 0.2), generator.uniform(-0.2, 0.2)] for _ in range(n)],
-                      device=dev) * on[:, None]
+    on = coin(0.8)
+    ang = draw(-15, 15) * on
+    tr = draw(-0.2, 0.2, 2) * on[:, None]
     v = _warp(v, F.affine_grid(_affine_grid(n, ang, tr, dev), v.shape, align_corners=False))
-    on = torch.tensor([generator.random() < 0.5 for _ in range(n)], device=dev)
-    if bool(on.any()):  # perspective: p 0.5, distortion 0.4
-        grid = _perspective_grid(n, size, size, 0.4, dev)
-        ident = _perspective_grid(n, size, size, 0.0, dev)
-        v = _warp(v, torch.where(on[:, None, None, None], grid, ident))
-    jit = torch.tensor([generator.random() < 0.7 for _ in range(n)], device=dev)[:, None, None, None]
-    b = torch.tensor([generator.uniform(0.9, 1.1) for _ in range(n)], device=dev)[:, None, None, None]
-    c = torch.tensor([generator.uniform(0.9, 1.1) for _ in range(n)], device=dev)[:, None, None, None]
-    sat = torch.tensor([generator.uniform(0.9, 1.1) for _ in range(n)], device=dev)[:, None, None, None]
+    on = coin(0.5)  # perspective: p 0.5, distortion 0.4 (each corner moves by up to 0.2)
+    jitter = draw(-0.2, 0.2, 4, 2) * on[:, None, None]
+    if bool(on.any()):
+        v = _warp(v, _perspective_grid(jitter, size, size))
+    jit = coin(0.7)[:, None, None, None]
+    b = draw(0.9, 1.1)[:, None, None, None]
+    c = draw(0.9, 1.1)[:, None, None, None]
+    sat = draw(0.9, 1.1)[:, None, None, None]
     grey = (0.299 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2])[:, None]
     jittered = v * b
     jittered = (jittered - jittered.mean(dim=(1, 2, 3), keepdim=True)) * c + jittered.mean(dim=(1, 2, 3), keepdim=True)
     jittered = grey + (jittered - grey) * sat
     v = torch.where(jit, jittered.clamp(0, 1), v)
-    to_grey = torch.tensor([generator.random() < 0.15 for _ in range(n)], device=dev)[:, None, None, None]
+    to_grey = coin(0.15)[:, None, None, None]
     grey = (0.299 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2])[:, None].expand_as(v)
     v = torch.where(to_grey, grey, v)
     mean = torch.tensor(CLIP_MEAN, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=dev).view(1, 3, 1, 1)
     return (v - mean) / std
+
+
+def clip_loss(clip: OpenCLIP, x01: torch.Tensor, emb: torch.Tensor, n_views: int,
+              generator: torch.Generator) -> torch.Tensor:
+    """1.2 (1 - cos) averaged over views and a random choice of templates, summed over images.
+
+    ``emb`` [K, D] are the normalised template embeddings; n ~ U{1..K} of them are drawn
+    with replacement (Text2LIVE's text augmentation), then each image [3, H, W] of
+    ``x01`` [B, 3, H, W] in [0, 1] is seen through ``n_views`` augmented views.
+    """
+    k = emb.shape[0]
+    count = int(torch.randint(1, k + 1, (1,), generator=generator))
+    chosen = emb[torch.randint(0, k, (count,), generator=generator).to(emb.device)]  # [n, D]
+    total = x01.new_zeros(())
+    for b in range(x01.shape[0]):
+        views = augment_views(x01[b : b + 1], n_views, clip.image_size, generator)
+        img = F.normalize(clip.encode_image(views), dim=-1)  # [V, D]
+        cos = img @ chosen.T  # [V, n]
+        total = total + (1.2 * (1 - cos.mean(0))).sum() / chosen.shape[0]
+    return total
+
+
+def _text_embeddings(clip: OpenCLIP, text: str, templates: list[str], device) -> torch.Tensor:
+    with torch.no_grad():
+        return F.normalize(clip.encode_text([t.format(text) for t in templates], device), dim=-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -203,15 +254,14 @@ class CLIPGuidance(Guidance):
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         self.momentum = 0.05 if mode == "style" else 0.2
-        self.n_views, self.stop_steps, self.seed = n_views, stop_steps, seed
+        self.n_views, self.stop_steps, self.seed = n_views, stop_steps, int(seed)
 
     def begin(self, sizes, count, device):
         super().begin(sizes, count, device)
-        self.rng = random.Random(self.seed)
+        self.gen = torch.Generator().manual_seed(self.seed)
         self.clip.model.to(device)
-        with torch.no_grad():
-            self.emb_hr = F.normalize(self.clip.encode_text([t.format(self.text) for t in TEMPLATES_HR], device), dim=-1)
-            self.emb_lr = F.normalize(self.clip.encode_text([t.format(self.text) for t in TEMPLATES_LR], device), dim=-1)
+        self.emb_hr = _text_embeddings(self.clip, self.text, TEMPLATES_HR, device)
+        self.emb_lr = _text_embeddings(self.clip, self.text, TEMPLATES_LR, device)
         self.mask = None
         self.prev = None
         self.scores: list[float] = []
@@ -228,17 +278,8 @@ class CLIPGuidance(Guidance):
         return s >= 1 and (s < finest or t >= self.stop_steps)
 
     def loss(self, x01: torch.Tensor, s: int) -> torch.Tensor:
-        """1.2 (1 - cos) averaged over views and chosen templates, summed over images."""
-        emb = self.emb_lr if s == 0 else self.emb_hr
-        k = emb.shape[0]
-        chosen = emb[[self.rng.randrange(k) for _ in range(self.rng.randint(1, k))]]  # [n, D]
-        total = x01.new_zeros(())
-        for b in range(x01.shape[0]):
-            views = augment_views(x01[b : b + 1], self.n_views, self.clip.image_size, self.rng)
-            img = F.normalize(self.clip.encode_image(views), dim=-1)  # [V, D]
-            cos = img @ chosen.T  # [V, n]
-            total = total + (1.2 * (1 - cos.mean(0))).sum() / chosen.shape[0]
-        return total
+        """1.2 (1 - cos) averaged over views and chosen templates, summed over images (see :func:`clip_loss`)."""
+        return clip_loss(self.clip, x01, self.emb_lr if s == 0 else self.emb_hr, self.n_views, self.gen)
 
     def apply(self, x0, s, t, sampler):
         if not self._active(s, t):
@@ -250,13 +291,103 @@ class CLIPGuidance(Guidance):
             x = x0.detach().clone().requires_grad_(True)
             score = -self.loss((x + 1) / 2, s)
             grad = torch.autograd.grad(score, x)[0]
-        self.scores.append(float(score))
+        self.scores.append(float(score.detach()))
         if self.mask is None:
             grad, self.mask = thresholded_grad(grad, 1.0 - self.fill)
         norm_x = torch.linalg.vector_norm(x0 * self.mask, dim=(1, 2, 3), keepdim=True)
         norm_g = torch.linalg.vector_norm(grad * self.mask, dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
         x0 = (x0 + self.strength * norm_x / norm_g * grad * self.mask).clamp(-1, 1)
         self.prev = x0.detach()
+        return x0
+
+    def end(self):
+        self.clip.model.to("cpu")
+
+
+class CLIPRegionGuidance(Guidance):
+    """Text-guided editing inside a region (the official ``clip_roi``; paper Sec. 4, Figs. 2, S3).
+
+    ``mask`` [1, 1, h, w] in [0, 1] marks the region on the output canvas (stretched to
+    the output size if it differs).  Once per sample, at the finest scale, the pixels of
+    the clean image inside the mask's bounding box are optimised for ``iterations`` CLIP
+    steps on that crop (eq. 3 without fill mask or momentum: x <- clamp(x + eta delta g m,
+    -1, 1), delta = ||x m|| / ||g m|| per image, eta = ``strength``, official 100 steps at
+    0.1, "lr" templates) and pasted back through the mask; the rest is left as it is.
+    ``denoise_steps`` denoising steps of the finest scale (official 3) follow the edit and
+    blend it in:
+
+    * when the finest scale starts at most ``denoise_steps`` steps from the end (the
+      training image re-run for 3 steps, the official mode), the image entering the scale
+      is edited before it is noised, exactly as the official code does;
+    * otherwise (a random sample) the clean estimate x0_hat is edited at the step after
+      which ``denoise_steps`` denoiser calls remain.
+
+    Needs the stochastic DDPM posterior (``reblurring=False`` in the official code).
+    """
+
+    needs_ddpm = True
+
+    def __init__(self, clip: OpenCLIP, text: str, mask: torch.Tensor, strength: float = 0.1, iterations: int = 100,
+                 denoise_steps: int = 3, n_views: int = 16, seed: int = 0):
+        if not text or not text.strip():
+            raise ValueError("text: the prompt is empty")
+        if mask.ndim != 4 or mask.shape[:2] != (1, 1):
+            raise ValueError(f"mask: expected one mask [1, 1, H, W], got {tuple(mask.shape)}")
+        if not bool((mask > 0).any()):
+            raise ValueError("mask: the region is empty (paint the region to edit white)")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {iterations}")
+        if denoise_steps < 0:
+            raise ValueError(f"denoise_steps must be at least 0, got {denoise_steps}")
+        self.clip, self.text = clip, text.strip()
+        self.mask = mask.float().clamp(0, 1)
+        self.strength, self.iterations, self.denoise_steps = float(strength), int(iterations), int(denoise_steps)
+        self.n_views, self.seed = n_views, int(seed)
+
+    def begin(self, sizes, count, device):
+        super().begin(sizes, count, device)
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.clip.model.to(device)
+        self.emb = _text_embeddings(self.clip, self.text, TEMPLATES_LR, device)
+        m = resize_to(self.mask, sizes[-1]).to(device)
+        rows, cols = (m[0, 0] > 0).any(1).nonzero(), (m[0, 0] > 0).any(0).nonzero()
+        if len(rows) == 0:
+            raise ValueError("mask: the region vanishes at the output size")
+        self.box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)  # y0, y1, x0, x1
+        self.m_box = m[..., self.box[0] : self.box[1], self.box[2] : self.box[3]]
+        self.edited = False
+        self.scores: list[float] = []
+
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        """The region of ``x`` [B, 3, H, W] in [-1, 1] after ``iterations`` CLIP steps; the rest unchanged."""
+        y0, y1, x0, x1 = self.box
+        m = self.m_box
+        roi = x[..., y0:y1, x0:x1].clamp(-1, 1)
+        for _ in range(self.iterations):
+            with torch.enable_grad(), torch.inference_mode(False):
+                r = roi.detach().clone().requires_grad_(True)
+                score = -clip_loss(self.clip, (r + 1) / 2, self.emb, self.n_views, self.gen)
+                grad = torch.autograd.grad(score, r)[0] * m
+            self.scores.append(float(score.detach()))
+            norm_x = torch.linalg.vector_norm(roi * m, dim=(1, 2, 3), keepdim=True)
+            norm_g = torch.linalg.vector_norm(grad, dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+            roi = (roi + self.strength * norm_x / norm_g * grad).clamp(-1, 1)
+        out = x.clone()
+        out[..., y0:y1, x0:x1] = m * roi + (1 - m) * x[..., y0:y1, x0:x1]
+        return out
+
+    def prepare(self, x_tilde, s, t_start, sampler):
+        if s == len(self.sizes) - 1 and not self.edited and t_start <= self.denoise_steps:
+            self.edited = True
+            return self.edit(x_tilde)
+        return x_tilde
+
+    def apply(self, x0, s, t, sampler):
+        if s == len(self.sizes) - 1 and not self.edited and t <= self.denoise_steps:
+            self.edited = True
+            return self.edit(x0)
         return x0
 
     def end(self):

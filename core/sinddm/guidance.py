@@ -1,7 +1,8 @@
 """Guidance for SinDDM sampling: edits of the clean-image estimate x0_hat at each step.
 
 A guidance object is told the per-scale output sizes (``begin``), each new scale
-(``begin_scale``) and then edits x0_hat [B, 3, h, w] in [-1, 1] at every denoising step
+(``begin_scale``), may edit the image entering a scale before it is noised
+(``prepare``) and then edits x0_hat [B, 3, h, w] in [-1, 1] at every denoising step
 (``apply``).  Several guidance objects compose: they are applied in order at every
 step, so several ROI constraints, or ROIs plus text, act on one sample.
 
@@ -29,6 +30,11 @@ class Guidance:
 
     def begin_scale(self, s: int, size: tuple[int, int]) -> None:
         pass
+
+    def prepare(self, x_tilde: torch.Tensor, s: int, t_start: int, sampler) -> torch.Tensor:
+        """Edit the image entering scale s >= 1 (upsampled or injected, [B, 3, h, w] in [-1, 1])
+        before it is noised to ``t_start``; the default keeps it."""
+        return x_tilde
 
     def apply(self, x0: torch.Tensor, s: int, t: int, sampler) -> torch.Tensor:
         return x0

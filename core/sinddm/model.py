@@ -11,6 +11,8 @@ default width w = 160 the network has 1,106,772 parameters.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,27 @@ class SinDDMNet(nn.Module):
         return self.final_conv(h)
 
 
+@contextmanager
+def private_rng(seed: int = 0) -> Iterator[None]:
+    """Run a block on a private copy of torch's CPU random stream, seeded ``seed``.
+
+    Modules draw their initial weights from the process-wide CPU generator; inside this
+    block that generator starts from the state ``torch.Generator().manual_seed(seed)``
+    has, and its previous state is restored afterwards, so building a network here gives
+    the weights a global ``manual_seed(seed)`` would give without changing what the rest
+    of the process draws next (a node never moves ComfyUI's RNG).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(torch.Generator().manual_seed(int(seed)).get_state())
+        yield
+
+
+def seeded_net(config: NetConfig, seed: int) -> SinDDMNet:
+    """A freshly initialised network whose weights depend only on ``seed`` (see :func:`private_rng`)."""
+    with private_rng(seed):
+        return SinDDMNet(config)
+
+
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -96,4 +119,5 @@ def receptive_field() -> int:
     return 1 + 4 * (4 + 2 + 2)
 
 
-__all__ = ["NetConfig", "SinDDMNet", "sinusoidal_embedding", "parameter_count", "receptive_field"]
+__all__ = ["NetConfig", "SinDDMNet", "sinusoidal_embedding", "private_rng", "seeded_net", "parameter_count",
+           "receptive_field"]

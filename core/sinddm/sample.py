@@ -33,7 +33,7 @@ from ..fit import Interrupted, OnStep
 from ..seeds import derive_seed
 from .artifact import SinDDM
 from .guidance import Guidance
-from .pyramid import upsample
+from .pyramid import resize_to, upsample
 
 MIN_SAMPLE_SIDE = 8
 
@@ -114,6 +114,8 @@ class _Sampler:
 
     def refine(self, x_tilde: torch.Tensor, s: int, t_start: int, noise: _Noise, zero_gamma: bool = False):
         """s >= 1: noise x~ to t_start, then t_start denoising steps (Alg. 2 lines 5-12)."""
+        for g in self.guidance:
+            x_tilde = g.prepare(x_tilde, s, t_start, self)
         x = q_sample(x_tilde, self.ab[t_start], noise(x_tilde.shape[1:]))  # t_start < T (checked by the schedule)
         if t_start == 0:  # the official sampler runs no step then
             return x
@@ -183,7 +185,90 @@ def sample(
     return ((x + 1) / 2).clamp(0, 1).cpu()
 
 
+def resolve_scale(model: SinDDM, scale: int | None) -> int:
+    """A scale index: None is the finest, negative counts from the finest (-1 = N-1, -2 = N-2, ...)."""
+    n = model.pyramid.spec.n_scales
+    if scale is None:
+        return n - 1
+    s = int(scale) + n if int(scale) < 0 else int(scale)
+    if not 0 <= s < n:
+        raise ValueError(f"scale: {scale} is not a scale of this model (it has {n}: 0..{n - 1}, or -1..-{n})")
+    return s
+
+
+def _sizes_from(model: SinDDM, size: tuple[int, int], first: int) -> list[tuple[int, int]]:
+    """Every scale's (H, W) for a final output ``size``, scaled like the training pyramid; the
+    scales from ``first`` on must be at least MIN_SAMPLE_SIDE."""
+    sizes = model.pyramid.spec.sizes
+    h, w = int(size[0]), int(size[1])
+    mh, mw = h / sizes[-1][0], w / sizes[-1][1]
+    out = [(int(sh * mh), int(sw * mw)) for sh, sw in sizes]
+    out[-1] = (h, w)
+    for s in range(first, len(out)):
+        if min(out[s]) < MIN_SAMPLE_SIDE:
+            raise ValueError(f"scale: at scale {s} the {w}x{h} image would be {out[s][1]}x{out[s][0]} px "
+                             f"(at least {MIN_SAMPLE_SIDE} per side needed); start at a finer scale")
+    return out
+
+
 @torch.no_grad()
+def resume(
+    model: SinDDM,
+    image: torch.Tensor,
+    scale: int,
+    t_start: int | None = None,
+    count: int = 1,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
+    guidance: Sequence[Guidance] = (),
+    zero_gamma: bool = False,
+    device: str | torch.device = "cpu",
+    on_step: OnStep | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Run Alg. 2 from scale ``scale`` on, starting from ``image`` instead of a sample of the coarser scales.
+
+    ``image`` [1, 3, h, w] in [0, 1] is resized (anti-aliased bilinear) to the scale's size and
+    enters that scale where plain sampling puts x~^s, the upsampled output of scale s - 1: it
+    is noised to ``t_start`` (default T[s]) and denoised, and the finer scales follow as in
+    :func:`sample` with their own T[s'].  ``size`` is the final (H, W) (default the training
+    size; every scale is scaled like it).  ``zero_gamma`` uses gamma = 0 at the start scale,
+    for an image that is no blurry reference (paper Sec. 4: "At the injection scale, we use
+    gamma_t^s = 0 for all t").  At scale 0 the denoiser is the s = 0 one, with the DDIM update.
+    Returns [count, 3, H, W] in [0, 1]; sample k draws its noise from seed + k.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise ValueError(f"image: expected one RGB image [1, 3, H, W], got {tuple(image.shape)}")
+    s0 = resolve_scale(model, scale)
+    n = model.pyramid.spec.n_scales
+    sched = model.schedule
+    T = sched.num_timesteps
+    t0 = sched.start_steps[s0] if t_start is None else int(t_start)
+    if not 0 <= t0 < T:
+        raise ValueError(f"t_start must be in 0..{T - 1}, got {t_start}")
+    sizes = _sizes_from(model, size if size is not None else model.training_size, s0)
+    device = torch.device(device)
+    total = t0 + sum(sched.start_steps[s0 + 1 :])
+    smp = _Sampler(model, device, guidance, on_step, should_stop, total)
+    x = (resize_to(image.float(), sizes[s0]).to(device) * 2 - 1).expand(count, -1, -1, -1)
+    noise = _Noise(seed, count, device)
+    for g in smp.guidance:
+        g.begin(sizes, count, device)
+        g.begin_scale(s0, sizes[s0])
+    try:
+        x = smp.refine(x, s0, t0, noise, zero_gamma=zero_gamma)
+        for s in range(s0 + 1, n):
+            for g in smp.guidance:
+                g.begin_scale(s, sizes[s])
+            x = smp.refine(upsample(x, sizes[s]), s, sched.start_steps[s], noise)
+    finally:
+        for g in smp.guidance:
+            g.end()
+    return ((x + 1) / 2).clamp(0, 1).cpu()
+
+
 def inject(
     model: SinDDM,
     image: torch.Tensor,
@@ -194,30 +279,20 @@ def inject(
     guidance: Sequence[Guidance] = (),
     on_step: OnStep | None = None,
     should_stop: Callable[[], bool] | None = None,
+    scale: int | None = None,
 ) -> torch.Tensor:
-    """Denoise an image injected at the finest scale from step ``t_start`` with gamma = 0.
+    """Denoise an image injected at scale ``scale`` (default the finest) from step ``t_start`` with gamma = 0.
 
-    The image-to-image path of paper Sec. 4 (style transfer, harmonization): ``image``
-    [1, 3, H, W] in [0, 1] is noised to ``t_start`` and run through ``t_start`` DDIM
-    steps of the finest scale, at its own size.  Returns [count, 3, H, W] in [0, 1].
+    The image-to-image path of paper Sec. 4 (style transfer, harmonization: "inject a
+    downsampled version of the content image into some scale s <= N - 1 and timestep
+    t <= T"): ``image`` [1, 3, H, W] in [0, 1] is downsampled to that scale's size (the
+    training pyramid's proportions, the finest scale at the image's own size), noised to
+    ``t_start`` and run through ``t_start`` DDIM steps with gamma = 0; the finer scales then
+    run as in sampling.  ``scale`` may count from the finest (-1, -2, ...).  The official
+    code injects at the finest scale only.  Returns [count, 3, H, W] in [0, 1].
     """
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
     T = model.schedule.num_timesteps
     if not 0 < int(t_start) < T:
         raise ValueError(f"t_start must be in 1..{T - 1}, got {t_start}")
-    device = torch.device(device)
-    s = model.pyramid.spec.n_scales - 1
-    smp = _Sampler(model, device, guidance, on_step, should_stop, int(t_start))
-    x_tilde = (image.to(device, torch.float32) * 2 - 1).expand(count, -1, -1, -1)
-    noise = _Noise(seed, count, device)
-    size = tuple(image.shape[-2:])
-    for g in smp.guidance:
-        g.begin([size] * model.pyramid.spec.n_scales, count, device)
-        g.begin_scale(s, size)
-    try:
-        x = smp.refine(x_tilde, s, int(t_start), noise, zero_gamma=True)
-    finally:
-        for g in smp.guidance:
-            g.end()
-    return ((x + 1) / 2).clamp(0, 1).cpu()
+    return resume(model, image, resolve_scale(model, scale), int(t_start), count, seed, tuple(image.shape[-2:]),
+                  guidance, zero_gamma=True, device=device, on_step=on_step, should_stop=should_stop)

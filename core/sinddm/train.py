@@ -9,7 +9,13 @@ the L1 loss |eps - eps_theta(x_t, t, s)|.
 Defaults are the paper's (120k steps, batch 32, Adam 1e-3, LR halved at
 20k/40k/70k/80k/90k/110k, EMA 0.995 every 10 steps from step 2000).  For shorter runs
 the milestones, the EMA start and the EMA interval are scaled by steps / 120k, so a
-short run keeps the same shape of schedule.
+short run keeps the same shape of schedule, and so is the EMA's horizon (see
+:attr:`TrainConfig.ema_update_decay`).
+
+Randomness: the scale, t and eps of every step come from a ``torch.Generator`` seeded
+``seed``, and the initial weights are drawn inside :func:`core.sinddm.model.private_rng`
+(the weights seeding the global generator with ``seed`` would give), so training never
+changes the process's random state.
 
 Speed (same maths as the official code): channels-last memory format, and bf16
 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16 or
@@ -19,6 +25,7 @@ AMX); weights, optimiser state and the EMA stay in float32.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -26,7 +33,7 @@ import torch
 
 from ..diffusion import q_sample
 from ..fit import FitConfig, OnStep, Term, fit
-from .model import NetConfig, SinDDMNet
+from .model import NetConfig, SinDDMNet, private_rng, seeded_net
 from .pyramid import Pyramid
 from .schedule import MultiScaleSchedule
 
@@ -67,6 +74,32 @@ class TrainConfig:
     @property
     def ema_every(self) -> int:
         return max(1, round(PAPER_EMA_EVERY * self.steps / PAPER_STEPS))
+
+    @property
+    def ema_update_decay(self) -> float:
+        """Decay per EMA update, chosen so that the EMA's horizon is the paper's, scaled by steps / 120k.
+
+        ``ema_decay`` is the paper's decay per update at the paper's interval (0.995 every
+        10 steps).  An EMA with decay d updated every k steps forgets as exp(-n / tau)
+        after n steps, with time constant tau = -k / ln d steps; the paper's is
+        tau_paper = -10 / ln 0.995 = 1995 steps, 1.66 % of its 120k steps.  A run of S
+        steps should keep tau_S = tau_paper S / 120k, so with its interval k_S
+        (``ema_every``) the decay is d_S = exp(-k_S / tau_S) = 0.995 ** (k_S 120k / (10 S)).
+        At 120k steps this is 0.995 exactly (the official EMA, ``SinDDM/trainer.py``).
+        Keeping 0.995 with the scaled interval is proportional only while k_S = 10 S / 120k
+        exactly (k_S is rounded); once k_S is clamped to 1 (S <= 6000) tau stays 199.5
+        steps: 3.3 % of a 6,000-step run, 10 % of a 2,000-step run (6x too long), 66 % of a
+        300-step run.  With the rule here 2,000 steps give k = 1, d = 0.995 ** 6 = 0.9704
+        and tau = 33.25 steps (1.66 %).  tests/test_sinddm.py measures tau on a step input.
+        """
+        ratio = self.ema_every * PAPER_STEPS / (PAPER_EMA_EVERY * self.steps)
+        return float(self.ema_decay ** ratio)
+
+    @property
+    def ema_time_constant(self) -> float:
+        """The EMA's time constant in steps, -ema_every / ln(ema_update_decay) (see there)."""
+        d = self.ema_update_decay
+        return math.inf if d >= 1 else (0.0 if d <= 0 else -self.ema_every / math.log(d))
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -171,8 +204,7 @@ def train(
     """
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    net = copy.deepcopy(init) if init is not None else SinDDMNet(net_config)
+    net = copy.deepcopy(init) if init is not None else seeded_net(net_config, config.seed)
     step_fn = TrainStep(net, pyramid, config, device, gen)
     ema = copy.deepcopy(step_fn.net).eval().requires_grad_(False)
     n_scales = pyramid.spec.n_scales
@@ -185,7 +217,7 @@ def train(
 
     def after_step(step: int) -> dict:
         if step % config.ema_every == 0:
-            _ema_update(ema, step_fn.net, config.ema_decay if step >= config.ema_start else 0.0)
+            _ema_update(ema, step_fn.net, config.ema_update_decay if step >= config.ema_start else 0.0)
         info = {"scale": scales[-1]}
         if preview is not None and preview_every > 0 and step % preview_every == 0:
             info["preview"] = preview(ema)
@@ -193,9 +225,12 @@ def train(
 
     res = fit([], batches, [Term("l1", step_fn.loss)], step_fn.fit_config(config.steps), device,
               on_step=on_step, should_stop=should_stop, after_step=after_step, optimizer=step_fn.opt)
-    if config.steps % config.ema_every:  # make the returned EMA include the last steps
-        _ema_update(ema, step_fn.net, config.ema_decay if config.steps >= config.ema_start else 0.0)
-    out = SinDDMNet(step_fn.net.config)
+    tail = config.steps % config.ema_every
+    if tail:  # make the returned EMA include the last steps (a partial interval decays in proportion)
+        decay = config.ema_update_decay ** (tail / config.ema_every)
+        _ema_update(ema, step_fn.net, decay if config.steps >= config.ema_start else 0.0)
+    with private_rng():  # its initial weights are overwritten below
+        out = SinDDMNet(step_fn.net.config)
     out.load_state_dict({k: v.float().contiguous() for k, v in ema.state_dict().items()})
     return TrainResult(out.eval(), res.losses, config.steps, res.seconds, config)
 

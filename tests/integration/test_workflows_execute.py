@@ -10,7 +10,9 @@ every SaveImage node wrote the expected number of files of the expected size.
 
 Override table (why each value): SinDDM training 20 steps, width 8, batch 2 (seconds
 instead of hours); SinDDM samples 1 per node; the text-guided samples start the finer
-scales at t = 3-4 (CLIP on 16 views is slow on a CPU); Imagic at 64x64 with 2 steps per
+scales at t = 3-4 (CLIP on 16 views is slow on a CPU), the text-in-region edit takes 2
+CLIP steps instead of 100, and the text-styled training image starts the finest scale at
+t = 4 (one guided step); Imagic at 64x64 with 2 steps per
 stage and 2 etas, on the random SD 1.5 file.
 """
 
@@ -41,6 +43,10 @@ OVERRIDES = {
     "sinddm_harmonization": {**SINDDM_TRAIN, "SIE_SinDDMInject": {"count": 1}},
     "sinddm_style_transfer": {**SINDDM_TRAIN, "SIE_SinDDMInject": {"count": 1}},
     "sinddm_text_guided": {**SINDDM_TRAIN, "SIE_SinDDMSample": {"count": 1, "start_steps": "3, 3, 3, 4"}},
+    "sinddm_text_roi": {**SINDDM_TRAIN, "SIE_SinDDMGuideTextRegion": {"iterations": 2},
+                        "SIE_SinDDMEditTrainingImage": {"count": 1},
+                        "SIE_SinDDMSample": {"count": 1, "start_steps": "3, 3, 3, 4"}},
+    "sinddm_text_style": {**SINDDM_TRAIN, "SIE_SinDDMEditTrainingImage": {"count": 1, "t_start": 4}},
     "imagic": {
         "CheckpointLoaderSimple": {"ckpt_name": "random_sd15.safetensors"},
         "ImageScale": {"width": 64, "height": 64},
@@ -56,8 +62,10 @@ EXPECTED = {
                               "sinddm/tall": (1, 200, 320), "sinddm/loss": (1, 640, 320)},
     "sinddm_roi_outpaint": {"sinddm/outpaint": (1, 500, 200), "sinddm/roi": (1, 250, 200)},
     "sinddm_harmonization": {"sinddm/composite": (1, 250, 200), "sinddm/harmonized": (1, 250, 200)},
-    "sinddm_style_transfer": {"sinddm/style_transfer": (1, 128, 100)},
+    "sinddm_style_transfer": {"sinddm/style_transfer": (1, 128, 100), "sinddm/style_transfer_coarser": (1, 128, 100)},
     "sinddm_text_guided": {"sinddm/text_content": (1, 250, 200), "sinddm/text_style": (1, 250, 200)},
+    "sinddm_text_roi": {"sinddm/text_roi": (1, 250, 200), "sinddm/text_roi_samples": (1, 250, 200)},
+    "sinddm_text_style": {"sinddm/text_style_trans": (1, 250, 200)},
     "imagic": {"imagic/edit": (1, 64, 64), "imagic/eta_sweep": (2, 64, 64), "imagic/embedding_loss": (1, 640, 320),
                "imagic/finetune_loss": (1, 640, 320)},
 }
