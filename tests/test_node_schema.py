@@ -10,6 +10,7 @@ After appending inputs or adding a node, refresh it with
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -74,25 +75,61 @@ def current_snapshot() -> dict[str, list[str]]:
     return {node_id: input_order(cls) for node_id, cls in NODES}
 
 
+def snapshot_problems(saved: dict[str, list[str]], now: dict[str, list[str]]) -> list[str]:
+    """What breaks saved workflows: a removed node, or inputs renamed/removed/reordered."""
+    problems = []
+    for node_id, inputs in saved.items():
+        if node_id not in now:
+            problems.append(f"{node_id} was removed (saved workflows use it)")
+        elif now[node_id][: len(inputs)] != inputs:
+            problems.append(f"{node_id}: inputs were {inputs}, now {now[node_id]}; only appending is allowed")
+    return problems
+
+
 def test_inputs_are_append_only():
     now = current_snapshot()
     if os.environ.get("SIE_UPDATE_SNAPSHOT"):
         old = json.loads(SNAPSHOT.read_text()) if SNAPSHOT.exists() else {}
-        for node_id, inputs in old.items():  # refuse to record a breaking change
-            if node_id in now:
-                assert now[node_id][: len(inputs)] == inputs, f"{node_id}: inputs renamed/removed/reordered"
+        problems = snapshot_problems({k: v for k, v in old.items() if k in now}, now)
+        assert not problems, problems  # refuse to record a breaking change
         SNAPSHOT.write_text(json.dumps({**old, **now}, indent=1, sort_keys=True) + "\n")
     saved = json.loads(SNAPSHOT.read_text())
-    for node_id, inputs in saved.items():
-        assert node_id in now, f"{node_id} was removed (saved workflows use it)"
-        assert now[node_id][: len(inputs)] == inputs, (
-            f"{node_id}: inputs were {inputs}, now {now[node_id]}; only appending is allowed")
+    problems = snapshot_problems(saved, now)
+    assert not problems, problems
     missing = sorted(set(now) - set(saved))
     assert not missing, f"new nodes {missing}: run with SIE_UPDATE_SNAPSHOT=1 to record them"
 
 
-def test_snapshot_check_detects_a_reorder():
-    saved = {"SIE_X": ["a", "b"]}
-    assert ["a", "b", "c"][:2] == saved["SIE_X"]  # appending passes
-    assert ["b", "a"][:2] != saved["SIE_X"]  # reordering fails
-    assert ["a"][:2] != saved["SIE_X"]  # removing fails
+def test_snapshot_check_detects_breaking_changes():
+    """The check above, run on real node classes changed the ways a developer might change them."""
+    node_id, cls = next((n, c) for n, c in NODES if len(c.INPUT_TYPES().get("required", {})) >= 3)
+    saved = {node_id: input_order(cls)}
+
+    def changed(edit) -> dict[str, list[str]]:  # the node with its real INPUT_TYPES after ``edit``
+        spec = copy.deepcopy(cls.INPUT_TYPES())
+        edit(spec)
+        return {node_id: input_order(type("Changed", (cls,), {"INPUT_TYPES": classmethod(lambda c: spec)}))}
+
+    def append(spec):
+        spec.setdefault("optional", {})["new_input"] = ("INT", {"default": 0, "min": 0, "max": 1, "tooltip": "x"})
+
+    def reorder(spec):
+        first, second, *rest = spec["required"].items()
+        spec["required"] = dict([second, first, *rest])
+
+    def remove(spec):
+        spec["required"].pop(next(iter(spec["required"])))
+
+    def rename(spec):
+        spec["required"] = {("renamed" if i == 1 else k): v for i, (k, v) in enumerate(spec["required"].items())}
+
+    def make_optional(spec):  # moving an input to the optional section moves its widget to the end
+        name = next(iter(spec["required"]))
+        spec.setdefault("optional", {})[name] = spec["required"].pop(name)
+
+    assert snapshot_problems(saved, changed(lambda spec: None)) == []
+    assert snapshot_problems(saved, changed(append)) == []  # appending is allowed
+    for edit in (reorder, remove, rename, make_optional):
+        problems = snapshot_problems(saved, changed(edit))
+        assert len(problems) == 1 and problems[0].startswith(f"{node_id}: inputs were"), edit.__name__
+    assert snapshot_problems(saved, {}) == [f"{node_id} was removed (saved workflows use it)"]
