@@ -1,6 +1,7 @@
 """Imagic per-stage speed and peak memory, standalone (diffusers back end).
 
     python benchmarks/imagic_speed.py --checkpoint v1-5-pruned-emaonly.safetensors --size 512   # a GPU
+    python benchmarks/imagic_speed.py --random --size 512 --full      # random-weight SD 1.5, no checkpoint file
     python benchmarks/imagic_speed.py --tiny                                                       # CPU, tiny model
 
 For each stage — embedding optimisation, LoRA fine-tuning, full fine-tuning (``--full``)
@@ -8,16 +9,17 @@ and DDIM sampling with CFG — the median seconds per step after a warm-up and t
 memory of the stage (GPU: ``max_memory_allocated``; CPU: the process's peak RSS since
 the stage began), then the projected time of a whole edit at the SD ports' settings
 (500 embedding + 1000 fine-tuning steps + 50 DDIM steps).  Gradient checkpointing and
-bf16 autocast are on for a GPU, off for the CPU, as in the nodes.
+bf16 autocast are on for a GPU, off for the CPU, as in the nodes.  ``--weight-space`` also
+times LoRA fine-tuning with weight-space adapters (full-size W + BA every call) against the
+pack's output-side adapters.  ``--out`` writes a JSON file with the machine, date and command.
+:func:`time_stages` is what ``benchmarks/gpu_suite.py`` runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import tempfile
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import Timer, header, random_sd15, tiny_sd, write_result  # noqa: E402
 from memory import peak_mib, reset_peak  # noqa: E402
 
 from core.imagic import EmbeddingConfig, FineTuneConfig, LoRAConfig, finetune, optimize_embedding  # noqa: E402
@@ -38,86 +41,144 @@ def peak_gib(device) -> float:
     return peak_mib(device) / 1024
 
 
-class Timer:
-    """on_step callback recording the time between steps."""
+class WeightSpaceLoRA(torch.nn.Module):
+    """A LoRA seen only as a weight function W -> W + BA (no ``output_delta``): the views then
+    rebuild the full-size weight every call and back-propagate through it, as weight-space
+    adapters do.  Used to time what the output-side LoRA saves."""
 
-    def __init__(self, device):
-        self.device, self.times, self.last = device, [], None
+    def __init__(self, lora):
+        super().__init__()
+        self.inner = lora
 
-    def start(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.last = time.perf_counter()
+    def forward(self, weight):
+        return self.inner(weight)
 
-    def __call__(self, i, n, info):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.times.append(now - self.last)
-        self.last = now
+    def delta(self):
+        return self.inner.delta()
 
-    def median(self, warmup: int) -> float:
-        return statistics.median(self.times[warmup:] or self.times)
+    def state(self, module):
+        return self.inner.state(module)
+
+
+@contextmanager
+def weight_space_loras():
+    """Inside the block, ``finetune(mode="lora")`` trains weight-space adapters."""
+    import importlib
+
+    ft = importlib.import_module("core.imagic.finetune")  # the module (core.imagic.finetune is also a function)
+    real = ft.make_loras
+    ft.make_loras = lambda *a, **k: {n: WeightSpaceLoRA(lo) for n, lo in real(*a, **k).items()}
+    try:
+        yield
+    finally:
+        ft.make_loras = real
+
+
+STAGES = ("embedding", "fine-tune (lora r8)", "fine-tune (lora r8, weight-space)", "fine-tune (full)",
+          "DDIM + CFG sampling")
+
+
+def time_stages(model, size: int = 512, steps: int = 6, device=None, stages=("embedding", "fine-tune (lora r8)",
+                "DDIM + CFG sampling"), gpu: bool | None = None, log=print) -> list[dict]:
+    """Median seconds per step (first step = warm-up) and peak memory of each Imagic stage.
+
+    ``stages``: any of :data:`STAGES`.  ``gpu`` (default: CUDA device) turns on gradient
+    checkpointing and bf16 autocast, as the nodes do on a GPU.
+    """
+    device = torch.device(device or model.device)
+    gpu = device.type == "cuda" if gpu is None else gpu
+    img = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latent = model.encode(img.to(device))
+        e_tgt = model.encode_text(["a photo of a dog"])
+        uncond = model.encode_text([""])
+    log(f"{size}x{size} (latent {tuple(latent.shape)}) on {device} ({torch.get_num_threads()} threads), "
+        f"checkpointing {'on' if gpu else 'off'}, {'bf16 autocast' if gpu else 'fp32'}")
+    lora = FineTuneConfig("lora", steps, lora=LoRAConfig(8, 8.0), gradient_checkpointing=gpu)
+    runs = {
+        "embedding": lambda tm: optimize_embedding(model, latent, e_tgt, EmbeddingConfig(steps, 1e-3, 0, gpu),
+                                                   on_step=tm),
+        "fine-tune (lora r8)": lambda tm: finetune(model, latent, e_tgt, lora, on_step=tm),
+        "fine-tune (full)": lambda tm: finetune(
+            model, latent, e_tgt, FineTuneConfig("full", steps, gradient_checkpointing=gpu), on_step=tm),
+        "DDIM + CFG sampling": lambda tm: ddim_sample(model, e_tgt, uncond, shape=tuple(latent.shape),
+                                                       steps=steps, guidance=7.5, on_step=tm),
+    }
+
+    def weight_space(tm):
+        with weight_space_loras():
+            finetune(model, latent, e_tgt, lora, on_step=tm)
+
+    runs["fine-tune (lora r8, weight-space)"] = weight_space
+    rows = []
+    for label in stages:
+        timer = Timer(device)
+        reset_peak(device)
+        timer.start()
+        runs[label](timer)
+        rows.append({"stage": label, "s_per_step": timer.median(1), "peak_gib": peak_gib(device),
+                     "steps_timed": max(len(timer.times) - 1, 1)})
+        log(f"  {label:<34} {rows[-1]['s_per_step']:8.3f} s/step   peak {rows[-1]['peak_gib']:6.2f} GiB")
+    return rows
+
+
+def whole_edit(rows: list[dict]) -> dict:
+    """Projected minutes (and peak GiB) of a whole edit at the SD ports' settings, per fine-tune mode."""
+    per = {r["stage"]: r["s_per_step"] for r in rows}
+    out = {}
+    for mode in ("lora r8", "full"):
+        key = f"fine-tune ({mode})"
+        if key in per and "embedding" in per and "DDIM + CFG sampling" in per:
+            total = 500 * per["embedding"] + 1000 * per[key] + 50 * per["DDIM + CFG sampling"]
+            peak = max(r["peak_gib"] for r in rows if r["stage"] in ("embedding", key, "DDIM + CFG sampling"))
+            out[mode] = {"minutes": total / 60, "peak_gib": peak}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--random", action="store_true",
+                    help="SD 1.5 with random weights built from the shipped configs (no checkpoint file)")
     ap.add_argument("--tiny", action="store_true", help="a tiny SD-shaped model built in code (CPU check)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6, help="steps timed per stage (first one is warm-up)")
-    ap.add_argument("--full", action="store_true", help="also time full fine-tuning (needs ~17 GB on a GPU)")
+    ap.add_argument("--full", action="store_true", help="also time full fine-tuning (a float32 copy of the UNet "
+                                                        "with Adam: needs a GPU with room for it)")
+    ap.add_argument("--weight-space", action="store_true",
+                    help="also time LoRA fine-tuning with weight-space adapters (to compare with output-side)")
+    ap.add_argument("--no-sampling", action="store_true", help="skip the DDIM stage")
+    ap.add_argument("--no-embedding", action="store_true", help="skip the embedding stage")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=None, help="also write the numbers to this JSON file (with machine, date, command)")
     a = ap.parse_args()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpu = device.type == "cuda"
     if a.tiny:
-        from tiny_sd import build_tiny, write_config_dir, write_single_file
-
-        d = Path(tempfile.mkdtemp())
-        u, v, t = build_tiny(0)
-        model = load_sd15(write_single_file(d / "tiny.safetensors", u, v, t), device=device,
-                          config_dir=write_config_dir(d / "cfg", u, v, t))
-        name = "tiny SD-shaped model"
+        model, name = tiny_sd(device), "tiny SD-shaped model"
+    elif a.random:
+        model, name = random_sd15(device), "SD 1.5 with random weights (shipped configs)"
     elif a.checkpoint:
-        model = load_sd15(a.checkpoint, device=device)
-        name = Path(a.checkpoint).name
+        model, name = load_sd15(a.checkpoint, device=device), Path(a.checkpoint).name
     else:
-        ap.error("give --checkpoint or --tiny")
-    img = torch.rand(1, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
-    latent = model.encode(img)
-    e_tgt = model.encode_text(["a photo of a dog"])
-    uncond = model.encode_text([""])
-    print(f"{name} on {device} ({torch.get_num_threads()} threads), {a.size}x{a.size} "
-          f"(latent {tuple(latent.shape)}), checkpointing {'on' if gpu else 'off'}, "
-          f"{'bf16 autocast' if gpu else 'fp32'}", flush=True)
-    rows = []
-
-    def stage(label, fn):
-        timer = Timer(device)
-        reset_peak(device)
-        timer.start()
-        fn(timer)
-        rows.append((label, timer.median(1), peak_gib(device)))
-        print(f"  {label:<22} {rows[-1][1]:8.3f} s/step   peak {rows[-1][2]:6.2f} GiB", flush=True)
-
-    stage("embedding", lambda tm: optimize_embedding(model, latent, e_tgt, EmbeddingConfig(a.steps, 1e-3, 0, gpu),
-                                                     on_step=tm))
-    stage("fine-tune (lora r8)", lambda tm: finetune(
-        model, latent, e_tgt, FineTuneConfig("lora", a.steps, lora=LoRAConfig(8, 8.0), gradient_checkpointing=gpu),
-        on_step=tm))
-    if a.full:
-        stage("fine-tune (full)", lambda tm: finetune(
-            model, latent, e_tgt, FineTuneConfig("full", a.steps, gradient_checkpointing=gpu), on_step=tm))
-    stage("DDIM + CFG sampling", lambda tm: ddim_sample(model, e_tgt, uncond, shape=tuple(latent.shape),
-                                                         steps=a.steps, guidance=7.5, on_step=tm))
-    per = {label: s for label, s, _ in rows}
-    for mode in ("lora r8", "full"):
-        key = f"fine-tune ({mode})"
-        if key in per:
-            total = 500 * per["embedding"] + 1000 * per[key] + 50 * per["DDIM + CFG sampling"]
-            peak = max(p for label, _, p in rows if label in ("embedding", key, "DDIM + CFG sampling"))
-            print(f"whole edit, {mode} (500 + 1000 + 50 steps): {total / 60:.1f} min, peak {peak:.2f} GiB")
+        ap.error("give --checkpoint, --random or --tiny")
+    print(name, flush=True)
+    stages = [s for s, on in (("embedding", not a.no_embedding), ("fine-tune (lora r8)", True),
+                              ("fine-tune (lora r8, weight-space)", a.weight_space), ("fine-tune (full)", a.full),
+                              ("DDIM + CFG sampling", not a.no_sampling)) if on]
+    rows = time_stages(model, a.size, a.steps, device, stages, log=lambda m: print(m, flush=True))
+    edit = whole_edit(rows)
+    for mode, e in edit.items():
+        print(f"whole edit, {mode} (500 + 1000 + 50 steps): {e['minutes']:.1f} min, peak {e['peak_gib']:.2f} GiB")
+    per = {r["stage"]: r["s_per_step"] for r in rows}
+    ratio = None
+    if "fine-tune (lora r8, weight-space)" in per:
+        ratio = per["fine-tune (lora r8, weight-space)"] / per["fine-tune (lora r8)"]
+        print(f"weight-space / output-side LoRA step time: {ratio:.2f}")
+    if a.out:
+        data = {**header(device), "model": name, "size": a.size, "stages": rows, "whole_edit": edit}
+        if ratio is not None:
+            data["lora_weight_space_over_output_side"] = ratio
+        print(f"wrote {write_result(a.out, data)}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """SinDDM training and sampling speed, optionally side by side with the official code.
 
     python benchmarks/sinddm_speed.py --image core/sinddm/data/coffee_128x100.png \\
-        [--official /path/to/fallenshock/SinDDM] [--batch 32 --width 160 --steps 3] [--sample]
+        [--official /path/to/fallenshock/SinDDM] [--batch 32 --width 160 --steps 3] [--sample] \\
+        [--out benchmarks/results/sinddm_speed_cpu.json]
 
 For every scale: the median time of one training step (batch of noisy copies, forward,
 L1 loss, backward, Adam step) after a warm-up, and the peak resident memory of that
 step (peak GPU memory on CUDA).  With ``--official`` the official classes are imported
 from that checkout and timed in the same run, interleaved step by step with ours (same
 image, batch, width, threads), and the ratio ours / official is printed.  ``--sample``
-adds the time of one full-size sample.
+adds the time of one full-size sample.  ``--out`` writes the numbers, the machine, the
+date and the command to a JSON file.  :func:`time_training` and :func:`time_sample` are what
+``benchmarks/gpu_suite.py`` runs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import header, write_result  # noqa: E402
 from memory import peak_mib, reset_peak, sync  # noqa: E402
 
 from core.sinddm import NetConfig, SinDDM, SinDDMNet, TrainConfig, build_pyramid, sample  # noqa: E402
@@ -67,6 +71,82 @@ class Official:
         return loss.item()
 
 
+def time_training(pyr, width: int = 160, batch: int = 32, steps: int = 3, warmup: int = 1,
+                  device: torch.device | str = "cpu", precision: str = "auto", official: str | None = None,
+                  image: str | None = None, log=print) -> tuple[dict, TrainStep]:
+    """Median seconds of one training step at every scale (ours, and the official code's when
+    ``official`` is a checkout of fallenshock/SinDDM and ``image`` the file ``pyr`` was built from).
+
+    Returns (result, our TrainStep); result["scales"] holds one row per scale.
+    """
+    device = torch.device(device)
+    cfg = TrainConfig(steps=1000, batch_size=batch, precision=precision)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ours = TrainStep(SinDDMNet(NetConfig(width)), pyr, cfg, device, gen)
+    runners = {"ours": ours.step}
+    if official:
+        runners["official"] = Official(official, image, batch, width, device, pyr)
+    log(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+        f"{pyr.spec.n_scales} scales, batch {batch}, width {width}; ours: channels_last, "
+        f"bf16 autocast {'on' if ours.bf16 else 'off'} (native bf16: {native_bf16(device)})")
+    medians: dict[str, list[float]] = {k: [] for k in runners}
+    rows = []
+    for s in range(pyr.spec.n_scales):
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        peaks: dict[str, float] = {}
+        for k in range(warmup + steps):
+            for name, run in runners.items():  # interleaved, so load drifts hit both alike
+                sync(device)
+                reset_peak(device)
+                t0 = time.perf_counter()
+                run(s)
+                sync(device)
+                dt = time.perf_counter() - t0
+                peaks[name] = max(peaks.get(name, 0.0), peak_mib(device))
+                if k >= warmup:
+                    times[name].append(dt)
+        h, w = pyr.spec.sizes[s]
+        row = {"scale": s, "size": [w, h]}
+        parts = []
+        for name in runners:
+            m = statistics.median(times[name])
+            medians[name].append(m)
+            row[f"{name}_s"], row[f"{name}_peak_mib"] = m, peaks[name]
+            parts.append(f"{name} {m:.3f} s (peak {peaks[name]:.0f} MiB)")
+        if official:
+            row["ratio"] = medians["ours"][-1] / medians["official"][-1]
+        rows.append(row)
+        log(f"scale {s} {w}x{h}: " + ", ".join(parts) + (f"  ratio {row['ratio']:.2f}" if official else ""))
+    result = {"device": str(device), "batch": batch, "width": width, "bf16_autocast": ours.bf16,
+              "native_bf16": native_bf16(device), "scales": rows}
+    for name in runners:
+        result[f"{name}_mean_s"] = statistics.mean(medians[name])
+        log(f"mean over scales, {name}: {result[f'{name}_mean_s']:.3f} s/step")
+    if official:
+        result["ratio_mean"] = result["ours_mean_s"] / result["official_mean_s"]
+        result["ratio_finest"] = medians["ours"][-1] / medians["official"][-1]
+        log(f"ours / official (mean over scales): {result['ratio_mean']:.2f}; finest scale: "
+            f"{result['ratio_finest']:.2f}")
+    return result, ours
+
+
+def time_sample(net: SinDDMNet, pyr, device: torch.device | str = "cpu", log=print) -> dict:
+    """Seconds of one full-size sample (all scales) after a one-scale warm-up."""
+    device = torch.device(device)
+    model = SinDDM.create(net.eval(), pyr)
+    sample(model, count=1, seed=0, device=device, scales=1)  # warm-up
+    sync(device)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    sample(model, count=1, seed=0, device=device)
+    sync(device)
+    h, w = pyr.spec.sizes[-1]
+    out = {"size": [w, h], "denoiser_calls": int(sum(model.schedule.start_steps)),
+           "seconds": time.perf_counter() - t0, "peak_mib": peak_mib(device)}
+    log(f"one full-size sample ({w}x{h}, {out['denoiser_calls']} denoiser calls): {out['seconds']:.2f} s")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", default=str(ROOT / "core/sinddm/data/coffee_128x100.png"))
@@ -79,6 +159,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--sample", action="store_true", help="also time one full-size sample")
+    ap.add_argument("--out", default=None, help="also write the numbers to this JSON file (with machine, date, command)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -86,54 +167,27 @@ def main() -> None:
     from PIL import Image
 
     pyr = build_pyramid(Image.open(a.image))
-    cfg = TrainConfig(steps=1000, batch_size=a.batch, precision=a.precision)
-    gen = torch.Generator(device=device).manual_seed(0)
-    ours = TrainStep(SinDDMNet(NetConfig(a.width)), pyr, cfg, device, gen)
-    runners = {"ours": ours.step}
-    if a.official:
-        runners["official"] = Official(a.official, a.image, a.batch, a.width, device, pyr)
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, image {a.image} "
-          f"({pyr.spec.n_scales} scales), batch {a.batch}, width {a.width}; ours: channels_last, "
-          f"bf16 autocast {'on' if ours.bf16 else 'off'} (native bf16: {native_bf16(device)})", flush=True)
-    medians: dict[str, list[float]] = {k: [] for k in runners}
-    for s in range(pyr.spec.n_scales):
-        times: dict[str, list[float]] = {k: [] for k in runners}
-        peaks: dict[str, float] = {}
-        for k in range(a.warmup + a.steps):
-            for name, run in runners.items():  # interleaved, so load drifts hit both alike
-                sync(device)
-                reset_peak(device)
-                t0 = time.perf_counter()
-                run(s)
-                sync(device)
-                dt = time.perf_counter() - t0
-                peaks[name] = max(peaks.get(name, 0.0), peak_mib(device))
-                if k >= a.warmup:
-                    times[name].append(dt)
-        h, w = pyr.spec.sizes[s]
-        parts = []
-        for name in runners:
-            m = statistics.median(times[name])
-            medians[name].append(m)
-            parts.append(f"{name} {m:.3f} s (peak {peaks[name]:.0f} MiB)")
-        ratio = f"  ratio {medians['ours'][-1] / medians['official'][-1]:.2f}" if a.official else ""
-        print(f"scale {s} {w}x{h}: " + ", ".join(parts) + ratio, flush=True)
-    for name in runners:
-        print(f"mean over scales, {name}: {statistics.mean(medians[name]):.3f} s/step", flush=True)
-    if a.official:
-        r = statistics.mean(medians["ours"]) / statistics.mean(medians["official"])
-        print(f"ours / official (mean over scales): {r:.2f}; finest scale: "
-              f"{medians['ours'][-1] / medians['official'][-1]:.2f}", flush=True)
+    print(f"image {a.image}", flush=True)
+    log = lambda msg: print(msg, flush=True)
+    result, ours = time_training(pyr, a.width, a.batch, a.steps, a.warmup, device, a.precision, a.official, a.image,
+                                 log)
     if a.sample:
-        model = SinDDM.create(ours.net.eval(), pyr)
-        sample(model, count=1, seed=0, device=device, scales=1)  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        sample(model, count=1, seed=0, device=device)
-        sync(device)
-        h, w = pyr.spec.sizes[-1]
-        print(f"one full-size sample ({w}x{h}, {sum(model.schedule.start_steps)} denoiser calls): "
-              f"{time.perf_counter() - t0:.2f} s", flush=True)
+        result["sample"] = time_sample(ours.net, pyr, device, log)
+    if a.out:
+        data = {**header(device), "image": Path(a.image).name, "official": bool(a.official), **result}
+        if a.official:
+            data["official_commit"] = official_commit(a.official)
+        print(f"wrote {write_result(a.out, data)}")
+
+
+def official_commit(checkout: str) -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,285 @@
+"""Every method's speed and memory benchmark at the papers' scale, in one run and one table.
+
+    python benchmarks/gpu_suite.py                       # one GPU: papers' sizes, random weights
+    python benchmarks/gpu_suite.py --dry-run             # the same code at tiny sizes on the CPU (seconds)
+    python benchmarks/gpu_suite.py --download-wheels     # here, with PyPI: the wheels a bare GPU machine lacks
+
+What it runs (the functions of the single benchmarks, not copies of them):
+
+* SinDDM (``sinddm_speed.py``): one training step at every scale of the 250x200 image at the
+  paper's width 160 and batch 32, the projected time of the paper's 120,000 steps (one
+  random scale per step), and one full-size sample;
+* Imagic (``imagic_speed.py``) on Stable Diffusion 1.5 at 512x512 with random weights built
+  from the pack's shipped configs (no checkpoint file): embedding step, LoRA fine-tune step,
+  full fine-tune step (with its peak memory) and DDIM+CFG step, with checkpointing and bf16
+  autocast as the nodes use on a GPU, and the projected whole edit (500 + 1000 + 50 steps);
+* the engine (``engine_switch.py``) on the same model: the cost of switching between the
+  base and a LoRA view inside a step, and a DDIM step with SINE's model-based guidance where
+  the fine-tuned model is a LoRA view of the base, next to a plain CFG step.
+
+Sized to finish well inside 8 minutes on one H100/H200 (not yet run on one: the JSON records
+how long each part took).  Prints one table and writes it with the machine, date and command to a JSON file
+(default ``benchmarks/results/gpu_suite_<device>_<date>.json``; ``--dry-run``: a temporary
+folder unless ``--out`` is given).
+
+On the lent GPU machine (no network; torch, torchvision and transformers installed, diffusers
+not; open_clip is not needed): build the wheel folder here once with ``--download-wheels``
+(``.whl/``: the diffusers wheel, 6.1 MiB; add ``/.whl/`` to ``.git/info/exclude``), carry it, and the suite installs it into a temporary
+folder itself when ``import diffusers`` fails.  The whole call::
+
+    run(command="PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --out $OUT/gpu_suite.json",
+        carry=[".whl"], timeout_s=540)
+
+then copy the returned JSON into ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+DEFAULT_WHEELS = ROOT / ".whl"
+# What a bare GPU machine lacks (it has torch, torchvision, transformers, huggingface_hub, safetensors,
+# numpy, Pillow, regex, requests, filelock); diffusers' own needs are all there on Python >= 3.8.
+WHEELS = ("diffusers==0.42.1",)
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64")
+
+# The papers' sizes (default) and the dry run's.
+FULL = dict(sinddm_image="coffee_250x200.png", sinddm_width=160, sinddm_batch=32, sinddm_steps=3, sinddm_warmup=1,
+            sinddm_paper_steps=120_000, sd="random", sd_size=512, sd_steps=6, switch_latent=64, switch_calls=10,
+            guided_steps=6)
+DRY = dict(sinddm_image="coffee_128x100.png", sinddm_width=8, sinddm_batch=2, sinddm_steps=1, sinddm_warmup=1,
+           sinddm_paper_steps=120_000, sinddm_resize=(90, 70), sd="tiny", sd_size=32, sd_steps=2, switch_latent=4,
+           switch_calls=2, guided_steps=2)
+
+
+def download_wheels(dest: Path, python: str = "3.12") -> list[Path]:
+    """pip download (no dependencies, binary only, for the GPU machine's Python and platform) of :data:`WHEELS`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python,
+           "--implementation", "cp", *[f"--platform={p}" for p in PLATFORMS], "-d", str(dest), *WHEELS]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return sorted(dest.glob("*.whl"))
+
+
+def ensure_diffusers(wheels: Path | None) -> str:
+    """Import diffusers; if it is missing, install the wheels in ``wheels`` into a temporary folder first."""
+    try:
+        import diffusers
+    except ImportError:
+        files = sorted(glob.glob(str(Path(wheels) / "*.whl"))) if wheels else []
+        if not files:
+            raise SystemExit(
+                "diffusers is not installed and no wheel folder was found "
+                f"({wheels}). On a machine with PyPI: python benchmarks/gpu_suite.py --download-wheels, "
+                "then carry .whl/ (or pass --wheels DIR).") from None
+        site = Path(tempfile.mkdtemp(prefix="sie_site_"))
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--target", str(site), *files], check=True)
+        sys.path.insert(0, str(site))
+        importlib.invalidate_caches()
+        import diffusers
+        print(f"installed {', '.join(Path(f).name for f in files)} into {site}", flush=True)
+    return diffusers.__version__
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+class Table:
+    """Rows of (method, stage, setting, value, unit, peak memory in MiB or None)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, method, stage, setting, value, unit, peak_mib=None):
+        self.rows.append({"method": method, "stage": stage, "setting": setting, "value": float(value), "unit": unit,
+                          "peak_mib": None if peak_mib is None else float(peak_mib)})
+
+    def render(self) -> str:
+        head = ("method", "stage", "setting", "time", "peak memory")
+        body = []
+        for r in self.rows:
+            v = r["value"]
+            t = f"{v:.4g} {r['unit']}" if abs(v) < 1e4 else f"{v:.3e} {r['unit']}"
+            m = "" if r["peak_mib"] is None else (f"{r['peak_mib'] / 1024:.2f} GiB" if r["peak_mib"] >= 1024
+                                                  else f"{r['peak_mib']:.0f} MiB")
+            body.append((r["method"], r["stage"], r["setting"], t, m))
+        w = [max(len(str(x[i])) for x in (head, *body)) for i in range(len(head))]
+        line = lambda cells: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(cells)) + " |"
+        return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|", *map(line, body)])
+
+
+def run_sinddm(table: Table, cfg: dict, device, log) -> dict:
+    from PIL import Image
+    from sinddm_speed import time_sample, time_training
+
+    from core.sinddm import build_pyramid
+
+    img = Image.open(ROOT / "core/sinddm/data" / cfg["sinddm_image"]).convert("RGB")
+    if cfg.get("sinddm_resize"):
+        img = img.resize(cfg["sinddm_resize"], Image.LANCZOS)
+    pyr = build_pyramid(img)
+    w, b = cfg["sinddm_width"], cfg["sinddm_batch"]
+    res, ours = time_training(pyr, w, b, cfg["sinddm_steps"], cfg["sinddm_warmup"], device, log=log)
+    setting = f"width {w}, batch {b}"
+    for row in res["scales"]:
+        sw, sh = row["size"]
+        table.add("SinDDM", f"train step, scale {row['scale']} ({sw}x{sh})", setting, row["ours_s"], "s/step",
+                  row["ours_peak_mib"])
+    n = cfg["sinddm_paper_steps"]
+    table.add("SinDDM", "train step, mean over scales", setting, res["ours_mean_s"], "s/step")
+    table.add("SinDDM", f"paper's training, projected ({n} steps)", setting, res["ours_mean_s"] * n / 3600, "h")
+    smp = time_sample(ours.net, pyr, device, log=log)
+    sw, sh = smp["size"]
+    table.add("SinDDM", f"one sample, full size ({sw}x{sh})", f"{smp['denoiser_calls']} denoiser calls",
+              smp["seconds"], "s", smp["peak_mib"])
+    return {"image": cfg["sinddm_image"], "pyramid": [list(s) for s in pyr.spec.sizes], **res, "sample": smp}
+
+
+def build_sd(cfg: dict, device):
+    from common import random_sd15, tiny_sd
+
+    if cfg["sd"] == "tiny":
+        return tiny_sd(device), "tiny SD-shaped model (tests/tiny_sd.py)"
+    return random_sd15(device), "SD 1.5, random weights from core/sd/configs/sd15"
+
+
+def run_imagic(table: Table, cfg: dict, model, name: str, device, log) -> dict:
+    from imagic_speed import time_stages, whole_edit
+
+    size = cfg["sd_size"]
+    stages = ("embedding", "fine-tune (lora r8)", "fine-tune (full)", "DDIM + CFG sampling")
+    rows = time_stages(model, size, cfg["sd_steps"], device, stages, log=log)
+    gpu = device.type == "cuda"
+    setting = f"{size}x{size}, " + ("bf16 autocast, checkpointing" if gpu else "fp32")
+    labels = {"embedding": "embedding step", "fine-tune (lora r8)": "LoRA fine-tune step (r8)",
+              "fine-tune (full)": "full fine-tune step", "DDIM + CFG sampling": "DDIM + CFG step"}
+    for r in rows:
+        table.add("Imagic", labels[r["stage"]], setting, r["s_per_step"], "s/step", r["peak_gib"] * 1024)
+    edit = whole_edit(rows)
+    for mode, e in edit.items():
+        table.add("Imagic", f"whole edit, {mode} (500+1000+50 steps)", setting, e["minutes"], "min",
+                  e["peak_gib"] * 1024)
+    return {"model": name, "size": size, "stages": rows, "whole_edit": edit}
+
+
+def run_engine(table: Table, cfg: dict, model, device, log) -> dict:
+    from engine_switch import guided_step, switch_cost
+    from memory import peak_mib, reset_peak
+
+    lat = cfg["switch_latent"]
+    reset_peak(device)
+    sw = switch_cost(model, lat, cfg["switch_calls"])
+    peak = peak_mib(device)
+    setting = f"latent {lat}x{lat}, LoRA r4 on attention"
+    for key, stage in (("plain_model_s", "eps call, plain model"), ("base_in_views_s", "eps call, base in views()"),
+                       ("view_s", "eps call, LoRA view"), ("pair_s", "eps calls, base + view alternating"),
+                       ("switch_cost_s", "view switch cost (pair - base - view)")):
+        table.add("engine", stage, setting, sw[key], "s", peak if key == "pair_s" else None)
+    log(f"  switch cost {sw['switch_cost_s']:+.4f} s (pair {sw['pair_s']:.4f} s)")
+    reset_peak(device)
+    gd = guided_step(model, lat, cfg["guided_steps"])
+    peak = peak_mib(device)
+    table.add("engine", "DDIM + CFG step (base only)", setting, gd["ddim_cfg_step_s"], "s/step")
+    table.add("engine", "DDIM step, SINE guidance with a LoRA view", setting, gd["ddim_guided_lora_view_step_s"],
+              "s/step", peak)
+    log(f"  guided step / CFG step: {gd['guided_over_cfg']:.2f}")
+    return {"switch": sw, "guided": gd}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes and models, on the CPU, a few steps")
+    ap.add_argument("--device", default=None, help="default: cuda (cpu for --dry-run)")
+    ap.add_argument("--only", default="sinddm,imagic,engine", help="comma-separated subset")
+    ap.add_argument("--out", default=None, help="the JSON file (default: benchmarks/results/gpu_suite_<device>_<date>"
+                                                ".json; --dry-run: a temporary folder)")
+    ap.add_argument("--wheels", default=str(DEFAULT_WHEELS), help="wheel folder to install from when diffusers is "
+                                                                  "missing")
+    ap.add_argument("--download-wheels", nargs="?", const=str(DEFAULT_WHEELS), default=None, metavar="DIR",
+                    help="download the wheels a bare GPU machine lacks into DIR (default .whl) and exit")
+    a = ap.parse_args(argv)
+    if a.download_wheels:
+        files = download_wheels(Path(a.download_wheels))
+        size = sum(f.stat().st_size for f in files) / 2**20
+        print(f"{len(files)} wheel(s), {size:.1f} MiB in {a.download_wheels}; carry it: run(..., carry=['.whl'])")
+        return 0
+    t_start = time.perf_counter()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    diffusers_version = ensure_diffusers(Path(a.wheels) if a.wheels else None)
+
+    import torch
+    from common import header, write_result
+
+    cfg = DRY if a.dry_run else FULL
+    device = torch.device(a.device or ("cpu" if a.dry_run else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU machine, or use --dry-run (CPU, tiny sizes)")
+    log = lambda msg: print(msg, flush=True)
+    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    table = Table()
+    data = {**header(device), "tier": "dry-run" if a.dry_run else "papers' sizes", "diffusers": diffusers_version,
+            "settings": cfg}
+    log(f"{data['machine']}; torch {torch.__version__}, diffusers {diffusers_version}; {data['tier']}")
+    timings = {}
+    if "sinddm" in only:
+        t0 = time.perf_counter()
+        log("SinDDM")
+        data["sinddm"] = run_sinddm(table, cfg, device, log)
+        timings["sinddm"] = time.perf_counter() - t0
+    if only & {"imagic", "engine"}:
+        t0 = time.perf_counter()
+        model, name = build_sd(cfg, device)
+        log(f"{name} built on {device} in {time.perf_counter() - t0:.1f} s")
+        if "imagic" in only:
+            t0 = time.perf_counter()
+            log("Imagic")
+            data["imagic"] = run_imagic(table, cfg, model, name, device, log)
+            timings["imagic"] = time.perf_counter() - t0
+        if "engine" in only:
+            t0 = time.perf_counter()
+            log("engine")
+            data["engine"] = run_engine(table, cfg, model, device, log)
+            timings["engine"] = time.perf_counter() - t0
+        del model
+    bad = [r for r in table.rows if not _finite(r["value"])]
+    data["table"] = table.rows
+    data["suite_seconds"] = {**timings, "total": time.perf_counter() - t_start}
+    if a.out:
+        out = Path(a.out)
+    elif a.dry_run:
+        out = Path(tempfile.mkdtemp(prefix="sie_gpu_suite_")) / "gpu_suite_dry_run.json"
+    else:
+        tag = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(device).lower()).strip("-")
+        out = ROOT / "benchmarks/results" / f"gpu_suite_{tag}_{datetime.now(timezone.utc):%Y%m%d}.json"
+    write_result(out, data)
+    print()
+    print(table.render())
+    print(f"\n{len(table.rows)} rows in {data['suite_seconds']['total']:.0f} s; written to {out}")
+    if bad:
+        print(f"not finite: {', '.join(r['method'] + ' / ' + r['stage'] for r in bad)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""benchmarks/gpu_suite.py: the dry run (tiny sizes, CPU) gives a row per method and stage, all finite.
+
+The suite itself runs on a GPU (nobody runs it in CI); this keeps its code from rotting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+SUITE = ROOT / "benchmarks" / "gpu_suite.py"
+
+EXPECTED = {
+    "SinDDM": ["train step, scale 0", "train step, scale 1", "train step, mean over scales",
+               "paper's training, projected", "one sample, full size"],
+    "Imagic": ["embedding step", "LoRA fine-tune step", "full fine-tune step", "DDIM + CFG step",
+               "whole edit, lora r8", "whole edit, full"],
+    "engine": ["eps call, plain model", "eps call, base in views()", "eps call, LoRA view",
+               "eps calls, base + view alternating", "view switch cost", "DDIM + CFG step (base only)",
+               "DDIM step, SINE guidance with a LoRA view"],
+}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite") / "suite.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SUITE), "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_dry_run_has_a_finite_row_per_method_and_stage(dry_run):
+    stdout, data = dry_run
+    rows = data["table"]
+    for method, stages in EXPECTED.items():
+        names = [r["stage"] for r in rows if r["method"] == method]
+        for stage in stages:
+            assert any(n.startswith(stage) for n in names), (method, stage, names)
+    for r in rows:
+        assert math.isfinite(r["value"]), r
+        assert r["peak_mib"] is None or (math.isfinite(r["peak_mib"]) and r["peak_mib"] > 0), r
+        if r["stage"] != "view switch cost (pair - base - view)":  # a difference: may be negative
+            assert r["value"] > 0, r
+    # the printed table has the same rows
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == len(rows) + 1
+    for r in rows:
+        assert any(r["stage"] in line and r["method"] in line for line in table), r
+
+
+def test_dry_run_records_where_the_numbers_come_from(dry_run):
+    _, data = dry_run
+    assert data["tier"] == "dry-run"
+    assert data["machine"] and data["date"] and data["torch"]
+    assert data["command"].startswith("python benchmarks/gpu_suite.py --dry-run")
+    assert set(data["suite_seconds"]) >= {"sinddm", "imagic", "engine", "total"}
+
+
+@pytest.fixture
+def gpu_suite(monkeypatch):
+    """The suite's module, imported with sys.path and sys.modules restored afterwards."""
+    import importlib
+
+    monkeypatch.setattr(sys, "path", [str(SUITE.parent), *sys.path])
+    before = set(sys.modules)
+    yield importlib.import_module("gpu_suite")
+    for name in set(sys.modules) - before:  # benchmarks/common.py, memory.py, ...: not importable elsewhere
+        if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(SUITE.parent)):
+            del sys.modules[name]
+
+
+def test_full_tier_is_the_papers_scale(gpu_suite):
+    """The default tier's settings are the papers' (a GPU run must measure what the README cites)."""
+    full = gpu_suite.FULL
+    assert (full["sinddm_image"], full["sinddm_width"], full["sinddm_batch"]) == ("coffee_250x200.png", 160, 32)
+    assert full["sinddm_paper_steps"] == 120_000
+    assert (full["sd"], full["sd_size"]) == ("random", 512)
+    assert full["switch_latent"] == 64  # 512 px
+
+
+def test_missing_diffusers_without_wheels_says_what_to_do(gpu_suite, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    with pytest.raises(SystemExit, match="--download-wheels"):
+        gpu_suite.ensure_diffusers(tmp_path / "no_wheels")
