@@ -1,9 +1,11 @@
 """Command line for SinDDM: ``python -m core.sinddm {demo,train,sample} ...`` from the pack's folder.
 
-``demo`` trains on a bundled image with CPU-sized settings (a few minutes on 2 cores),
+``demo`` trains on a bundled image with CPU-sized settings (about 10 minutes in all on a
+2-core CPU),
 then writes a grid of samples at two sizes, the loss curve and the model, and prints
 where they are.  ``--paper`` selects the paper's settings (width 160, batch 32, 120k
-steps on the 250x200 image): hours on a GPU, weeks on a CPU.
+steps on the 250x200 image): about 7 h on an A6000 in the paper, weeks on a CPU
+(benchmarks/results/sinddm_speed_paper_cpu.json).
 """
 
 from __future__ import annotations
