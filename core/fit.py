@@ -39,6 +39,11 @@ class Interrupted(RuntimeError):
 
 
 def poll(should_stop: ShouldStop | None, what: str, step: int) -> None:
+    """The pack's one cancellation check: every core loop (the fit loop, SinDDM sampling and
+    its CLIP region edit) calls it once per step.  ``should_stop()`` True raises
+    :class:`Interrupted` ("<what> stopped after <step> steps"); a ``should_stop`` may also
+    raise its own exception (the ComfyUI nodes' ``Progress.should_stop`` raises ComfyUI's
+    interrupt)."""
     if should_stop is not None and should_stop():
         raise Interrupted(f"{what} stopped after {step} steps")
 

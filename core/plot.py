@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from .images import tensor_to_pil
+
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
     """Trailing moving average (window >= 1)."""
@@ -54,20 +56,6 @@ def loss_curve(losses: Sequence[float], width: int = 640, height: int = 320, tit
     d.text((left, height - bottom + 8), "step 1", fill=(80, 80, 80))
     d.text((width - right - 70, height - bottom + 8), f"step {n}", fill=(80, 80, 80))
     return img
-
-
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float [3, H, W] in [0, 1]."""
-    import numpy as np
-
-    arr = torch.from_numpy(np.asarray(img.convert("RGB")).astype("float32") / 255.0)
-    return arr.permute(2, 0, 1).contiguous()
-
-
-def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """float [3, H, W] in [0, 1] -> RGB PIL image."""
-    arr = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr, "RGB")
 
 
 def grid(rows: Sequence[Sequence[torch.Tensor]], pad: int = 4, background=(255, 255, 255)) -> Image.Image:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.images import tensor_to_pil
 from .comfy_views import ComfySD  # noqa: F401  (re-exported: the seam over MODEL / CLIP / VAE)
 
 # folder_paths name -> (sub-folder of ComfyUI's models dir, accepted extensions)
@@ -146,7 +147,7 @@ class Progress:
         preview = None
         now = time.monotonic()
         if self.last_info.get("preview") is not None:
-            preview = ("JPEG", _to_pil(self.last_info["preview"]), 512)
+            preview = ("JPEG", tensor_to_pil(self.last_info["preview"]), 512)
         elif "loss" in self.last_info:
             self.losses.append(float(self.last_info["loss"]))
             if now - self._text_at >= self.TEXT_EVERY or i >= self.total:
@@ -178,13 +179,6 @@ def _progress_text(text: str) -> None:
             PromptServer.instance.send_progress_text(text, ctx.node_id, PromptServer.instance.client_id)
     except (ImportError, AttributeError):
         pass
-
-
-def _to_pil(x: torch.Tensor):
-    from PIL import Image
-
-    arr = (x.detach().float().clamp(0, 1).movedim(0, -1).cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(arr)
 
 
 def torch_device() -> torch.device:

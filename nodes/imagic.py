@@ -14,6 +14,7 @@ import logging
 import torch
 
 from ..core.artifact_io import ArtifactError
+from ..core.images import pil_to_tensor
 from ..core.imagic import (
     DEFAULT_LR,
     EmbeddingConfig,
@@ -24,7 +25,8 @@ from ..core.imagic import (
     optimize_embedding,
 )
 from ..core.imagic.artifact import Trained, load_trained, save_trained
-from ..core.plot import loss_curve, pil_to_tensor
+from ..core.plot import loss_curve
+from ..core.resources import SD15_UNET_PARAMS, ResourceError, check_fits, describe_parts, imagic_bytes, imagic_parts
 from . import comfy_bridge as bridge
 from .common import (
     CATEGORY_ROOT,
@@ -72,6 +74,37 @@ def curve(losses: list[float], title: str) -> torch.Tensor:
     return bchw_to_image(pil_to_tensor(loss_curve(losses, title=title))[None])
 
 
+def unet_param_count(model) -> int:
+    """Parameters of the MODEL's UNet (SD 1.5's count where the MODEL does not expose them)."""
+    try:
+        return sum(p.numel() for p in model.model.diffusion_model.parameters())
+    except (AttributeError, TypeError):
+        return SD15_UNET_PARAMS
+
+
+def check_memory(model, image, mode: str, device, gradient_checkpointing: bool, rank: int = 8,
+                 free: int | None = None) -> None:
+    """Refuse an Imagic stage (``mode``: embedding, lora or full) that cannot fit in ``device``'s
+    free memory (:mod:`core.resources`), naming the input to change: ``mode`` when a full
+    fine-tune would fit as LoRA, else ``image``."""
+    x = image_to_bchw(image, "image", min_side=8)
+    h, w = x.shape[-2:]
+    latent = (h // 8, w // 8)
+    params = unet_param_count(model)
+    parts = imagic_parts(latent, mode, params, rank, gradient_checkpointing)
+    stage = "the embedding optimisation" if mode == "embedding" else f"the {mode} fine-tune"
+    try:
+        check_fits(sum(parts.values()), device, f"{stage} of a {w}x{h} image ({describe_parts(parts)} GiB)", "",
+                   free)
+    except ResourceError as e:
+        lora = imagic_bytes(latent, "lora", params, rank, gradient_checkpointing)
+        if mode == "full" and lora <= e.free:
+            raise NodeInputError("mode", e.problem, f"use mode lora (about {lora / 2**30:.1f} GiB here), or a "
+                                                    "device with more memory") from None
+        raise NodeInputError("image", e.problem, "use a smaller image (SD 1.x is trained at 512x512)"
+                             + ("" if mode == "embedding" else ", or mode lora with a lower rank")) from None
+
+
 def image_latent(sd: bridge.ComfySD, image, name: str = "image") -> torch.Tensor:
     x = image_to_bchw(image, name, min_side=8)[:1]
     return sd.encode(x)
@@ -95,8 +128,10 @@ class OptimizeEmbedding:
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD 1.x MODEL (frozen here)."}),
             "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint; encodes the image once."}),
-            "image": ("IMAGE", {"tooltip": "The image to edit (first of the batch; SD 1.x works best at 512x512)."}),
-            "conditioning": ("CONDITIONING", {"tooltip": "The target text, encoded (CLIP Text Encode): e_tgt."}),
+            "image": ("IMAGE", {"tooltip": "The image to edit; only the first image of a batch is used (SD 1.x "
+                                          "works best at 512x512)."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "The target text, encoded (CLIP Text Encode): e_tgt. Only the "
+                                                      "first conditioning entry is used."}),
             "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Adam steps (SD ports: 500)."}),
             "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
                                         "tooltip": "Adam learning rate (paper and ports: 0.001)."}),
@@ -106,8 +141,9 @@ class OptimizeEmbedding:
     def run(self, model, vae, image, conditioning, steps, learning_rate, seed):
         check_model(model)
         check_positive(steps, "steps")
-        progress = bridge.Progress(steps)
         device = torch.device(bridge.torch_device())
+        check_memory(model, image, "embedding", device, device.type == "cuda")
+        progress = bridge.Progress(steps)
         try:
             with torch.inference_mode(False):  # tensors made here are ordinary: autograd may save them
                 cond, opts = cond_tensor(conditioning, model)
@@ -141,8 +177,10 @@ class FineTune:
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD 1.x MODEL (not modified)."}),
             "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint."}),
-            "image": ("IMAGE", {"tooltip": "The image to edit (the same as for the embedding)."}),
-            "conditioning": ("CONDITIONING", {"tooltip": "e_opt from Imagic: Optimize Text Embedding."}),
+            "image": ("IMAGE", {"tooltip": "The image to edit (the same as for the embedding); only the first "
+                                          "image of a batch is used."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "e_opt from Imagic: Optimize Text Embedding (only its first "
+                                                      "entry is used)."}),
             "mode": (["lora", "full"], {"default": "lora", "tooltip": "lora: adapters (small, fast); full: every "
                                                                      "UNet weight (the paper's; large memory)."}),
             "steps": ("INT", {"default": 1000, "min": 1, "max": 100000, "tooltip": "Adam steps (SD ports: 1000)."}),
@@ -159,8 +197,9 @@ class FineTune:
         check_positive(rank, "rank")
         if mode not in DEFAULT_LR:
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use lora or full")
-        progress = bridge.Progress(steps)
         device = torch.device(bridge.torch_device())
+        check_memory(model, image, mode, device, device.type == "cuda", int(rank))
+        progress = bridge.Progress(steps)
         cfg = FineTuneConfig(mode=mode, steps=int(steps), lr=float(learning_rate) or None,
                              lora=LoRAConfig(rank=int(rank), alpha=float(rank)), seed=int(seed),
                              gradient_checkpointing=device.type == "cuda")
@@ -197,7 +236,8 @@ class InterpolateConditioning:
     def INPUT_TYPES(cls):
         return {"required": {
             "target": ("CONDITIONING", {"tooltip": "e_tgt: the encoded target text."}),
-            "optimized": ("CONDITIONING", {"tooltip": "e_opt from Imagic: Optimize Text Embedding."}),
+            "optimized": ("CONDITIONING", {"tooltip": "e_opt from Imagic: Optimize Text Embedding (only its first "
+                                                   "entry is used)."}),
             "eta": ("FLOAT", {"default": 0.9, "min": -1.0, "max": 3.0, "step": 0.01,
                               "tooltip": "Edit strength eta (SD: ~0.9-1.2)."}),
         }}
@@ -254,7 +294,7 @@ class EtaSweep:
             "optimized": ("CONDITIONING", {"tooltip": "e_opt."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative / unconditional text (usually empty)."}),
             "latent_image": ("LATENT", {"tooltip": "Size of the output (e.g. Empty Latent Image 512x512); only "
-                                                   "its first latent is used."}),
+                                                   "the first latent of a batch is used."}),
             "etas": ("STRING", {"default": "0.7, 0.8, 0.9, 1.0, 1.1", "tooltip": "Comma-separated eta values."}),
             "seed": ("INT", {**SEED, "tooltip": "One seed for every eta."}),
             "steps": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "Sampling steps."}),

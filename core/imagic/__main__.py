@@ -18,10 +18,11 @@ import torch
 
 from .. import cli
 from ..artifact_io import FORMAT_NAMES, atomic_write_image, describe_format, sniff_file
+from ..images import tensor_to_pil
 from ..lora import LoRAConfig
 from .embedding import EmbeddingConfig
 from .finetune import FineTuneConfig
-from .pipeline import edit, load_image, save_edit, to_pil
+from .pipeline import edit, load_image, save_edit
 
 CHECKPOINT_FIX = "give an SD 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors) or a diffusers SD 1.x folder"
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = (1, 4, a.size // 8, a.size // 8)
     images = [result.render(model, eta, shape, a.steps, a.cfg, a.seed)[0] for eta in etas]
     strip = torch.cat(images, dim=-1)
-    atomic_write_image(to_pil(strip), out)
+    atomic_write_image(tensor_to_pil(strip), out)
     print(f"wrote {out} (eta {', '.join(f'{e:g}' for e in etas)})")
     if a.save_delta:
         print(f"saved the trained delta and e_opt to {save_edit(result, a.save_delta)}")

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from ..images import pil_to_tensor
 from ..sampling import ddim_sample
 from ..seam import LatentDiffusion
 from .artifact import Trained, save_trained
@@ -51,7 +51,7 @@ def load_image(image: str | Path | Image.Image, size: int) -> torch.Tensor:
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img).astype(np.float32) / 255).permute(2, 0, 1)[None]
+    return pil_to_tensor(img)[None]
 
 
 def edit(model: LatentDiffusion, image: torch.Tensor, prompt: str, emb_config: EmbeddingConfig,
@@ -83,8 +83,5 @@ def save_edit(result: ImagicEdit, path: str | Path) -> Path:
     return save_trained(trained, path)
 
 
-def to_pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray((x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round()
-                           .astype(np.uint8))
 
 

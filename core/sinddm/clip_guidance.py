@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..fit import ShouldStop, poll
 from .guidance import Guidance
 from .model import private_rng
 from .pyramid import resize_to
@@ -360,12 +361,14 @@ class CLIPRegionGuidance(Guidance):
         self.edited = False
         self.scores: list[float] = []
 
-    def edit(self, x: torch.Tensor) -> torch.Tensor:
-        """The region of ``x`` [B, 3, H, W] in [-1, 1] after ``iterations`` CLIP steps; the rest unchanged."""
+    def edit(self, x: torch.Tensor, should_stop: ShouldStop | None = None) -> torch.Tensor:
+        """The region of ``x`` [B, 3, H, W] in [-1, 1] after ``iterations`` CLIP steps; the rest unchanged.
+        ``should_stop`` (the sampler's) is polled before every step (:func:`core.fit.poll`)."""
         y0, y1, x0, x1 = self.box
         m = self.m_box
         roi = x[..., y0:y1, x0:x1].clamp(-1, 1)
-        for _ in range(self.iterations):
+        for i in range(self.iterations):
+            poll(should_stop, "CLIP region edit", i)
             with torch.enable_grad(), torch.inference_mode(False):
                 r = roi.detach().clone().requires_grad_(True)
                 score = -clip_loss(self.clip, (r + 1) / 2, self.emb, self.n_views, self.gen)
@@ -381,13 +384,13 @@ class CLIPRegionGuidance(Guidance):
     def prepare(self, x_tilde, s, t_start, sampler):
         if s == len(self.sizes) - 1 and not self.edited and t_start <= self.denoise_steps:
             self.edited = True
-            return self.edit(x_tilde)
+            return self.edit(x_tilde, getattr(sampler, "should_stop", None))
         return x_tilde
 
     def apply(self, x0, s, t, sampler):
         if s == len(self.sizes) - 1 and not self.edited and t <= self.denoise_steps:
             self.edited = True
-            return self.edit(x0)
+            return self.edit(x0, getattr(sampler, "should_stop", None))
         return x0
 
     def end(self):

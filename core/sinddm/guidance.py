@@ -159,14 +159,14 @@ def cap_image(image: torch.Tensor, max_pixels: int = 50_000) -> torch.Tensor:
     """Lanczos-downscale [1, 3, H, W] in [0, 1] to at most ``max_pixels`` (official rule)."""
     from PIL import Image
 
-    from .pyramid import capped_size, image_to_pil
+    from ..images import pil_to_tensor, tensor_to_pil
+    from .pyramid import capped_size
 
     h, w = image.shape[-2:]
     cw, ch = capped_size(w, h, max_pixels)
     if (cw, ch) == (w, h):
         return image
-    pil = image_to_pil(image).resize((cw, ch), Image.LANCZOS)
-    arr = torch.from_numpy(np.asarray(pil).astype(np.float32) / 255.0)
-    return arr.permute(2, 0, 1)[None]
+    pil = tensor_to_pil(image[0] if image.ndim == 4 else image).resize((cw, ch), Image.LANCZOS)
+    return pil_to_tensor(pil)[None]
 
 

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..images import tensor_to_pil
+
 MAX_PIXELS = 50_000
 AREA_SCALE_0 = 3110
 MIN_SIDE_0, MAX_SIDE_0 = 42, 55
@@ -127,18 +129,13 @@ def from_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def image_to_pil(image: torch.Tensor) -> Image.Image:
-    """float [3, H, W] or [1, 3, H, W] in [0, 1] -> RGB PIL image (values rounded to uint8)."""
-    if image.ndim == 4:
-        image = image[0]
-    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr, "RGB")
-
-
 def build_pyramid(image: Image.Image | torch.Tensor, error_kind: str = "wrapped", float_factor: float = 1.0,
                   max_pixels: int = MAX_PIXELS) -> Pyramid:
     """Build the training pyramid of an RGB image (PIL, or a float tensor [3, H, W] in [0, 1])."""
-    pil = image_to_pil(image) if isinstance(image, torch.Tensor) else image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        pil = tensor_to_pil(image[0] if image.ndim == 4 else image)
+    else:
+        pil = image.convert("RGB")
     w0, h0 = pil.size
     if min(w0, h0) < MIN_INPUT_SIDE:
         raise ValueError(f"image: {w0}x{h0} is too small; SinDDM needs at least {MIN_INPUT_SIDE} px on each side")

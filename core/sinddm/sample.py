@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..diffusion import ddpm_step, predict_x0, prev_alpha_bar, q_sample
-from ..fit import Interrupted, OnStep
+from ..fit import OnStep, poll
 from ..seeds import derive_seed
 from .artifact import SinDDM
 from .guidance import Guidance
@@ -87,8 +87,7 @@ class _Sampler:
 
     def _tick(self, s: int, t: int) -> None:
         self.done += 1
-        if self.should_stop is not None and self.should_stop():
-            raise Interrupted("sampling stopped")
+        poll(self.should_stop, "SinDDM sampling", self.done - 1)
         if self.on_step is not None:
             self.on_step(self.done, self.total, {"scale": s, "t": t})
 

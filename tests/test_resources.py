@@ -1,0 +1,131 @@
+"""Memory estimates and the refusals made with them (core/resources.py and the nodes' guards)."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core import resources as R
+from core.sinddm.model import NetConfig, SinDDMNet, parameter_count
+from helpers import load_pack
+
+PACK = load_pack()
+N = PACK.NODE_CLASS_MAPPINGS
+NodeInputError = sys.modules[PACK.__name__ + ".nodes.common"].NodeInputError
+imagic_nodes = sys.modules[PACK.__name__ + ".nodes.imagic"]
+PACK_R = sys.modules[PACK.__name__ + ".core.resources"]  # the nodes' copy of core.resources
+GIB = R.GIB
+
+
+def set_free(monkeypatch, n):
+    monkeypatch.setattr(PACK_R, "free_memory_bytes", lambda device: n)
+
+
+def test_sinddm_estimates_grow_with_size_count_and_width():
+    base = R.sinddm_sample_bytes(100, 128, 1, 160)
+    assert R.sinddm_sample_bytes(200, 128, 1, 160) == 2 * base
+    assert R.sinddm_sample_bytes(100, 128, 4, 160) == 4 * base
+    assert R.sinddm_sample_bytes(100, 128, 1, 320) > base
+    t = R.sinddm_train_bytes(200, 250, 32, 160)
+    assert R.sinddm_train_bytes(200, 250, 64, 160) > t > R.sinddm_train_bytes(200, 250, 32, 64)
+    # paper settings: a few GiB to ~20 GiB, i.e. fit on the paper's 48 GB A6000
+    assert 5 * GIB < t < 40 * GIB
+
+
+@pytest.mark.parametrize("width", [8, 48, 160])
+def test_sinddm_parameter_formula_matches_the_network(width):
+    assert R.sinddm_net_params(width) == parameter_count(SinDDMNet(NetConfig(width)))
+
+
+def test_imagic_estimates():
+    full = R.imagic_parts((64, 64), "full")
+    assert abs(full["fp32 copy"] / 1e9 - 3.4) < 0.1 and abs(full["Adam state"] / 1e9 - 6.9) < 0.1
+    assert R.imagic_bytes((64, 64), "full") > R.imagic_bytes((64, 64), "lora") > R.imagic_bytes((64, 64), "embedding")
+    assert R.imagic_bytes((128, 128), "lora") > R.imagic_bytes((64, 64), "lora")
+    assert R.imagic_bytes((64, 64), "lora", gradient_checkpointing=True) < R.imagic_bytes((64, 64), "lora")
+    with pytest.raises(ValueError, match="mode"):
+        R.imagic_parts((64, 64), "half")
+
+
+def test_check_fits(monkeypatch):
+    monkeypatch.setattr(R, "free_memory_bytes", lambda device: 8 * GIB)
+    assert R.check_fits(GIB, "cpu", "x", "fix it") == 8 * GIB
+    with pytest.raises(R.ResourceError, match=r"x needs about 16\.0 GiB but only 8\.0 GiB is free on the cpu") as e:
+        R.check_fits(16 * GIB, "cpu", "x", "fix it")
+    assert isinstance(e.value, ValueError) and e.value.fix == "fix it" and "Fix: fix it" in str(e.value)
+    monkeypatch.setattr(R, "free_memory_bytes", lambda device: None)  # unknown: not checked
+    assert R.check_fits(10**15, "cpu", "x", "") is None
+
+
+def test_free_memory_of_this_machine():
+    free = R.free_memory_bytes("cpu")
+    assert free is None or free > 0
+    assert R.free_memory_bytes(torch.device("meta")) is None
+
+
+# --------------------------------------------------------------------------------------
+# The nodes' guards (free memory fixed at 4 GiB)
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def four_gib(monkeypatch):
+    set_free(monkeypatch, 4 * GIB)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from core.sinddm import SinDDM, build_pyramid
+
+    pyramid = build_pyramid(torch.rand(3, 40, 48))
+    return SinDDM.create(SinDDMNet(NetConfig(16)), pyramid)
+
+
+def test_sample_node_refuses_what_cannot_fit(tiny_model, four_gib):
+    node = N["SIE_SinDDMSample"]()
+    with pytest.raises(NodeInputError, match=r"input 'count'.*GiB.*Fix: lower count to \d+"):
+        node.run(tiny_model, count=10**6, seed=0, width_scale=1.0, height_scale=1.0, width=0, height=0, start_steps="")
+    with pytest.raises(NodeInputError, match=r"input 'width'.*100000x100000 px.*GiB.*smaller size"):
+        node.run(tiny_model, count=1, seed=0, width_scale=1.0, height_scale=1.0, width=100000, height=100000,
+                 start_steps="")
+    (out,) = node.run(tiny_model, count=1, seed=0, width_scale=1.0, height_scale=1.0, width=0, height=0,
+                      start_steps="")
+    assert out.shape[0] == 1
+
+
+def test_inject_and_edit_nodes_refuse_huge_counts(tiny_model, four_gib):
+    image = torch.rand(1, 40, 48, 3)
+    with pytest.raises(NodeInputError, match=r"input 'count'.*GiB"):
+        N["SIE_SinDDMInject"]().run(tiny_model, image, "style_transfer", 0, 10**6, 0, True)
+    with pytest.raises(NodeInputError, match=r"input 'count'.*GiB"):
+        N["SIE_SinDDMEditTrainingImage"]().run(tiny_model, (), "training_image", 0, 10**6, 0)
+
+
+def test_train_node_refuses_what_cannot_fit(monkeypatch):
+    set_free(monkeypatch, GIB // 4)
+    image = torch.rand(1, 100, 128, 3)
+    with pytest.raises(NodeInputError, match=r"input 'batch_size'.*GiB"):
+        N["SIE_SinDDMTrain"]().run(image, 1, 256, 160, 1e-3, 0, 0, "fp32")
+    set_free(monkeypatch, GIB // 1000)
+    with pytest.raises(NodeInputError, match=r"input 'width'.*GiB"):
+        N["SIE_SinDDMTrain"]().run(image, 1, 1, 512, 1e-3, 0, 0, "fp32")
+
+
+def fake_sd15():
+    """A MODEL whose UNet reports SD 1.5's parameter count without allocating it."""
+    params = [SimpleNamespace(numel=lambda: R.SD15_UNET_PARAMS)]
+    return SimpleNamespace(model=SimpleNamespace(diffusion_model=SimpleNamespace(parameters=lambda: iter(params))))
+
+
+def test_imagic_guard_names_mode_or_image():
+    model, image = fake_sd15(), torch.rand(1, 512, 512, 3)
+    check = imagic_nodes.check_memory
+    free = 8 * GIB
+    check(model, image, "embedding", torch.device("cpu"), False, free=free)
+    check(model, image, "lora", torch.device("cpu"), False, free=free)
+    with pytest.raises(NodeInputError, match=r"input 'mode'.*full fine-tune.*Adam state.*16.8 GiB.*Fix: use mode lora"):
+        check(model, image, "full", torch.device("cpu"), False, free=free)
+    with pytest.raises(NodeInputError, match=r"input 'image'.*GiB.*smaller image"):
+        check(model, torch.rand(1, 4096, 4096, 3), "lora", torch.device("cpu"), False, free=free)
+    assert imagic_nodes.unet_param_count(object()) == R.SD15_UNET_PARAMS
