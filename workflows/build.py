@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ class Node:
     values: dict
     title: str | None = None
     text: str | None = None  # for notes
+    stage: str | None = None  # the UI group (a stage of the paper's method) the node is drawn in
 
     def out(self, slot: int = 0) -> Out:
         return Out(self.id, slot)
@@ -93,9 +95,19 @@ class Node:
 class Graph:
     name: str
     nodes: list[Node] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+    columns: dict[str, int] = field(default_factory=dict)
+
+    def stage(self, title: str, columns: int | None = None) -> None:
+        """Nodes added from here on are drawn in the group titled ``title`` (a title used again goes back to its
+        group); groups stand left to right in the order their titles first appear.  ``columns`` caps the group's
+        columns: nodes deeper than that stack in its last column, which keeps a long chain from growing wide."""
+        self.stages.append(title)
+        if columns:
+            self.columns[title] = columns
 
     def add(self, type_: str, title: str | None = None, **values) -> Node:
-        node = Node(len(self.nodes) + 1, type_, values, title)
+        node = Node(len(self.nodes) + 1, type_, values, title, stage=self.stages[-1] if self.stages else None)
         self.nodes.append(node)
         return node
 
@@ -131,19 +143,6 @@ class Graph:
             out[n.id] = {"widgets": widgets, "links": links}
         return out
 
-    def depth(self, resolved) -> dict[int, int]:
-        d: dict[int, int] = {}
-
-        def walk(i: int) -> int:
-            if i not in d:
-                srcs = [o.node for o in resolved.get(i, {"links": {}})["links"].values()]
-                d[i] = 1 + max((walk(s) for s in srcs), default=-1)
-            return d[i]
-
-        for n in self.nodes:
-            walk(n.id) if n.type not in UI_ONLY else d.setdefault(n.id, 0)
-        return d
-
     def api(self, schemas) -> dict:
         resolved = self.resolve(schemas)
         prompt = {}
@@ -159,7 +158,6 @@ class Graph:
 
     def ui(self, schemas) -> dict:
         resolved = self.resolve(schemas)
-        depth = self.depth(resolved)
         links, link_id = [], 0
         out_links: dict[tuple[int, int], list[int]] = {}
         in_links: dict[tuple[int, str], int] = {}
@@ -174,18 +172,14 @@ class Graph:
                 links.append([link_id, o.node, o.slot, n.id, target_slot, src_type])
                 out_links.setdefault((o.node, o.slot), []).append(link_id)
                 in_links[(n.id, name)] = link_id
-        column_y: dict[int, float] = {}
+        sizes = {n.id: self._size(n, schemas, resolved) for n in self.nodes}
+        pos, groups = self.layout(resolved, sizes)
         nodes = []
         for order, n in enumerate(self.nodes):
-            col = depth[n.id]
-            x = 40 + 400 * col
-            y = column_y.get(col, 40)
             if n.type in UI_ONLY:
-                size = [380, 220]
-                nodes.append({"id": n.id, "type": n.type, "pos": [x, y], "size": size, "flags": {}, "order": order,
-                              "mode": 0, "properties": {"text": ""}, "widgets_values": [n.text],
+                nodes.append({"id": n.id, "type": n.type, "pos": pos[n.id], "size": sizes[n.id], "flags": {},
+                              "order": order, "mode": 0, "properties": {"text": ""}, "widgets_values": [n.text],
                               "color": "#432", "bgcolor": "#653"})
-                column_y[col] = y + size[1] + 40
                 continue
             sch = schemas[n.type]
             r = resolved[n.id]
@@ -204,16 +198,83 @@ class Graph:
                 typ, opts = sch["inputs"][name]
                 widgets_values.append(v if v is not None else opts.get("default"))
                 widgets_values.extend(extra_widget_values(name, typ, opts))
-            size = [340, 46 + 22 * (len(inputs) + len(outputs)) + 24 * len(widgets_values)]
-            node = {"id": n.id, "type": n.type, "pos": [x, y], "size": size, "flags": {}, "order": order, "mode": 0,
-                    "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": n.type},
+            node = {"id": n.id, "type": n.type, "pos": pos[n.id], "size": sizes[n.id], "flags": {}, "order": order,
+                    "mode": 0, "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": n.type},
                     "widgets_values": widgets_values}
             if n.title:
                 node["title"] = n.title
             nodes.append(node)
-            column_y[col] = y + size[1] + 40
         return {"last_node_id": len(self.nodes), "last_link_id": link_id, "nodes": nodes, "links": links,
-                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+                "groups": groups, "config": {}, "extra": {"ds": fit_view(nodes, groups)}, "version": 0.4}
+
+    @staticmethod
+    def _size(n: Node, schemas, resolved) -> list[int]:
+        """Generous node size: the frontend grows a node that is too small for its widgets, never shrinks it."""
+        if n.type in UI_ONLY:
+            return [NODE_W, 60 + 17 * (len(n.text) // 44 + n.text.count("\n"))]
+        sch = schemas[n.type]
+        rows = max(len(Graph._input_slots(n, sch, resolved)), len(sch["outputs"]))
+        height = 10 + SLOT_H * rows
+        for name, _ in resolved[n.id]["widgets"]:
+            typ, opts = sch["inputs"][name]
+            height += MULTILINE_H if opts.get("multiline") else WIDGET_H
+            height += WIDGET_H * len(extra_widget_values(name, typ, opts))
+        if n.type == "LoadImage":
+            height += 160  # room for the image preview
+        if n.type == "SaveImage":
+            height += 100
+        return [NODE_W, height]
+
+    def layout(self, resolved, sizes) -> tuple[dict[int, list[int]], list[dict]]:
+        """One group per stage; the notes, then the groups, in reading order: left to right, a group going under the
+        previous one when it is no wider and the two stay within HEIGHT (columns of a newspaper), so that the graph
+        fits a screen at a zoom where LiteGraph still draws titles and widgets.
+
+        Inside a group, columns by depth within the group (capped by ``stage(columns=)``); a node sits level with
+        the first node of its group that feeds it, or lower, so a sampler and the node saving its result read as
+        one row."""
+        blocks = []  # (stage or None for the notes, width, height, {node id: position relative to the block})
+        notes = [n for n in self.nodes if n.type in UI_ONLY]
+        if notes:
+            rel, y = {}, 0
+            for n in notes:
+                rel[n.id] = [0, y + TITLE_H]
+                y += TITLE_H + sizes[n.id][1] + GAP
+            blocks.append((None, max(sizes[n.id][0] for n in notes), y - GAP, rel))
+        for stage in dict.fromkeys(n.stage for n in self.nodes if n.type not in UI_ONLY):
+            members = [n for n in self.nodes if n.type not in UI_ONLY and n.stage == stage]
+            ids = {n.id for n in members}
+            srcs = {n.id: [o.node for o in resolved[n.id]["links"].values() if o.node in ids] for n in members}
+            depth: dict[int, int] = {}
+            for n in members:  # a node's sources were added before it
+                depth[n.id] = 1 + max((depth[s_] for s_ in srcs[n.id]), default=-1)
+            depth = {i: min(d, self.columns.get(stage, d + 1) - 1) for i, d in depth.items()}
+            ncols = max(depth.values()) + 1
+            col_y = [GROUP_TITLE_H + GROUP_PAD] * ncols
+            rel = {}
+            for n in members:
+                c = depth[n.id]
+                y = max([col_y[c]] + [rel[srcs[n.id][0]][1] - TITLE_H for _ in srcs[n.id][:1]])
+                rel[n.id] = [GROUP_PAD + c * (NODE_W + COL_GAP), y + TITLE_H]
+                col_y[c] = y + TITLE_H + sizes[n.id][1] + GAP
+            blocks.append((stage, 2 * GROUP_PAD + ncols * NODE_W + (ncols - 1) * COL_GAP,
+                           max(col_y) - GAP + GROUP_PAD, rel))
+        pos: dict[int, list[int]] = {}
+        groups = []
+        col_x, col_w, col_bottom = MARGIN, 0, None
+        for stage, w, h, rel in blocks:
+            if col_bottom is not None and w <= col_w and col_bottom + GROUP_GAP + h <= HEIGHT:
+                x, y = col_x, col_bottom + GROUP_GAP
+            else:
+                x, y = (col_x + col_w + GROUP_GAP if col_bottom is not None else MARGIN), MARGIN
+                col_x, col_w = x, w
+            col_bottom = y + h
+            for i, (rx, ry) in rel.items():
+                pos[i] = [x + rx, y + ry]
+            if stage is not None:
+                groups.append({"id": len(groups) + 1, "title": stage, "bounding": [x, y, w, h],
+                               "color": GROUP_COLORS[len(groups) % len(GROUP_COLORS)], "font_size": 24, "flags": {}})
+        return pos, groups
 
     @staticmethod
     def _input_slots(n: Node, sch, resolved) -> list[str]:
@@ -221,6 +282,30 @@ class Graph:
         links = resolved[n.id]["links"]
         return [name for name in sch["order"]
                 if not is_widget(*sch["inputs"][name]) or name in links]
+
+
+# Layout, in canvas units.  TITLE_H is LiteGraph's NODE_TITLE_HEIGHT: a node's title bar is drawn above node.pos.
+NODE_W, SLOT_H, WIDGET_H, MULTILINE_H, TITLE_H = 300, 22, 26, 100, 30
+GAP, COL_GAP, GROUP_GAP, MARGIN, GROUP_PAD, GROUP_TITLE_H = 24, 50, 40, 20, 16, 46
+HEIGHT = 1230  # canvas units: at LiteGraph's 0.6 zoom (below it titles and widgets are not drawn) about 720 px
+GROUP_COLORS = ["#3f789e", "#8a6f3a", "#5a7a3a", "#7a4a7a", "#3a7a72"]
+# Where the whole graph is shown when loaded, in canvas pixels (left, top, right, bottom): a 1920x1080 screen's
+# browser window (the browser check's Chromium) holds a canvas of about 1920x937 in the newer frontends, which draw
+# their side bar (70 px), tab bar and menu (90 px) over it, and of 1856x859 beside those bars in the older ones.
+VIEW = (70, 90, 1836, 839)
+
+
+def fit_view(nodes: list[dict], groups: list[dict]) -> dict:
+    """The saved view ("ds": scale, offset) that shows the whole graph; LiteGraph draws canvas point p at
+    (p + offset) * scale."""
+    boxes = [(n["pos"][0], n["pos"][1] - TITLE_H, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in nodes]
+    boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+               g["bounding"][1] + g["bounding"][3]) for g in groups]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    scale = math.floor(min(1.0, (VIEW[2] - VIEW[0]) / (x1 - x0), (VIEW[3] - VIEW[1]) / (y1 - y0)) * 1000) / 1000
+    return {"scale": scale, "offset": [round(VIEW[0] / scale - x0, 1), round(VIEW[1] / scale - y0, 1)]}
 
 
 # ======================================================================================
@@ -237,10 +322,12 @@ def sinddm_random_samples() -> Graph:
     g.note("SinDDM: train a diffusion model on ONE image, then draw random samples of any size.\n\n"
            f"{CPU_HINT}\n\nThe trained model is saved to models/single_image_edit/sinddm; next time use "
            "'Load SinDDM Model' instead of training again (or keep ComfyUI running: unchanged nodes are cached).")
+    g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
     g.add("SIE_SaveSinDDM", model=train.out(0), filename_prefix="coffee")
     g.add("SaveImage", title="Loss curve", images=train.out(1), filename_prefix="sinddm/loss")
+    g.stage("2. Sample (any size)")
     same = g.add("SIE_SinDDMSample", title="Same size", model=train.out(0), count=4, seed=0)
     g.add("SaveImage", title="Samples (training size)", images=same.out(0), filename_prefix="sinddm/samples")
     wide = g.add("SIE_SinDDMSample", title="Twice as wide", model=train.out(0), count=2, seed=100, width_scale=2.0)
@@ -256,17 +343,22 @@ def sinddm_roi_outpaint() -> Graph:
     g.note("SinDDM region guidance (paper eq. 2).\n\nTop: outpainting - the whole training image is the region, "
            "placed in the middle of an output twice as wide; SinDDM invents the sides.\n\nBottom: two copies of a "
            f"crop of the image (the cup) are forced at chosen places; the rest is generated around them.\n\n{CPU_HINT}")
+    g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    g.stage("2. Guidance: regions (eq. 2)", columns=2)
     whole = g.add("SIE_SinDDMGuideROI", title="Region: whole image (outpaint)", target=img.out(0), strength=0.8,
                   x=125, y=0)
+    g.stage("3. Sample with guidance")
     wide = g.add("SIE_SinDDMSample", title="Outpaint to 2x width", model=train.out(0), guidance=whole.out(0), count=2,
                  seed=0, width_scale=2.0)
     g.add("SaveImage", title="Outpainted", images=wide.out(0), filename_prefix="sinddm/outpaint")
+    g.stage("2. Guidance: regions (eq. 2)")
     crop = g.add("ImageCrop", image=img.out(0), width=110, height=100, x=60, y=40)
     roi1 = g.add("SIE_SinDDMGuideROI", title="Region 1", target=crop.out(0), strength=0.8, x=10, y=20)
     roi2 = g.add("SIE_SinDDMGuideROI", title="Region 2", target=crop.out(0), strength=0.8, x=130, y=80,
                  guidance=roi1.out(0))
+    g.stage("3. Sample with guidance")
     two = g.add("SIE_SinDDMSample", title="Two regions", model=train.out(0), guidance=roi2.out(0), count=2, seed=10)
     g.add("SaveImage", title="Region-guided", images=two.out(0), filename_prefix="sinddm/roi")
     return g
@@ -278,8 +370,10 @@ def sinddm_harmonization() -> Graph:
            "(paper Sec. 4, injected at t = 5 of the finest scale).\n\nThis example pastes a flat orange square onto "
            "the training image and harmonizes it; to use your own, load a composite and a mask of the pasted object "
            f"(white = object).\n\n{CPU_HINT}")
+    g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    g.stage("2. Paste an object (composite + mask)")
     patch = g.add("EmptyImage", width=50, height=40, batch_size=1, color=0xE07020)
     comp = g.add("ImageCompositeMasked", destination=img.out(0), source=patch.out(0), x=170, y=120,
                  resize_source=False)
@@ -287,6 +381,7 @@ def sinddm_harmonization() -> Graph:
     obj = g.add("SolidMask", value=1.0, width=50, height=40)
     mask = g.add("MaskComposite", destination=base.out(0), source=obj.out(0), x=170, y=120, operation="add")
     g.add("SaveImage", title="Naive composite", images=comp.out(0), filename_prefix="sinddm/composite")
+    g.stage("3. Harmonize (inject at t = 5)")
     harm = g.add("SIE_SinDDMInject", model=train.out(0), image=comp.out(0), mask=mask.out(0), mode="harmonization",
                  t_start=0, count=2, seed=0, match_colors=True)
     g.add("SaveImage", title="Harmonized", images=harm.out(0), filename_prefix="sinddm/harmonized")
@@ -299,10 +394,13 @@ def sinddm_style_transfer() -> Graph:
            "and injected at t = 15 of the finest scale (paper Sec. 4), so its layout stays and its textures change.\n\n"
            "The second node injects it one scale lower ('scale' = -2; the paper allows any scale): the finest scale "
            f"then re-renders it, so more of the style shows.\n\n{CPU_HINT}")
+    g.stage("1. Train on the style image", columns=1)
     style = g.add("LoadImage", title="Style image (training)", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=style.out(0), **PAPER_TRAIN)
+    g.stage("2. Content image")
     content = g.add("LoadImage", title="Content image", image="coffee_128x100.png")
     flip = g.add("ImageFlip", image=content.out(0), flip_method="y-axis: horizontally")
+    g.stage("3. Inject (style transfer)")
     out = g.add("SIE_SinDDMInject", model=train.out(0), image=flip.out(0), mode="style_transfer", t_start=0, count=2,
                 seed=0, match_colors=True)
     g.add("SaveImage", title="Style transfer", images=out.out(0), filename_prefix="sinddm/style_transfer")
@@ -320,15 +418,20 @@ def sinddm_text_guided() -> Graph:
            "models/open_clip (the paper uses ViT-B/32, OpenAI weights, e.g. open_clip_model.safetensors from "
            "timm/vit_base_patch32_clip_224.openai), and open_clip_torch installed.\n\nSlow on a CPU: every guided "
            f"step runs CLIP on 16 views.\n\n{CPU_HINT}")
+    g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    g.stage("2. Guidance: text (CLIP)")
     clip = g.add("SIE_LoadOpenCLIP", clip_name="open_clip_vit_b32.safetensors", arch="ViT-B-32")
     content = g.add("SIE_SinDDMGuideText", title="Text: content", clip=clip.out(0), text="latte art heart",
                     mode="content", strength=0.3, fill_factor=0.3, seed=0)
+    g.stage("3. Sample with guidance")
     s1 = g.add("SIE_SinDDMSample", title="Content-guided", model=train.out(0), guidance=content.out(0), count=2, seed=0)
     g.add("SaveImage", title="Text-guided content", images=s1.out(0), filename_prefix="sinddm/text_content")
+    g.stage("2. Guidance: text (CLIP)")
     style = g.add("SIE_SinDDMGuideText", title="Text: style", clip=clip.out(0), text="Van Gogh", mode="style",
                   strength=0.3, fill_factor=1.0, seed=0)
+    g.stage("3. Sample with guidance")
     s2 = g.add("SIE_SinDDMSample", title="Style-guided", model=train.out(0), guidance=style.out(0), count=2, seed=0)
     g.add("SaveImage", title="Text-guided style", images=s2.out(0), filename_prefix="sinddm/text_style")
     return g
@@ -346,8 +449,10 @@ def sinddm_text_roi() -> Graph:
            "(SinDDM Edit Training Image, start = training_image). Bottom: the same guidance on random samples "
            f"(it chains with other SinDDM guides).\n\n{CLIP_NOTE}\n\nEach CLIP step runs 16 views: about a minute "
            f"on a CPU for 100 steps.\n\n{CPU_HINT}")
+    g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    g.stage("2. Guidance: text in a region")
     clip = g.add("SIE_LoadOpenCLIP", clip_name="open_clip_vit_b32.safetensors", arch="ViT-B-32")
     base = g.add("SolidMask", value=0.0, width=250, height=200)
     box = g.add("SolidMask", value=1.0, width=90, height=50)
@@ -355,6 +460,7 @@ def sinddm_text_roi() -> Graph:
                  y=45, operation="add")
     region = g.add("SIE_SinDDMGuideTextRegion", title="Text in region", clip=clip.out(0), text="latte art heart",
                    mask=mask.out(0), strength=0.1, iterations=100, denoise_steps=3, seed=0)
+    g.stage("3. Edit and sample")
     edit = g.add("SIE_SinDDMEditTrainingImage", title="Edit the training image", model=train.out(0),
                  guidance=region.out(0), start="training_image", t_start=0, count=2, seed=0)
     g.add("SaveImage", title="Training image, region edited", images=edit.out(0), filename_prefix="sinddm/text_roi")
@@ -371,11 +477,14 @@ def sinddm_text_style() -> Graph:
            "clip_style_trans): the training image one scale down is re-rendered at the finest scale while CLIP "
            "steers the style ('Van Gogh' + ' Style'), so the layout stays and the textures change.\n\n"
            f"{CLIP_NOTE}\n\n{CPU_HINT}")
+    g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
+    g.stage("2. Guidance: text style (CLIP)")
     clip = g.add("SIE_LoadOpenCLIP", clip_name="open_clip_vit_b32.safetensors", arch="ViT-B-32")
     style = g.add("SIE_SinDDMGuideText", title="Text: style", clip=clip.out(0), text="Van Gogh", mode="style",
                   strength=0.3, fill_factor=1.0, seed=0)
+    g.stage("3. Re-render the training image")
     edit = g.add("SIE_SinDDMEditTrainingImage", title="Restyle the training image", model=train.out(0),
                  guidance=style.out(0), start="coarser_scale", t_start=0, count=2, seed=0)
     g.add("SaveImage", title="Training image, text style", images=edit.out(0), filename_prefix="sinddm/text_style_trans")
@@ -391,19 +500,24 @@ def imagic() -> Graph:
            "0.9-1.2; the Eta Sweep renders several etas with one seed so you can pick by eye.\n\n"
            "Needs an SD 1.x checkpoint in models/checkpoints. The SD ports report 5-10 minutes per edit on an A100 or "
            "a 3090; on a CPU it takes many hours. Save Trained keeps the edit (a LoRA + e_opt) for Load Trained / Load LoRA.")
+    g.stage("Inputs: model and photo", columns=1)
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
     img = g.add("LoadImage", image="coffee_250x200.png")
     scaled = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=512, height=512, crop="center")
+    g.stage("1. Target text")
     target = g.add("CLIPTextEncode", title="Target text (e_tgt)", clip=ckpt.out(1),
                    text="a photo of a cup of green matcha tea")
     negative = g.add("CLIPTextEncode", title="Negative (empty)", clip=ckpt.out(1), text="")
+    g.stage("2. Optimise embedding (stage 1)", columns=1)
     emb = g.add("SIE_OptimizeEmbedding", model=ckpt.out(0), vae=ckpt.out(2), image=scaled.out(0),
                 conditioning=target.out(0), steps=500, learning_rate=0.001, seed=0)
     g.add("SaveImage", title="Embedding loss", images=emb.out(1), filename_prefix="imagic/embedding_loss")
+    g.stage("3. Fine-tune (stage 2)", columns=1)
     ft = g.add("SIE_FineTune", model=ckpt.out(0), vae=ckpt.out(2), image=scaled.out(0), conditioning=emb.out(0),
                mode="lora", steps=1000, learning_rate=0.0, rank=8, seed=0)
     g.add("SaveImage", title="Fine-tuning loss", images=ft.out(1), filename_prefix="imagic/finetune_loss")
     g.add("SIE_SaveTrained", trained=ft.out(2), filename_prefix="imagic/edit")
+    g.stage("4. Interpolate and sample (stage 3)", columns=3)
     mix = g.add("SIE_InterpolateConditioning", target=target.out(0), optimized=emb.out(0), eta=1.0)
     empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
     ks = g.add("KSampler", model=ft.out(0), positive=mix.out(0), negative=negative.out(0), latent_image=empty.out(0),

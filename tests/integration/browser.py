@@ -20,7 +20,7 @@ from pathlib import Path
 import websocket
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1600,1000"]
+         "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1920,1080"]
 
 
 def chromium_path() -> str | None:
