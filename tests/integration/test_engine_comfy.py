@@ -7,6 +7,7 @@ per call (CPU), which the engine issue's note reports.
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -171,7 +172,9 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    return run_in_comfyui(SCRIPT, str(random_sd15()), timeout=1200, tmp_dir=tmp_path_factory.mktemp("engine"))
+    r = run_in_comfyui(SCRIPT, str(random_sd15()), timeout=1200, tmp_dir=tmp_path_factory.mktemp("engine"))
+    print("engine results:", json.dumps({k: v for k, v in r.items() if k != "index"}))
+    return r
 
 
 def test_a_view_guider_mixes_base_and_lora_within_each_step_like_two_separate_runs(result):
