@@ -21,6 +21,7 @@ import torch
 FORMAT_NAMES = {
     "sie.trained": "an Imagic edit (Save Trained)",
     "sie.sinddm": "a SinDDM model",
+    "sie.sine": "a SINE fine-tune",
 }
 
 

@@ -11,11 +11,17 @@ This package holds only the method's maths (nodes come later).  So far:
 
 * :mod:`.positional`: F(v), the positional map (grid, crop to a box, :class:`PositionalMap` for
   :class:`core.seam.Features`);
-* :mod:`.patches`: the patch sampler of patch-based fine-tuning (:class:`PatchSampler`).
+* :mod:`.patches`: the patch sampler of patch-based fine-tuning (:class:`PatchSampler`);
+* :mod:`.finetune`: fine-tuning on one image, whole or by patches with F(v) (:func:`finetune_sine`);
+* :mod:`.edit`: DDIM with model-based guidance through two views (:func:`edit`);
+* :mod:`.artifact`: the ``sie.sine`` file; ``python -m core.sine finetune|edit`` is the CLI.
 
 Model-based guidance (eq. 3) itself lives in :func:`core.guidance.model_guidance`.
 """
 
+from .artifact import load_sine, save_sine
+from .edit import edit
+from .finetune import SineFineTuneConfig, SineFineTuneResult, finetune_sine, first_block_channels
 from .patches import PatchConfig, PatchSampler
 from .positional import (
     GRID_SIZE,
@@ -26,5 +32,6 @@ from .positional import (
     sinusoidal_table,
 )
 
-__all__ = ["GRID_SIZE", "MODEL_CHANNELS", "PatchConfig", "PatchSampler", "PositionalMap", "crop_map",
-           "positional_grid", "sinusoidal_table"]
+__all__ = ["GRID_SIZE", "MODEL_CHANNELS", "PatchConfig", "PatchSampler", "PositionalMap", "SineFineTuneConfig",
+           "SineFineTuneResult", "crop_map", "edit", "finetune_sine", "first_block_channels", "load_sine",
+           "positional_grid", "save_sine", "sinusoidal_table"]

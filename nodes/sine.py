@@ -1,0 +1,189 @@
+"""SINE nodes (Zhang et al., CVPR 2023): the positional map F(v) on a MODEL, and model-based guidance (eq. 3).
+
+* ``SIE_PositionalMap``: MODEL -> MODEL whose first input block gets F(v), the whole
+  positional grid resized to the latent size (sampling at any resolution and aspect
+  ratio).  A patch-trained MODEL must never be sampled without it.
+* ``SIE_ModelGuidance``: a GUIDER for SamplerCustomAdvanced mixing the pretrained and the
+  fine-tuned predictions by eq. 3 for t > K and plain CFG on the pretrained model for
+  t <= K; the fine-tuned pass runs only where eq. 3 needs it, with F(v) only on it, and
+  no fine-tuned unconditional pass.  Optional extra fine-tuned MODELs with their own
+  weights give the multi-model form (official ``DDIMSingleSampler``).
+
+Both MODELs are views of one loaded model (``nodes.comfy_views``): one load per run.
+"""
+
+from __future__ import annotations
+
+from ..core.guidance import model_guidance, model_guidance_active
+from ..core.sine.positional import MODEL_CHANNELS, PositionalMap
+from .common import CATEGORY_ROOT, NodeInputError
+
+CATEGORY = f"{CATEGORY_ROOT}/sine"
+
+
+class SinePositionalPatch:
+    """``input_block_patch`` adding F(v) (the whole grid resized to h) after input block 0."""
+
+    def __init__(self, mode: str = "bilinear", channels: int = MODEL_CHANNELS):
+        self.mode, self.channels = mode, channels
+        self.map = PositionalMap(channels=channels, mode=mode)
+
+    def __call__(self, h, transformer_options):
+        if transformer_options.get("block") != ("input", 0):
+            return h
+        return h + self.map(h, None).to(h.dtype)
+
+    def to(self, *args, **kwargs) -> "SinePositionalPatch":  # ComfyUI moves model patches with the model
+        return self
+
+
+def positional_patches(model) -> list[SinePositionalPatch]:
+    """The F(v) patches a MODEL carries."""
+    patches = model.model_options.get("transformer_options", {}).get("patches", {})
+    return [p for p in patches.get("input_block_patch", []) if isinstance(p, SinePositionalPatch)]
+
+
+def model_channels(model) -> int:
+    return int(model.model.model_config.unet_config.get("model_channels") or MODEL_CHANNELS)
+
+
+class PositionalMapNode:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_PositionalMap", "SINE: Positional Map F(v)", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A clone of the MODEL whose first input block gets F(v) (the input MODEL is unchanged).",)
+    DESCRIPTION = ("SINE (Sec. 3.3): a model fine-tuned on patches learned where each patch sits through the "
+                   "positional map F(v) added after the UNet's first block. Sample such a model only with the map: "
+                   "the whole 128x128 grid is resized to the latent size, so any resolution and aspect ratio works.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The patch-trained (fine-tuned) SD 1.x MODEL."}),
+            "mode": (["bilinear", "nearest"], {"default": "bilinear",
+                                               "tooltip": "How the grid is resized to the latent size (the official "
+                                                          "code: bilinear, align_corners=True)."}),
+        }}
+
+    def run(self, model, mode):
+        if not hasattr(model, "clone") or not hasattr(model, "model_options"):
+            raise NodeInputError("model", f"expected a MODEL, got {type(model).__name__}", "connect a MODEL")
+        if mode not in ("bilinear", "nearest"):
+            raise NodeInputError("mode", f"unknown mode {mode!r}", "use bilinear or nearest")
+        if positional_patches(model):
+            raise NodeInputError("model", "this MODEL already carries the positional map",
+                                 "connect the MODEL before the first SINE: Positional Map node")
+        out = model.clone()
+        out.set_model_input_block_patch(SinePositionalPatch(mode, model_channels(model)))
+        return (out,)
+
+
+def _model_guider_class():
+    from .comfy_guider import view_guider_class
+
+    class ModelGuider(view_guider_class()):
+        """SINE eq. 3 on views: view 0 the pretrained MODEL, views 1.. the fine-tuned ones."""
+
+        def __init__(self, model, finetuned: list, weights: list[float], w: float, K: int):
+            from .comfy_views import view_spec_from_patched
+
+            specs = []
+            for ft in finetuned:
+                spec = view_spec_from_patched(model, ft)
+                maps = positional_patches(ft)
+                if maps:
+                    from ..core.seam import Features, ViewSpec
+
+                    spec = ViewSpec(spec.weight_functions, Features(input_map=maps[0].map))
+                specs.append(spec)
+            super().__init__(model, specs, what="SINE model guidance")
+            self.weights, self.K = list(weights), int(K)
+            self.set_cfg(w)
+            self.calls = {"finetuned": 0}
+
+        def combine(self, s):
+            c, u = s.predict(0, ["positive", "negative"])
+            fts = []
+            if model_guidance_active(s.t, self.K):
+                for i in range(len(self.weights)):
+                    fts.append(s.predict(i + 1, [f"finetune_positive_{i}"])[0])
+                self.calls["finetuned"] += 1
+            mixed = model_guidance(u, c, fts, self.weights[:len(fts)], 1.0, s.t, self.K) if fts else c
+            return s.cfg(mixed, u, self.cfg)
+
+    return ModelGuider
+
+
+class ModelGuidance:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_ModelGuidance", "SINE: Model-Based Guidance", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("A GUIDER for SamplerCustomAdvanced (any sampler that evaluates the model once per step: "
+                       "euler, ddim, dpmpp_2m, ...).",)
+    DESCRIPTION = ("SINE eq. 3: for t > K, w (v e(z_t, c) + (1 - v) e^(z_t, c^)) + (1 - w) e(z_t); for t <= K plain "
+                   "CFG on the pretrained model. e is the pretrained MODEL at the target text c, e^ the fine-tuned MODEL "
+                   "at the fine-tune text c^ (with F(v) if it carries the positional map). Paper: v = 0.7, K = 400. "
+                   "The fine-tuned model runs only for t > K and never unconditionally. Both MODELs must come from "
+                   "the same checkpoint (the fine-tuned one a patched clone, e.g. from Fine-Tune or Load LoRA).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The pretrained SD 1.x MODEL."}),
+            "finetuned_model": ("MODEL", {"tooltip": "The fine-tuned MODEL (a patched clone of the pretrained one); "
+                                                     "through SINE: Positional Map if it was trained on patches."}),
+            "positive": ("CONDITIONING", {"tooltip": "The target text c, through the pretrained CLIP."}),
+            "finetune_positive": ("CONDITIONING", {"tooltip": "The fine-tune text c^ (e.g. 'a photo of a sks dog'), "
+                                                              "through the fine-tuned CLIP when there is one."}),
+            "negative": ("CONDITIONING", {"tooltip": "The unconditional / negative text (usually empty)."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Guidance scale w (official scripts: 7.5-10)."}),
+            "v": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Weight of the pretrained prediction for t > K (paper: 0.7); the fine-tuned "
+                                       "models share 1 - v."}),
+            "K": ("INT", {"default": 400, "min": -1, "max": 999, "tooltip": "Model-based guidance for timesteps "
+                                                                           "t > K (paper: 400; -1: every step, "
+                                                                           "999: never, i.e. plain CFG)."}),
+        }, "optional": {
+            "finetuned_model_2": ("MODEL", {"tooltip": "A second fine-tuned MODEL (multi-model guidance, e.g. "
+                                                       "content and style)."}),
+            "finetune_positive_2": ("CONDITIONING", {"tooltip": "The second model's fine-tune text."}),
+            "weight_2": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                   "tooltip": "The second model's weight b_2 (taken out of 1 - v; the first "
+                                              "fine-tuned model gets 1 - v - b_2)."}),
+        }}
+
+    def run(self, model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
+            finetuned_model_2=None, finetune_positive_2=None, weight_2=0.0):
+        for name, m in (("model", model), ("finetuned_model", finetuned_model)):
+            if not hasattr(m, "is_clone"):
+                raise NodeInputError(name, f"expected a MODEL, got {type(m).__name__}", "connect a MODEL")
+        if not model.is_clone(finetuned_model):
+            raise NodeInputError("finetuned_model", "it is not a patched clone of the pretrained MODEL (another "
+                                 "checkpoint?)", "fine-tune the same MODEL that goes into 'model'")
+        finetuned, conds, weights = [finetuned_model], [finetune_positive], [1.0 - float(v)]
+        if finetuned_model_2 is not None:
+            if finetune_positive_2 is None:
+                raise NodeInputError("finetune_positive_2", "a second fine-tuned MODEL needs its fine-tune text",
+                                     "connect its CONDITIONING")
+            if not model.is_clone(finetuned_model_2):
+                raise NodeInputError("finetuned_model_2", "it is not a patched clone of the pretrained MODEL",
+                                     "fine-tune the same MODEL that goes into 'model'")
+            weights = [1.0 - float(v) - float(weight_2), float(weight_2)]
+            if weights[0] < 0:
+                raise NodeInputError("weight_2", f"v + weight_2 = {float(v) + float(weight_2):.2f} exceeds 1",
+                                     "lower weight_2 or v: the fine-tuned models share 1 - v")
+            finetuned.append(finetuned_model_2)
+            conds.append(finetune_positive_2)
+        guider = _model_guider_class()(model, finetuned, weights, float(cfg), int(K))
+        named = {"positive": positive, "negative": negative}
+        named.update({f"finetune_positive_{i}": c for i, c in enumerate(conds)})
+        guider.inner_set_conds(named)
+        return (guider,)
+
+
+NODES = [PositionalMapNode, ModelGuidance]

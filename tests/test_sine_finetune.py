@@ -1,0 +1,203 @@
+"""SINE fine-tuning, editing (eq. 3 through views), its file and CLI, on the tiny SD model (CPU).
+
+The tiny UNet's first block has 32 channels and its VAE downsamples by 8: patches use
+high_resolution 128 (a 16 x 16 positional grid) and 64-pixel crops (8 x 8 latents).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.artifact_io import ArtifactError
+from core.losses import NoiseDraw, denoising_loss
+from core.sampling import ddim_sample
+from core.sd.backend import DiffusersSD
+from core.sd.tokenizer import load_clip_tokenizer
+from core.seam import Features
+from core.sine import (
+    PatchConfig,
+    PositionalMap,
+    SineFineTuneConfig,
+    edit,
+    finetune_sine,
+    first_block_channels,
+    load_sine,
+    save_sine,
+)
+from core.sine.patches import PatchSampler
+from helpers import ROOT
+from tiny_sd import build_tiny
+
+PATCH = PatchConfig(high_resolution=128, size=64)
+IMAGE = ROOT / "core/sinddm/data/coffee_128x100.png"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    unet, vae, text = build_tiny(0)
+    for m in (unet, vae, text):
+        m.requires_grad_(False)
+    return DiffusersSD(unet, vae, text, load_clip_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def image():
+    img = Image.open(IMAGE).convert("RGB")
+    return torch.from_numpy(np.asarray(img).astype("float32") / 255).permute(2, 0, 1)[None]
+
+
+@pytest.fixture(scope="module")
+def cond(tiny_model):
+    return tiny_model.encode_text(["a photo of a sks cup"])
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_model, image, cond):
+    config = SineFineTuneConfig(steps=20, lr=5e-3, patches=True, patch=PATCH, seed=0)
+    return finetune_sine(tiny_model, image, cond, config)
+
+
+def fixed_patch_loss(model, image, cond, n: int = 8) -> float:
+    """eps-MSE with the positional map at fixed boxes and fixed (t, eps), never used in training."""
+    sampler = PatchSampler(image, PATCH)
+    gen = torch.Generator().manual_seed(999)
+    draw = NoiseDraw(12345)
+    pmap = PositionalMap(32, PATCH.grid)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            crop, box = sampler(1, gen)
+            z0 = model.encode(crop)
+            out.append(denoising_loss(model, z0, cond, *draw(z0), features=Features(pmap, box)).item())
+    return float(np.mean(out))
+
+
+def test_first_block_channels_come_from_the_model(tiny_model):
+    assert first_block_channels(tiny_model) == 32
+
+
+def test_patch_finetuning_lowers_the_fixed_loss_and_keeps_the_base(tiny_model, image, cond, tuned):
+    before = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
+    base_loss = fixed_patch_loss(tiny_model, image, cond)
+    with tiny_model.adapted(tuned.weight_functions()) as m:
+        tuned_loss = fixed_patch_loss(m, image, cond)
+    assert tuned_loss < base_loss, (tuned_loss, base_loss)
+    assert tuned.positional and tuned.channels == 32 and tuned.grid_size == 16
+    assert len(tuned.losses) == 20 and tuned.mode == "lora"
+    assert any(k.endswith("lora_up.weight") for k in tuned.delta)
+    after = tiny_model.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pooled_x0_term_is_its_own_curve_and_zero_weighted_by_default(tiny_model, image, cond, tuned):
+    off = tuned.terms
+    assert set(off) == {"eps_mse", "pooled_x0"}
+    assert np.allclose(tuned.losses, off["eps_mse"])  # weight 0: the total is the eps term
+    on = finetune_sine(tiny_model, image, cond, SineFineTuneConfig(steps=3, lr=5e-3, patches=True, patch=PATCH,
+                                                                   pooled_x0_weight=1.0))
+    total = np.array(on.terms["eps_mse"]) + np.array(on.terms["pooled_x0"])
+    assert np.allclose(on.losses, total, rtol=1e-5)
+    assert all(v > 0 for v in on.terms["pooled_x0"])
+
+
+def test_whole_image_full_mode_runs_without_map(tiny_model, cond):
+    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    res = finetune_sine(tiny_model, img, cond, SineFineTuneConfig(mode="full", steps=2, lr=1e-4))
+    assert not res.positional and res.deltas and any(k.endswith(".diff") for k in res.delta)
+    assert SineFineTuneConfig().total_steps == 800 and SineFineTuneConfig(patches=True).total_steps == 10_000
+    assert SineFineTuneConfig(mode="full").learning_rate == 1e-6
+
+
+class Counter:
+    def __init__(self, unet):
+        self.n = 0
+        self.handle = unet.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.n += 1
+
+
+def test_edit_with_K_above_every_t_is_plain_cfg(tiny_model, cond, tuned):
+    u = tiny_model.encode_text([""])
+    c = tiny_model.encode_text(["a photo of a sks cup on a table"])
+    count = Counter(tiny_model.unet)
+    try:
+        out = edit(tiny_model, tuned, c, cond, u, (1, 4, 8, 8), steps=5, w=7.5, K=999, seed=3)
+        calls_no_ft = count.n
+        count.n = 0
+        ref = ddim_sample(tiny_model, c, u, (1, 4, 8, 8), steps=5, guidance=7.5, seed=3)
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert calls_no_ft == 5  # one batched base call per step, never the fine-tuned view
+        count.n = 0
+        every = edit(tiny_model, tuned, c, cond, u, (1, 4, 8, 8), steps=5, K=-1, seed=3)
+        assert count.n == 10  # plus the fine-tuned view at every step
+        assert not torch.allclose(every, out)
+    finally:
+        count.handle.remove()
+
+
+def test_edit_at_a_non_square_size(tiny_model, cond, tuned):
+    u = tiny_model.encode_text([""])
+    out = edit(tiny_model, tuned, cond, cond, u, (1, 4, 6, 10), steps=3, K=0)
+    assert out.shape == (1, 4, 6, 10) and torch.isfinite(out).all()
+
+
+def test_artifact_round_trip_and_refusal(tmp_path, tuned):
+    p = save_sine(tuned, "a photo of a sks cup", tmp_path / "t.safetensors")
+    back, prompt = load_sine(p)
+    assert prompt == "a photo of a sks cup" and back.positional and back.grid_size == 16 and back.channels == 32
+    assert set(back.deltas) == set(tuned.deltas)
+    assert all(torch.allclose(back.deltas[k].flatten(), tuned.deltas[k].flatten(), atol=1e-6) for k in tuned.deltas)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ArtifactError, match="not a SINE fine-tune"):
+        load_sine(tmp_path / "lora.safetensors")
+    (tmp_path / "a.png").write_bytes(IMAGE.read_bytes())
+    with pytest.raises(ArtifactError):
+        load_sine(tmp_path / "a.png")
+
+
+def test_cli_finetune_then_edit_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_sd import write_config_dir, write_single_file
+
+    unet, vae, text = build_tiny(0)
+    cfg = write_config_dir(tmp_path / "cfg", unet, vae, text)
+    ckpt = write_single_file(tmp_path / "tiny.safetensors", unet, vae, text)
+    tuned, out = tmp_path / "tuned.safetensors", tmp_path / "out" / "edit.png"
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    common = ["--checkpoint", str(ckpt), "--config-dir", str(cfg), "--device", "cpu"]
+    run = subprocess.run([sys.executable, "-m", "core.sine", "finetune", *common, "--image", str(IMAGE),
+                          "--prompt", "a photo of a sks cup", "--out", str(tuned), "--patches", "--steps", "3",
+                          "--size", "64"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "core.sine", "edit", *common, "--tuned", str(tuned),
+                          "--target", "a photo of a sks cup on a table", "--width", "96", "--height", "64",
+                          "--steps", "3", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert Image.open(out).size == (96, 64)
+    assert "with positional map" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "core.sine", "edit", *common, "--tuned", str(ckpt),
+                          "--target", "x", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_config_checks_and_cancel(tiny_model, image, cond):
+    from core.fit import Interrupted
+
+    with pytest.raises(ValueError):
+        SineFineTuneConfig(mode="dreambooth")
+    with pytest.raises(ValueError):
+        SineFineTuneConfig(pooled_x0_weight=-1.0)
+    assert SineFineTuneConfig(patch=PATCH, whole_fraction=0.1).patch_config.whole_fraction == 0.1
+    with pytest.raises(Interrupted):
+        finetune_sine(tiny_model, image, cond, SineFineTuneConfig(steps=5, patches=True, patch=PATCH),
+                      should_stop=lambda: True)
