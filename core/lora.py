@@ -153,3 +153,31 @@ def delta_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif rest.endswith(".diff_b"):
             out[rest[: -len(".diff_b")] + ".bias"] = value.float()
     return out
+
+
+def trainable_functions(mode: str, params: Mapping[str, torch.Tensor], config: LoRAConfig, seed: int,
+                        device: torch.device | str) -> dict[str, nn.Module]:
+    """The weight functions a fine-tuner trains: LoRA adapters (``mode`` "lora") or float32
+    trainable copies of every parameter ("full"), on ``device``."""
+    from .seam import ReplaceFunction
+
+    if mode == "lora":
+        fns = make_loras({k: tuple(v.shape) for k, v in params.items()}, config, seed)
+    else:
+        fns = {name: ReplaceFunction(p) for name, p in params.items()}
+    for fn in fns.values():
+        fn.to(device)
+    return fns
+
+
+@torch.no_grad()
+def trained_delta(mode: str, fns: Mapping[str, nn.Module],
+                  params: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the delta in ComfyUI's LoRA-file layout, {canonical name: dense delta}) of trained
+    weight functions; full fine-tunes keep only the parameters that moved."""
+    if mode == "lora":
+        deltas = {name: fn.delta().detach().float().cpu() for name, fn in fns.items()}
+        return {k: v.cpu() for k, v in lora_state_dict(fns).items()}, deltas
+    deltas = {name: (fn.param.detach().float() - params[name].detach().float()).cpu() for name, fn in fns.items()}
+    deltas = {k: v for k, v in deltas.items() if bool(v.any())}
+    return diff_state_dict(deltas), deltas

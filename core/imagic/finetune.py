@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..fit import FitConfig, OnStep, ShouldStop, fit
-from ..lora import LoRAConfig, diff_state_dict, lora_state_dict, make_loras
+from ..lora import LoRAConfig, trainable_functions, trained_delta
 from ..losses import NoiseDraw, eps_term
-from ..seam import DeltaFunction, LatentDiffusion, ReplaceFunction
+from ..seam import DeltaFunction, LatentDiffusion
 from ..seeds import derive_seed
 
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
@@ -73,12 +73,7 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
     latent = latent.detach().to(device, torch.float32)
     cond = cond.detach().to(device, torch.float32)
     params = model.unet_parameters()
-    if config.mode == "lora":
-        fns = make_loras({k: tuple(v.shape) for k, v in params.items()}, config.lora, config.seed)
-    else:
-        fns = {name: ReplaceFunction(p) for name, p in params.items()}
-    for fn in fns.values():
-        fn.to(device)
+    fns = trainable_functions(config.mode, params, config.lora, config.seed, device)
     trainable = [p for fn in fns.values() for p in fn.parameters()]
     t0 = time.perf_counter()
     draw = NoiseDraw(derive_seed(config.seed, 1), len(model.alphas_cumprod))
@@ -87,13 +82,5 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
                   FitConfig(config.steps, config.learning_rate, what="fine-tuning"), device,
                   on_step=on_step, should_stop=should_stop)
     losses = res.losses
-    with torch.no_grad():
-        if config.mode == "lora":
-            deltas = {name: fn.delta().detach().float().cpu() for name, fn in fns.items()}
-            delta = {k: v.cpu() for k, v in lora_state_dict(fns).items()}
-        else:
-            deltas = {name: (fn.param.detach().float() - params[name].detach().float()).cpu()
-                      for name, fn in fns.items()}
-            deltas = {k: v for k, v in deltas.items() if bool(v.any())}
-            delta = diff_state_dict(deltas)
+    delta, deltas = trained_delta(config.mode, fns, params)
     return FineTuneResult(config.mode, delta, deltas, losses, time.perf_counter() - t0, sum(p.numel() for p in trainable))

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 from ..diffusion import predict_x0, q_sample
 from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
-from ..lora import LoRAConfig, diff_state_dict, lora_state_dict, make_loras
+from ..lora import LoRAConfig, trainable_functions, trained_delta
 from ..losses import NoiseDraw, masked_mse
-from ..seam import DeltaFunction, Features, LatentDiffusion, ReplaceFunction
+from ..seam import DeltaFunction, Features, LatentDiffusion
 from ..seeds import derive_seed
 from .patches import PatchConfig, PatchSampler
 from .positional import MODEL_CHANNELS, PositionalMap
@@ -151,12 +151,7 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
     channels = first_block_channels(model, config.channels)
     pcfg = config.patch_config
     pmap = PositionalMap(channels, pcfg.grid) if config.patches else None
-    if config.mode == "lora":
-        fns = make_loras({k: tuple(v.shape) for k, v in params.items()}, config.lora, config.seed)
-    else:
-        fns = {name: ReplaceFunction(p) for name, p in params.items()}
-    for fn in fns.values():
-        fn.to(device)
+    fns = trainable_functions(config.mode, params, config.lora, config.seed, device)
     trainable = [p for fn in fns.values() for p in fn.parameters()]
 
     draw = NoiseDraw(derive_seed(config.seed, 1), T)
@@ -204,14 +199,6 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
                   FitConfig(config.total_steps, config.learning_rate, optimizer=config.optimizer,
                             weight_decay=config.weight_decay, what="SINE fine-tuning"),
                   device, on_step=on_step, should_stop=should_stop)
-    with torch.no_grad():
-        if config.mode == "lora":
-            deltas = {name: fn.delta().detach().float().cpu() for name, fn in fns.items()}
-            delta = {k: v.cpu() for k, v in lora_state_dict(fns).items()}
-        else:
-            deltas = {name: (fn.param.detach().float() - params[name].detach().float()).cpu()
-                      for name, fn in fns.items()}
-            deltas = {k: v for k, v in deltas.items() if bool(v.any())}
-            delta = diff_state_dict(deltas)
+    delta, deltas = trained_delta(config.mode, fns, params)
     return SineFineTuneResult(config.mode, delta, deltas, res.losses, res.terms, time.perf_counter() - t0,
                               sum(p.numel() for p in trainable), config.patches, channels, pcfg.grid)
