@@ -165,6 +165,7 @@ class ModuleViews:
         if unknown:
             raise KeyError(f"no such parameters: {unknown[:3]}")
         viewset = ViewSet(specs)
+        modulated = _modulated(specs)
         done: list[tuple[nn.Module, str, nn.Module]] = []
         hooks = []
         was_ckpt = bool(getattr(self.module, "is_gradient_checkpointing", False))
@@ -173,9 +174,9 @@ class ModuleViews:
                 path, leaf = self.paths[name].rsplit(".", 1)
                 owner = self.module.get_submodule(path)
                 fns = [s.weight_functions.get(name) for s in specs]
-                if leaf == "weight" and any(hasattr(f, "output_delta") for f in fns) or name in _modulated(specs):
+                if leaf == "weight" and any(hasattr(f, "output_delta") for f in fns) or name in modulated:
                     hooks.append(owner.register_forward_hook(_output_dispatch(viewset, name)))
-                if any(f is not None and not hasattr(f, "output_delta") for f in fns) or name in _modulated(specs):
+                if any(f is not None and not hasattr(f, "output_delta") for f in fns) or name in modulated:
                     dispatch = _Dispatch(viewset, name)
                     parametrize.register_parametrization(owner, leaf, dispatch, unsafe=True)
                     done.append((owner, leaf, dispatch))

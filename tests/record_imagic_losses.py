@@ -25,14 +25,9 @@ STEPS = 12
 
 
 def tiny_setup():
-    from core.sd.backend import DiffusersSD
-    from core.sd.tokenizer import load_clip_tokenizer
-    from tiny_sd import build_tiny
+    from tiny_sd import tiny_sd_model
 
-    unet, vae, text = build_tiny(0)
-    for m in (unet, vae, text):
-        m.requires_grad_(False)
-    model = DiffusersSD(unet, vae, text, load_clip_tokenizer())
+    model = tiny_sd_model(0)
     img = Image.open(ROOT / "core/sinddm/data/coffee_128x100.png").convert("RGB").resize((64, 64))
     x = torch.from_numpy(np.asarray(img).astype("float32") / 255).permute(2, 0, 1)[None] * 2 - 1
     small = F.avg_pool2d(x, 4)

@@ -15,18 +15,13 @@ from core.guidance import StepClock, alternating_choice, cfg, model_guidance, st
 from core.lora import LoRAConfig, make_loras  # noqa: E402
 from core.pixel import DiffusersPixel, save_pixel_folder, save_pixel_unet  # noqa: E402
 from core.sampling import ddim_loop  # noqa: E402
-from core.sd.backend import DiffusersSD  # noqa: E402
-from core.sd.tokenizer import load_clip_tokenizer  # noqa: E402
 from core.seam import DeltaFunction, Denoiser, Features, LatentDiffusion, ViewSpec  # noqa: E402
-from tiny_sd import build_tiny  # noqa: E402
+from tiny_sd import tiny_sd_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def sd():
-    unet, vae, text = build_tiny(0)
-    for m in (unet, vae, text):
-        m.requires_grad_(False)
-    return DiffusersSD(unet, vae, text, load_clip_tokenizer())
+    return tiny_sd_model(0)
 
 
 def tiny_pixel_unet(seed: int = 0):

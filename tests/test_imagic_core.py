@@ -21,18 +21,13 @@ from core.imagic import EmbeddingConfig, FineTuneConfig, finetune, interpolate, 
 from core.lora import LoRA, LoRAConfig, delta_weights, diff_state_dict, lora_state_dict, select_targets  # noqa: E402
 from core.losses import NoiseDraw, denoising_loss  # noqa: E402
 from core.sampling import ddim_sample  # noqa: E402
-from core.sd.backend import DiffusersSD  # noqa: E402
-from core.sd.tokenizer import load_clip_tokenizer  # noqa: E402
 from helpers import ROOT  # noqa: E402
-from tiny_sd import build_tiny  # noqa: E402
+from tiny_sd import build_tiny, tiny_sd_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    unet, vae, text = build_tiny(0)
-    for m in (unet, vae, text):
-        m.requires_grad_(False)
-    return DiffusersSD(unet, vae, text, load_clip_tokenizer())
+    return tiny_sd_model(0)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,6 @@ from helpers import ROOT, load_pack
 PACK = load_pack()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks run far faster on one thread (and do not fight a busy machine for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_derive_seed_is_seed_plus_k_wrapped_to_64_bits():
     node_max = PACK.NODE_CLASS_MAPPINGS["SIE_FineTune"].INPUT_TYPES()["required"]["seed"][1]["max"]
     assert node_max == SEED_MAX == 2**64 - 1

@@ -448,15 +448,6 @@ def test_trainer_on_the_fit_loop_reproduces_recorded_losses():
 
 
 # ------------------------------------------------------------------------------ RNG hygiene, EMA horizon
-@pytest.fixture
-def one_thread():
-    """Tiny nets run faster on one thread (and do not fight a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_network_init_uses_a_private_generator():
     """seeded_net gives the weights a global manual_seed would, and leaves the global RNG alone."""
     from core.sinddm.model import seeded_net

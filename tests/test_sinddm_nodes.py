@@ -228,14 +228,6 @@ def test_thresholded_grad_keeps_the_top_fraction():
 
 
 # ------------------------------------------------------------------------------ issue 12: the rest of the paper
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_clip_guidance_is_reproducible_from_its_seed(tiny_clip, node_model, one_thread):
     """Augmentations and template choices come from the guidance's own generator: the global RNG
     neither changes the result nor is changed by it."""

@@ -180,15 +180,10 @@ def test_sampler_is_seeded_and_leaves_global_rngs_alone():
 
 def test_positional_map_through_the_tiny_sd_unet():
     pytest.importorskip("diffusers")
-    from core.sd.backend import DiffusersSD
-    from core.sd.tokenizer import load_clip_tokenizer
     from core.seam import Features
-    from tiny_sd import build_tiny
+    from tiny_sd import tiny_sd_model
 
-    unet, vae, text = build_tiny(0)
-    for mod in (unet, vae, text):
-        mod.requires_grad_(False)
-    sd = DiffusersSD(unet, vae, text, load_clip_tokenizer())
+    sd = tiny_sd_model(0)
     pm = PositionalMap(channels=32)  # tiny UNet: block_out_channels[0] = model_channels = 32
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 4, 8, 12, generator=g)
@@ -210,7 +205,7 @@ def test_positional_map_through_the_tiny_sd_unet():
     with torch.no_grad():
         plain = sd.eps(x, t, c)
         for b in (box, None):
-            ref_unet = copy.deepcopy(unet)
+            ref_unet = copy.deepcopy(sd.unet)
             ref_unet.conv_in = AddMap(ref_unet.conv_in, b)
             ref = ref_unet(x, t, encoder_hidden_states=c).sample
             got = sd.eps(x, t, c, Features(input_map=pm, crop_box=b))

@@ -14,8 +14,6 @@ from PIL import Image
 from core.artifact_io import ArtifactError
 from core.losses import NoiseDraw, denoising_loss
 from core.sampling import ddim_sample
-from core.sd.backend import DiffusersSD
-from core.sd.tokenizer import load_clip_tokenizer
 from core.seam import Features
 from core.sine import (
     PatchConfig,
@@ -29,7 +27,7 @@ from core.sine import (
 )
 from core.sine.patches import PatchSampler
 from helpers import ROOT
-from tiny_sd import build_tiny
+from tiny_sd import build_tiny, tiny_sd_model
 
 PATCH = PatchConfig(high_resolution=128, size=64)
 IMAGE = ROOT / "core/sinddm/data/coffee_128x100.png"
@@ -37,10 +35,7 @@ IMAGE = ROOT / "core/sinddm/data/coffee_128x100.png"
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    unet, vae, text = build_tiny(0)
-    for m in (unet, vae, text):
-        m.requires_grad_(False)
-    return DiffusersSD(unet, vae, text, load_clip_tokenizer())
+    return tiny_sd_model(0)
 
 
 @pytest.fixture(scope="module")

@@ -75,3 +75,14 @@ def write_diffusers_folder(root: Path, unet, vae, text) -> Path:
     index = json.loads((Path(__file__).resolve().parents[1] / "core/sd/configs/sd15/model_index.json").read_text())
     (root / "model_index.json").write_text(json.dumps(index))
     return root
+
+
+def tiny_sd_model(seed: int = 0):
+    """The tiny modules, frozen, behind the diffusers back end (:class:`core.sd.backend.DiffusersSD`)."""
+    from core.sd.backend import DiffusersSD
+    from core.sd.tokenizer import load_clip_tokenizer
+
+    unet, vae, text = build_tiny(seed)
+    for m in (unet, vae, text):
+        m.requires_grad_(False)
+    return DiffusersSD(unet, vae, text, load_clip_tokenizer())
