@@ -13,6 +13,12 @@ What it runs (the functions of the single benchmarks, not copies of them):
   from the pack's shipped configs (no checkpoint file): embedding step, LoRA fine-tune step,
   full fine-tune step (with its peak memory) and DDIM+CFG step, with checkpointing and bf16
   autocast as the nodes use on a GPU, and the projected whole edit (500 + 1000 + 50 steps);
+* SINE (``sine_speed.py``) on the same model: a fine-tuning step (LoRA and full, on the whole
+  512x512 image and by patches of the 1024 resize, and full with the text encoder) with its peak
+  memory and the paper's projected fine-tuning time (800 / 10,000 steps), and a DDIM step with
+  model-based guidance (every step guided, and the paper's K=400 averaged over 50 steps) next to
+  a plain CFG step, at 512x512 and 768x1024 (height x width), with the targets (full + text
+  encoder under 24 GiB, LoRA under 10 GiB, K=400 at most 1.6x CFG) checked in the log and the JSON;
 * the engine (``engine_switch.py``) on the same model: the cost of switching between the
   base and a LoRA view inside a step, and a DDIM step with SINE's model-based guidance where
   the fine-tuned model is a LoRA view of the base, next to a plain CFG step.
@@ -62,10 +68,18 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 # The papers' sizes (default) and the dry run's.
 FULL = dict(sinddm_image="coffee_250x200.png", sinddm_width=160, sinddm_batch=32, sinddm_steps=3, sinddm_warmup=1,
             sinddm_paper_steps=120_000, sd="random", sd_size=512, sd_steps=6, switch_latent=64, switch_calls=10,
-            guided_steps=6)
+            guided_steps=6,
+            sine=dict(finetune_size=512, finetune_steps=4, patch=None,
+                      finetunes=["LoRA", "LoRA, patches", "full", "full, patches", "full + text encoder"],
+                      sample_latents=[[64, 64], [96, 128]], sample_steps=50, guidance=7.5, v=0.7, K=400,
+                      warmup_steps=2))
 DRY = dict(sinddm_image="coffee_128x100.png", sinddm_width=8, sinddm_batch=2, sinddm_steps=1, sinddm_warmup=1,
            sinddm_paper_steps=120_000, sinddm_resize=(90, 70), sd="tiny", sd_size=32, sd_steps=2, switch_latent=4,
-           switch_calls=2, guided_steps=2)
+           switch_calls=2, guided_steps=2,
+           sine=dict(finetune_size=64, finetune_steps=2, patch=dict(high_resolution=128, size=64),
+                     finetunes=["LoRA", "LoRA, patches", "full", "full, patches", "full + text encoder"],
+                     sample_latents=[[16, 16], [24, 32]], sample_steps=10, guidance=7.5, v=0.7, K=400,
+                     warmup_steps=1))
 
 
 def download_wheels(dest: Path, python: str = "3.12") -> list[Path]:
@@ -181,6 +195,38 @@ def run_imagic(table: Table, cfg: dict, model, name: str, device, log) -> dict:
     return {"model": name, "size": size, "stages": rows, "whole_edit": edit}
 
 
+def run_sine(table: Table, cfg: dict, model, device, log) -> dict:
+    from sine_speed import time_sine
+
+    sc = cfg["sine"]
+    res = time_sine(model, sc, device, log=log)
+    gpu = device.type == "cuda"
+    prec = "bf16 autocast, checkpointing" if gpu else "fp32"
+    size, patch = sc["finetune_size"], sc["patch"] or {"high_resolution": 1024, "size": 512}
+    for r in res["finetune"]:
+        setting = (f"{patch['high_resolution']} -> {patch['size']} crops" if r["patches"]
+                   else f"{size}x{size}") + f", {prec}"
+        table.add("SINE", f"fine-tune step, {r['stage']}", setting, r["s_per_step"], "s/step", r["peak_gib"] * 1024)
+        table.add("SINE", f"paper's fine-tuning, {r['stage']} ({r['paper_steps']} steps), projected", setting,
+                  r["paper_minutes"], "min")
+    K = sc["K"]
+    for s in res["sampling"]:
+        (h, w), (lh, lw) = s["pixels"], s["latent"]
+        setting = f"{h}x{w} px (latent {lh}x{lw}), {s['steps']} DDIM steps"
+        for key, stage, stat in (("cfg", "DDIM + CFG step (plain)", "s_per_step"),
+                                 ("cfg_in_views", "DDIM + CFG step inside views (K=999)", "s_per_step"),
+                                 ("guided_every_step", "DDIM step, guided (K=-1)", "s_per_step"),
+                                 (f"guided_K{K}", f"DDIM step, K={K}, mean over the run", "mean_s_per_step")):
+            table.add("SINE", f"{stage}, {h}x{w}", setting, s[key][stat], "s/step", s[key]["peak_gib"] * 1024)
+        table.add("SINE", f"guided / CFG step, {h}x{w}", setting, s["guided_over_cfg"], "x")
+        table.add("SINE", f"K={K} / CFG, mean over the run, {h}x{w}", setting, s[f"k{K}_over_cfg"], "x")
+    where = "" if res["targets"]["applies"] else " (a GPU target; this run is not on a GPU)"
+    for name, t in res["targets"].items():
+        if name != "applies":
+            log(f"  target {name}: {t['value']:.2f} vs {t['limit']} -> {'met' if t['met'] else 'MISSED'}{where}")
+    return res
+
+
 def run_engine(table: Table, cfg: dict, model, device, log) -> dict:
     from engine_switch import guided_step, switch_cost
     from memory import peak_mib, reset_peak
@@ -209,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes and models, on the CPU, a few steps")
     ap.add_argument("--device", default=None, help="default: cuda (cpu for --dry-run)")
-    ap.add_argument("--only", default="sinddm,imagic,engine", help="comma-separated subset")
+    ap.add_argument("--only", default="sinddm,imagic,sine,engine", help="comma-separated subset")
     ap.add_argument("--out", default=None, help="the JSON file (default: benchmarks/results/gpu_suite_<device>_<date>"
                                                 ".json; --dry-run: a temporary folder)")
     ap.add_argument("--wheels", default=str(DEFAULT_WHEELS), help="wheel folder to install from when diffusers is "
@@ -246,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         log("SinDDM")
         data["sinddm"] = run_sinddm(table, cfg, device, log)
         timings["sinddm"] = time.perf_counter() - t0
-    if only & {"imagic", "engine"}:
+    if only & {"imagic", "sine", "engine"}:
         t0 = time.perf_counter()
         model, name = build_sd(cfg, device)
         log(f"{name} built on {device} in {time.perf_counter() - t0:.1f} s")
@@ -255,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             log("Imagic")
             data["imagic"] = run_imagic(table, cfg, model, name, device, log)
             timings["imagic"] = time.perf_counter() - t0
+        if "sine" in only:
+            t0 = time.perf_counter()
+            log("SINE")
+            data["sine"] = run_sine(table, cfg, model, device, log)
+            timings["sine"] = time.perf_counter() - t0
         if "engine" in only:
             t0 = time.perf_counter()
             log("engine")

@@ -28,6 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 PREFIX = "diffusion_model."
+TEXT_PREFIX = "text_encoders.clip_l.transformer."
+"""Key prefix of text-encoder deltas: ComfyUI's generic LoRA key for an SD 1.x CLIP, followed by
+the transformers ``CLIPTextModel`` module path (``text_model.encoder.layers.0.mlp.fc1``)."""
+TEXT_TRAINABLE = ("text_model.encoder.layers.", "text_model.final_layer_norm.")
+"""Text-encoder parameters a fine-tuner trains: the transformer layers and the final norm.  The
+token and position embeddings stay frozen (ComfyUI reads the position table directly, not
+through its weight functions, so a trained copy could not be applied there)."""
 ATTENTION_LEAVES = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
 
 
@@ -95,13 +102,13 @@ class LoRA(nn.Module):
             return F.conv2d(h, up[:, :, None, None]) * self.scale
         return F.linear(F.linear(x, down), up) * self.scale
 
-    def state(self, module: str) -> dict[str, torch.Tensor]:
+    def state(self, module: str, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
         """The ComfyUI generic-LoRA tensors of this adapter (``module``: canonical module path)."""
         down, up = self.down.detach().float(), self.up.detach().float()
         if len(self.shape) == 4:
             down = down.reshape(self.rank, *self.shape[1:])
             up = up.reshape(self.shape[0], self.rank, 1, 1)
-        base = PREFIX + module
+        base = prefix + module
         return {f"{base}.lora_down.weight": down.contiguous(), f"{base}.lora_up.weight": up.contiguous(),
                 f"{base}.alpha": torch.tensor(self.alpha)}
 
@@ -112,14 +119,14 @@ def make_loras(shapes: Mapping[str, tuple[int, ...]], config: LoRAConfig, seed: 
     return {name: LoRA(shapes[name], config.rank, config.alpha, g) for name in select_targets(shapes, config.targets)}
 
 
-def lora_state_dict(loras: Mapping[str, LoRA]) -> dict[str, torch.Tensor]:
+def lora_state_dict(loras: Mapping[str, LoRA], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, lora in loras.items():
-        out.update(lora.state(name[: -len(".weight")]))
+        out.update(lora.state(name[: -len(".weight")], prefix))
     return out
 
 
-def diff_state_dict(deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def diff_state_dict(deltas: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """Full fine-tune deltas {canonical param name: delta} -> ``.diff`` / ``.diff_b`` tensors."""
     out = {}
     for name, d in deltas.items():
@@ -127,11 +134,11 @@ def diff_state_dict(deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         key = {"weight": "diff", "bias": "diff_b"}.get(leaf)
         if key is None:
             raise ValueError(f"cannot store a delta for {name!r} (only .weight and .bias)")
-        out[f"{PREFIX}{module}.{key}"] = d.detach().float().contiguous()
+        out[f"{prefix}{module}.{key}"] = d.detach().float().contiguous()
     return out
 
 
-def delta_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def delta_weights(sd: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """Any delta file (LoRA or diff layout) -> {canonical param name: delta tensor}.
 
     Used to apply a saved delta through the diffusers back end; ComfyUI reads the file
@@ -139,14 +146,14 @@ def delta_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        if not key.startswith(PREFIX):
+        if not key.startswith(prefix):
             continue
-        rest = key[len(PREFIX):]
+        rest = key[len(prefix):]
         if rest.endswith(".lora_down.weight"):
             module = rest[: -len(".lora_down.weight")]
             down = value.float().flatten(1)
-            up = sd[f"{PREFIX}{module}.lora_up.weight"].float().flatten(1)
-            alpha = float(sd.get(f"{PREFIX}{module}.alpha", torch.tensor(float(down.shape[0]))))
+            up = sd[f"{prefix}{module}.lora_up.weight"].float().flatten(1)
+            alpha = float(sd.get(f"{prefix}{module}.alpha", torch.tensor(float(down.shape[0]))))
             out[module + ".weight"] = (up @ down) * (alpha / down.shape[0])
         elif rest.endswith(".diff"):
             out[rest[: -len(".diff")] + ".weight"] = value.float()
@@ -171,13 +178,22 @@ def trainable_functions(mode: str, params: Mapping[str, torch.Tensor], config: L
 
 
 @torch.no_grad()
-def trained_delta(mode: str, fns: Mapping[str, nn.Module],
-                  params: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def trained_delta(mode: str, fns: Mapping[str, nn.Module], params: Mapping[str, torch.Tensor],
+                  prefix: str = PREFIX) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(the delta in ComfyUI's LoRA-file layout, {canonical name: dense delta}) of trained
     weight functions; full fine-tunes keep only the parameters that moved."""
     if mode == "lora":
         deltas = {name: fn.delta().detach().float().cpu() for name, fn in fns.items()}
-        return {k: v.cpu() for k, v in lora_state_dict(fns).items()}, deltas
+        return {k: v.cpu() for k, v in lora_state_dict(fns, prefix).items()}, deltas
     deltas = {name: (fn.param.detach().float() - params[name].detach().float()).cpu() for name, fn in fns.items()}
     deltas = {k: v for k, v in deltas.items() if bool(v.any())}
-    return diff_state_dict(deltas), deltas
+    return diff_state_dict(deltas, prefix), deltas
+
+
+def text_trainable(params: Mapping[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
+    """The text-encoder parameters a ``mode`` fine-tune trains (:data:`TEXT_TRAINABLE`; LoRA: their
+    2-D weights, i.e. the q/k/v/out projections and the MLPs)."""
+    out = {k: v for k, v in params.items() if k.startswith(TEXT_TRAINABLE)}
+    if mode == "lora":
+        out = {k: v for k, v in out.items() if k.endswith(".weight") and v.ndim == 2}
+    return out

@@ -165,6 +165,27 @@ class LatentDiffusion(Denoiser, Protocol):
         ...
 
 
+@runtime_checkable
+class TrainableText(Protocol):
+    """A back end whose text encoder can be trained (SINE's official code trains it with the UNet).
+
+    Canonical text-encoder names are transformers' ``CLIPTextModel`` parameter names
+    (``text_model.encoder.layers.0.self_attn.q_proj.weight``); a delta for them is saved with
+    :data:`core.lora.TEXT_PREFIX`, the generic key ComfyUI's LoRA loader maps onto an SD 1.x CLIP.
+    """
+
+    def text_parameters(self) -> dict[str, torch.Tensor]:
+        """The text encoder's parameters that may be adapted, under canonical names (shared: never
+        change them in place)."""
+        ...
+
+    def text_adapted(self, weight_functions: Mapping[str, WeightFunction]
+                     ) -> AbstractContextManager[Callable[[str], torch.Tensor]]:
+        """Inside the block, ``encode(prompt)`` -> cond [1, 77, context_dim] computed with
+        ``fn(W)`` for each named text weight, differentiable w.r.t. the functions' parameters."""
+        ...
+
+
 class DeltaFunction(nn.Module):
     """Weight function W -> W + strength * delta (a fixed, trained delta reshaped to W)."""
 

@@ -168,7 +168,7 @@ class ModuleViews:
         modulated = _modulated(specs)
         done: list[tuple[nn.Module, str, nn.Module]] = []
         hooks = []
-        was_ckpt = bool(getattr(self.module, "is_gradient_checkpointing", False))
+        was_ckpt = bool(getattr(self.module, "is_gradient_checkpointing", False)) if gradient_checkpointing else False
         try:
             for name in sorted(names):
                 path, leaf = self.paths[name].rsplit(".", 1)

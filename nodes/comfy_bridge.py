@@ -31,6 +31,7 @@ from .comfy_views import ComfySD  # noqa: F401  (re-exported: the seam over MODE
 MODEL_FOLDERS = {
     "sie_sinddm": (os.path.join("single_image_edit", "sinddm"), {".safetensors"}),
     "sie_trained": (os.path.join("single_image_edit", "trained"), {".safetensors"}),
+    "sie_sine": (os.path.join("single_image_edit", "sine"), {".safetensors"}),  # not for Load LoRA: F(v) flag
     "open_clip": ("open_clip", {".safetensors", ".bin", ".pt", ".pth"}),
 }
 # Folders of ours that ComfyUI's own loaders should also list (name -> ComfyUI folder name)
@@ -228,6 +229,16 @@ def apply_delta(model, delta: Mapping[str, torch.Tensor], strength: float = 1.0)
 
     patched, _ = comfy.sd.load_lora_for_models(model, None, dict(delta), float(strength), 0.0)
     return patched
+
+
+def apply_delta_with_clip(model, clip, delta: Mapping[str, torch.Tensor], strength: float = 1.0):
+    """(MODEL, CLIP) clones with a LoRA-layout delta (UNet and text-encoder keys) applied, by
+    ComfyUI's own LoRA loading (what LoraLoader does); ``clip`` None: the MODEL only."""
+    import comfy.sd
+
+    if clip is None:
+        return apply_delta(model, delta, strength), None
+    return comfy.sd.load_lora_for_models(model, clip, dict(delta), float(strength), float(strength))
 
 
 def sampler_names() -> list[str]:

@@ -224,6 +224,14 @@ class ComfySD:
             with v.activated():
                 yield v
 
+    def text_parameters(self) -> dict[str, torch.Tensor]:
+        return _text_parameters(self.clip)
+
+    def text_adapted(self, weight_functions: Mapping[str, WeightFunction]):
+        if self.clip is None:
+            raise ValueError("this ComfySD has no CLIP")
+        return text_adapted(self.clip, weight_functions)
+
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -246,6 +254,62 @@ class ComfySD:
             prompts = [prompts]
         conds = [self.clip.encode_from_tokens(self.clip.tokenize(p)) for p in prompts]
         return torch.cat(conds, 0).float()
+
+
+TEXT_KEY_PREFIX = "clip_l.transformer."  # an SD 1.x CLIP's state-dict prefix before the transformers names
+
+
+def text_keys(clip) -> dict[str, str]:
+    """{canonical text-encoder name (``text_model.``...): the CLIP state-dict key}."""
+    return {k[len(TEXT_KEY_PREFIX):]: k for k, _ in clip.cond_stage_model.named_parameters()
+            if k.startswith(TEXT_KEY_PREFIX + "text_model.")}
+
+
+def _text_parameters(clip) -> dict[str, torch.Tensor]:
+    if clip is None:
+        raise ValueError("this ComfySD has no CLIP")
+    own = dict(clip.cond_stage_model.named_parameters())
+    keys = text_keys(clip)
+    if not keys:
+        raise ValueError("this CLIP is not an SD 1.x text encoder (no clip_l.transformer.text_model weights)")
+    return {c: own[k] for c, k in keys.items()}
+
+
+@contextmanager
+def text_adapted(clip, weight_functions: Mapping[str, WeightFunction]) -> Iterator:
+    """``encode(prompt)`` -> [1, 77, D], differentiable, through a clone of ``clip`` whose layers
+    get dispatching weight wrappers (every weight computes with a per-call copy, as the UNet's
+    training views do); unloaded afterwards, the shared weights untouched."""
+    import comfy.model_management
+
+    keys = text_keys(clip)
+    unknown = sorted(set(weight_functions) - set(keys))
+    if unknown:
+        raise KeyError(f"no such text-encoder parameters: {unknown[:3]}")
+    clone = clip.clone()
+    viewset = ViewSet([ViewSpec(dict(weight_functions))])
+    modules = dict(clip.cond_stage_model.named_modules())
+    for canonical, key in keys.items():
+        path, leaf = key.rsplit(".", 1)
+        owner = modules[path]
+        fn = weight_functions.get(canonical)
+        if not hasattr(owner, "weight_function"):
+            if fn is not None:
+                raise RuntimeError(f"cannot adapt {canonical}: its layer ({type(owner).__name__}) is not a ComfyUI op")
+            continue
+        if leaf == "weight" and hasattr(fn, "output_delta"):
+            clone.patcher.add_object_patch(f"{path}.forward", _OutputDispatch(owner, viewset, canonical))
+        clone.patcher.add_weight_wrapper(key, _WeightDispatch(viewset, canonical if fn is not None else None, True))
+    comfy.model_management.load_models_gpu([clone.patcher], force_full_load=True)
+    try:
+        with viewset.activate(1):
+
+            def encode(prompt: str) -> torch.Tensor:
+                return clone.encode_from_tokens(clone.tokenize(prompt)).float()
+
+            yield encode
+    finally:
+        _unload(clone.patcher, clip.cond_stage_model)
 
 
 class PatchFunction:

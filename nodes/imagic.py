@@ -159,18 +159,23 @@ class OptimizeEmbedding:
 
 
 class FineTune:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_FineTune", "Imagic: Fine-Tune Model", ()
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_FineTune", "Fine-Tune Model (Imagic / SINE)", ()
     CATEGORY = CATEGORY
     FUNCTION = "run"
-    RETURN_TYPES = ("MODEL", "IMAGE", TRAINED)
-    RETURN_NAMES = ("model", "loss_curve", "trained")
+    RETURN_TYPES = ("MODEL", "IMAGE", TRAINED, "CLIP")
+    RETURN_NAMES = ("model", "loss_curve", "trained", "clip")
     OUTPUT_TOOLTIPS = ("A clone of the input MODEL with the trained weights applied as patches (the input MODEL "
-                       "is unchanged).", "The reconstruction loss per step.",
-                       "The trained delta and e_opt, for Save Trained.")
-    DESCRIPTION = ("Imagic stage 2: fine-tunes the model to reconstruct the image at the frozen e_opt (eq. 2). "
-                   "lora (default): low-rank adapters on every conv/linear weight, little memory, lr 1e-4. full: the "
-                   "paper's whole-UNet fine-tune (lr 2e-6; about 14 GB of optimiser state for SD 1.5). SD ports: "
-                   "1000 steps. The output MODEL is a native patched clone: use it with KSampler.")
+                       "is unchanged); with a SINE patch recipe it also carries the positional map F(v).",
+                       "The loss per step.",
+                       "The trained delta and e_opt (Imagic: Save Trained) or the SINE fine-tune (SINE: Save).",
+                       "With a recipe that trains the text encoder: a clone of the CLIP with the trained text "
+                       "encoder (encode the fine-tune prompt with it); otherwise the clip input as given.")
+    DESCRIPTION = ("One fine-tune node for the pack's methods. Without a recipe, Imagic stage 2: fine-tunes the model "
+                   "to reconstruct the image at the frozen e_opt (eq. 2); SD ports: 1000 steps. With SINE: Fine-Tune "
+                   "Recipe, SINE's fine-tuning at the fine-tune prompt (paper: 800 steps on the whole image, 10,000 "
+                   "on patches). lora (default): low-rank adapters on every conv/linear weight, little memory, lr "
+                   "1e-4. full: the whole UNet (Imagic lr 2e-6, SINE 1e-6; about 14 GB of optimiser state for SD "
+                   "1.5). The output MODEL is a native patched clone: use it with KSampler or the SINE guider.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -189,15 +194,23 @@ class FineTune:
                                                    f"{DEFAULT_LR['full']} for full)."}),
             "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank (lora mode); alpha = rank."}),
             "seed": ("INT", {**SEED, "tooltip": "Seed of the adapters' initialisation, timesteps and noise."}),
+        }, "optional": {
+            "recipe": ("SIE_RECIPE", {"tooltip": "A method's training recipe (SINE: Fine-Tune Recipe); empty: "
+                                                 "Imagic. With SINE, conditioning is the encoded fine-tune prompt."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP: needed when the recipe trains the text encoder; "
+                                         "passed through to the clip output otherwise."}),
         }}
 
-    def run(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed):
+    def run(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe=None, clip=None):
         check_model(model)
         check_positive(steps, "steps")
         check_positive(rank, "rank")
         if mode not in DEFAULT_LR:
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use lora or full")
         device = torch.device(bridge.torch_device())
+        if recipe is not None:
+            return self.run_sine(model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe,
+                                 clip, device)
         check_memory(model, image, mode, device, device.type == "cuda", int(rank))
         progress = bridge.Progress(steps)
         cfg = FineTuneConfig(mode=mode, steps=int(steps), lr=float(learning_rate) or None,
@@ -217,7 +230,33 @@ class FineTune:
         trained = Trained(res.delta, mode, cond.cpu(), {"steps": int(steps), "lr": cfg.learning_rate,
                                                         "rank": int(rank) if mode == "lora" else None,
                                                         "final_loss": res.losses[-1]})
-        return (bridge.apply_delta(model, res.delta), curve(res.losses, f"Imagic fine-tuning loss ({mode})"), trained)
+        return (bridge.apply_delta(model, res.delta), curve(res.losses, f"Imagic fine-tuning loss ({mode})"), trained,
+                clip)
+
+    def run_sine(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe, clip,
+                 device):
+        from .sine_train import SineTrained, apply_sine, check_clip, check_recipe, sine_finetune
+
+        recipe = check_recipe(recipe)
+        clip = check_clip(clip)
+        image_to_bchw(image, "image", min_side=8)
+        crops = torch.zeros(1, 512, 512, 3)  # with patches the UNet sees 512x512 crops whatever the image size
+        check_memory(model, crops if recipe.patches else image, mode, device, device.type == "cuda", int(rank))
+        progress = bridge.Progress(steps)
+        try:
+            with torch.inference_mode(False):  # tensors made here are ordinary: autograd may save them
+                cond, _ = cond_tensor(conditioning, model)
+                res = sine_finetune(model, clip, vae, image, cond, mode, steps, learning_rate, rank, seed, recipe,
+                                    progress, device)
+        finally:
+            bridge.free_memory()
+        log.info("SINE fine-tune (%s%s%s, %d trainable parameters): loss %.4f -> %.4f in %.1f s", mode,
+                 ", patches" if recipe.patches else "", ", text encoder" if recipe.train_text_encoder else "",
+                 res.trainable_parameters, res.losses[0], res.losses[-1], res.seconds)
+        out_model, out_clip = apply_sine(model, clip, res)
+        kind = f"{mode}{', patches' if recipe.patches else ''}{', text encoder' if recipe.train_text_encoder else ''}"
+        return (out_model, curve(res.losses, f"SINE fine-tuning loss ({kind})"), SineTrained(res, recipe.prompt),
+                out_clip)
 
 
 # --------------------------------------------------------------------------------------
@@ -344,6 +383,9 @@ class SaveTrained:
         }}
 
     def run(self, trained, filename_prefix):
+        if not isinstance(trained, Trained):
+            raise NodeInputError("trained", f"this is not an Imagic fine-tune ({type(trained).__name__})",
+                                 "save a SINE fine-tune with SINE: Save Fine-Tuned Model")
         return save_output(bridge.save_dir("sie_trained"), filename_prefix, lambda path: save_trained(trained, path),
                            "trained delta")
 

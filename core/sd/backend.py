@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..diffusion import sd_alphas_cumprod
-from ..seam import check_image
+from ..lora import text_trainable
+from ..seam import ViewSpec, WeightFunction, check_image
 from ..views import ModuleDenoiser, ModuleViews
 from .keymap import unet_names
 from .tokenizer import tokenize
@@ -76,3 +79,30 @@ class DiffusersSD(ModuleDenoiser):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = tokenize(self.tokenizer, prompts).to(self.device)
         return self.text_encoder(ids)[0].float()
+
+    # -- text encoder training (core.seam.TrainableText) ------------------------------------
+    def text_names(self) -> dict[str, str]:
+        """{canonical name (``text_model.``...): the module's own parameter path} (transformers 5
+        drops the ``text_model.`` level from ``CLIPTextModel``'s parameter names)."""
+        return {(n if n.startswith("text_model.") else "text_model." + n): n
+                for n, _ in self.text_encoder.named_parameters()}
+
+    def text_parameters(self) -> dict[str, torch.Tensor]:
+        own = dict(self.text_encoder.named_parameters())
+        return {c: own[n] for c, n in self.text_names().items()}
+
+    @contextmanager
+    def text_adapted(self, weight_functions: Mapping[str, WeightFunction]) -> Iterator[Callable[[str], torch.Tensor]]:
+        """``encode(prompt)`` [1, 77, D] with the weight functions on the text encoder's weights
+        (parametrizations removed afterwards; the stored weights are never written)."""
+        unknown = sorted(set(weight_functions) - set(text_trainable(self.text_parameters(), "full")))
+        if unknown:
+            raise KeyError(f"not trainable text-encoder parameters: {unknown[:3]}")
+        views = ModuleViews(self.text_encoder, self.text_names(), self.text_encoder)
+        with views.install([ViewSpec(dict(weight_functions))]) as viewset, viewset.activate(1):
+
+            def encode(prompt: str) -> torch.Tensor:
+                ids = tokenize(self.tokenizer, [prompt]).to(self.device)
+                return self.text_encoder(ids)[0].float()
+
+            yield encode

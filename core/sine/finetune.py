@@ -24,8 +24,15 @@ Modes, as in :mod:`core.imagic.finetune` (same helpers, same delta layout):
 * ``full``: every UNet parameter, AdamW lr 1e-6, weight decay 0.01 (paper §4; official configs use
   torch's default AdamW decay 0.01).
 
-Left for later: training the text encoder too (the official code does, ``cond_stage_trainable``),
-and batch sizes above 1.  The first block's channel count (for F(v)) is read from the model's
+Text encoder (``train_text_encoder``, default off): the official code trains CLIP's text encoder
+with the UNet in every config (``cond_stage_trainable: true``; the paper only says "eps_theta and
+tau_theta are jointly optimized" when describing LDM).  Off by default here: it is the costlier
+half of the official memory problem and the paper's §3.3 describes fine-tuning the diffusion
+model.  On, the fine-tune prompt is re-encoded at every step through the adapted encoder (the
+back end must be a :class:`core.seam.TrainableText`), its transformer layers and final norm are
+trained (LoRA: their projections and MLPs) at ``text_lr`` (None: the UNet's rate), and the result
+carries a second delta under :data:`core.lora.TEXT_PREFIX`.  Edit with the fine-tuned text
+encoder's encoding of the fine-tune prompt (official sampler).  Batch sizes above 1 are left out.  The first block's channel count (for F(v)) is read from the model's
 first conv weight (``input_blocks.0.0.weight``, SD's ``model_channels``; ``conv_in.weight`` for
 diffusers-named models), else ``config.channels`` (default 320, SD 1.x).
 """
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +49,9 @@ import torch.nn.functional as F
 
 from ..diffusion import predict_x0, q_sample
 from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
-from ..lora import LoRAConfig, trainable_functions, trained_delta
+from ..lora import TEXT_PREFIX, LoRAConfig, text_trainable, trainable_functions, trained_delta
 from ..losses import NoiseDraw, masked_mse
-from ..seam import DeltaFunction, Features, LatentDiffusion
+from ..seam import DeltaFunction, Features, LatentDiffusion, TrainableText
 from ..seeds import derive_seed
 from .patches import PatchConfig, PatchSampler
 from .positional import MODEL_CHANNELS, PositionalMap
@@ -70,6 +78,8 @@ class SineFineTuneConfig:
     channels: int | None = None  # None: the model's first conv weight, else 320
     seed: int = 0
     gradient_checkpointing: bool = False
+    train_text_encoder: bool = False  # the official code: on; the paper: not described; default off
+    text_lr: float | None = None  # None: the UNet's learning rate
 
     def __post_init__(self):
         if self.mode not in DEFAULT_LR:
@@ -78,6 +88,8 @@ class SineFineTuneConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.text_lr is not None and not self.text_lr > 0:
+            raise ValueError(f"text_lr must be positive, got {self.text_lr}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.pooled_x0_weight < 0:
@@ -112,6 +124,16 @@ class SineFineTuneResult:
     positional: bool  # trained with F(v) (patches): edit with the whole-grid map
     channels: int = MODEL_CHANNELS
     grid_size: int = 128
+    text_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRA layout, TEXT_PREFIX keys
+    text_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # {canonical text name: dense delta}
+
+    @property
+    def file_delta(self) -> dict[str, torch.Tensor]:
+        """UNet and text-encoder deltas in one LoRA-layout mapping (what ComfyUI's LoRA loader reads)."""
+        return {**self.delta, **self.text_delta}
+
+    def text_weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
+        return {name: DeltaFunction(d, strength) for name, d in self.text_deltas.items()}
 
     def weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
         """W -> W + strength * delta for every trained parameter (to apply through the seam)."""
@@ -135,16 +157,27 @@ def _pool(x: torch.Tensor, k: int) -> torch.Tensor:
     return F.avg_pool2d(x, k)
 
 
-def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torch.Tensor,
+def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torch.Tensor | None,
                   config: SineFineTuneConfig = SineFineTuneConfig(), on_step: OnStep | None = None,
-                  should_stop: ShouldStop | None = None) -> SineFineTuneResult:
+                  should_stop: ShouldStop | None = None, prompt: str | None = None) -> SineFineTuneResult:
     """Fine-tune ``model`` on ``image`` [1, 3, H, W] in [0, 1] at ``prompt_cond`` [1, 77, D].
 
     Without patches the image is encoded as given (resize it to the working size first, e.g.
     :func:`core.imagic.load_image`); with patches it is resized to ``patch.high_resolution``.
+    With ``config.train_text_encoder`` the text ``prompt`` is needed instead of (or besides)
+    ``prompt_cond``, and ``model`` must be a :class:`core.seam.TrainableText`.
     """
     device = torch.device(model.device)
-    cond = prompt_cond.detach().to(device, torch.float32)
+    if config.train_text_encoder:
+        if not isinstance(model, TrainableText):
+            raise ValueError(f"{type(model).__name__} cannot train its text encoder (no text_adapted)")
+        if not prompt:
+            raise ValueError("training the text encoder needs the fine-tune prompt as text (prompt=...)")
+    elif prompt_cond is None:
+        if not prompt:
+            raise ValueError("give the fine-tune prompt: prompt_cond or prompt")
+        prompt_cond = model.encode_text([prompt])
+    cond = prompt_cond.detach().to(device, torch.float32) if prompt_cond is not None else None
     T = len(model.alphas_cumprod)
     ab = model.alphas_cumprod
     params = model.unet_parameters()
@@ -153,6 +186,13 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
     pmap = PositionalMap(channels, pcfg.grid) if config.patches else None
     fns = trainable_functions(config.mode, params, config.lora, config.seed, device)
     trainable = [p for fn in fns.values() for p in fn.parameters()]
+    groups = [{"params": trainable, "lr": config.learning_rate}]
+    text_fns: dict = {}
+    if config.train_text_encoder:
+        text_params = text_trainable(model.text_parameters(), config.mode)
+        text_fns = trainable_functions(config.mode, text_params, config.lora, derive_seed(config.seed, 3), device)
+        groups.append({"params": [p for fn in text_fns.values() for p in fn.parameters()],
+                       "lr": config.text_lr or config.learning_rate})
 
     draw = NoiseDraw(derive_seed(config.seed, 1), T)
     if config.patches:
@@ -172,7 +212,10 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
             return {"z0": latent, "t": t, "eps": eps, "box": None}
 
     t0 = time.perf_counter()
-    with model.adapted(fns, config.gradient_checkpointing) as m:
+    with ExitStack() as stack:
+        # the UNet first: a back end may free every other model when it loads it for training
+        m = stack.enter_context(model.adapted(fns, config.gradient_checkpointing))
+        encode = stack.enter_context(model.text_adapted(text_fns)) if config.train_text_encoder else None
 
         def predict(batch):  # one UNet pass per step, shared by both terms
             if "pred" not in batch:
@@ -180,8 +223,9 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
                 a = ab.to(device)[t.cpu()].to(device)
                 x_t = q_sample(z0, a, eps)
                 f = Features(input_map=pmap, crop_box=batch["box"]) if pmap is not None else None
+                c = encode(prompt).to(device, torch.float32) if encode is not None else cond
                 batch["x_t"], batch["a"] = x_t, a
-                batch["pred"] = m.eps(x_t, t, cond.expand(t.shape[0], -1, -1), f)
+                batch["pred"] = m.eps(x_t, t, c.expand(t.shape[0], -1, -1), f)
             return batch["pred"]
 
         def eps_mse(batch):
@@ -195,10 +239,13 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
             return ((batch["t"].float() / T) ** 2 * per).mean()
 
         terms = [Term("eps_mse", eps_mse), Term("pooled_x0", pooled_x0, config.pooled_x0_weight)]
-        res = fit(trainable, batches, terms,
+        res = fit(groups, batches, terms,
                   FitConfig(config.total_steps, config.learning_rate, optimizer=config.optimizer,
                             weight_decay=config.weight_decay, what="SINE fine-tuning"),
                   device, on_step=on_step, should_stop=should_stop)
     delta, deltas = trained_delta(config.mode, fns, params)
+    text_delta, text_deltas = trained_delta(config.mode, text_fns, model.text_parameters(), TEXT_PREFIX) \
+        if text_fns else ({}, {})
+    count = sum(p.numel() for g in groups for p in g["params"])
     return SineFineTuneResult(config.mode, delta, deltas, res.losses, res.terms, time.perf_counter() - t0,
-                              sum(p.numel() for p in trainable), config.patches, channels, pcfg.grid)
+                              count, config.patches, channels, pcfg.grid, text_delta, text_deltas)

@@ -1,0 +1,223 @@
+"""SINE fine-tuning through the shared fine-tune node, and the SINE model file (save / load).
+
+* ``SIE_SineRecipe`` builds a :class:`SineRecipe`; connected to the ``recipe`` input of the one
+  fine-tune node (``SIE_FineTune``), it turns that node into SINE's fine-tuner
+  (:func:`core.sine.finetune_sine`): whole image (paper: 800 steps) or patches with F(v)
+  (paper: 10,000 steps), optionally the text encoder too (the official code), which makes the
+  node's ``clip`` output the adapted CLIP.
+* ``SIE_SaveSine`` writes the result as a ``sie.sine`` file (delta in ComfyUI's LoRA layout, UNet
+  and text encoder; the fine-tune prompt; whether the model needs the positional map).
+* ``SIE_LoadSine`` applies such a file to a MODEL and CLIP, adds F(v) when the file says so (a
+  patch-trained model can then never be sampled without its map) and encodes the fine-tune prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..core.artifact_io import ArtifactError
+from ..core.sine import SineFineTuneConfig, SineFineTuneResult, finetune_sine, load_sine, save_sine
+from ..core.sine.finetune import DEFAULT_LR as SINE_LR
+from . import comfy_bridge as bridge
+from .common import CATEGORY_ROOT, NodeInputError, save_output
+
+log = logging.getLogger("comfyui-single-image-edit")
+
+CATEGORY = f"{CATEGORY_ROOT}/sine"
+RECIPE = "SIE_RECIPE"
+FOLDER = "sie_sine"
+
+
+@dataclass(frozen=True)
+class SineRecipe:
+    """How the shared fine-tune node trains for SINE (everything the Imagic recipe does not have)."""
+
+    prompt: str = "a photo of a sks dog"
+    patches: bool = False
+    whole_fraction: float = 0.0
+    pooled_x0_weight: float = 0.0
+    train_text_encoder: bool = False
+    text_learning_rate: float = 0.0  # 0: the UNet's
+    method: str = "sine"
+
+
+@dataclass
+class SineTrained:
+    """The ``trained`` output of a SINE fine-tune: the result and the prompt it was tuned at."""
+
+    result: SineFineTuneResult
+    prompt: str
+
+
+class SineRecipeNode:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SineRecipe", "SINE: Fine-Tune Recipe", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (RECIPE,)
+    RETURN_NAMES = ("recipe",)
+    OUTPUT_TOOLTIPS = ("Connect to the 'recipe' input of Fine-Tune Model: it then fine-tunes the SINE way.",)
+    DESCRIPTION = ("SINE (Zhang et al., CVPR 2023) fine-tuning settings for the shared Fine-Tune Model node. Paper: "
+                   "AdamW lr 1e-6 on the full UNet, batch 1, 800 steps on the whole image or 10,000 on patches. "
+                   "Patches: random crops of the image resized to 1024x1024 (sides 10-100%, resized to 512), each "
+                   "with its positional map F(v); sample the result only through SINE: Positional Map (Save SINE "
+                   "records it). The official code also trains the text encoder and, with patches, adds a pooled "
+                   "x0 L1 term (weight 1.0); both are off here by default (the paper does not describe them).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "prompt": ("STRING", {"default": "a photo of a sks dog", "tooltip": "The fine-tune prompt c^ ('a photo / "
+                                  "painting of a sks <class>'). Encoded each step when the text encoder is trained; "
+                                  "otherwise the fine-tune node's conditioning is used and this is only recorded."}),
+            "patches": ("BOOLEAN", {"default": False, "tooltip": "Patch-based fine-tuning with F(v) (paper Sec. 3.3; "
+                                    "10,000 steps): edits at any resolution and aspect ratio."}),
+            "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train CLIP's text encoder (the "
+                                               "official code; the paper does not say). Needs the fine-tune node's "
+                                               "clip input; its clip output is then the adapted CLIP."}),
+            "pooled_x0_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                           "tooltip": "Weight of (t/T)^2 L1(avgpool(x0^), avgpool(z0)) (official "
+                                                      "patch config: 1.0; the paper: 0)."}),
+            "whole_fraction": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                         "tooltip": "With patches: share of steps on the whole image (official "
+                                                    "code: 0; its diffusers port: 0.1)."}),
+            "text_learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": 1e-8,
+                                             "tooltip": "Text encoder learning rate (0: the UNet's)."}),
+        }}
+
+    def run(self, prompt, patches, train_text_encoder, pooled_x0_weight, whole_fraction, text_learning_rate):
+        if not str(prompt).strip():
+            raise NodeInputError("prompt", "the fine-tune prompt is empty", "write e.g. 'a photo of a sks dog'")
+        return (SineRecipe(str(prompt), bool(patches), float(whole_fraction), float(pooled_x0_weight),
+                           bool(train_text_encoder), float(text_learning_rate)),)
+
+
+def check_recipe(recipe) -> SineRecipe:
+    if not isinstance(recipe, SineRecipe):
+        raise NodeInputError("recipe", f"expected a fine-tune recipe, got {type(recipe).__name__}",
+                             "connect SINE: Fine-Tune Recipe (or leave it empty for Imagic)")
+    return recipe
+
+
+def check_clip(clip, name: str = "clip"):
+    if clip is None:
+        return None
+    if not hasattr(clip, "cond_stage_model") or not hasattr(clip, "clone"):
+        raise NodeInputError(name, f"expected a CLIP, got {type(clip).__name__}", "connect the checkpoint's CLIP")
+    from .comfy_views import text_keys
+
+    if not text_keys(clip):
+        raise NodeInputError(name, "this is not an SD 1.x CLIP (no clip_l text encoder)",
+                             "connect the CLIP of the same SD 1.x checkpoint")
+    return clip
+
+
+def sine_finetune(model, clip, vae, image, cond: torch.Tensor, mode: str, steps: int, lr: float, rank: int, seed: int,
+                  recipe: SineRecipe, progress, device: torch.device):
+    """Run :func:`core.sine.finetune_sine` for the shared fine-tune node; returns (result, losses title)."""
+    from ..core.lora import LoRAConfig
+    from .common import image_to_bchw
+
+    if recipe.train_text_encoder and clip is None:
+        raise NodeInputError("clip", "the recipe trains the text encoder, but no CLIP is connected",
+                             "connect the checkpoint's CLIP to Fine-Tune Model, or turn train_text_encoder off")
+    config = SineFineTuneConfig(mode=mode, steps=int(steps), lr=float(lr) or None,
+                                lora=LoRAConfig(rank=int(rank), alpha=float(rank)), patches=recipe.patches,
+                                whole_fraction=recipe.whole_fraction if recipe.patches else None,
+                                pooled_x0_weight=recipe.pooled_x0_weight, seed=int(seed),
+                                gradient_checkpointing=device.type == "cuda",
+                                train_text_encoder=recipe.train_text_encoder,
+                                text_lr=recipe.text_learning_rate or None)
+    sd = bridge.ComfySD(model, clip, vae)
+    x = image_to_bchw(image, "image", min_side=8)[:1]
+    return finetune_sine(sd, x, cond, config, on_step=progress, should_stop=progress.should_stop,
+                         prompt=recipe.prompt if recipe.train_text_encoder else None)
+
+
+def default_lr(mode: str) -> float:
+    return SINE_LR[mode]
+
+
+# --------------------------------------------------------------------------------------
+def apply_sine(model, clip, result: SineFineTuneResult, strength: float = 1.0):
+    """(MODEL, CLIP) with the SINE delta applied (text delta on the CLIP when there is one) and,
+    for a patch-trained model, F(v) on the MODEL."""
+    from .sine import SinePositionalPatch
+
+    delta = result.file_delta
+    if result.text_delta and clip is None:
+        raise NodeInputError("clip", "this SINE model also trained the text encoder", "connect the CLIP")
+    m, c = bridge.apply_delta_with_clip(model, clip if result.text_delta else None, delta, strength)
+    if result.positional:
+        m = m.clone() if m is model else m
+        m.set_model_input_block_patch(SinePositionalPatch("bilinear", result.channels))
+    return m, (c if result.text_delta else clip)
+
+
+class SaveSine:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SaveSine", "SINE: Save Fine-Tuned Model", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+    DESCRIPTION = ("Saves a SINE fine-tune to models/single_image_edit/sine as .safetensors (atomic, never "
+                   "overwriting): the UNet (and text-encoder) delta in ComfyUI's LoRA layout, the fine-tune prompt, "
+                   "and whether the model was trained on patches (then SINE: Load Fine-Tuned Model adds F(v)).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "trained": ("SIE_TRAINED", {"tooltip": "The trained output of Fine-Tune Model run with a SINE recipe."}),
+            "filename_prefix": ("STRING", {"default": "sine", "tooltip": "File name prefix (may contain sub-"
+                                                                         "folders); a counter is appended."}),
+        }}
+
+    def run(self, trained, filename_prefix):
+        if not isinstance(trained, SineTrained):
+            raise NodeInputError("trained", "this is not a SINE fine-tune (no SINE recipe was connected)",
+                                 "save Imagic results with Save Trained")
+        return save_output(bridge.save_dir(FOLDER), filename_prefix,
+                           lambda path: save_sine(trained.result, trained.prompt, path), "SINE model")
+
+
+class LoadSine:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadSine", "SINE: Load Fine-Tuned Model", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "CLIP", "CONDITIONING", "STRING")
+    RETURN_NAMES = ("finetuned_model", "finetuned_clip", "finetune_positive", "prompt")
+    OUTPUT_TOOLTIPS = ("A clone of the MODEL with the saved delta (and F(v) when it was trained on patches).",
+                       "The CLIP with the saved text-encoder delta (the input CLIP when none was trained).",
+                       "The saved fine-tune prompt c^, encoded by finetuned_clip: finetune_positive of Model-Based "
+                       "Guidance.", "The saved fine-tune prompt.")
+    DESCRIPTION = ("Loads a file written by SINE: Save Fine-Tuned Model onto the same SD 1.x MODEL and CLIP, so an "
+                   "edit can be resampled without training. The positional map is applied when the file says the "
+                   "model was trained on patches.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The pretrained SD 1.x MODEL the file was trained on (not modified)."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (not modified)."}),
+            "sine_name": (bridge.list_models(FOLDER), {"tooltip": "A file from SINE: Save Fine-Tuned Model."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "Scale of the delta (1 = as trained)."}),
+        }}
+
+    def run(self, model, clip, sine_name, strength):
+        from .imagic import check_model
+
+        check_model(model)
+        check_clip(clip)
+        try:
+            result, prompt = load_sine(bridge.model_path(FOLDER, sine_name))
+        except (FileNotFoundError, ArtifactError) as e:
+            raise NodeInputError("sine_name", str(e), "pick a file written by SINE: Save Fine-Tuned Model") from None
+        m, c = apply_sine(model, clip, result, float(strength))
+        cond = c.encode_from_tokens_scheduled(c.tokenize(prompt))
+        return (m, c, cond, prompt)
+
+
+NODES = [SineRecipeNode, SaveSine, LoadSine]
