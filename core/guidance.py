@@ -83,13 +83,18 @@ def on_grid(sample_sigmas: torch.Tensor, sigma: float | torch.Tensor, rtol: floa
     return bool(torch.isclose(sig, torch.tensor(float(sigma), dtype=torch.float64), rtol=rtol).any())
 
 
+class MultiEvaluationError(ValueError):
+    """A strict :class:`StepClock` saw a sampler evaluate the model twice within one step."""
+
+
 class StepClock:
     """Step indices of one sampling run, with a warning (once per run) when the sampler
     evaluates the model off its sigma grid or twice at one step: per-step rules then
-    see several evaluations per step.  A new sigma list starts a new run (index 0)."""
+    see several evaluations per step (``strict``: :class:`MultiEvaluationError` instead).
+    A new sigma list starts a new run (index 0)."""
 
-    def __init__(self, what: str = "this guidance"):
-        self.what = what
+    def __init__(self, what: str = "this guidance", strict: bool = False):
+        self.what, self.strict = what, strict
         self._sigmas: torch.Tensor | None = None
         self._seen: set[int] = set()
         self._warned = False
@@ -103,9 +108,12 @@ class StepClock:
             self._seen, self._warned = set(), False
         if (not on_grid(sig, sigma) or i in self._seen) and not self._warned:
             self._warned = True
-            warnings.warn(f"{self.what}: the sampler evaluates the model more than once per step (e.g. heun, dpm_2, "
-                          "dpmpp_sde, euler with s_churn); per-step rules then repeat steps. Use euler, "
-                          "euler_ancestral, ddim, dpmpp_2m or lcm.", stacklevel=2)
+            text = (f"{self.what}: the sampler evaluates the model more than once per step (e.g. heun, dpm_2, "
+                    "dpmpp_sde, euler with s_churn); per-step rules then repeat steps. Use euler, "
+                    "euler_ancestral, ddim, dpmpp_2m or lcm.")
+            if self.strict:
+                raise MultiEvaluationError(text)
+            warnings.warn(text, stacklevel=2)
         self._seen.add(i)
         return i
 

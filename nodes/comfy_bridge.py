@@ -277,3 +277,26 @@ def prepare_noise(samples: torch.Tensor, seed: int) -> torch.Tensor:
     import comfy.sample
 
     return comfy.sample.prepare_noise(samples, seed)
+
+
+def guider_sample(guider, latent: dict, seed: int, steps: int, sampler_name: str, scheduler: str,
+                  noise: torch.Tensor, callback=None) -> torch.Tensor:
+    """What SamplerCustomAdvanced runs (KSamplerSelect + BasicScheduler at denoise 1) with a GUIDER
+    and given starting noise; returns the samples."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+
+    samples = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent["samples"])
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), scheduler,
+                                             int(steps)).cpu()
+    sampler = comfy.samplers.sampler_object(sampler_name)
+
+    def cb(step, x0, x, total):
+        if callback is not None:
+            callback(step, x0, x, total)
+
+    out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"), callback=cb,
+                        disable_pbar=True, seed=int(seed))
+    return out.to(comfy.model_management.intermediate_device())
+

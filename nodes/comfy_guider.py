@@ -32,11 +32,31 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.guidance import StepClock
+from ..core.guidance import MultiEvaluationError, StepClock
 from ..core.seam import ViewSpec
 from .comfy_views import install_views, with_features
 
 _CLASS = None
+# sampler functions that evaluate the model more than once per step (k-diffusion names in ComfyUI)
+MULTI_EVALUATION = {"sample_heun", "sample_heunpp2", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_sde",
+                    "sample_dpmpp_sde_gpu", "sample_dpmpp_2s_ancestral", "sample_dpmpp_2s_ancestral_cfg_pp",
+                    "sample_seeds_2", "sample_seeds_3", "sample_sa_solver_pece", "dpm_fast_function",
+                    "dpm_adaptive_function"}
+
+
+def sampler_problem(sampler) -> str | None:
+    """The name of a sampler function that evaluates more than once per step, else None."""
+    fn = getattr(sampler, "sampler_function", None)
+    fn = getattr(fn, "func", fn)  # functools.partial
+    name = getattr(fn, "__name__", "")
+    return name if name in MULTI_EVALUATION else None
+
+
+def multi_evaluation_error(what: str, detail: str):
+    from .common import NodeInputError
+
+    return NodeInputError("sampler", f"{what} needs one model evaluation per step; {detail}",
+                          "pick euler, euler_ancestral, ddim, dpmpp_2m or lcm in KSamplerSelect")
 
 
 @dataclass
@@ -86,15 +106,28 @@ def view_guider_class():
         Subclasses implement :meth:`combine`; conds are set with ``inner_set_conds`` under
         any names (``positive``, ``negative``, ``positive_alt``...)."""
 
-        def __init__(self, model_patcher, specs: Sequence[ViewSpec] = (), what: str = "this guider"):
+        def __init__(self, model_patcher, specs: Sequence[ViewSpec] = (), what: str = "this guider",
+                     strict_steps: bool = False):
             clone, self.viewset = install_views(model_patcher, list(specs))
             super().__init__(clone)
-            self.clock = StepClock(what)
+            self.what, self.strict_steps = what, strict_steps
+            self.clock = StepClock(what, strict=strict_steps)
+
+        def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+            bad = sampler_problem(sampler) if self.strict_steps else None
+            if bad:
+                raise multi_evaluation_error(self.what, f"{bad[len('sample_'):] if bad.startswith('sample_') else bad}"
+                                                        " evaluates more than once")
+            self.clock.restart()
+            return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
             to = model_options.get("transformer_options", {})
             sigmas = to.get("sample_sigmas")
-            index = self.clock(sigmas, timestep[0]) if sigmas is not None else 0
+            try:
+                index = self.clock(sigmas, timestep[0]) if sigmas is not None else 0
+            except MultiEvaluationError:
+                raise multi_evaluation_error(self.what, "this sampler evaluated twice within one step") from None
             t = int(self.inner_model.model_sampling.timestep(timestep[:1])[0].round())
             return self.combine(GuideStep(self, x, timestep, model_options, index, t, seed))
 

@@ -275,6 +275,18 @@ def _text_parameters(clip) -> dict[str, torch.Tensor]:
     return {c: own[k] for c, k in keys.items()}
 
 
+class _CopyInput:
+    """Object patch for a LayerNorm's ``forward``: normalise a copy of the input.  ComfyUI's CLIP
+    layers add to the residual stream in place (``x += attn(norm(x))``), which would overwrite
+    the tensor the norm saved for backward; with a copy, autograd can differentiate the encoder."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, x, *args, **kwargs):
+        return self.forward(x.clone(), *args, **kwargs)
+
+
 @contextmanager
 def text_adapted(clip, weight_functions: Mapping[str, WeightFunction]) -> Iterator:
     """``encode(prompt)`` -> [1, 77, D], differentiable, through a clone of ``clip`` whose layers
@@ -300,6 +312,9 @@ def text_adapted(clip, weight_functions: Mapping[str, WeightFunction]) -> Iterat
         if leaf == "weight" and hasattr(fn, "output_delta"):
             clone.patcher.add_object_patch(f"{path}.forward", _OutputDispatch(owner, viewset, canonical))
         clone.patcher.add_weight_wrapper(key, _WeightDispatch(viewset, canonical if fn is not None else None, True))
+    for path, module in modules.items():
+        if isinstance(module, torch.nn.LayerNorm) and path.startswith(TEXT_KEY_PREFIX):
+            clone.patcher.add_object_patch(f"{path}.forward", _CopyInput(module.forward))
     comfy.model_management.load_models_gpu([clone.patcher], force_full_load=True)
     try:
         with viewset.activate(1):

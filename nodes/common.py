@@ -8,6 +8,7 @@ dialog and in the ``execution_error`` of the API.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -139,4 +140,19 @@ def next_free_path(root: Path, prefix: str, suffix: str) -> Path:
             continue
         os.close(fd)
         return path
+
+
+def parse_numbers(text: str, name: str, cast=float, low: float = -math.inf, high: float = math.inf,
+                  example: str = "0.5, 0.7, 0.9") -> list:
+    """Comma- (or semicolon-) separated numbers from a STRING widget, each in [low, high]."""
+    try:
+        values = [cast(float(v)) for v in str(text).replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise NodeInputError(name, f"'{text}' is not a list of numbers", f"write e.g. {example}") from None
+    if not values:
+        raise NodeInputError(name, "no value given", f"write e.g. {example}")
+    bad = [v for v in values if not low <= v <= high]
+    if bad:
+        raise NodeInputError(name, f"{bad[0]} is outside [{low:g}, {high:g}]", f"use values in [{low:g}, {high:g}]")
+    return values
 

@@ -34,6 +34,7 @@ from .common import (
     bchw_to_image,
     check_positive,
     image_to_bchw,
+    parse_numbers,
     save_output,
 )
 
@@ -305,13 +306,7 @@ def interpolate_conditioning(target, optimized, eta: float):
 
 
 def parse_etas(text: str) -> list[float]:
-    try:
-        etas = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise NodeInputError("etas", f"'{text}' is not a list of numbers", "write e.g. 0.7, 0.8, 0.9, 1.0") from None
-    if not etas:
-        raise NodeInputError("etas", "no eta given", "write e.g. 0.7, 0.8, 0.9, 1.0")
-    return etas
+    return parse_numbers(text, "etas", example="0.7, 0.8, 0.9, 1.0")
 
 
 class EtaSweep:

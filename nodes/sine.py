@@ -14,9 +14,11 @@ Both MODELs are views of one loaded model (``nodes.comfy_views``): one load per 
 
 from __future__ import annotations
 
+import torch
+
 from ..core.guidance import model_guidance, model_guidance_active
 from ..core.sine.positional import MODEL_CHANNELS, PositionalMap
-from .common import CATEGORY_ROOT, NodeInputError
+from .common import CATEGORY_ROOT, NodeInputError, parse_numbers
 
 CATEGORY = f"{CATEGORY_ROOT}/sine"
 
@@ -70,6 +72,12 @@ class PositionalMapNode:
     def run(self, model, mode):
         if not hasattr(model, "clone") or not hasattr(model, "model_options"):
             raise NodeInputError("model", f"expected a MODEL, got {type(model).__name__}", "connect a MODEL")
+        from .comfy_bridge import sd1_problem
+
+        problem = sd1_problem(model)
+        if problem:
+            raise NodeInputError("model", f"this is {problem}; F(v) is defined for SD 1.x's first block (320 "
+                                 "channels, trained on 64x64 latents)", "connect an SD 1.x MODEL fine-tuned on patches")
         if mode not in ("bilinear", "nearest"):
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use bilinear or nearest")
         if positional_patches(model):
@@ -98,7 +106,7 @@ def _model_guider_class():
 
                     spec = ViewSpec(spec.weight_functions, Features(input_map=maps[0].map))
                 specs.append(spec)
-            super().__init__(model, specs, what="SINE model guidance")
+            super().__init__(model, specs, what="SINE: Model-Based Guidance", strict_steps=True)
             self.weights, self.K = list(weights), int(K)
             self.set_cfg(w)
             self.calls = {"finetuned": 0}
@@ -145,9 +153,9 @@ class ModelGuidance:
             "v": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01,
                             "tooltip": "Weight of the pretrained prediction for t > K (paper: 0.7); the fine-tuned "
                                        "models share 1 - v."}),
-            "K": ("INT", {"default": 400, "min": -1, "max": 999, "tooltip": "Model-based guidance for timesteps "
-                                                                           "t > K (paper: 400; -1: every step, "
-                                                                           "999: never, i.e. plain CFG)."}),
+            "K": ("INT", {"default": 400, "min": 0, "max": 999, "tooltip": "Model-based guidance for timesteps "
+                                                                          "t > K (paper: 400; 0: every step but "
+                                                                          "t = 0, 999: never, i.e. plain CFG)."}),
         }, "optional": {
             "finetuned_model_2": ("MODEL", {"tooltip": "A second fine-tuned MODEL (multi-model guidance, e.g. "
                                                        "content and style)."}),
@@ -159,31 +167,135 @@ class ModelGuidance:
 
     def run(self, model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
             finetuned_model_2=None, finetune_positive_2=None, weight_2=0.0):
-        for name, m in (("model", model), ("finetuned_model", finetuned_model)):
-            if not hasattr(m, "is_clone"):
-                raise NodeInputError(name, f"expected a MODEL, got {type(m).__name__}", "connect a MODEL")
-        if not model.is_clone(finetuned_model):
-            raise NodeInputError("finetuned_model", "it is not a patched clone of the pretrained MODEL (another "
-                                 "checkpoint?)", "fine-tune the same MODEL that goes into 'model'")
-        finetuned, conds, weights = [finetuned_model], [finetune_positive], [1.0 - float(v)]
-        if finetuned_model_2 is not None:
-            if finetune_positive_2 is None:
-                raise NodeInputError("finetune_positive_2", "a second fine-tuned MODEL needs its fine-tune text",
-                                     "connect its CONDITIONING")
-            if not model.is_clone(finetuned_model_2):
-                raise NodeInputError("finetuned_model_2", "it is not a patched clone of the pretrained MODEL",
-                                     "fine-tune the same MODEL that goes into 'model'")
-            weights = [1.0 - float(v) - float(weight_2), float(weight_2)]
-            if weights[0] < 0:
-                raise NodeInputError("weight_2", f"v + weight_2 = {float(v) + float(weight_2):.2f} exceeds 1",
-                                     "lower weight_2 or v: the fine-tuned models share 1 - v")
-            finetuned.append(finetuned_model_2)
-            conds.append(finetune_positive_2)
-        guider = _model_guider_class()(model, finetuned, weights, float(cfg), int(K))
-        named = {"positive": positive, "negative": negative}
-        named.update({f"finetune_positive_{i}": c for i, c in enumerate(conds)})
-        guider.inner_set_conds(named)
-        return (guider,)
+        return (model_guider(model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
+                             finetuned_model_2, finetune_positive_2, weight_2),)
 
 
-NODES = [PositionalMapNode, ModelGuidance]
+def check_finetuned(model, finetuned, name: str) -> None:
+    if not hasattr(finetuned, "is_clone"):
+        raise NodeInputError(name, f"expected a MODEL, got {type(finetuned).__name__}", "connect a MODEL")
+    if model.is_clone(finetuned):
+        return
+    arch = [type(getattr(getattr(m, "model", None), "model_config", m)).__name__ for m in (model, finetuned)]
+    what = f"a {arch[1]} model while the pretrained MODEL is {arch[0]}" if arch[0] != arch[1] else \
+        "not a patched clone of the pretrained MODEL (another checkpoint file?)"
+    raise NodeInputError(name, f"it is {what}", "fine-tune (or load the LoRA onto) the same MODEL that goes into "
+                                                "'model'")
+
+
+def check_guidance_values(v: float, K: int, cfg: float) -> None:
+    if not 0.0 <= float(v) <= 1.0:
+        raise NodeInputError("v", f"v = {v} is outside [0, 1]", "use a weight in [0, 1] (paper: 0.7)")
+    if not 0 <= int(K) <= 999:
+        raise NodeInputError("K", f"K = {K} is outside [0, 999] (SD's timesteps)", "use 0..999 (paper: 400)")
+    if not float(cfg) >= 0.0:
+        raise NodeInputError("cfg", f"cfg = {cfg} is negative", "use a guidance scale >= 0 (paper: 7.5)")
+
+
+def model_guider(model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
+                 finetuned_model_2=None, finetune_positive_2=None, weight_2=0.0):
+    """The SINE GUIDER (eq. 3) after checking every input."""
+    if not hasattr(model, "is_clone"):
+        raise NodeInputError("model", f"expected a MODEL, got {type(model).__name__}", "connect a MODEL")
+    check_finetuned(model, finetuned_model, "finetuned_model")
+    check_guidance_values(v, K, cfg)
+    finetuned, conds, weights = [finetuned_model], [finetune_positive], [1.0 - float(v)]
+    if finetuned_model_2 is not None:
+        if finetune_positive_2 is None:
+            raise NodeInputError("finetune_positive_2", "a second fine-tuned MODEL needs its fine-tune text",
+                                 "connect its CONDITIONING")
+        check_finetuned(model, finetuned_model_2, "finetuned_model_2")
+        if not 0.0 <= float(weight_2) <= 1.0:
+            raise NodeInputError("weight_2", f"weight_2 = {weight_2} is outside [0, 1]", "use 0..1 - v")
+        weights = [1.0 - float(v) - float(weight_2), float(weight_2)]
+        if weights[0] < 0:
+            raise NodeInputError("weight_2", f"v + weight_2 = {float(v) + float(weight_2):.2f} exceeds 1",
+                                 "lower weight_2 or v: the fine-tuned models share 1 - v")
+        finetuned.append(finetuned_model_2)
+        conds.append(finetune_positive_2)
+    guider = _model_guider_class()(model, finetuned, weights, float(cfg), int(K))
+    named = {"positive": positive, "negative": negative}
+    named.update({f"finetune_positive_{i}": c for i, c in enumerate(conds)})
+    guider.inner_set_conds(named)
+    return guider
+
+
+class GuidanceSweep:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_GuidanceSweep", "SINE: Guidance Sweep (K x v)", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("latents", "labels")
+    OUTPUT_TOOLTIPS = ("One latent per (K, v), K-major (row by row: the first K with every v, then the next K), all "
+                       "from the same noise; decode with VAE Decode.", "The (K, v) of each latent, in order.")
+    DESCRIPTION = ("Samples SINE model-based guidance (eq. 3) once per pair of K and v from one noise, as the paper's "
+                   "Figs. 7, 8 and 19-21, so the trade-off between fidelity to the image (low v, low K) and to the "
+                   "edit text can be picked by eye. Uses ComfyUI's samplers (one evaluation per step: euler, ddim, "
+                   "dpmpp_2m...).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The pretrained SD 1.x MODEL."}),
+            "finetuned_model": ("MODEL", {"tooltip": "The fine-tuned MODEL (through SINE: Positional Map if it was "
+                                                     "trained on patches)."}),
+            "positive": ("CONDITIONING", {"tooltip": "The target text c (pretrained CLIP)."}),
+            "finetune_positive": ("CONDITIONING", {"tooltip": "The fine-tune text c^ (fine-tuned CLIP if any)."}),
+            "negative": ("CONDITIONING", {"tooltip": "The unconditional / negative text (usually empty)."}),
+            "latent_image": ("LATENT", {"tooltip": "Size of the outputs (Empty Latent Image; any size); only the "
+                                                   "first latent of a batch is used."}),
+            "K_values": ("STRING", {"default": "200, 400, 600", "tooltip": "Comma-separated K (0..999): model-based "
+                                                                          "guidance for t > K."}),
+            "v_values": ("STRING", {"default": "0.5, 0.6, 0.7, 0.8", "tooltip": "Comma-separated v (0..1): the "
+                                                                               "pretrained weight for t > K."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "One seed (one noise) for every pair."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "Sampling steps (official: DDIM 100)."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Guidance scale w."}),
+            "sampler_name": (_sampler_names(), {"default": "ddim", "tooltip": "ComfyUI sampler (one evaluation "
+                                                                              "per step)."}),
+            "scheduler": (_scheduler_names(), {"default": "ddim_uniform", "tooltip": "ComfyUI scheduler."}),
+        }}
+
+    def run(self, model, finetuned_model, positive, finetune_positive, negative, latent_image, K_values, v_values,
+            seed, steps, cfg, sampler_name, scheduler):
+        from . import comfy_bridge as bridge
+
+        Ks = parse_numbers(K_values, "K_values", int, 0, 999, "200, 400, 600")
+        vs = parse_numbers(v_values, "v_values", float, 0.0, 1.0, "0.5, 0.7, 0.9")
+        if int(steps) < 1:
+            raise NodeInputError("steps", f"steps = {steps}", "use at least 1 step")
+        if not isinstance(latent_image, dict) or "samples" not in latent_image:
+            raise NodeInputError("latent_image", "expected a LATENT", "connect Empty Latent Image")
+        first = {"samples": latent_image["samples"][:1]}
+        noise = bridge.prepare_noise(first["samples"], int(seed))
+        pairs = [(k, v) for k in Ks for v in vs]
+        total = len(pairs) * int(steps)
+        progress = bridge.Progress(total)
+        outs = []
+        for n, (k, v) in enumerate(pairs):
+            guider = model_guider(model, finetuned_model, positive, finetune_positive, negative, cfg, v, k)
+
+            def callback(step, x0, x, count, n=n):
+                progress(n * int(steps) + step + 1, total)
+
+            outs.append(bridge.guider_sample(guider, first, int(seed), int(steps), sampler_name, scheduler, noise,
+                                             callback))
+        labels = "\n".join(f"{i}: K={k} v={v:g}" for i, (k, v) in enumerate(pairs))
+        return ({"samples": torch.cat(outs)}, labels)
+
+
+def _sampler_names():
+    from .comfy_bridge import sampler_names
+
+    return sampler_names()
+
+
+def _scheduler_names():
+    from .comfy_bridge import scheduler_names
+
+    return scheduler_names()
+
+
+NODES = [PositionalMapNode, ModelGuidance, GuidanceSweep]

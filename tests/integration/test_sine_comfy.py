@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent("""
 
         # one euler step at cfg 1: the output is the mixed x0 itself
         loads.clear()
-        guider = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 1.0, 0.7, -1)[0]
+        guider = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 1.0, 0.7, 0)[0]
         got = run(guider, 1)
         out["loads"] = len(loads)
         out["clip_loaded"] = any(l.model is clip.patcher for l in mm.current_loaded_models)
@@ -70,7 +70,7 @@ SCRIPT = textwrap.dedent("""
         out["ft_effect"] = rel(tuned, base)
 
         # multi-model: b_2 = 0.2 out of 1 - v
-        g2 = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 1.0, 0.5, -1, ft2, ft_c, 0.2)[0]
+        g2 = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 1.0, 0.5, 0, ft2, ft_c, 0.2)[0]
         out["multi"] = rel(run(g2, 1), 0.5 * base + 0.3 * tuned + 0.2 * plain(ft2, ft_c, neg, 1.0))
 
         # K = 999 is plain CFG on the pretrained model, and the fine-tuned model never runs
