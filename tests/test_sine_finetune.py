@@ -196,3 +196,132 @@ def test_config_checks_and_cancel(tiny_model, image, cond):
     with pytest.raises(Interrupted):
         finetune_sine(tiny_model, image, cond, SineFineTuneConfig(steps=5, patches=True, patch=PATCH),
                       should_stop=lambda: True)
+
+
+class PooledLatents:
+    """The tiny SD model with a fixed 8x8 average-pool "encoder": the random tiny VAE maps every colour to
+    nearly the same latent, so a position-dependent image would not give position-dependent latents."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode(self, image):
+        x = torch.nn.functional.avg_pool2d(image.float() * 2 - 1, 8)  # [B, 3, H/8, W/8] in [-1, 1]
+        return torch.cat([x, x.mean(1, keepdim=True)], 1)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_patch_finetuning_learns_where_each_patch_sits(tiny_model, cond):
+    """Top half white, bottom half black: at high noise only F(v) tells a crop's colour, so after patch fine-tuning
+    the loss at held-out crops is lower with their true box than with the point-mirrored box (opposite colour)."""
+    model = PooledLatents(tiny_model)
+    img = torch.zeros(1, 3, 128, 128)
+    img[:, :, :64] = 1.0
+    tuned = finetune_sine(model, img, cond, SineFineTuneConfig(steps=800, lr=2e-3, patches=True, patch=PATCH, seed=0))
+    sampler, gen, draw = PatchSampler(img, PATCH), torch.Generator().manual_seed(999), NoiseDraw(12345)
+    pmap, grid = PositionalMap(32, PATCH.grid), PATCH.grid
+    true, mirrored, base = [], [], []
+    with torch.no_grad(), tiny_model.adapted(tuned.weight_functions()) as m:
+        for k in range(48):  # held-out boxes: another generator than training's
+            crop, box = sampler(1, gen)
+            z0 = model.encode(crop)
+            _, eps = draw(z0)
+            t = torch.tensor([950 if k % 2 else 990])
+            other = box.clone()
+            other[:, 0], other[:, 1] = grid - box[:, 0] - box[:, 2], grid - box[:, 1] - box[:, 3]
+            true.append(denoising_loss(m, z0, cond, t, eps, features=Features(pmap, box)).item())
+            mirrored.append(denoising_loss(m, z0, cond, t, eps, features=Features(pmap, other)).item())
+    with torch.no_grad():
+        gen.manual_seed(999)
+        draw = NoiseDraw(12345)
+        for k in range(48):
+            crop, box = sampler(1, gen)
+            z0 = model.encode(crop)
+            _, eps = draw(z0)
+            t = torch.tensor([950 if k % 2 else 990])
+            base.append(denoising_loss(tiny_model, z0, cond, t, eps, features=Features(pmap, box)).item())
+    print(f"held-out crops at t 950/990: base {np.mean(base):.4f}, true box {np.mean(true):.4f}, "
+          f"mirrored box {np.mean(mirrored):.4f}")
+    assert np.mean(true) < np.mean(base), (np.mean(true), np.mean(base))
+    assert np.mean(true) < np.mean(mirrored), (np.mean(true), np.mean(mirrored))
+
+
+def test_edit_step_is_eq3_from_separate_model_calls_and_counts_the_finetuned_pass(tiny_model, cond, tuned,
+                                                                                   monkeypatch):
+    """Each step of core.sine.edit equals eq. 3 computed from separate calls (pretrained model alone; the
+    fine-tuned model alone, with F(v) of the whole grid), to 1e-5; the fine-tuned model runs exactly once per
+    step with t > K and never otherwise."""
+    from core.diffusion import timesteps
+    from core.guidance import model_guidance
+    from core.sampling import ddim_loop
+
+    u = tiny_model.encode_text([""])
+    c = tiny_model.encode_text(["a photo of a sks cup on a table"])
+    w, v, K, steps, seed = 7.5, 0.7, 400, 6, 5
+    count = Counter(tiny_model.unet)
+    try:
+        got = edit(tiny_model, tuned, c, cond, u, (1, 4, 8, 8), steps=steps, w=w, v=v, K=K, seed=seed)
+        calls = count.n
+    finally:
+        count.handle.remove()
+    ts = [int(t) for t in timesteps(1000, steps, "leading", steps_offset=1)]
+    assert calls == steps + sum(1 for t in ts if t > K) and any(t <= K for t in ts)
+
+    pmap = Features(input_map=PositionalMap(tuned.channels, tuned.grid_size))
+
+    def separate(x, tt, i):
+        e_u, e_c = tiny_model.eps(x, tt, u), tiny_model.eps(x, tt, c)
+        if int(tt[0]) <= K:
+            return e_u + w * (e_c - e_u)
+        with tiny_model.adapted(tuned.weight_functions()) as ft:
+            e_hat = ft.eps(x, tt, cond, pmap)
+        return e_u + w * (v * e_c + (1 - v) * e_hat - e_u)
+
+    import sys
+
+    edit_module = sys.modules["core.sine.edit"]  # the package re-exports the function under the same name
+    seen = []  # (x, t, eps) of every step of a real edit run
+
+    def recording(rule, x, *args, **kwargs):
+        def rule_and_record(x, tt, i):
+            e = rule(x, tt, i)
+            seen.append((x.clone(), tt.clone(), e.clone()))
+            return e
+
+        return ddim_loop(rule_and_record, x, *args, **kwargs)
+
+    monkeypatch.setattr(edit_module, "ddim_loop", recording)
+    again = edit(tiny_model, tuned, c, cond, u, (1, 4, 8, 8), steps=steps, w=w, v=v, K=K, seed=seed)
+    assert torch.equal(again, got) and [int(tt[0]) for _, tt, _ in seen] == ts
+    for i, (x, tt, e) in enumerate(seen):  # eq. 3 for t > K, plain CFG for t <= K, from separate calls
+        with torch.no_grad():
+            ref = separate(x, tt, i)
+        assert float((e - ref).abs().max() / ref.abs().max()) < 1e-5, int(tt[0])
+    # and the rule itself: core.guidance.model_guidance is the same formula
+    gen = torch.Generator().manual_seed(0)
+    a, b, e = (torch.randn(2, 3, generator=gen) for _ in range(3))
+    torch.testing.assert_close(model_guidance(a, b, [e], [1 - v], w, 500, K), a + w * (v * b + (1 - v) * e - a))
+    torch.testing.assert_close(model_guidance(a, b, [e], [1 - v], w, 300, K), a + w * (b - a))
+
+
+def test_text_encoder_training_on_the_tiny_model(tiny_model, image, tmp_path):
+    """The official code trains the text encoder too: a second delta (text_encoders.clip_l.transformer.*),
+    the encoder itself untouched, the adapted encoding different, and the file keeps both deltas."""
+    before = {k: v.clone() for k, v in tiny_model.text_parameters().items()}
+    prompt = "a photo of a sks cup"
+    for mode in ("lora", "full"):
+        res = finetune_sine(tiny_model, image[..., :64, :64], None,
+                            SineFineTuneConfig(mode=mode, steps=3, lr=1e-3, train_text_encoder=True), prompt=prompt)
+        assert res.text_delta and all(k.startswith("text_encoders.clip_l.transformer.text_model.encoder.")
+                                      or k.startswith("text_encoders.clip_l.transformer.text_model.final_layer_norm")
+                                      for k in res.text_delta)
+        assert all(torch.equal(before[k], v) for k, v in tiny_model.text_parameters().items())
+        with torch.no_grad(), tiny_model.text_adapted(res.text_weight_functions()) as encode:
+            adapted = encode(prompt)
+        assert (adapted - tiny_model.encode_text([prompt])).abs().max() > 1e-6
+        back, _ = load_sine(save_sine(res, prompt, tmp_path / f"{mode}.safetensors"))
+        assert set(back.text_deltas) == set(res.text_deltas) and set(back.deltas) == set(res.deltas)
+    with pytest.raises(ValueError, match="prompt"):
+        finetune_sine(tiny_model, image, None, SineFineTuneConfig(steps=1, train_text_encoder=True))

@@ -1,0 +1,76 @@
+"""SINE node checks that need no ComfyUI (the nodes themselves run in tests/integration/test_sine_*_comfy.py):
+bad inputs are refused before anything loads, with the input named."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import load_pack
+
+PACK = load_pack()
+N = PACK.NODE_CLASS_MAPPINGS
+NodeInputError = sys.modules[PACK.__name__ + ".nodes.common"].NodeInputError
+
+
+class SD15:
+    unet_config = {"context_dim": 768, "in_channels": 4, "model_channels": 320}
+
+
+class SDXL:
+    unet_config = {"context_dim": 2048, "in_channels": 4, "adm_in_channels": 2816, "model_channels": 320}
+
+
+def fake_model(config, family: str = "a"):
+    m = SimpleNamespace(model=SimpleNamespace(model_config=config(), model_type=SimpleNamespace(name="EPS")),
+                        model_options={}, patches={}, family=family)
+    m.clone = lambda: fake_model(config, family)
+    m.is_clone = lambda other: getattr(other, "family", None) == family
+    return m
+
+
+def named(call) -> str:
+    with pytest.raises(NodeInputError) as e:
+        call()
+    return e.value.input_name
+
+
+def test_positional_map_is_refused_on_a_model_that_is_not_sd1():
+    assert named(lambda: N["SIE_PositionalMap"]().run(fake_model(SDXL), "bilinear")) == "model"
+    assert named(lambda: N["SIE_PositionalMap"]().run("not a model", "bilinear")) == "model"
+    assert named(lambda: N["SIE_PositionalMap"]().run(fake_model(SD15), "bicubic")) == "mode"
+
+
+def test_model_guidance_names_each_bad_input():
+    base, same = fake_model(SD15), fake_model(SD15)
+    run = N["SIE_ModelGuidance"]().run
+    with pytest.raises(NodeInputError, match="SDXL model while the pretrained MODEL is SD15"):
+        run(base, fake_model(SDXL, "b"), [], [], [], 7.5, 0.7, 400)
+    assert named(lambda: run(base, fake_model(SD15, "b"), [], [], [], 7.5, 0.7, 400)) == "finetuned_model"
+    assert named(lambda: run(base, same, [], [], [], 7.5, 1.5, 400)) == "v"
+    assert named(lambda: run(base, same, [], [], [], 7.5, -0.1, 400)) == "v"
+    assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 1000)) == "K"
+    assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, -1)) == "K"
+    assert named(lambda: run(base, same, [], [], [], -1.0, 0.7, 400)) == "cfg"
+    assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 400, same, None, 0.2)) == "finetune_positive_2"
+    assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 400, fake_model(SD15, "c"), [], 0.2)) \
+        == "finetuned_model_2"
+    assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 400, same, [], 0.5)) == "weight_2"
+
+
+def test_guidance_sweep_and_recipe_check_their_values():
+    sweep = N["SIE_GuidanceSweep"]().run
+    base = fake_model(SD15)
+    latent = {"samples": None}
+    assert named(lambda: sweep(base, base, [], [], [], latent, "400, 1200", "0.7", 0, 10, 7.5, "ddim",
+                               "ddim_uniform")) == "K_values"
+    assert named(lambda: sweep(base, base, [], [], [], latent, "400", "0.7, x", 0, 10, 7.5, "ddim",
+                               "ddim_uniform")) == "v_values"
+    assert named(lambda: sweep(base, base, [], [], [], latent, "400", "", 0, 10, 7.5, "ddim",
+                               "ddim_uniform")) == "v_values"
+    assert named(lambda: N["SIE_SineRecipe"]().run("  ", False, False, 0.0, 0.0, 0.0)) == "prompt"
+    recipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", True, True, 1.0, 0.1, 0.0)[0]
+    assert recipe.patches and recipe.train_text_encoder and recipe.pooled_x0_weight == 1.0
+    assert named(lambda: N["SIE_SaveSine"]().run("not trained", "sine")) == "trained"
