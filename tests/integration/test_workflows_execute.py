@@ -36,6 +36,9 @@ IMAGES = REPO / "core" / "sinddm" / "data"
 CLIP_FILE = "open_clip_vit_b32.safetensors"
 
 SINDDM_TRAIN = {"SIE_SinDDMTrain": {"steps": 20, "width": 8, "batch_size": 2, "preview_every": 10}}
+SINE_SMALL = {"CheckpointLoaderSimple": {"ckpt_name": "random_sd15.safetensors"}, "ImageScale": {"width": 64, "height": 64},
+              "EmptyLatentImage": {"width": 64, "height": 64}, "SIE_FineTune": {"steps": 2},
+              "BasicScheduler": {"steps": 2}}
 # workflow -> {node class: {input: value}}; then the expected SaveImage outputs {filename_prefix: (count, W, H)}
 OVERRIDES = {
     "sinddm_random_samples": {**SINDDM_TRAIN, "SIE_SinDDMSample": {"count": 1}},
@@ -56,6 +59,10 @@ OVERRIDES = {
         "KSampler": {"steps": 2},
         "SIE_EtaSweep": {"steps": 2, "etas": "0.5, 1.0"},
     },
+    "sine_edit": {**SINE_SMALL, "SIE_GuidanceSweep": {"steps": 2, "K_values": "400", "v_values": "0.5, 0.9"}},
+    "sine_any_resolution": {**SINE_SMALL, "SIE_FineTune": {"steps": 1},  # one step on a 512 crop (patches)
+                            "EmptyLatentImage": {"width": 96, "height": 64}},
+    "sine_multi_model": SINE_SMALL,
 }
 EXPECTED = {
     "sinddm_random_samples": {"sinddm/samples": (1, 250, 200), "sinddm/wide": (1, 500, 200),
@@ -68,6 +75,11 @@ EXPECTED = {
     "sinddm_text_style": {"sinddm/text_style_trans": (1, 250, 200)},
     "imagic": {"imagic/edit": (1, 64, 64), "imagic/eta_sweep": (2, 64, 64), "imagic/embedding_loss": (1, 640, 320),
                "imagic/finetune_loss": (1, 640, 320)},
+    "sine_edit": {"sine/edit": (1, 64, 64), "sine/sweep": (2, 64, 64), "sine/edit_loss": (1, 640, 320)},
+    "sine_any_resolution": {"sine/wide_1024x768": (1, 96, 64), "sine/wide_1024x512": (1, 96, 64),
+                            "sine/patches_loss": (1, 640, 320)},
+    "sine_multi_model": {"sine/multi_model": (1, 64, 64), "sine/content_loss": (1, 640, 320),
+                         "sine/style_loss": (1, 640, 320)},
 }
 
 
