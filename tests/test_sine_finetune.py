@@ -183,6 +183,21 @@ def test_cli_finetune_then_edit_end_to_end(tmp_path):
                           "--target", "x", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+    bad_v = subprocess.run([sys.executable, "-m", "core.sine", "edit", *common, "--tuned", str(tuned),
+                            "--target", "x", "--v", "1.5", "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert bad_v.returncode == 2 and "--v" in bad_v.stderr, bad_v.stderr[-2000:]
+    # the official variant: the text encoder trained too; edit encodes c^ through it
+    te = tmp_path / "te.safetensors"
+    run = subprocess.run([sys.executable, "-m", "core.sine", "finetune", *common, "--image", str(IMAGE),
+                          "--prompt", "a photo of a sks cup", "--out", str(te), "--train-text-encoder", "--steps", "2",
+                          "--size", "64"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and "text encoder" in run.stdout, run.stderr[-3000:]
+    assert load_sine(te)[0].text_deltas
+    run = subprocess.run([sys.executable, "-m", "core.sine", "edit", *common, "--tuned", str(te), "--target", "x",
+                          "--steps", "2", "--width", "64", "--height", "64", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_config_checks_and_cancel(tiny_model, image, cond):

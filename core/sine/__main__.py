@@ -16,6 +16,8 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from .. import cli
 
 
@@ -43,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--size", type=cli.positive_int, default=512,
                    help="working size (multiple of 8): the square image, or with --patches the crop size "
                         "(crops come from the image resized to 2 x size)")
+    f.add_argument("--train-text-encoder", action="store_true",
+                   help="also train the text encoder (the official code; the paper does not say)")
     f.add_argument("--pooled-x0-weight", type=float, default=0.0,
                    help="weight of the official patch code's pooled x0 L1 term (paper: 0)")
     e = sub.add_parser("edit", help="edit with model-based classifier-free guidance (eq. 3)")
@@ -89,7 +93,8 @@ def finetune_command(ap, a) -> None:
         config = SineFineTuneConfig(mode=a.mode, steps=a.steps, lr=a.lr, lora=LoRAConfig(a.rank, float(a.rank)),
                                     patches=a.patches, patch=PatchConfig(high_resolution=2 * a.size, size=a.size),
                                     pooled_x0_weight=a.pooled_x0_weight, size=a.size, seed=a.seed,
-                                    gradient_checkpointing=device.type == "cuda")
+                                    gradient_checkpointing=device.type == "cuda",
+                                    train_text_encoder=a.train_text_encoder)
     check_checkpoint(a.checkpoint, a.config_dir)
     model = _load(a, device)
     img = pil_to_tensor(image)[None] if a.patches else load_image(image, a.size)
@@ -99,8 +104,10 @@ def finetune_command(ap, a) -> None:
         if i % every == 0 or i == n:
             print(f"step {i}/{n} loss {info['loss']:.4f}")
 
-    tuned = finetune_sine(model, img, model.encode_text([a.prompt]), config, on_step=report)
-    print(f"fine-tuned ({a.mode}{', patches' if a.patches else ''}) in {tuned.seconds:.1f} s")
+    cond = None if a.train_text_encoder else model.encode_text([a.prompt])
+    tuned = finetune_sine(model, img, cond, config, on_step=report, prompt=a.prompt)
+    extra = (", patches" if a.patches else "") + (", text encoder" if a.train_text_encoder else "")
+    print(f"fine-tuned ({a.mode}{extra}) in {tuned.seconds:.1f} s")
     print(f"saved the tuned delta to {save_sine(tuned, a.prompt, a.out)}")
 
 
@@ -113,6 +120,10 @@ def edit_command(ap, a) -> None:
 
     if a.width % 8 or a.height % 8:
         ap.error("--width and --height must be multiples of 8")
+    if not 0.0 <= a.v <= 1.0:
+        raise cli.CLIError("--v", f"{a.v} is outside [0, 1]", "use a weight in [0, 1] (paper: 0.7)")
+    if not 0 <= a.K <= 999:
+        raise cli.CLIError("--K", f"{a.K} is outside [0, 999]", "use a timestep in 0..999 (paper: 400)")
     out = cli.check_image_output(a.out, "--out")
     device = cli.device(a.device)
     tuned, prompt = load_sine(a.tuned)
@@ -123,6 +134,9 @@ def edit_command(ap, a) -> None:
     check_checkpoint(a.checkpoint, a.config_dir)
     model = _load(a, device)
     c, c_hat, u = (model.encode_text([p]) for p in (a.target, finetune_prompt, ""))
+    if tuned.text_deltas:  # c^ through the fine-tuned text encoder, as the official sampler
+        with torch.no_grad(), model.text_adapted(tuned.text_weight_functions()) as encode:
+            c_hat = encode(finetune_prompt)
     latent = edit(model, tuned, c, c_hat, u, (1, 4, a.height // 8, a.width // 8), a.steps, a.cfg, a.v, a.K, a.seed)
     atomic_write_image(tensor_to_pil(model.decode(latent)[0]), out)
     print(f"wrote {out} (v {a.v:g}, K {a.K}, {'with' if tuned.positional else 'without'} positional map)")
