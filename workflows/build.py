@@ -548,16 +548,16 @@ def sine_inputs(g: Graph, image: str = "coffee_250x200.png"):
 def sine_finetune(g: Graph, ckpt: Node, image: Node, prompt: str, patches: bool, steps: int, title: str,
                   prefix: str) -> tuple[Node, Node]:
     """Recipe -> shared fine-tune node -> the fine-tune prompt through the node's CLIP output."""
-    c_hat = g.add("CLIPTextEncode", title=f"Fine-tune prompt c^ ({title})", clip=ckpt.out(1), text=prompt)
-    recipe = g.add("SIE_SineRecipe", title=f"SINE recipe ({title})", prompt=prompt, patches=patches,
+    c_hat = g.add("CLIPTextEncode", title=f"c^ ({title})", clip=ckpt.out(1), text=prompt)
+    recipe = g.add("SIE_SineRecipe", title=f"Recipe ({title})", prompt=prompt, patches=patches,
                    train_text_encoder=False, pooled_x0_weight=0.0, whole_fraction=0.0, text_learning_rate=0.0)
     ft = g.add("SIE_FineTune", title=f"Fine-tune ({title})", model=ckpt.out(0), vae=ckpt.out(2), image=image.out(0),
                conditioning=c_hat.out(0), mode="lora", steps=steps, learning_rate=0.0, rank=8, seed=0,
                recipe=recipe.out(0), clip=ckpt.out(1))
-    g.add("SaveImage", title=f"Fine-tuning loss ({title})", images=ft.out(1), filename_prefix=f"{prefix}_loss")
+    g.add("SaveImage", title=f"Loss ({title})", images=ft.out(1), filename_prefix=f"{prefix}_loss")
     g.add("SIE_SaveSine", trained=ft.out(2), filename_prefix=prefix)
     # c^ through the fine-tuned CLIP (the input CLIP unless the recipe trains the text encoder)
-    c_hat_ft = g.add("CLIPTextEncode", title=f"c^ through the fine-tuned CLIP ({title})", clip=ft.out(3), text=prompt)
+    c_hat_ft = g.add("CLIPTextEncode", title=f"c^, tuned CLIP ({title})", clip=ft.out(3), text=prompt)
     return ft, c_hat_ft
 
 
@@ -596,7 +596,7 @@ def sine_edit() -> Graph:
                   K_values="200, 400, 600", v_values="0.5, 0.7, 0.9", seed=0, steps=100, cfg=7.5, sampler_name="ddim",
                   scheduler="ddim_uniform")
     dec = g.add("VAEDecode", samples=sweep.out(0), vae=ckpt.out(2))
-    g.add("SaveImage", title="Sweep (rows K 200/400/600, columns v 0.5/0.7/0.9)", images=dec.out(0),
+    g.add("SaveImage", title="Sweep (K rows, v columns)", images=dec.out(0),
           filename_prefix="sine/sweep")
     return g
 
