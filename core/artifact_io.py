@@ -22,6 +22,7 @@ FORMAT_NAMES = {
     "sie.trained": "an Imagic edit (Save Trained)",
     "sie.sinddm": "a SinDDM model",
     "sie.sine": "a SINE fine-tune",
+    "sie.layerdiffusion": "a LayerDiffusion edit",
 }
 
 

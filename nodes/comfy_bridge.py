@@ -33,6 +33,7 @@ MODEL_FOLDERS = {
     "sie_trained": (os.path.join("single_image_edit", "trained"), {".safetensors"}),
     "sie_sine": (os.path.join("single_image_edit", "sine"), {".safetensors"}),  # not for Load LoRA: F(v) flag
     "open_clip": ("open_clip", {".safetensors", ".bin", ".pt", ".pth"}),
+    "sams": ("sams", {".safetensors", ".pth", ".pt"}),  # Segment Anything (shared with other packs)
 }
 # Folders of ours that ComfyUI's own loaders should also list (name -> ComfyUI folder name)
 ALSO_REGISTER = {"sie_trained": "loras"}

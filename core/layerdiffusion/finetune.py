@@ -1,0 +1,147 @@
+"""LayerDiffusion stage 2: layered diffusion fine-tuning at the frozen e_opt (Li et al. 2023, §3.2.2, eqs. 4-6).
+
+    L_obj = E || M_t * (eps - f_theta(x_t, t, e_opt)) ||^2                 (4)
+    L_bg  = E || (1 - M_r) * (eps - f_theta(x_t, t, e_opt)) ||^2           (5)
+    L     = lambda_1 L_obj + lambda_2 L_bg,   lambda_1 = 2, lambda_2 = 1   (6)
+
+(lambda_1 = 3 "for smaller foreground objects", §4.3.)  lr 2e-6 on the full UNet, 250 steps (§3.3);
+both terms are :class:`core.fit.Term` s, one loss curve each ("obj", "bg"); a lambda of 0 gives the
+ablations of Table 1 (a), (b).
+
+**Which latent each term's x_t comes from (the paper does not say; methods.md §4.2).**  Default:
+L_obj on the *input image* (``object_source="image"``): the subject whose "unique characteristics"
+the method preserves is the input image's; L_bg on the *reference image*
+(``background_source="reference"``): the edit should make "the edited image as close as possible
+to the reference background image" (§4.2).  A pixel mask only means something on the image whose
+latent it multiplies, so ``mask_t`` is the object mask *of the image L_obj uses* (the paper takes
+M_t from O_t, an SD-generated target image; with the default that is the input image's mask) and
+``mask_r`` is the object mask of the image L_bg uses.  Either source can be switched
+(``"image"`` / ``"reference"``), e.g. both terms on the input image when the reference is a
+foreground reference or when only the object is edited in its own scene.  Both terms share each
+step's (t, eps) draw and run as one batch-2 call (:class:`.masks.SharedDraw`).
+
+Modes, as :mod:`core.imagic.finetune` (same helpers, same delta layout, :func:`core.lora.trained_delta`):
+``"lora"`` (default, the pack's rule for memory: LoRA on every UNet conv/linear weight, lr 1e-4 as
+Imagic's LoRA default) and ``"full"`` (the paper: every UNet parameter, lr 2e-6, as a float32 copy).
+The base model is never modified; the result is a delta in ComfyUI's LoRA-file layout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
+from ..lora import LoRAConfig, trainable_functions, trained_delta
+from ..losses import NoiseDraw
+from ..seam import DeltaFunction, Denoiser, LatentDiffusion
+from ..seeds import derive_seed
+from .masks import REDUCTIONS, SharedDraw, background_mask, masked_eps_mse
+
+DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
+SOURCES = ("image", "reference")
+
+
+@dataclass(frozen=True)
+class LayeredFineTuneConfig:
+    mode: str = "lora"
+    steps: int = 250  # §3.3
+    lr: float | None = None  # None: DEFAULT_LR[mode] (full: the paper's 2e-6)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lambda_obj: float = 2.0  # lambda_1 (3 for small objects)
+    lambda_bg: float = 1.0  # lambda_2
+    object_source: str = "image"  # the latent L_obj noises
+    background_source: str = "reference"  # the latent L_bg noises
+    reduction: str = "image"  # :func:`.masks.masked_eps_mse`
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.mode not in DEFAULT_LR:
+            raise ValueError(f"mode must be 'lora' or 'full', got {self.mode!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (self.lambda_obj >= 0 and self.lambda_bg >= 0) or self.lambda_obj + self.lambda_bg == 0:
+            raise ValueError(f"lambda_obj and lambda_bg must be >= 0 and not both 0, got {self.lambda_obj}, "
+                             f"{self.lambda_bg}")
+        for name in ("object_source", "background_source"):
+            if getattr(self, name) not in SOURCES:
+                raise ValueError(f"{name} must be 'image' or 'reference', got {getattr(self, name)!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+    @property
+    def needs_reference(self) -> bool:
+        return "reference" in (self.object_source, self.background_source)
+
+
+@dataclass
+class LayeredFineTuneResult:
+    mode: str
+    delta: dict[str, torch.Tensor]  # ComfyUI LoRA-file layout (core.lora)
+    deltas: dict[str, torch.Tensor]  # {canonical parameter name: dense delta}
+    losses: list[float]  # lambda_1 L_obj + lambda_2 L_bg per step
+    terms: dict[str, list[float]]  # "obj", "bg": each term's (unweighted) value per step
+    seconds: float
+    trainable_parameters: int
+
+    def weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
+        """W -> W + strength * delta for every trained parameter (to apply through the seam)."""
+        return {name: DeltaFunction(d, strength) for name, d in self.deltas.items()}
+
+
+def layered_terms(model: Denoiser, obj_latent: torch.Tensor, bg_latent: torch.Tensor, e_opt: torch.Tensor,
+                  mask_t: torch.Tensor, mask_r: torch.Tensor, lambda_obj: float = 2.0, lambda_bg: float = 1.0,
+                  reduction: str = "image") -> tuple[list[Term], SharedDraw]:
+    """Eqs. 4-6 as two weighted terms on batches ``(t, eps)`` (both terms at the same draw), and
+    their shared predictor.  ``mask_r`` is the *object* mask of ``bg_latent``'s image: L_bg uses 1 - M_r."""
+    bg_mask = background_mask(mask_r, "M_r (reference object mask)")
+    draw = SharedDraw(model, torch.cat([obj_latent, bg_latent]), torch.cat([e_opt, e_opt]))
+    return [Term("obj", lambda b: masked_eps_mse(draw(b)[0:1], b[1], mask_t, reduction), lambda_obj),
+            Term("bg", lambda b: masked_eps_mse(draw(b)[1:2], b[1], bg_mask, reduction), lambda_bg)], draw
+
+
+def finetune_layered(model: LatentDiffusion, image_latent: torch.Tensor, reference_latent: torch.Tensor | None,
+                     e_opt: torch.Tensor, mask_t: torch.Tensor, mask_r: torch.Tensor,
+                     config: LayeredFineTuneConfig = LayeredFineTuneConfig(), on_step: OnStep | None = None,
+                     should_stop: ShouldStop | None = None) -> LayeredFineTuneResult:
+    """Fine-tune ``model`` (through weight functions; the base is untouched) on eq. 6 at ``e_opt`` [1, 77, D].
+
+    ``image_latent``, ``reference_latent``: model-space latents [1, 4, h, w] (the reference may be
+    None when neither source is "reference"); ``mask_t``, ``mask_r``: object masks [1, 1, h, w] on the
+    latent grid of the image their term uses (:func:`.masks.latent_mask`).
+    """
+    if config.needs_reference and reference_latent is None:
+        raise ValueError("this configuration computes a term on the reference image: give reference_latent")
+    device = torch.device(model.device)
+    latents = {"image": image_latent, "reference": reference_latent if reference_latent is not None else image_latent}
+    latents = {k: v.detach().to(device, torch.float32) for k, v in latents.items()}
+    obj, bg = latents[config.object_source], latents[config.background_source]
+    if obj.shape != bg.shape:
+        raise ValueError(f"the image and reference latents differ in shape: {tuple(obj.shape)} vs {tuple(bg.shape)}; "
+                         "resize both images to the same size")
+    e_opt = e_opt.detach().to(device, torch.float32)
+    mask_t, mask_r = (m.detach().to(device, torch.float32) for m in (mask_t, mask_r))
+    params = model.unet_parameters()
+    fns = trainable_functions(config.mode, params, config.lora, config.seed, device)
+    trainable = [p for fn in fns.values() for p in fn.parameters()]
+    noise = NoiseDraw(derive_seed(config.seed, 1), len(model.alphas_cumprod))
+    t0 = time.perf_counter()
+    with model.adapted(fns, config.gradient_checkpointing) as m:
+        terms, draw = layered_terms(m, obj, bg, e_opt, mask_t, mask_r, config.lambda_obj, config.lambda_bg,
+                                    config.reduction)
+        res = fit(trainable, lambda step: noise(obj), terms,
+                  FitConfig(config.steps, config.learning_rate, what="layered fine-tuning"), device,
+                  on_step=on_step, should_stop=should_stop)
+        draw.clear()
+    delta, deltas = trained_delta(config.mode, fns, params)
+    return LayeredFineTuneResult(config.mode, delta, deltas, res.losses, res.terms, time.perf_counter() - t0,
+                                 sum(p.numel() for p in trainable))

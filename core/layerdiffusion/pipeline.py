@@ -1,0 +1,135 @@
+"""LayerDiffusion end to end outside ComfyUI (Li et al. 2023): stages 1-3 on one image and a reference.
+
+(1) e_a, e_b (the encodings of the object text T_a and the background text T_b) optimised on the
+input image under its object mask (:mod:`.embedding`, eq. 2); (2) e_opt = alpha e^_a + (1 - alpha) e^_b
+(:mod:`.interpolate`, eq. 3); (3) the UNet fine-tuned at e_opt on L_obj + L_bg (:mod:`.finetune`,
+eqs. 4-6); (4) DDIM from noise with the iterative guidance of eq. 8 (:mod:`.guidance`).  The CLI
+is ``python -m core.layerdiffusion``.
+
+**Masks belong to images.**  ``mask_image`` is the object mask of the input image, ``mask_reference``
+the object mask of the reference (all zero for a pure background reference).  Stage 1's M is
+``mask_image``; stage 2's M_t is the object mask of the image L_obj is computed on, and its M_r the
+object mask of the image L_bg is computed on (with the default sources: ``mask_image`` and
+``mask_reference``).  Images and masks are brought to one square working size with the same
+geometry (shorter side resized, centre crop), masks then onto the latent grid by
+:func:`.masks.latent_mask`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..images import pil_to_tensor
+from ..seam import LatentDiffusion
+from .embedding import LayerEmbeddingConfig, LayerEmbeddings, optimize_layers
+from .finetune import LayeredFineTuneConfig, LayeredFineTuneResult, finetune_layered
+from .guidance import GuidanceConfig, iterative_sample
+from .interpolate import ALPHA, interpolate_layers
+from .masks import background_mask, latent_mask
+
+
+@dataclass
+class LayerDiffusionEdit:
+    e_a: torch.Tensor  # the encodings of T_a, T_b before stage 1
+    e_b: torch.Tensor
+    layers: LayerEmbeddings  # e^_a, e^_b
+    alpha: float
+    e_opt: torch.Tensor
+    tuned: LayeredFineTuneResult
+
+    def render(self, model: LatentDiffusion, shape: tuple[int, ...], config: GuidanceConfig = GuidanceConfig(),
+               seed: int = 0, trace: list[int] | None = None) -> torch.Tensor:
+        """Decoded image(s) [B, 3, H, W] in [0, 1]: eq. 8 with the fine-tuned model."""
+        uncond = model.encode_text([""])
+        with model.adapted(self.tuned.weight_functions()) as tuned:
+            latent = iterative_sample(tuned, self.layers.e_a, self.e_opt, uncond, shape, config, seed, trace=trace)
+        return model.decode(latent)
+
+
+def square(img: Image.Image, size: int, resample: int = Image.LANCZOS) -> Image.Image:
+    """Shorter side resized to ``size``, centre-cropped to size x size (the geometry of
+    :func:`core.imagic.pipeline.load_image`; masks use the same with a box filter)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image(image: str | Path | Image.Image, size: int) -> torch.Tensor:
+    """An RGB image (path or PIL) -> [1, 3, S, S] in [0, 1]."""
+    img = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
+    return pil_to_tensor(square(img, size))[None]
+
+
+def load_mask(mask: str | Path | Image.Image, size: int) -> torch.Tensor:
+    """A mask image (white = object; any mode, read as grey levels) -> [1, S, S] in [0, 1], with the
+    geometry of :func:`load_image` (box filter: each output pixel is its area's mean coverage)."""
+    img = (mask if isinstance(mask, Image.Image) else Image.open(mask)).convert("L")
+    return pil_to_tensor(square(img, size, Image.BOX))[:1]
+
+
+def prepare_masks(mask_image: torch.Tensor, mask_reference: torch.Tensor | None, latent_hw: tuple[int, int],
+                  emb_config: LayerEmbeddingConfig, ft_config: LayeredFineTuneConfig,
+                  image_hw: tuple[int, int] | None = None, reference_hw: tuple[int, int] | None = None,
+                  rule: str = "area") -> dict[str, torch.Tensor]:
+    """The latent masks every term needs, checked before any work: {"M": stage 1, "M_t", "M_r": stage 2}.
+
+    ValueErrors name the mask ("mask_image", "mask_reference"): a wrong size, an empty object mask,
+    no background left where a background term needs one.
+    """
+    m_img = latent_mask(mask_image, latent_hw, image_hw, "mask_image", rule)
+    if emb_config.reading == "separate":
+        background_mask(m_img, "mask_image (stage 1 trains e_b on the background)")
+    if mask_reference is None:
+        if ft_config.needs_reference:
+            raise ValueError("mask_reference: missing; the fine-tuning computes a term on the reference image")
+        m_ref = None
+    else:
+        m_ref = latent_mask(mask_reference, latent_hw, reference_hw, "mask_reference", rule, allow_empty=True)
+    by_source = {"image": m_img, "reference": m_ref}
+    m_t, m_r = by_source[ft_config.object_source], by_source[ft_config.background_source]
+    if ft_config.object_source == "reference" and not bool(m_t.any()):
+        raise ValueError("mask_reference: the mask is empty at the latent resolution, and L_obj uses it")
+    background_mask(m_r, "mask_image" if ft_config.background_source == "image" else "mask_reference")
+    return {"M": m_img, "M_t": m_t, "M_r": m_r}
+
+
+def edit(model: LatentDiffusion, image: torch.Tensor, reference: torch.Tensor | None, object_text: str,
+         background_text: str, mask_image: torch.Tensor, mask_reference: torch.Tensor | None,
+         emb_config: LayerEmbeddingConfig = LayerEmbeddingConfig(), alpha: float = ALPHA,
+         ft_config: LayeredFineTuneConfig = LayeredFineTuneConfig(), rule: str = "area",
+         log=print) -> LayerDiffusionEdit:
+    """Stages 1-2 (and eq. 3) for ``image``, ``reference`` [1, 3, H, W] in [0, 1] (same size) and pixel
+    masks [1, H, W] in [0, 1]."""
+    latent = model.encode(image)
+    ref_latent = model.encode(reference) if reference is not None else None
+    hw = tuple(latent.shape[-2:])
+    masks = prepare_masks(mask_image, mask_reference, hw, emb_config, ft_config, tuple(image.shape[-2:]),
+                          tuple(reference.shape[-2:]) if reference is not None else None, rule)
+    e_a, e_b = model.encode_text([object_text]), model.encode_text([background_text])
+
+    def progress(name):
+        def on_step(i, n, info):
+            if i == 1 or i % max(1, n // 10) == 0 or i == n:
+                terms = "  ".join(f"{k} {v:.4f}" for k, v in info["terms"].items())
+                log(f"  {name} {i}/{n}  loss {info['loss']:.4f}  ({terms})")
+        return on_step
+
+    t0 = time.perf_counter()
+    layers = optimize_layers(model, latent, e_a, e_b, masks["M"], emb_config, on_step=progress("embeddings"))
+    log(f"stage 1 (layered embeddings, {emb_config.reading}, {emb_config.steps} steps): "
+        f"{time.perf_counter() - t0:.1f} s")
+    e_opt = interpolate_layers(layers.e_a, layers.e_b, alpha)
+    t0 = time.perf_counter()
+    tuned = finetune_layered(model, latent, ref_latent, e_opt, masks["M_t"], masks["M_r"], ft_config,
+                             on_step=progress(f"fine-tune ({ft_config.mode})"))
+    log(f"stage 2 (layered fine-tune, {ft_config.steps} steps, {tuned.trainable_parameters:,} trainable): "
+        f"{time.perf_counter() - t0:.1f} s")
+    return LayerDiffusionEdit(e_a, e_b, layers, float(alpha), e_opt, tuned)
