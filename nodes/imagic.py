@@ -113,16 +113,19 @@ def image_latent(sd: bridge.ComfySD, image, name: str = "image") -> torch.Tensor
 
 # --------------------------------------------------------------------------------------
 class OptimizeEmbedding:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_OptimizeEmbedding", "Imagic: Optimize Text Embedding", ()
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_OptimizeEmbedding", "Optimize Text Embedding (Imagic / LayerDiffusion)", ()
     CATEGORY = CATEGORY
     FUNCTION = "run"
-    RETURN_TYPES = ("CONDITIONING", "IMAGE")
-    RETURN_NAMES = ("e_opt", "loss_curve")
-    OUTPUT_TOOLTIPS = ("The optimised embedding e_opt (same layout as the input conditioning).",
-                       "The reconstruction loss per step.")
-    DESCRIPTION = ("Imagic stage 1 (Kawar et al., CVPR 2023): with the model frozen, optimises the target text's "
-                   "embedding so that it reconstructs the image (eq. 2). SD ports: 500 steps at lr 0.001 (the paper: "
-                   "100 steps on Imagen). Feed e_opt to Imagic: Fine-Tune and Imagic: Interpolate Conditioning.")
+    RETURN_TYPES = ("CONDITIONING", "IMAGE", "CONDITIONING")
+    RETURN_NAMES = ("e_opt", "loss_curve", "e_b")
+    OUTPUT_TOOLTIPS = ("The optimised embedding (same layout as the input conditioning): Imagic's e_opt, or "
+                       "LayerDiffusion's e^_a.", "The loss per step.",
+                       "LayerDiffusion: the optimised background embedding e^_b (empty without conditioning_b).")
+    DESCRIPTION = ("One optimiser node for the pack's methods, the model frozen. Imagic stage 1 (Kawar et al., CVPR "
+                   "2023): optimises the target text's embedding so that it reconstructs the image (eq. 2); SD ports: "
+                   "500 steps at lr 0.001 (the paper: 100 steps on Imagen). With conditioning_b and mask, "
+                   "LayerDiffusion stage 1 (eq. 2 of Li et al. 2023): the object text's e_a and the background "
+                   "text's e_b optimised jointly under the image's object mask (paper: Adam lr 1e-3, 500 steps).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -137,12 +140,26 @@ class OptimizeEmbedding:
             "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
                                         "tooltip": "Adam learning rate (paper and ports: 0.001)."}),
             "seed": ("INT", {**SEED, "tooltip": "Seed of the timesteps and noise drawn at each step."}),
+        }, "optional": {
+            "conditioning_b": ("CONDITIONING", {"tooltip": "LayerDiffusion: the background text T_b, encoded; "
+                                                        "conditioning is then the object text T_a."}),
+            "mask": ("MASK", {"tooltip": "LayerDiffusion: the image's object mask M (e.g. Segment (SAM points / "
+                                         "box)); same size as the image."}),
+            "recipe": ("SIE_RECIPE", {"tooltip": "LayerDiffusion: Recipe (how [e_a, e_b] enters the UNet, the mask "
+                                                 "rule); empty: its defaults."}),
         }}
 
-    def run(self, model, vae, image, conditioning, steps, learning_rate, seed):
+    def run(self, model, vae, image, conditioning, steps, learning_rate, seed, conditioning_b=None, mask=None,
+            recipe=None):
         check_model(model)
         check_positive(steps, "steps")
         device = torch.device(bridge.torch_device())
+        if conditioning_b is not None or mask is not None:
+            return self.run_layered(model, vae, image, conditioning, steps, learning_rate, seed, conditioning_b,
+                                    mask, recipe, device)
+        if recipe is not None:
+            raise NodeInputError("recipe", "a recipe here is only for LayerDiffusion (with conditioning_b and mask)",
+                                 "disconnect it, or connect conditioning_b and mask")
         check_memory(model, image, "embedding", device, device.type == "cuda")
         progress = bridge.Progress(steps)
         try:
@@ -156,11 +173,41 @@ class OptimizeEmbedding:
         finally:
             bridge.free_memory()
         log.info("Imagic embedding: loss %.4f -> %.4f in %.1f s", res.losses[0], res.losses[-1], res.seconds)
-        return ([[res.e_opt.cpu(), opts]], curve(res.losses, "Imagic embedding optimisation loss"))
+        return ([[res.e_opt.cpu(), opts]], curve(res.losses, "Imagic embedding optimisation loss"), [])
+
+    def run_layered(self, model, vae, image, conditioning, steps, learning_rate, seed, conditioning_b, mask, recipe,
+                    device):
+        from .layerdiffusion import LayerRecipe, is_layer_recipe, layered_embeddings
+
+        if conditioning_b is None:
+            raise NodeInputError("conditioning_b", "a mask was given but no background text",
+                                 "connect the encoded background text T_b (LayerDiffusion), or disconnect the mask")
+        if mask is None:
+            raise NodeInputError("mask", "LayerDiffusion's layered optimisation needs the image's object mask",
+                                 "connect a MASK (Segment (SAM points / box))")
+        if recipe is not None and not is_layer_recipe(recipe):
+            raise NodeInputError("recipe", f"expected LayerDiffusion: Recipe, got {type(recipe).__name__}",
+                                 "connect LayerDiffusion: Recipe or leave it empty")
+        recipe = recipe or LayerRecipe()
+        check_memory(model, image, "embedding", device, device.type == "cuda")
+        progress = bridge.Progress(steps)
+        try:
+            with torch.inference_mode(False):
+                e_a, opts_a = cond_tensor(conditioning, model)
+                e_b, opts_b = cond_tensor(conditioning_b, model, "conditioning_b")
+                sd = bridge.ComfySD(model, None, vae)
+                res = layered_embeddings(sd, image, e_a, e_b, mask, steps, learning_rate, seed, recipe, progress,
+                                         device)
+        finally:
+            bridge.free_memory()
+        log.info("LayerDiffusion embeddings (%s): loss %.4f -> %.4f in %.1f s", res.reading, res.losses[0],
+                 res.losses[-1], res.seconds)
+        return ([[res.e_a.cpu(), opts_a]], curve(res.losses, f"LayerDiffusion embedding loss ({res.reading})"),
+                [[res.e_b.cpu(), opts_b]])
 
 
 class FineTune:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_FineTune", "Fine-Tune Model (Imagic / SINE)", ()
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_FineTune", "Fine-Tune Model (Imagic / SINE / LayerDiffusion)", ()
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "IMAGE", TRAINED, "CLIP")
@@ -171,12 +218,14 @@ class FineTune:
                        "The trained delta and e_opt (Imagic: Save Trained) or the SINE fine-tune (SINE: Save).",
                        "With a recipe that trains the text encoder: a clone of the CLIP with the trained text "
                        "encoder (encode the fine-tune prompt with it); otherwise the clip input as given.")
-    DESCRIPTION = ("One fine-tune node for the pack's methods. Without a recipe, Imagic stage 2: fine-tunes the model "
+    DESCRIPTION = ("One fine-tune node for the pack's methods (Imagic, SINE, LayerDiffusion). Without a recipe, Imagic stage 2: fine-tunes the model "
                    "to reconstruct the image at the frozen e_opt (eq. 2); SD ports: 1000 steps. With SINE: Fine-Tune "
                    "Recipe, SINE's fine-tuning at the fine-tune prompt (paper: 800 steps on the whole image, 10,000 "
                    "on patches). lora (default): low-rank adapters on every conv/linear weight, little memory, lr "
                    "1e-4. full: the whole UNet (Imagic lr 2e-6, SINE 1e-6; about 14 GB of optimiser state for SD "
-                   "1.5). The output MODEL is a native patched clone: use it with KSampler or the SINE guider.")
+                   "1.5). With LayerDiffusion: Recipe (or a mask), LayerDiffusion stage 2 at e_opt: lambda_1 L_obj under the "
+                   "mask + lambda_2 L_bg under 1 - reference_mask (paper: lr 2e-6 full, 250 steps). The output "
+                   "MODEL is a native patched clone: use it with KSampler or the pack's guiders.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -200,15 +249,26 @@ class FineTune:
                                                  "Imagic. With SINE, conditioning is the encoded fine-tune prompt."}),
             "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP: needed when the recipe trains the text encoder; "
                                          "passed through to the clip output otherwise."}),
+            "mask": ("MASK", {"tooltip": "LayerDiffusion: the object mask M_t of the image (same size)."}),
+            "reference_image": ("IMAGE", {"tooltip": "LayerDiffusion: the reference (background) image O_r, the "
+                                                     "same size as the image."}),
+            "reference_mask": ("MASK", {"tooltip": "LayerDiffusion: the reference's object mask M_r (all black for "
+                                                   "a pure background)."}),
         }}
 
-    def run(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe=None, clip=None):
+    def run(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe=None, clip=None,
+            mask=None, reference_image=None, reference_mask=None):
         check_model(model)
         check_positive(steps, "steps")
         check_positive(rank, "rank")
         if mode not in DEFAULT_LR:
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use lora or full")
         device = torch.device(bridge.torch_device())
+        from .layerdiffusion import LayerRecipe, is_layer_recipe
+
+        if is_layer_recipe(recipe) or (recipe is None and (mask is not None or reference_image is not None)):
+            return self.run_layered(model, vae, image, conditioning, mode, steps, learning_rate, rank, seed,
+                                    recipe or LayerRecipe(), clip, mask, reference_image, reference_mask, device)
         if recipe is not None:
             return self.run_sine(model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe,
                                  clip, device)
@@ -233,6 +293,28 @@ class FineTune:
                                                         "final_loss": res.losses[-1]})
         return (bridge.apply_delta(model, res.delta), curve(res.losses, f"Imagic fine-tuning loss ({mode})"), trained,
                 clip)
+
+    def run_layered(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe, clip, mask,
+                    reference_image, reference_mask, device):
+        from .layerdiffusion import layered_finetune
+
+        check_memory(model, image, mode, device, device.type == "cuda", int(rank))
+        progress = bridge.Progress(steps)
+        try:
+            with torch.inference_mode(False):
+                cond, _ = cond_tensor(conditioning, model)
+                sd = bridge.ComfySD(model, None, vae)
+                res = layered_finetune(sd, image, cond, mask, reference_image, reference_mask, mode, steps,
+                                       learning_rate, rank, seed, recipe, progress, device)
+        finally:
+            bridge.free_memory()
+        log.info("LayerDiffusion fine-tune (%s): loss %.4f -> %.4f in %.1f s", mode, res.losses[0], res.losses[-1],
+                 res.seconds)
+        trained = Trained(res.delta, mode, cond.cpu(), {"method": "layerdiffusion", "steps": int(steps),
+                                                        "lambda_obj": recipe.lambda_obj,
+                                                        "lambda_bg": recipe.lambda_bg, "final_loss": res.losses[-1]})
+        return (bridge.apply_delta(model, res.delta), curve(res.losses, f"LayerDiffusion fine-tuning loss ({mode})"),
+                trained, clip)
 
     def run_sine(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe, clip,
                  device):

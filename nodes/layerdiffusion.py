@@ -1,0 +1,250 @@
+"""LayerDiffusion nodes (Li, Huang, Ding, Li; SIGGRAPH Asia 2023 TC) — not the unrelated "LayerDiffuse".
+
+The method's stages run through the pack's shared nodes, so Imagic, SINE and LayerDiffusion keep one
+optimiser and one fine-tune node:
+
+* stage 1 (eq. 2): *Optimize Text Embedding* with ``conditioning_b`` (T_b) and ``mask`` (the input
+  image's object mask) optimises e_a and e_b jointly under the mask (:func:`layered_embeddings`);
+* eq. 3: ComfyUI's own *ConditioningAverage* (to = e^_a, from = e^_b, strength = alpha) computes
+  exactly alpha e^_a + (1 - alpha) e^_b (checked bit for bit in core.layerdiffusion.interpolate);
+* stage 2 (eqs. 4-6): *Fine-Tune Model* with ``mask`` (M_t), ``reference_image`` and
+  ``reference_mask`` (M_r) at e_opt (:func:`layered_finetune`);
+* stage 3 (eq. 8): ``SIE_IterativeGuidance``, a GUIDER alternating e^_a and e_opt by step index.
+
+``SIE_LayerRecipe`` carries the choices the paper leaves open (which image each loss uses, how
+[e_a, e_b] enters the UNet, the mask rule) and the loss weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.layerdiffusion import (
+    OBJECT,
+    LayeredFineTuneConfig,
+    LayerEmbeddingConfig,
+    finetune_layered,
+    latent_mask,
+    optimize_layers,
+    start_parity_for,
+)
+from ..core.layerdiffusion.masks import REDUCTIONS, RULES, background_mask
+from ..core.lora import LoRAConfig
+from .common import CATEGORY_ROOT, NodeInputError, image_to_bchw
+
+CATEGORY = f"{CATEGORY_ROOT}/layerdiffusion"
+NOT_LAYERDIFFUSE = "(LayerDiffusion, Li et al. 2023: layered editing; not the LayerDiffuse transparency project.)"
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    lambda_obj: float = 2.0
+    lambda_bg: float = 1.0
+    object_source: str = "image"
+    background_source: str = "reference"
+    reading: str = "separate"
+    reduction: str = "image"
+    mask_rule: str = "area"
+    method: str = "layerdiffusion"
+
+
+class LayerRecipeNode:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LayerRecipe", "LayerDiffusion: Recipe", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("SIE_RECIPE",)
+    RETURN_NAMES = ("recipe",)
+    OUTPUT_TOOLTIPS = ("Connect to the 'recipe' input of Optimize Text Embedding and Fine-Tune Model.",)
+    DESCRIPTION = ("LayerDiffusion settings for the shared optimiser and fine-tune nodes. Paper: lambda_1 = 2 (3 for "
+                   "small objects), lambda_2 = 1. The paper leaves open which image each fine-tuning loss noises "
+                   "and how [e_a, e_b] enters the UNet; the defaults here are documented in "
+                   "core/layerdiffusion. " + NOT_LAYERDIFFUSE)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lambda_obj": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                     "tooltip": "lambda_1, weight of the object loss under M_t (paper: 2; 3 for "
+                                                "small objects)."}),
+            "lambda_bg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                    "tooltip": "lambda_2, weight of the background loss under 1 - M_r (paper: 1)."}),
+            "object_source": (["image", "reference"], {"default": "image", "tooltip": "The image the object loss "
+                                                                                     "noises (default: the input)."}),
+            "background_source": (["reference", "image"], {"default": "reference",
+                                                           "tooltip": "The image the background loss noises "
+                                                                      "(default: the reference)."}),
+            "reading": (["separate", "concat", "shared"], {"default": "separate", "tooltip": "Stage 1: separate = "
+                        "e_a under M and e_b under 1 - M, each alone; concat = both as 154 tokens under M; shared "
+                        "= both alone under M."}),
+            "reduction": (list(REDUCTIONS), {"default": "image", "tooltip": "Masked loss normalisation: image = "
+                          "sum over the mask / all elements (the equations as written); mask = mean over the mask."}),
+            "mask_rule": (list(RULES), {"default": "area", "tooltip": "Masks onto the 8x smaller latent grid: area "
+                          "(a cell is object when at least half its pixels are), nearest, or soft (fractions)."}),
+        }}
+
+    def run(self, lambda_obj, lambda_bg, object_source, background_source, reading, reduction, mask_rule):
+        if float(lambda_obj) == 0 and float(lambda_bg) == 0:
+            raise NodeInputError("lambda_obj", "both loss weights are 0: nothing would be trained",
+                                 "use the paper's lambda_obj 2, lambda_bg 1")
+        return (LayerRecipe(float(lambda_obj), float(lambda_bg), object_source, background_source, reading,
+                            reduction, mask_rule),)
+
+
+def is_layer_recipe(recipe) -> bool:
+    return isinstance(recipe, LayerRecipe)
+
+
+def _mask(mask, name: str, image: torch.Tensor, latent_hw, rule: str, allow_empty: bool = False) -> torch.Tensor:
+    """A ComfyUI MASK ([B, H, W] or [H, W]) for ``image`` [1, 3, H, W] on the latent grid [1, 1, h, w]."""
+    if not isinstance(mask, torch.Tensor):
+        raise NodeInputError(name, f"expected a MASK, got {type(mask).__name__}", "connect a MASK (e.g. from "
+                             "Segment (SAM points / box))")
+    m = mask.float()
+    if m.ndim == 3:
+        m = m[:1]
+    try:
+        return latent_mask(m, latent_hw, tuple(image.shape[-2:]), name, rule, allow_empty)
+    except ValueError as e:
+        raise NodeInputError(name, str(e).removeprefix(f"{name}: "), "segment the same image (same size), with the "
+                             "object inside it") from None
+
+
+def layered_embeddings(sd, image, e_a: torch.Tensor, e_b: torch.Tensor, mask, steps: int, lr: float, seed: int,
+                       recipe: LayerRecipe, progress, device: torch.device):
+    """Stage 1 for the shared optimiser node: (e^_a, e^_b, losses)."""
+    x = image_to_bchw(image, "image", min_side=8)[:1]
+    latent = sd.encode(x).clone()
+    m = _mask(mask, "mask", x, tuple(latent.shape[-2:]), recipe.mask_rule)
+    if recipe.reading == "separate":
+        try:
+            background_mask(m, "mask")
+        except ValueError as e:
+            raise NodeInputError("mask", str(e).removeprefix("mask: "), "the object mask must leave some "
+                                 "background (e_b is trained on it)") from None
+    config = LayerEmbeddingConfig(steps=int(steps), lr=float(lr), reading=recipe.reading,
+                                  reduction=recipe.reduction, seed=int(seed),
+                                  gradient_checkpointing=device.type == "cuda")
+    return optimize_layers(sd, latent, e_a.to(latent.device), e_b.to(latent.device), m, config, on_step=progress,
+                           should_stop=progress.should_stop)
+
+
+def layered_finetune(sd, image, e_opt: torch.Tensor, mask, reference_image, reference_mask, mode: str, steps: int,
+                     lr: float, rank: int, seed: int, recipe: LayerRecipe, progress, device: torch.device):
+    """Stage 2 for the shared fine-tune node: a :class:`core.layerdiffusion.LayeredFineTuneResult`."""
+    config = LayeredFineTuneConfig(mode=mode, steps=int(steps), lr=float(lr) or None,
+                                   lora=LoRAConfig(rank=int(rank), alpha=float(rank)), lambda_obj=recipe.lambda_obj,
+                                   lambda_bg=recipe.lambda_bg, object_source=recipe.object_source,
+                                   background_source=recipe.background_source, reduction=recipe.reduction,
+                                   seed=int(seed), gradient_checkpointing=device.type == "cuda")
+    x = image_to_bchw(image, "image", min_side=8)[:1]
+    if mask is None:
+        raise NodeInputError("mask", "a LayerDiffusion fine-tune needs the object mask M_t",
+                             "connect the input image's object mask (Segment (SAM points / box))")
+    ref = None
+    if config.needs_reference:
+        if reference_image is None:
+            raise NodeInputError("reference_image", "the recipe computes a loss on the reference image",
+                                 "connect the reference (background) image, or set both sources to image")
+        ref = image_to_bchw(reference_image, "reference_image", min_side=8)[:1]
+        if ref.shape[-2:] != x.shape[-2:]:
+            raise NodeInputError("reference_image", f"it is {ref.shape[-1]}x{ref.shape[-2]} but the image is "
+                                 f"{x.shape[-1]}x{x.shape[-2]}", "scale both to the same size (Upscale Image)")
+    latent = sd.encode(x).clone()
+    ref_latent = sd.encode(ref).clone() if ref is not None else None
+    hw = tuple(latent.shape[-2:])
+    masks = {"image": ("mask", mask, x)}
+    if ref is not None:
+        if reference_mask is None:
+            raise NodeInputError("reference_mask", "the recipe computes a loss on the reference image, which needs "
+                                 "its object mask M_r", "connect it (an all-black mask for a pure background)")
+        masks["reference"] = ("reference_mask", reference_mask, ref)
+    name_t, m_t, img_t = masks[recipe.object_source]
+    name_r, m_r, img_r = masks[recipe.background_source]
+    mask_t = _mask(m_t, name_t, img_t, hw, recipe.mask_rule)
+    mask_r = _mask(m_r, name_r, img_r, hw, recipe.mask_rule, allow_empty=True)
+    try:
+        background_mask(mask_r, name_r)
+    except ValueError as e:
+        raise NodeInputError(name_r, str(e).removeprefix(f"{name_r}: "), "the background loss needs some "
+                             "background outside the mask") from None
+    return finetune_layered(sd, latent, ref_latent, e_opt.to(latent.device), mask_t, mask_r, config,
+                            on_step=progress, should_stop=progress.should_stop)
+
+
+# --------------------------------------------------------------------------------------
+PARITIES = {"auto": None, "even": 0, "odd": 1}
+
+
+def _iterative_guider_class():
+    from .comfy_guider import view_guider_class
+
+    class IterativeGuider(view_guider_class()):
+        """Eq. 8: step i uses e^_a when (i - p) is even, e_opt otherwise; CFG against the negative in each."""
+
+        def __init__(self, model, w: float, start_parity: int | None):
+            super().__init__(model, (), what="LayerDiffusion: Iterative Guidance", strict_steps=True)
+            self.set_cfg(w)
+            self.start_parity = start_parity
+            self.trace: list[int] = []  # which embedding each step used (0: e^_a, 1: e_opt)
+
+        def combine(self, s):
+            sigmas = s.model_options.get("transformer_options", {}).get("sample_sigmas")
+            steps = len(sigmas) - 1 if sigmas is not None else 0
+            from ..core.guidance import alternating_choice
+
+            k = alternating_choice(s.index, start_parity_for(steps, self.start_parity))
+            self.trace.append(k)
+            name = "object_positive" if k == OBJECT else "positive"
+            c, u = s.predict(0, [name, "negative"])
+            return s.cfg(c, u, self.cfg, cond=name)
+
+    return IterativeGuider
+
+
+class IterativeGuidance:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_IterativeGuidance", "LayerDiffusion: Iterative Guidance", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("A GUIDER for SamplerCustomAdvanced (samplers with one evaluation per step: euler, ddim, "
+                       "dpmpp_2m, ...).",)
+    DESCRIPTION = ("LayerDiffusion eq. 8: the denoising steps alternate between the object embedding e^_a and the "
+                   "interpolated e_opt, with classifier-free guidance against the negative in each. Alternation is by "
+                   "step index: SD's DDIM timesteps (981, 961, ..., 1) are all odd, so the paper's literal t % 2 "
+                   "would never pick e^_a. auto: the paper's count (t = S - i even), i.e. with 50 steps the first "
+                   "step uses e^_a and the last e_opt. Paper: 50 steps. " + NOT_LAYERDIFFUSE)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The fine-tuned MODEL (Fine-Tune Model with the LayerDiffusion recipe)."}),
+            "object_positive": ("CONDITIONING", {"tooltip": "e^_a: the optimised object embedding (Optimize Text "
+                                                            "Embedding's first output)."}),
+            "positive": ("CONDITIONING", {"tooltip": "e_opt: the interpolated embedding (ConditioningAverage of e^_a "
+                                                     "and e^_b at alpha 0.7)."}),
+            "negative": ("CONDITIONING", {"tooltip": "The unconditional / negative text (usually empty)."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale inside each step (1: none)."}),
+            "start_parity": (list(PARITIES), {"default": "auto", "tooltip": "Which step indices use e^_a: auto (the "
+                             "paper's count), even (0, 2, ...) or odd (1, 3, ...)."}),
+        }}
+
+    def run(self, model, object_positive, positive, negative, cfg, start_parity):
+        if not hasattr(model, "clone"):
+            raise NodeInputError("model", f"expected a MODEL, got {type(model).__name__}", "connect a MODEL")
+        if start_parity not in PARITIES:
+            raise NodeInputError("start_parity", f"unknown choice {start_parity!r}", "use auto, even or odd")
+        if not float(cfg) >= 0:
+            raise NodeInputError("cfg", f"cfg = {cfg} is negative", "use a guidance scale >= 0 (7.5)")
+        for name, c in (("object_positive", object_positive), ("positive", positive), ("negative", negative)):
+            if not isinstance(c, list) or not c:
+                raise NodeInputError(name, "expected a CONDITIONING", "connect a CONDITIONING")
+        guider = _iterative_guider_class()(model, float(cfg), PARITIES[start_parity])
+        guider.inner_set_conds({"object_positive": object_positive, "positive": positive, "negative": negative})
+        return (guider,)
+
+
+NODES = [LayerRecipeNode, IterativeGuidance]
