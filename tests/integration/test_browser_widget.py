@@ -1,0 +1,320 @@
+"""Browser check of the pack's frontend extension (``web/picker.js``): click-to-pick widgets.
+
+A real server with the pack loaded (``WEB_DIRECTORY``) and headless Chromium (Debian's
+``chromium``, driven over CDP by ``browser.py``): the server gets ``coffee_250x200.png`` uploaded,
+the frontend loads a small workflow, Load Image -> Segment (SAM points / box) and Load Image ->
+SinDDM Guide: Region (nothing is executed, the SAM input stays unconnected), and the test
+
+* checks that the extension is loaded and that each node has its picking canvas, drawn with the
+  picture of the Load Image node (non-blank pixels, a draw counter the widget exposes);
+* clicks and drags on the canvases with real mouse events (``Input.dispatchMouseEvent`` at the
+  canvas's on-screen position, after checking that the canvas is what lies under those points):
+  a left click, a shift-click and a right-click add points, a drag draws the box, a click on the
+  region canvas sets x, y; the ``prompt`` text, the x / y widgets and the API prompt
+  (``graphToPrompt``) must say the same, in pixels of the 250x200 picture;
+* serializes the graph, loads another one, loads the serialized one back (``loadGraphData``) and
+  checks that the points, box and x, y are back in the widgets and drawn (the canvas pixels under
+  the points have the points' colours);
+* presses "clear points / box" with a real click on the button drawn on the graph canvas.
+
+Screenshots go to ``$SIE_ARTIFACTS`` (default: a folder under pytest's temporary directory; the
+paths are printed).  ``SIE_FRONTEND_ROOT`` selects another frontend build, as in test_browser.py.
+Needs COMFYUI_DIR and Chromium; skipped, saying which is missing, otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from browser import Browser, chromium_path
+
+from comfy_server import REPO, ComfyServer, skip_reason
+from core.client import ComfyClient
+from test_browser import frontend_args
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""),
+              pytest.mark.skipif(chromium_path() is None, reason="no Chromium (apt-get install chromium)")]
+
+IMAGE = REPO / "core" / "sinddm" / "data" / "coffee_250x200.png"
+W, H = 250, 200       # its size
+PAD = 4               # the widget fits the picture, centred, inside its canvas less this margin (web/picker.js)
+EXTENSION = "single-image-edit.picker"
+LOAD, SAM, ROI = 1, 2, 3
+EMPTY_PROMPT = '{"points": [], "box": null}'
+SHIFT = 8             # CDP modifier bit
+
+
+def workflow() -> dict:
+    """Load Image -> Segment (SAM) and Load Image -> Region; a view at scale 1, every node on screen."""
+    def node(nid, ntype, pos, size, inputs, outputs, values):
+        return {"id": nid, "type": ntype, "pos": pos, "size": size, "flags": {}, "order": nid - 1, "mode": 0,
+                "inputs": inputs, "outputs": outputs, "properties": {}, "widgets_values": values}
+
+    image_out = [{"name": "IMAGE", "type": "IMAGE", "links": [1, 2], "slot_index": 0},
+                 {"name": "MASK", "type": "MASK", "links": None, "slot_index": 1}]
+    nodes = [
+        node(LOAD, "LoadImage", [120, 120], [300, 330], [], image_out, [IMAGE.name, "image"]),
+        node(SAM, "SIE_SAMSegment", [470, 120], [380, 620],
+             [{"name": "sam", "type": "SIE_SAM", "link": None}, {"name": "image", "type": "IMAGE", "link": 1}],
+             [{"name": "mask", "type": "MASK", "links": None, "slot_index": 0}], [EMPTY_PROMPT, 0, False]),
+        node(ROI, "SIE_SinDDMGuideROI", [900, 120], [340, 420],
+             [{"name": "target", "type": "IMAGE", "link": 2}, {"name": "mask", "type": "MASK", "link": None},
+              {"name": "guidance", "type": "SIE_SINDDM_GUIDANCE", "link": None}],
+             [{"name": "guidance", "type": "SIE_SINDDM_GUIDANCE", "links": None, "slot_index": 0}], [0.8, 0, 0]),
+    ]
+    links = [[1, LOAD, 0, SAM, 1, "IMAGE"], [2, LOAD, 0, ROI, 0, "IMAGE"]]
+    return {"last_node_id": 3, "last_link_id": 2, "nodes": nodes, "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+
+
+@pytest.fixture(scope="module")
+def page():
+    with ComfyServer(extra_args=frontend_args()) as srv:
+        ComfyClient(srv.url).upload_image(IMAGE)
+        code, _ = srv.post("/settings/Comfy.TutorialCompleted", True)
+        assert code == 200
+        listed = srv.get("/extensions")
+        assert any(p.endswith("/picker.js") for p in listed), f"web/picker.js not served: {listed}"
+        browser = Browser(chromium_path())
+        try:
+            browser.navigate(srv.url)
+            browser.wait_for("window.app && window.app.graph && window.LiteGraph", timeout=120)
+            version = browser.evaluate("window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'")
+            print(f"frontend {version} ({os.environ.get('SIE_FRONTEND_ROOT') or 'the checkout own'})")
+            yield browser
+        finally:
+            if browser.console:
+                print("browser console errors:\n" + "\n".join(browser.console[-20:]))
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    d = Path(os.environ.get("SIE_ARTIFACTS") or tmp_path_factory.mktemp("browser_widget"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ------------------------------------------------------------------------------------------
+# page helpers
+# ------------------------------------------------------------------------------------------
+def js_node(nid: int) -> str:
+    return f"window.app.graph.getNodeById({nid})"
+
+
+def load(page, wf: dict) -> None:
+    page.evaluate(f"window.app.loadGraphData({json.dumps(wf)}, true, true, 'sie_picker_test')")
+    page.wait_for(f"window.app.graph._nodes.length === {len(wf['nodes'])}", timeout=60)
+    # the newer frontends' toasts and dialogs would sit over the canvas
+    page.evaluate("document.querySelectorAll('.p-dialog-close-button, .p-toast-close-button').forEach(b => b.click())")
+    for nid in (SAM, ROI):
+        page.wait_for(f"{js_node(nid)}?.siePicker?.canvas.dataset.state === 'ready'", timeout=60)
+    page.evaluate("new Promise(r => setTimeout(r, 500))")  # let sizes and the view settle
+
+
+def widget_value(page, nid: int, name: str):
+    return page.evaluate(f"{js_node(nid)}.widgets.find(w => w.name === {json.dumps(name)}).value")
+
+
+def geometry(page, nid: int) -> dict:
+    """The picking canvas on screen: its client rect, layout size and device pixel ratio."""
+    return page.evaluate(f"""(() => {{
+        const c = {js_node(nid)}.siePicker.canvas, r = c.getBoundingClientRect();
+        return {{left: r.left, top: r.top, width: r.width, height: r.height,
+                 cw: c.clientWidth, ch: c.clientHeight, dpr: window.devicePixelRatio || 1}};
+    }})()""")
+
+
+def to_screen(g: dict, x: float, y: float) -> tuple[float, float, float, float]:
+    """Picture pixel (x, y) -> (screen x, screen y, canvas layout x, canvas layout y), computed here from
+    the documented fit (picture centred, scaled to the canvas less PAD), not taken from the widget."""
+    s = min((g["cw"] - 2 * PAD) / W, (g["ch"] - 2 * PAD) / H)
+    lx, ly = (g["cw"] - W * s) / 2 + x * s, (g["ch"] - H * s) / 2 + y * s
+    return g["left"] + lx * g["width"] / g["cw"], g["top"] + ly * g["height"] / g["ch"], lx, ly
+
+
+def picture_scale(g: dict) -> float:
+    """Screen pixels per picture pixel."""
+    return min((g["cw"] - 2 * PAD) / W, (g["ch"] - 2 * PAD) / H) * g["width"] / g["cw"]
+
+
+def mouse(page, kind: str, x: float, y: float, button: str = "left", modifiers: int = 0) -> None:
+    buttons = {"left": 1, "right": 2, "none": 0}[button]
+    page.call("Input.dispatchMouseEvent", {
+        "type": kind, "x": x, "y": y, "button": button, "modifiers": modifiers,
+        "buttons": 0 if kind == "mouseReleased" else buttons if kind == "mousePressed" else buttons,
+        "clickCount": 1 if kind in ("mousePressed", "mouseReleased") else 0})
+
+
+def click(page, x, y, button="left", modifiers=0) -> None:
+    mouse(page, "mouseMoved", x, y, "none")
+    mouse(page, "mousePressed", x, y, button, modifiers)
+    mouse(page, "mouseReleased", x, y, button, modifiers)
+
+
+def drag(page, a, b, steps=8) -> None:
+    mouse(page, "mouseMoved", *a, "none")
+    mouse(page, "mousePressed", *a)
+    for i in range(1, steps + 1):
+        mouse(page, "mouseMoved", a[0] + (b[0] - a[0]) * i / steps, a[1] + (b[1] - a[1]) * i / steps)
+    mouse(page, "mouseReleased", *b)
+
+
+def assert_hits(page, nid: int, points) -> None:
+    """Every screen point lands on the node's picking canvas (nothing of the frontend lies over it)."""
+    for x, y in points:
+        hit = page.evaluate(f"document.elementFromPoint({x}, {y}) === {js_node(nid)}.siePicker.canvas")
+        assert hit, f"({x:.0f}, {y:.0f}) is not on node {nid}'s canvas: " + page.evaluate(
+            f"(e => e && (e.tagName + '.' + e.className))(document.elementFromPoint({x}, {y}))")
+
+
+def pixel(page, nid: int, lx: float, ly: float) -> list[int]:
+    """RGBA of the picking canvas at layout position (lx, ly)."""
+    return page.evaluate(f"""(() => {{
+        const c = {js_node(nid)}.siePicker.canvas, k = c.width / c.clientWidth;
+        return Array.from(c.getContext('2d').getImageData(Math.round({lx} * k), Math.round({ly} * k), 1, 1).data);
+    }})()""")
+
+
+def near(a, b, tol) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+def check_prompt(prompt: dict, expect_points, expect_box, tol) -> None:
+    assert set(prompt) == {"points", "box"}, prompt
+    assert len(prompt["points"]) == len(expect_points), prompt
+    for got, (x, y, label) in zip(prompt["points"], expect_points):
+        assert got[2] == label and near(got[:2], (x, y), tol), (got, (x, y, label))
+        assert all(isinstance(v, int) for v in got), got
+    if expect_box is None:
+        assert prompt["box"] is None
+    else:
+        x0, y0, x1, y1 = prompt["box"]
+        assert x0 < x1 and y0 < y1 and near(prompt["box"], expect_box, tol), (prompt["box"], expect_box)
+
+
+def green(rgba) -> bool:
+    return rgba[1] > 150 and rgba[0] < 100 and rgba[2] < 150
+
+
+def red(rgba) -> bool:
+    return rgba[0] > 180 and rgba[1] < 110 and rgba[2] < 110
+
+
+# ------------------------------------------------------------------------------------------
+def test_picker_widgets(page, artifacts):
+    assert page.evaluate(f"window.app.extensions.some(e => e.name === {json.dumps(EXTENSION)})"), \
+        "the pack's extension is not registered"
+    wf = workflow()
+    load(page, wf)
+    shots = [page.screenshot(artifacts / "picker_loaded.png")]
+
+    # each node has its canvas (and SAM its clear button); neither is serialized
+    for nid in (SAM, ROI):
+        names = page.evaluate(f"{js_node(nid)}.widgets.map(w => w.name)")
+        assert "sie_picker" in names, names
+    assert "clear points / box" in page.evaluate(f"{js_node(SAM)}.widgets.map(w => w.name)")
+    # drawn on the Load Image picture: drawn at least once, and far from a blank canvas
+    for nid in (SAM, ROI):
+        stats = page.evaluate(f"""(() => {{
+            const st = {js_node(nid)}.siePicker, c = st.canvas;
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const colours = new Set();
+            for (let i = 0; i < d.length; i += 4 * 7) colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+            return {{draws: st.draws, colours: colours.size, view: JSON.parse(c.dataset.view), url: st.url,
+                     size: [c.width, c.height]}};
+        }})()""")
+        print(f"node {nid} canvas: {stats}")
+        assert stats["draws"] >= 1 and stats["colours"] > 500, stats
+        assert "coffee_250x200.png" in stats["url"] and stats["view"]["w"] == W and stats["view"]["h"] == H, stats
+        assert stats["size"][0] >= 200 and stats["size"][1] >= 150, f"canvas too small to use: {stats}"
+
+    # --- SAM: left click, shift-click, right-click, drag -----------------------------------
+    g = geometry(page, SAM)
+    tol = 1.0 / picture_scale(g) + 1  # a screen pixel of rounding, in picture pixels, plus the integer rounding
+    clicks = [((100, 80), "left", 0, 1), ((200, 150), "left", SHIFT, 0), ((50, 160), "right", 0, 0)]
+    box = (30, 20, 180, 140)
+    corners = [to_screen(g, *box[:2])[:2], to_screen(g, *box[2:])[:2]]
+    assert_hits(page, SAM, [to_screen(g, *xy)[:2] for xy, *_ in clicks] + corners)
+    inside = to_screen(g, 150, 40)[2:]  # in the box, away from the points
+    before = pixel(page, SAM, *inside)
+    for (x, y), button, mods, _ in clicks:
+        click(page, *to_screen(g, x, y)[:2], button=button, modifiers=mods)
+    drag(page, *corners)
+    shots.append(page.screenshot(artifacts / "picker_sam_clicked.png"))
+    text = widget_value(page, SAM, "prompt")
+    print(f"prompt after the clicks and the drag: {text}")
+    expected = [(x, y, label) for (x, y), _, _, label in clicks]
+    check_prompt(json.loads(text), expected, box, tol)
+    for (x, y), _, _, label in clicks:  # drawn where clicked, in the points' colours
+        rgba = pixel(page, SAM, *to_screen(g, x, y)[2:])
+        assert (green if label else red)(rgba), (x, y, label, rgba)
+    after = pixel(page, SAM, *inside)  # the box is only lightly tinted: the picture shows through
+    assert near(before, after, 60), (before, after)
+
+    # --- Region: a click sets x, y -----------------------------------------------------------
+    gr = geometry(page, ROI)
+    target = (60, 50)
+    assert_hits(page, ROI, [to_screen(gr, *target)[:2]])
+    click(page, *to_screen(gr, *target)[:2])
+    xy = [widget_value(page, ROI, "x"), widget_value(page, ROI, "y")]
+    print(f"region x, y after the click: {xy}")
+    assert near(xy, target, 1.0 / picture_scale(gr) + 1) and all(isinstance(v, int) for v in xy), xy
+
+    # the API prompt carries the same values, and nothing of the widgets themselves
+    api = page.evaluate("window.app.graphToPrompt().then(p => p.output)")
+    sam_in, roi_in = api[str(SAM)]["inputs"], api[str(ROI)]["inputs"]
+    assert sam_in["prompt"] == text, sam_in
+    assert [roi_in["x"], roi_in["y"]] == xy, roi_in
+    assert not {"sie_picker", "clear points / box"} & (set(sam_in) | set(roi_in)), (sam_in, roi_in)
+    shots.append(page.screenshot(artifacts / "picker_roi_clicked.png"))
+
+    # --- serialize, load something else, load it back ---------------------------------------
+    saved = page.evaluate("window.app.graph.serialize()")
+    by_id = {int(n["id"]): n for n in saved["nodes"]}
+    assert by_id[SAM]["widgets_values"][:3] == [text, 0, False] and len(by_id[SAM]["widgets_values"]) == 3, \
+        by_id[SAM]["widgets_values"]
+    assert by_id[ROI]["widgets_values"] == [0.8, *xy], by_id[ROI]["widgets_values"]
+    other = workflow()
+    other["nodes"] = other["nodes"][:1]
+    other["links"] = []
+    other["nodes"][0]["outputs"][0]["links"] = []
+    page.evaluate(f"window.app.loadGraphData({json.dumps(other)}, true, true, 'sie_other')")
+    page.wait_for("window.app.graph._nodes.length === 1")
+    load(page, saved)
+    assert widget_value(page, SAM, "prompt") == text
+    assert [widget_value(page, ROI, "x"), widget_value(page, ROI, "y")] == xy
+    state = page.evaluate(f"""[{SAM}, {ROI}].map(id => {{
+        const c = window.app.graph.getNodeById(id).siePicker.canvas;
+        return {{draws: Number(c.dataset.draws), drawn: c.dataset.drawn}};
+    }})""")
+    print(f"after reload: {state}")
+    assert state[0]["draws"] >= 1 and json.loads(state[0]["drawn"]) == json.loads(text), state
+    assert json.loads(state[1]["drawn"])["x"] == xy[0] and json.loads(state[1]["drawn"])["y"] == xy[1], state
+    g = geometry(page, SAM)
+    for (x, y), _, _, label in clicks:
+        rgba = pixel(page, SAM, *to_screen(g, x, y)[2:])
+        assert (green if label else red)(rgba), ("after reload", x, y, label, rgba)
+    shots.append(page.screenshot(artifacts / "picker_reloaded.png"))
+
+    # --- the clear button, clicked where the graph canvas draws it ----------------------------
+    button = page.evaluate(f"""(() => {{
+        const n = {js_node(SAM)}, w = n.widgets.find(w => w.name === 'clear points / box');
+        const c = window.app.canvas, r = c.canvas.getBoundingClientRect();
+        const h = w.computedHeight || window.LiteGraph.NODE_WIDGET_HEIGHT || 20;
+        const gx = n.pos[0] + n.size[0] / 2, gy = n.pos[1] + w.y + Math.min(h, 20) / 2;
+        const k = r.width / c.canvas.clientWidth;
+        return [r.left + (gx + c.ds.offset[0]) * c.ds.scale * k, r.top + (gy + c.ds.offset[1]) * c.ds.scale * k];
+    }})()""")
+    click(page, *button)
+    page.wait_for(f"{js_node(SAM)}.widgets.find(w => w.name === 'prompt').value === {json.dumps(EMPTY_PROMPT)}",
+                  timeout=10)
+    assert json.loads(page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.drawn")) == json.loads(EMPTY_PROMPT)
+    shots.append(page.screenshot(artifacts / "picker_cleared.png"))
+    for s in shots:
+        print(f"screenshot: {s}")
+        assert s.stat().st_size > 10_000

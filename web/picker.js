@@ -1,0 +1,377 @@
+// comfyui-single-image-edit: click-on-the-image widgets (plain ES module, no build step, no network).
+//
+// * Segment (SAM points / box), SIE_SAMSegment: left click adds a positive point, shift-click or
+//   right-click a negative one, a click on a point removes it, a drag draws the box.  Everything
+//   is written into the node's `prompt` STRING widget as
+//     {"points": [[x, y, 1], [x, y, 0]], "box": [x0, y0, x1, y1] | null}
+//   in pixels of the picture (origin top left), and always redrawn from that text, so a saved
+//   workflow reloads with its points and the API prompt carries the same text: headless runs
+//   need no browser.  The "clear points / box" button resets the prompt.
+// * SinDDM Guide: Region, SIE_SinDDMGuideROI: a click (or a drag) sets its x, y widgets, where
+//   the target's top-left corner lands; the target's rectangle is drawn there when its size is
+//   known (an ImageCrop's width / height, or the picture itself).
+//
+// What the widget draws on: the frontend never sees the IMAGE flowing into a node, so the
+// widget follows the node's image input (`image` for SAM, `target` for the region) upstream to
+// the first node that has a picture: a Load Image node (its `image` widget, fetched from
+// /view?type=input) or any node showing a preview (`node.imgs`).  Nodes in between (Reroute,
+// ImageCrop, ...) are walked through; if one of them resizes the image, coordinates are still
+// pixels of the picture shown, so put SAM right after Load Image.
+//
+// Both widgets are DOM widgets (a <canvas>) with serialize: false, kept out of the workflow's
+// widgets_values and out of the API prompt: only the node's own inputs carry data.
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const SAM = "SIE_SAMSegment";
+const ROI = "SIE_SinDDMGuideROI";
+const KINDS = { [SAM]: "image", [ROI]: "target" }; // node type -> input followed to the picture
+const COLOR = { pos: "#22c55e", neg: "#ef4444", box: "#3b82f6", roi: "#f59e0b", bg: "#1b1b1b" };
+const PAD = 4;       // layout px around the picture (it is fitted, centred, inside the canvas)
+const DRAG_PX = 5;   // a press that moves further than this (screen px) is a drag
+const HIT_PX = 8;    // a click this close (layout px) to a point removes it
+
+// ---------------------------------------------------------------------------------------
+// The prompt text <-> {points: [[x, y, label]], box: [x0, y0, x1, y1] | null}
+// ---------------------------------------------------------------------------------------
+
+/** The prompt's points and box, or null when the text is not a prompt (then nothing is overwritten). */
+export function parsePrompt(text) {
+  if (!text || !String(text).trim()) return { points: [], box: null };
+  let data;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    return null;
+  }
+  if (!data || typeof data !== "object" || Array.isArray(data)) return null;
+  const num = (v) => typeof v === "number" && Number.isFinite(v);
+  const points = [];
+  for (const p of Array.isArray(data.points) ? data.points : []) {
+    if (!Array.isArray(p) || !num(p[0]) || !num(p[1])) return null;
+    points.push([p[0], p[1], p.length > 2 && p[2] === 0 ? 0 : 1]); // [x, y] means positive
+  }
+  const b = data.box;
+  const box = Array.isArray(b) && b.length === 4 && b.every(num) ? b.slice() : null;
+  return { points, box };
+}
+
+/** The prompt text, spaced like the node's default ('{"points": [], "box": null}'). */
+export function formatPrompt({ points, box }) {
+  const list = (a) => `[${a.join(", ")}]`;
+  return `{"points": [${points.map(list).join(", ")}], "box": ${box ? list(box) : "null"}}`;
+}
+
+// ---------------------------------------------------------------------------------------
+// Finding the picture upstream
+// ---------------------------------------------------------------------------------------
+
+/** {url, label, size?} of the picture a node shows itself, or null. */
+function pictureOf(node) {
+  const w = node.widgets?.find((w) => w.name === "image" && typeof w.value === "string" && w.value);
+  if (w) {
+    // "sub/dir/name.png" or "name.png [output]" (the annotated form of pasted / output files)
+    const m = /^(.*?)(?: \[(input|output|temp)\])?$/.exec(w.value);
+    const path = m[1];
+    const cut = path.lastIndexOf("/");
+    const query = new URLSearchParams({
+      filename: path.slice(cut + 1),
+      type: m[2] || "input",
+      subfolder: cut >= 0 ? path.slice(0, cut) : "",
+    });
+    return { url: api.apiURL(`/view?${query}`), label: w.value };
+  }
+  const img = node.imgs?.[node.imageIndex ?? 0];
+  if (img?.src) return { url: img.src, label: node.title || node.type };
+  return null;
+}
+
+/** The picture found by following `inputName` upstream (through at most 8 nodes), or null. */
+function findPicture(node, inputName) {
+  let slot = node.findInputSlot(inputName);
+  let at = node;
+  for (let depth = 0; depth < 8 && slot >= 0; depth++) {
+    const up = at.getInputNode(slot);
+    if (!up) return null;
+    const pic = pictureOf(up);
+    if (pic) return { ...pic, direct: depth === 0 };
+    at = up;
+    slot = (up.inputs || []).findIndex((i) => i.link != null && (i.type === "IMAGE" || i.type === "*"));
+  }
+  return null;
+}
+
+/** [w, h] of the region node's target in output pixels, when it can be known in the browser. */
+function targetSize(st) {
+  const up = st.node.getInputNode(st.node.findInputSlot("target"));
+  const num = (name) => up?.widgets?.find((w) => w.name === name)?.value;
+  if (Number.isFinite(num("width")) && Number.isFinite(num("height"))) return [num("width"), num("height")];
+  if (st.pic?.direct && st.img?.naturalWidth) return [st.img.naturalWidth, st.img.naturalHeight];
+  return null;
+}
+
+// ---------------------------------------------------------------------------------------
+// The widget
+// ---------------------------------------------------------------------------------------
+
+const widgetOf = (node, name) => node.widgets?.find((w) => w.name === name);
+
+/** Where the picture sits in the canvas (layout px): scale s and offset (ox, oy). */
+function view(st) {
+  const W = st.canvas.clientWidth, H = st.canvas.clientHeight;
+  const iw = st.img.naturalWidth, ih = st.img.naturalHeight;
+  const s = Math.max(1e-6, Math.min((W - 2 * PAD) / iw, (H - 2 * PAD) / ih));
+  return { s, ox: (W - iw * s) / 2, oy: (H - ih * s) / 2, iw, ih };
+}
+
+/** A pointer event's position in picture pixels (not clamped). */
+function toPicture(st, e) {
+  const r = st.canvas.getBoundingClientRect(); // on screen, i.e. after the canvas zoom
+  const v = view(st);
+  const u = ((e.clientX - r.left) * st.canvas.clientWidth) / r.width;
+  const w = ((e.clientY - r.top) * st.canvas.clientHeight) / r.height;
+  return [(u - v.ox) / v.s, (w - v.oy) / v.s];
+}
+
+const ready = (st) => st.img?.complete && st.img.naturalWidth > 0;
+const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
+
+/** Re-reads the inputs; loads a new picture and redraws when anything changed (or when forced). */
+function sync(st, force = false) {
+  const pic = findPicture(st.node, KINDS[st.node.type]);
+  const url = pic?.url ?? null;
+  if (url !== st.url) {
+    st.url = url;
+    st.pic = pic;
+    st.img = null;
+    if (url) {
+      const img = new Image();
+      img.onload = img.onerror = () => img === st.img && sync(st, true);
+      img.src = url;
+      st.img = img;
+    }
+  }
+  const key = st.node.type === SAM
+    ? widgetOf(st.node, "prompt")?.value
+    : [widgetOf(st.node, "x")?.value, widgetOf(st.node, "y")?.value, targetSize(st)].join();
+  const sig = `${url}|${ready(st)}|${key}`;
+  if (force || sig !== st.sig) {
+    st.sig = sig;
+    draw(st);
+  }
+}
+
+function draw(st) {
+  const { canvas } = st;
+  const W = canvas.clientWidth, H = canvas.clientHeight;
+  if (!W || !H) return; // not mounted yet: the ResizeObserver draws once it is
+  const dpr = window.devicePixelRatio || 1;
+  if (canvas.width !== Math.round(W * dpr) || canvas.height !== Math.round(H * dpr)) {
+    canvas.width = Math.round(W * dpr);
+    canvas.height = Math.round(H * dpr);
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.fillStyle = COLOR.bg;
+  ctx.fillRect(0, 0, W, H);
+  st.draws += 1;
+  canvas.dataset.draws = String(st.draws); // for tests: how often it was drawn, and on what
+  canvas.dataset.state = !st.url ? "no-image" : ready(st) ? "ready" : st.img?.complete ? "broken" : "loading";
+  const say = (text, y = H / 2) => {
+    ctx.fillStyle = "#aaa";
+    ctx.font = "12px sans-serif";
+    ctx.textAlign = "center";
+    ctx.fillText(text, W / 2, y, W - 8);
+  };
+  if (H < 30) return say(H >= 12 ? "enlarge the node to pick on the image" : "", H - 3);
+  if (canvas.dataset.state !== "ready") {
+    const input = KINDS[st.node.type];
+    return say({ "no-image": `connect a Load Image node (upstream) to '${input}'`,
+                 loading: "loading the image ...", broken: `cannot load ${st.pic?.label}` }[canvas.dataset.state]);
+  }
+  const v = view(st);
+  const at = (x, y) => [v.ox + x * v.s, v.oy + y * v.s];
+  ctx.drawImage(st.img, v.ox, v.oy, v.iw * v.s, v.ih * v.s);
+  canvas.dataset.view = JSON.stringify({ s: v.s, ox: v.ox, oy: v.oy, w: v.iw, h: v.ih });
+
+  if (st.node.type === SAM) {
+    const prompt = parsePrompt(widgetOf(st.node, "prompt")?.value);
+    canvas.dataset.drawn = prompt ? formatPrompt(prompt) : "";
+    if (!prompt) say("the prompt is not valid JSON: fix it or press clear");
+    if (prompt?.box) drawBox(ctx, at, prompt.box, COLOR.box, false);
+    for (const [x, y, label] of prompt?.points ?? []) {
+      const [px, py] = at(x, y);
+      ctx.beginPath();
+      ctx.arc(px, py, 5, 0, 2 * Math.PI);
+      ctx.fillStyle = label ? COLOR.pos : COLOR.neg;
+      ctx.fill();
+      ctx.lineWidth = 1.5;
+      ctx.strokeStyle = "#fff";
+      ctx.stroke();
+    }
+  } else {
+    const x = widgetOf(st.node, "x")?.value ?? 0, y = widgetOf(st.node, "y")?.value ?? 0;
+    const size = targetSize(st);
+    canvas.dataset.drawn = JSON.stringify({ x, y, size });
+    if (size) drawBox(ctx, at, [x, y, x + size[0], y + size[1]], COLOR.roi, false);
+    const [px, py] = at(x, y); // crosshair on the target's top-left corner
+    ctx.strokeStyle = COLOR.roi;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    ctx.moveTo(px - 8, py); ctx.lineTo(px + 8, py);
+    ctx.moveTo(px, py - 8); ctx.lineTo(px, py + 8);
+    ctx.stroke();
+  }
+  if (st.drag?.moved && st.node.type === SAM) drawBox(ctx, at, dragBox(st, st.drag), "#fff", true);
+}
+
+/** A box outline (dashed: the one being dragged; else lightly filled too). */
+function drawBox(ctx, at, [x0, y0, x1, y1], color, dashed) {
+  const [a, b] = at(x0, y0), [c, d] = at(x1, y1);
+  ctx.save();
+  ctx.setLineDash(dashed ? [4, 3] : []);
+  ctx.lineWidth = 2;
+  ctx.strokeStyle = color;
+  ctx.strokeRect(a, b, c - a, d - b);
+  if (!dashed) {
+    ctx.globalAlpha = 0.15;
+    ctx.fillStyle = color;
+    ctx.fillRect(a, b, c - a, d - b);
+  }
+  ctx.restore();
+}
+
+/** The box being dragged, in whole picture pixels inside the picture, x0 <= x1, y0 <= y1. */
+function dragBox(st, drag) {
+  const [w, h] = [st.img.naturalWidth, st.img.naturalHeight];
+  const [ax, ay] = drag.from, [bx, by] = drag.to;
+  const X = (v) => Math.round(clamp(v, 0, w)), Y = (v) => Math.round(clamp(v, 0, h));
+  return [X(Math.min(ax, bx)), Y(Math.min(ay, by)), X(Math.max(ax, bx)), Y(Math.max(ay, by))];
+}
+
+function setWidget(node, name, value) {
+  const w = widgetOf(node, name);
+  if (!w) return;
+  w.value = value;
+  w.callback?.(w.value);
+}
+
+function setPrompt(st, prompt) {
+  setWidget(st.node, "prompt", formatPrompt(prompt));
+  st.node.setDirtyCanvas?.(true, true);
+  sync(st, true);
+}
+
+// SAM: click = point (removes a point it lands on), drag = box.
+function finishSam(st, drag, e) {
+  const prompt = parsePrompt(widgetOf(st.node, "prompt")?.value);
+  if (!prompt) return sync(st, true); // not JSON: leave the user's text alone
+  if (drag.moved) {
+    const box = dragBox(st, drag);
+    if (box[0] < box[2] && box[1] < box[3]) prompt.box = box;
+    return setPrompt(st, prompt);
+  }
+  const [x, y] = drag.to;
+  const v = view(st);
+  if (x < 0 || y < 0 || x > v.iw || y > v.ih) return sync(st, true); // outside the picture
+  const hit = prompt.points.findIndex(([px, py]) => Math.hypot(px - x, py - y) * v.s <= HIT_PX);
+  if (hit >= 0) prompt.points.splice(hit, 1);
+  else prompt.points.push([Math.round(x), Math.round(y), e.button === 2 || e.shiftKey ? 0 : 1]);
+  setPrompt(st, prompt);
+}
+
+// Region: the press (and a drag) puts the target's top-left corner under the pointer.
+function moveRoi(st, drag) {
+  const [x, y] = drag.to;
+  for (const [name, value] of [["x", x], ["y", y]]) {
+    const o = widgetOf(st.node, name)?.options ?? {};
+    setWidget(st.node, name, clamp(Math.round(value), o.min ?? -8192, o.max ?? 8192));
+  }
+  st.node.setDirtyCanvas?.(true, true);
+  sync(st, true);
+}
+
+function listen(st) {
+  const { canvas } = st;
+  canvas.addEventListener("contextmenu", (e) => e.preventDefault()); // right-click = negative point
+  canvas.addEventListener("pointerdown", (e) => {
+    if (!ready(st) || (e.button !== 0 && e.button !== 2)) return;
+    e.preventDefault();
+    e.stopPropagation(); // the graph canvas must not start a drag of its own
+    canvas.setPointerCapture?.(e.pointerId);
+    const p = toPicture(st, e);
+    st.drag = { from: p, to: p, x: e.clientX, y: e.clientY, moved: false };
+    if (st.node.type === ROI) moveRoi(st, st.drag);
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!st.drag) return;
+    st.drag.to = toPicture(st, e);
+    st.drag.moved ||= Math.hypot(e.clientX - st.drag.x, e.clientY - st.drag.y) > DRAG_PX;
+    if (st.node.type === ROI) moveRoi(st, st.drag);
+    else if (st.drag.moved) draw(st);
+  });
+  const end = (e) => {
+    const drag = st.drag;
+    if (!drag) return;
+    st.drag = null; // before the redraw: no rubber band any more
+    drag.to = toPicture(st, e);
+    if (st.node.type === SAM) finishSam(st, drag, e);
+    else moveRoi(st, drag);
+  };
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", () => { st.drag = null; sync(st, true); });
+}
+
+/** Adds the picking canvas (and, for SAM, the clear button) to a freshly created node. */
+function addPicker(node) {
+  const sam = node.type === SAM;
+  if (sam) {
+    const clear = node.addWidget("button", "clear points / box", null,
+                                 () => setPrompt(node.siePicker, { points: [], box: null }), { serialize: false });
+    clear.serialize = false;
+  }
+  const canvas = document.createElement("canvas");
+  canvas.dataset.testid = sam ? "sie-sam-picker" : "sie-roi-picker";
+  canvas.style.cssText = "display:block;width:100%;height:100%;cursor:crosshair;touch-action:none";
+  canvas.title = sam ? "click: positive point · shift- or right-click: negative point · click a point: remove it · "
+                       + "drag: box"
+                     : "click or drag: where the target's top-left corner lands (x, y)";
+  // serialize: false in the options keeps it out of the API prompt, on the widget out of widgets_values.
+  // The region node's canvas may shrink to nothing, so that saved workflows keep their node sizes.
+  const widget = node.addDOMWidget("sie_picker", "sie_picker", canvas, {
+    serialize: false, hideOnZoom: false, getMinHeight: () => (sam ? 160 : 0),
+  });
+  widget.serialize = false;
+  const st = { node, canvas, widget, url: null, pic: null, img: null, sig: "", drag: null, draws: 0 };
+  node.siePicker = st;
+  listen(st);
+  st.resize = new ResizeObserver(() => draw(st));
+  st.resize.observe(canvas);
+  // typing in the prompt box redraws at once (the foreground hook would catch it on the next frame anyway)
+  widgetOf(node, "prompt")?.element?.addEventListener?.("input", () => sync(st));
+  // room for the picture on a new node; a loaded node gets its saved size afterwards
+  const [w, h] = node.computeSize();
+  node.setSize([Math.max(w, 320), h + (sam ? 100 : 220)]);
+}
+
+app.registerExtension({
+  name: "single-image-edit.picker",
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!(nodeData?.name in KINDS)) return;
+    const chain = (hook, fn) => {
+      const before = nodeType.prototype[hook];
+      nodeType.prototype[hook] = function (...args) {
+        const r = before?.apply(this, args);
+        fn.call(this, ...args);
+        return r;
+      };
+    };
+    chain("onNodeCreated", function () { addPicker(this); });
+    chain("onConfigure", function () { if (this.siePicker) sync(this.siePicker); });
+    chain("onConnectionsChange", function () { if (this.siePicker) sync(this.siePicker); });
+    // every frame the node is drawn: cheap unless the picture, the prompt or x / y changed
+    chain("onDrawForeground", function () { if (this.siePicker) sync(this.siePicker); });
+    chain("onRemoved", function () { this.siePicker?.resize.disconnect(); });
+  },
+});
