@@ -646,8 +646,98 @@ def sine_multi_model() -> Graph:
     return g
 
 
+LAYER_NOTE = ("LayerDiffusion (Li, Huang, Ding, Li, SIGGRAPH Asia 2023 TC; not the LayerDiffuse transparency project): "
+              "put the subject of ONE photo into a new background and edit it from one target text T = T_a + T_b.\n"
+              "1. Optimize Text Embedding (with conditioning_b and the photo's SAM mask): e_a (T_a) and e_b (T_b) "
+              "optimised jointly under the mask (Adam lr 1e-3, 500 steps).\n2. ConditioningAverage: e_opt = 0.7 e^_a "
+              "+ 0.3 e^_b (eq. 3; ComfyUI's node computes exactly this).\n3. Fine-Tune Model at e_opt: 2 L_obj "
+              "under the photo's mask + 1 L_bg outside the reference's mask (paper: full, lr 2e-6, 250 steps; lora "
+              "here).\n4. Iterative Guidance: DDIM 50 steps alternating e^_a and e_opt by step index.\n\n"
+              "Masks: SAM (models/sams, e.g. sam_vit_b_01ec64.pth); click points and drag a box on the Segment node, "
+              "or edit its JSON prompt. Needs an SD 1.x checkpoint.")
+
+
+def layer_stages(g: Graph, ckpt: Node, photo: Node, sam: Node, reference: Node, reference_mask: Node,
+                 t_a: str, t_b: str, prefix: str) -> None:
+    g.stage("1. Layered text embeddings", columns=2)
+    mask = g.add("SIE_SAMSegment", title="Object mask of the photo", sam=sam.out(0), image=photo.out(0),
+                 prompt='{"points": [[256, 256, 1]], "box": [96, 64, 416, 480]}', dilate=0, invert=False)
+    e_a = g.add("CLIPTextEncode", title="T_a (object)", clip=ckpt.out(1), text=t_a)
+    e_b = g.add("CLIPTextEncode", title="T_b (background)", clip=ckpt.out(1), text=t_b)
+    recipe = g.add("SIE_LayerRecipe", lambda_obj=2.0, lambda_bg=1.0, object_source="image",
+                   background_source="reference", reading="separate", reduction="image", mask_rule="area")
+    emb = g.add("SIE_OptimizeEmbedding", model=ckpt.out(0), vae=ckpt.out(2), image=photo.out(0),
+                conditioning=e_a.out(0), steps=500, learning_rate=0.001, seed=0, conditioning_b=e_b.out(0),
+                mask=mask.out(0), recipe=recipe.out(0))
+    g.add("SaveImage", title="Embedding loss", images=emb.out(1), filename_prefix=f"{prefix}_embedding_loss")
+    g.stage("2. Interpolate and fine-tune", columns=2)
+    e_opt = g.add("ConditioningAverage", title="e_opt = 0.7 e_a + 0.3 e_b", conditioning_to=emb.out(0),
+                  conditioning_from=emb.out(2), conditioning_to_strength=0.7)
+    ft = g.add("SIE_FineTune", model=ckpt.out(0), vae=ckpt.out(2), image=photo.out(0), conditioning=e_opt.out(0),
+               mode="lora", steps=250, learning_rate=0.0, rank=8, seed=0, recipe=recipe.out(0), mask=mask.out(0),
+               reference_image=reference.out(0), reference_mask=reference_mask.out(0))
+    g.add("SaveImage", title="Fine-tuning loss", images=ft.out(1), filename_prefix=f"{prefix}_finetune_loss")
+    g.add("SIE_SaveTrained", trained=ft.out(2), filename_prefix=prefix)
+    g.stage("3. Iterative guidance", columns=3)
+    negative = g.add("CLIPTextEncode", title="Negative (empty)", clip=ckpt.out(1), text="")
+    guider = g.add("SIE_IterativeGuidance", model=ft.out(0), object_positive=emb.out(0), positive=e_opt.out(0),
+                   negative=negative.out(0), cfg=7.5, start_parity="auto")
+    noise = g.add("RandomNoise", noise_seed=0)
+    sampler = g.add("KSamplerSelect", sampler_name="ddim")
+    sigmas = g.add("BasicScheduler", model=ft.out(0), scheduler="ddim_uniform", steps=50, denoise=1.0)
+    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    out = g.add("SamplerCustomAdvanced", noise=noise.out(0), guider=guider.out(0), sampler=sampler.out(0),
+                sigmas=sigmas.out(0), latent_image=empty.out(0))
+    dec = g.add("VAEDecode", samples=out.out(0), vae=ckpt.out(2))
+    g.add("SaveImage", title="Edited image", images=dec.out(0), filename_prefix=prefix)
+
+
+def layerdiffusion() -> Graph:
+    g = Graph("layerdiffusion")
+    g.note(LAYER_NOTE + "\n\nThis graph: the target text through SD gives the target image O_t, which serves as "
+           "the background reference; SAM masks the subject in the photo and in O_t.")
+    g.stage("Inputs: model, photo, SAM", columns=1)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    img = g.add("LoadImage", image="coffee_250x200.png")
+    photo = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=512, height=512, crop="center")
+    sam = g.add("SIE_LoadSAM", sam_name="sam_vit_b_01ec64.pth")
+    g.stage("0. Target image O_t from T", columns=2)
+    target = g.add("CLIPTextEncode", title="Target text T", clip=ckpt.out(1),
+                   text="a cup of coffee on a wooden table in a forest")
+    empty_neg = g.add("CLIPTextEncode", title="Negative (empty)", clip=ckpt.out(1), text="")
+    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    ks = g.add("KSampler", model=ckpt.out(0), positive=target.out(0), negative=empty_neg.out(0),
+               latent_image=empty.out(0), seed=0, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform",
+               denoise=1.0)
+    o_t = g.add("VAEDecode", title="O_t", samples=ks.out(0), vae=ckpt.out(2))
+    g.add("SaveImage", title="Target image O_t", images=o_t.out(0), filename_prefix="layerdiffusion/target")
+    m_r = g.add("SIE_SAMSegment", title="Object mask of O_t", sam=sam.out(0), image=o_t.out(0),
+                prompt='{"points": [[256, 256, 1]], "box": null}', dilate=0, invert=False)
+    layer_stages(g, ckpt, photo, sam, o_t, m_r, "a cup of coffee", "on a wooden table in a forest",
+                 "layerdiffusion/edit")
+    return g
+
+
+def layerdiffusion_reference_background() -> Graph:
+    g = Graph("layerdiffusion_reference_background")
+    g.note(LAYER_NOTE + "\n\nThis graph: a reference background image of your own (paper Fig. 4; pick one with a "
+           "similar camera angle), with no object in it, so its mask is all black (Solid Mask 0).")
+    g.stage("Inputs: model, photo, background, SAM", columns=1)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    img = g.add("LoadImage", image="coffee_250x200.png")
+    photo = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=512, height=512, crop="center")
+    bg = g.add("LoadImage", title="Reference background", image="coffee_128x100.png")
+    background = g.add("ImageScale", image=bg.out(0), upscale_method="lanczos", width=512, height=512,
+                       crop="center")
+    no_object = g.add("SolidMask", title="Reference mask (no object)", value=0.0, width=512, height=512)
+    sam = g.add("SIE_LoadSAM", sam_name="sam_vit_b_01ec64.pth")
+    layer_stages(g, ckpt, photo, sam, background, no_object, "a cup of coffee", "on a table by the sea",
+                 "layerdiffusion/reference_background")
+    return g
+
+
 GRAPHS = [sinddm_random_samples, sinddm_roi_outpaint, sinddm_harmonization, sinddm_style_transfer, sinddm_text_guided,
-          sinddm_text_roi, sinddm_text_style, imagic, sine_edit, sine_any_resolution, sine_multi_model]
+          sinddm_text_roi, sinddm_text_style, imagic, sine_edit, sine_any_resolution, sine_multi_model, layerdiffusion, layerdiffusion_reference_background]
 
 
 def main() -> None:

@@ -34,11 +34,15 @@ pytestmark = [pytest.mark.integration,
 WF = REPO / "workflows" / "api"
 IMAGES = REPO / "core" / "sinddm" / "data"
 CLIP_FILE = "open_clip_vit_b32.safetensors"
+SAM_FILE = "random_sam_vit_b.safetensors"
 
 SINDDM_TRAIN = {"SIE_SinDDMTrain": {"steps": 20, "width": 8, "batch_size": 2, "preview_every": 10}}
 SINE_SMALL = {"CheckpointLoaderSimple": {"ckpt_name": "random_sd15.safetensors"}, "ImageScale": {"width": 64, "height": 64},
               "EmptyLatentImage": {"width": 64, "height": 64}, "SIE_FineTune": {"steps": 2},
               "BasicScheduler": {"steps": 2}}
+LAYER_SMALL = {**SINE_SMALL, "SIE_OptimizeEmbedding": {"steps": 2}, "SIE_LoadSAM": {"sam_name": SAM_FILE},
+               # a random SAM's masks are noise: the box prompt alone, dilated, keeps object and background non-empty
+               "SIE_SAMSegment": {"prompt": '{"points": [], "box": [16, 16, 48, 48]}', "dilate": 2}}
 # workflow -> {node class: {input: value}}; then the expected SaveImage outputs {filename_prefix: (count, W, H)}
 OVERRIDES = {
     "sinddm_random_samples": {**SINDDM_TRAIN, "SIE_SinDDMSample": {"count": 1}},
@@ -63,6 +67,8 @@ OVERRIDES = {
     "sine_any_resolution": {**SINE_SMALL, "SIE_FineTune": {"steps": 1},  # one step on a 512 crop (patches)
                             "EmptyLatentImage": {"width": 96, "height": 64}},
     "sine_multi_model": SINE_SMALL,
+    "layerdiffusion": {**LAYER_SMALL, "KSampler": {"steps": 2}},
+    "layerdiffusion_reference_background": {**LAYER_SMALL, "SolidMask": {"width": 64, "height": 64}},
 }
 EXPECTED = {
     "sinddm_random_samples": {"sinddm/samples": (1, 250, 200), "sinddm/wide": (1, 500, 200),
@@ -80,6 +86,11 @@ EXPECTED = {
                             "sine/patches_loss": (1, 640, 320)},
     "sine_multi_model": {"sine/multi_model": (1, 64, 64), "sine/content_loss": (1, 640, 320),
                          "sine/style_loss": (1, 640, 320)},
+    "layerdiffusion": {"layerdiffusion/edit": (1, 64, 64), "layerdiffusion/target": (1, 64, 64),
+                       "layerdiffusion/edit_embedding_loss": (1, 640, 320),
+                       "layerdiffusion/edit_finetune_loss": (1, 640, 320)},
+    "layerdiffusion_reference_background": {"layerdiffusion/reference_background": (1, 64, 64),
+                                            "layerdiffusion/reference_background_finetune_loss": (1, 640, 320)},
 }
 
 
@@ -101,6 +112,24 @@ def random_open_clip() -> Path:
     return path
 
 
+def random_sam() -> Path:
+    """A random-weight Segment Anything ViT-B (segment-anything's own classes) in safetensors, made once and cached."""
+    segment_anything = pytest.importorskip("segment_anything")
+    import torch
+    from safetensors.torch import save_file
+
+    cache = Path(os.environ.get("SIE_TEST_CACHE", Path.home() / ".cache" / "comfyui-single-image-edit"))
+    path = cache / SAM_FILE
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        model = segment_anything.sam_model_registry["vit_b"](checkpoint=None)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.rename(path)
+    return path
+
+
 def apply_overrides(prompt: dict, overrides: dict) -> dict:
     out = json.loads(json.dumps(prompt))
     for node in out.values():
@@ -112,7 +141,7 @@ def apply_overrides(prompt: dict, overrides: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def server():
-    models = {"checkpoints": [random_sd15()], "open_clip": [random_open_clip()]}
+    models = {"checkpoints": [random_sd15()], "open_clip": [random_open_clip()], "sams": [random_sam()]}
     with ComfyServer(models=models) as srv:
         client = ComfyClient(srv.url)
         for image in ("coffee_250x200.png", "coffee_128x100.png"):
