@@ -19,6 +19,12 @@ What it runs (the functions of the single benchmarks, not copies of them):
   model-based guidance (every step guided, and the paper's K=400 averaged over 50 steps) next to
   a plain CFG step, at 512x512 and 768x1024 (height x width), with the targets (full + text
   encoder under 24 GiB, LoRA under 10 GiB, K=400 at most 1.6x CFG) checked in the log and the JSON;
+* LayerDiffusion (``layerdiffusion_speed.py``) on the same model at 512x512, a centred box (1/4 of
+  the image) as the object mask and an all-zero reference mask: a stage-1 step (layered embeddings
+  e_a + e_b, one batch-2 UNet call), a stage-2 step (layered fine-tune, LoRA and full), a stage-3
+  step (iterative guidance, DDIM + CFG with the LoRA-tuned view) next to plain CFG DDIM, each with
+  its peak memory, and the projected whole edit at the paper's 500 + 250 + 50 steps against the
+  paper's "about 2 minutes per edit on an A100" and the pack's target (under 1 minute on an H100);
 * the engine (``engine_switch.py``) on the same model: the cost of switching between the
   base and a LoRA view inside a step, and a DDIM step with SINE's model-based guidance where
   the fine-tuned model is a LoRA view of the base, next to a plain CFG step.
@@ -72,14 +78,18 @@ FULL = dict(sinddm_image="coffee_250x200.png", sinddm_width=160, sinddm_batch=32
             sine=dict(finetune_size=512, finetune_steps=4, patch=None,
                       finetunes=["LoRA", "LoRA, patches", "full", "full, patches", "full + text encoder"],
                       sample_latents=[[64, 64], [96, 128]], sample_steps=50, guidance=7.5, v=0.7, K=400,
-                      warmup_steps=2))
+                      warmup_steps=2),
+            layerdiffusion=dict(size=512, embedding_steps=4, finetune_steps=4, finetunes=["lora", "full"],
+                                sample_steps=50, guidance=7.5, alpha=0.7))
 DRY = dict(sinddm_image="coffee_128x100.png", sinddm_width=8, sinddm_batch=2, sinddm_steps=1, sinddm_warmup=1,
            sinddm_paper_steps=120_000, sinddm_resize=(90, 70), sd="tiny", sd_size=32, sd_steps=2, switch_latent=4,
            switch_calls=2, guided_steps=2,
            sine=dict(finetune_size=64, finetune_steps=2, patch=dict(high_resolution=128, size=64),
                      finetunes=["LoRA", "LoRA, patches", "full", "full, patches", "full + text encoder"],
                      sample_latents=[[16, 16], [24, 32]], sample_steps=10, guidance=7.5, v=0.7, K=400,
-                     warmup_steps=1))
+                     warmup_steps=1),
+           layerdiffusion=dict(size=64, embedding_steps=2, finetune_steps=2, finetunes=["lora", "full"],
+                               sample_steps=4, guidance=7.5, alpha=0.7))
 
 
 def download_wheels(dest: Path, python: str = "3.12") -> list[Path]:
@@ -227,6 +237,29 @@ def run_sine(table: Table, cfg: dict, model, device, log) -> dict:
     return res
 
 
+def run_layerdiffusion(table: Table, cfg: dict, model, device, log) -> dict:
+    from layerdiffusion_speed import PAPER_STEPS, time_layerdiffusion
+
+    lc = cfg["layerdiffusion"]
+    res = time_layerdiffusion(model, lc, device, log=log)
+    gpu = device.type == "cuda"
+    size = lc["size"]
+    setting = f"{size}x{size}, " + ("bf16 autocast, checkpointing" if gpu else "fp32")
+    for r in res["stages"]:
+        extra = f", {r['sample_steps']} DDIM steps" if "sample_steps" in r else ""
+        table.add("LayerDiffusion", f"{r['stage']} step", setting + extra, r["s_per_step"], "s/step",
+                  r["peak_gib"] * 1024)
+    steps = "+".join(str(PAPER_STEPS[k]) for k in ("embedding", "finetune", "sampling"))
+    anchors = res["anchors"]
+    for mode, e in res["whole_edit"].items():
+        table.add("LayerDiffusion", f"whole edit, {mode} ({steps} steps), projected", setting, e["minutes"], "min",
+                  e["peak_gib"] * 1024)
+        if gpu:
+            table.add("LayerDiffusion", f"whole edit, {mode} / paper's A100 figure ({anchors['paper_A100_minutes']:g} "
+                      "min)", f"{setting}, {anchors['device']}", anchors[mode]["over_paper_A100"], "x")
+    return res
+
+
 def run_engine(table: Table, cfg: dict, model, device, log) -> dict:
     from engine_switch import guided_step, switch_cost
     from memory import peak_mib, reset_peak
@@ -255,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes and models, on the CPU, a few steps")
     ap.add_argument("--device", default=None, help="default: cuda (cpu for --dry-run)")
-    ap.add_argument("--only", default="sinddm,imagic,sine,engine", help="comma-separated subset")
+    ap.add_argument("--only", default="sinddm,imagic,sine,layerdiffusion,engine", help="comma-separated subset")
     ap.add_argument("--out", default=None, help="the JSON file (default: benchmarks/results/gpu_suite_<device>_<date>"
                                                 ".json; --dry-run: a temporary folder)")
     ap.add_argument("--wheels", default=str(DEFAULT_WHEELS), help="wheel folder to install from when diffusers is "
@@ -292,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         log("SinDDM")
         data["sinddm"] = run_sinddm(table, cfg, device, log)
         timings["sinddm"] = time.perf_counter() - t0
-    if only & {"imagic", "sine", "engine"}:
+    if only & {"imagic", "sine", "layerdiffusion", "engine"}:
         t0 = time.perf_counter()
         model, name = build_sd(cfg, device)
         log(f"{name} built on {device} in {time.perf_counter() - t0:.1f} s")
@@ -306,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
             log("SINE")
             data["sine"] = run_sine(table, cfg, model, device, log)
             timings["sine"] = time.perf_counter() - t0
+        if "layerdiffusion" in only:
+            t0 = time.perf_counter()
+            log("LayerDiffusion")
+            data["layerdiffusion"] = run_layerdiffusion(table, cfg, model, device, log)
+            timings["layerdiffusion"] = time.perf_counter() - t0
         if "engine" in only:
             t0 = time.perf_counter()
             log("engine")

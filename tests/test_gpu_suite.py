@@ -25,6 +25,11 @@ EXPECTED = {
     "engine": ["eps call, plain model", "eps call, base in views()", "eps call, LoRA view",
                "eps calls, base + view alternating", "view switch cost", "DDIM + CFG step (base only)",
                "DDIM step, SINE guidance with a LoRA view"],
+    "SINE": ["fine-tune step, LoRA", "fine-tune step, LoRA, patches", "fine-tune step, full",
+             "fine-tune step, full + text encoder"],
+    "LayerDiffusion": ["stage 1: layered embeddings (e_a + e_b) step", "stage 2: layered fine-tune (full) step",
+                       "stage 2: layered fine-tune (lora) step", "stage 3: iterative guidance (lora view) step",
+                       "whole edit, lora (500+250+50 steps), projected"],
 }
 
 
