@@ -113,7 +113,7 @@ def image_latent(sd: bridge.ComfySD, image, name: str = "image") -> torch.Tensor
 
 # --------------------------------------------------------------------------------------
 class OptimizeEmbedding:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_OptimizeEmbedding", "Optimize Text Embedding (Imagic / LayerDiffusion)", ()
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_OptimizeEmbedding", "Optimize Text Embedding", ()
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("CONDITIONING", "IMAGE", "CONDITIONING")
@@ -207,7 +207,7 @@ class OptimizeEmbedding:
 
 
 class FineTune:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_FineTune", "Fine-Tune Model (Imagic / SINE / LayerDiffusion)", ()
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_FineTune", "Fine-Tune Model", ()
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "IMAGE", TRAINED, "CLIP")

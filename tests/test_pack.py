@@ -148,3 +148,26 @@ def test_requirements_have_lower_bounds_only_and_match_pyproject():
     for key in ("PublisherId", "DisplayName", "Icon", "requires-comfyui"):
         assert key in comfy
     json.dumps(comfy)
+
+
+# Frontend modules that every supported frontend (1.27 ... 1.58) serves as public shims; 1.58 warns on
+# the others ("internal module") and has dropped some (extensions/core/clipspace.js, uploadImage.js).
+PUBLIC_FRONTEND_MODULES = {"../../scripts/app.js", "../../scripts/api.js"}
+
+
+def test_web_directory_holds_only_extension_modules():
+    """``WEB_DIRECTORY`` exists, and everything in it is a browser extension module (the frontend imports
+    every ``.js`` file there), importing only the frontend's public modules."""
+    import re
+
+    pack = load_pack()
+    web = (ROOT / pack.WEB_DIRECTORY).resolve()
+    assert web.is_dir() and web.parent == ROOT, web
+    files = sorted(p for p in web.rglob("*") if p.is_file())
+    assert files, "WEB_DIRECTORY is empty"
+    for path in files:
+        assert path.suffix == ".js" and "test" not in path.name, f"not an extension module: {path}"
+        source = path.read_text()
+        imports = set(re.findall(r"""^\s*import\s[^'"]*['"]([^'"]+)['"]""", source, re.M))
+        assert imports <= PUBLIC_FRONTEND_MODULES, f"{path.name} imports {sorted(imports - PUBLIC_FRONTEND_MODULES)}"
+        assert "app.registerExtension(" in source, f"{path.name} registers no extension"

@@ -19,7 +19,9 @@
 // pixels of the picture shown, so put SAM right after Load Image.
 //
 // Both widgets are DOM widgets (a <canvas>) with serialize: false, kept out of the workflow's
-// widgets_values and out of the API prompt: only the node's own inputs carry data.
+// widgets_values and out of the API prompt: only the node's own inputs carry data.  The canvas has
+// no minimum height, so loading a workflow never resizes its nodes: it fills the height the node
+// has left (on SAM the prompt box is capped at 80 px for that), and new nodes are made 240 px taller.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -294,7 +296,12 @@ function moveRoi(st, drag) {
 
 function listen(st) {
   const { canvas } = st;
-  canvas.addEventListener("contextmenu", (e) => e.preventDefault()); // right-click = negative point
+  canvas.addEventListener("contextmenu", (e) => { // right-click = negative point, not the node's menu
+    e.preventDefault();
+    e.stopPropagation();
+  });
+  // Nodes 2.0 never calls onDrawForeground: catch a new upstream picture when the pointer comes by
+  canvas.addEventListener("pointerenter", () => sync(st));
   canvas.addEventListener("pointerdown", (e) => {
     if (!ready(st) || (e.button !== 0 && e.button !== 2)) return;
     e.preventDefault();
@@ -327,6 +334,9 @@ function listen(st) {
 function addPicker(node) {
   const sam = node.type === SAM;
   if (sam) {
+    // the prompt is a line or three of JSON: let the picture, not the text box, take the node's free height
+    const text = widgetOf(node, "prompt");
+    if (text?.options && !text.options.getMaxHeight) text.options.getMaxHeight = () => 80;
     const clear = node.addWidget("button", "clear points / box", null,
                                  () => setPrompt(node.siePicker, { points: [], box: null }), { serialize: false });
     clear.serialize = false;
@@ -338,9 +348,10 @@ function addPicker(node) {
                        + "drag: box"
                      : "click or drag: where the target's top-left corner lands (x, y)";
   // serialize: false in the options keeps it out of the API prompt, on the widget out of widgets_values.
-  // The region node's canvas may shrink to nothing, so that saved workflows keep their node sizes.
+  // No minimum height: the canvas takes the room the node has left, so a workflow saved without this
+  // widget (or by a build script) keeps its node sizes and layout; a new node gets room below.
   const widget = node.addDOMWidget("sie_picker", "sie_picker", canvas, {
-    serialize: false, hideOnZoom: false, getMinHeight: () => (sam ? 160 : 0),
+    serialize: false, hideOnZoom: false, getMinHeight: () => 0,
   });
   widget.serialize = false;
   const st = { node, canvas, widget, url: null, pic: null, img: null, sig: "", drag: null, draws: 0 };
@@ -352,7 +363,7 @@ function addPicker(node) {
   widgetOf(node, "prompt")?.element?.addEventListener?.("input", () => sync(st));
   // room for the picture on a new node; a loaded node gets its saved size afterwards
   const [w, h] = node.computeSize();
-  node.setSize([Math.max(w, 320), h + (sam ? 100 : 220)]);
+  node.setSize([Math.max(w, 320), h + 240]);
 }
 
 app.registerExtension({

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ROOT / "tests" / "data" / "comfyui_object_info.json"
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 UI_ONLY = {"Note", "MarkdownNote"}
+PICKERS = {"SIE_SAMSegment", "SIE_SinDDMGuideROI"}  # nodes with the canvas picker
 
 
 def load_schemas() -> dict[str, dict]:
@@ -223,6 +224,8 @@ class Graph:
             height += 160  # room for the image preview
         if n.type == "SaveImage":
             height += 100
+        if n.type in PICKERS:
+            height += 240  # the point / box picker (web/picker.js) fills the height left under the widgets
         return [NODE_W, height]
 
     def layout(self, resolved, sizes) -> tuple[dict[int, list[int]], list[dict]]:
