@@ -4,19 +4,34 @@
 //   right-click a negative one, a click on a point removes it, a drag draws the box.  Everything
 //   is written into the node's `prompt` STRING widget as
 //     {"points": [[x, y, 1], [x, y, 0]], "box": [x0, y0, x1, y1] | null}
-//   in pixels of the picture (origin top left), and always redrawn from that text, so a saved
-//   workflow reloads with its points and the API prompt carries the same text: headless runs
-//   need no browser.  The "clear points / box" button resets the prompt.
+//   in pixels of the image SAM receives (origin top left; see below), and always redrawn from that
+//   text, so a saved workflow reloads with its points and the API prompt carries the same text:
+//   headless runs need no browser.  The "clear points / box" button resets the prompt.
 // * SinDDM Guide: Region, SIE_SinDDMGuideROI: a click (or a drag) sets its x, y widgets, where
 //   the target's top-left corner lands; the target's rectangle is drawn there when its size is
-//   known (an ImageCrop's width / height, or the picture itself).
+//   known (from the nodes walked, below, or an upstream node's width / height).
 //
 // What the widget draws on: the frontend never sees the IMAGE flowing into a node, so the
 // widget follows the node's image input (`image` for SAM, `target` for the region) upstream to
 // the first node that has a picture: a Load Image node (its `image` widget, fetched from
-// /view?type=input) or any node showing a preview (`node.imgs`).  Nodes in between (Reroute,
-// ImageCrop, ...) are walked through; if one of them resizes the image, coordinates are still
-// pixels of the picture shown, so put SAM right after Load Image.
+// /view?type=input) or any node showing a preview (`node.imgs`), and shows that picture.
+//
+// Coordinates: the nodes walked on the way (Reroute, ImageScale, ...) can change the geometry, so
+// the widget composes, from their widget values, the transform from the picture's pixels to the
+// pixels of the image that reaches the node (per axis node = a * picture + b, as ComfyUI computes it):
+//   ImageScale (width, height, crop): resized to width x height (a 0 keeps the aspect); crop "center"
+//     first cuts, as comfy.utils.common_upscale does, round((W0 - W0 * new/old aspect) / 2) columns
+//     from each side (or the same in rows) when the aspect changes;
+//   ImageScaleBy (scale_by): round(W0 * scale_by) x round(H0 * scale_by);
+//   ImageCrop (width, height, x, y): the rectangle at (x, y), clipped to the image.
+// Clicks are mapped through it (rounded, clamped to the node's image: a click on the cut-away part
+// lands on its edge), the prompt's points and box are drawn back through its inverse, the parts of
+// the picture the crops cut away are dimmed, and a line on the canvas says which pixels the numbers
+// are in.  Other nodes are taken to keep the geometry; a node with width / height widgets not listed
+// here, or a listed one whose values come through links, cannot be followed: the line says so and
+// picture pixels are used for that step.  For the region, x, y are on the output canvas: an ImageCrop
+// cuts the target out of the (scaled) picture, so from there on crops change the target's size but
+// not the canvas; the scales still apply.
 //
 // Both widgets are DOM widgets (a <canvas>) with serialize: false, kept out of the workflow's
 // widgets_values and out of the API prompt: only the node's own inputs carry data.  The canvas has
@@ -29,10 +44,13 @@ import { api } from "../../scripts/api.js";
 const SAM = "SIE_SAMSegment";
 const ROI = "SIE_SinDDMGuideROI";
 const KINDS = { [SAM]: "image", [ROI]: "target" }; // node type -> input followed to the picture
-const COLOR = { pos: "#22c55e", neg: "#ef4444", box: "#3b82f6", roi: "#f59e0b", bg: "#1b1b1b" };
+const COLOR = { pos: "#22c55e", neg: "#ef4444", box: "#3b82f6", roi: "#f59e0b", bg: "#1b1b1b",
+                cut: "rgba(0, 0, 0, 0.65)" };
 const PAD = 4;       // layout px around the picture (it is fitted, centred, inside the canvas)
 const DRAG_PX = 5;   // a press that moves further than this (screen px) is a drag
 const HIT_PX = 8;    // a click this close (layout px) to a point removes it
+
+const widgetOf = (node, name) => node.widgets?.find((w) => w.name === name);
 
 // ---------------------------------------------------------------------------------------
 // The prompt text <-> {points: [[x, y, label]], box: [x0, y0, x1, y1] | null}
@@ -89,35 +107,148 @@ function pictureOf(node) {
   return null;
 }
 
-/** The picture found by following `inputName` upstream (through at most 8 nodes), or null. */
+/** The picture found by following `inputName` upstream (through at most 8 nodes), or null; its `steps`
+ *  are the nodes walked between the picture and `node`, in the image's order (picture first). */
 function findPicture(node, inputName) {
   let slot = node.findInputSlot(inputName);
   let at = node;
+  const walked = [];
   for (let depth = 0; depth < 8 && slot >= 0; depth++) {
     const up = at.getInputNode(slot);
     if (!up) return null;
     const pic = pictureOf(up);
-    if (pic) return { ...pic, direct: depth === 0 };
+    if (pic) return { ...pic, steps: walked.reverse().map(stepOf) };
+    walked.push(up);
     at = up;
     slot = (up.inputs || []).findIndex((i) => i.link != null && (i.type === "IMAGE" || i.type === "*"));
   }
   return null;
 }
 
-/** [w, h] of the region node's target in output pixels, when it can be known in the browser. */
+// ---------------------------------------------------------------------------------------
+// From picture pixels to the pixels of the image that reaches the node
+// ---------------------------------------------------------------------------------------
+
+/** Python's round() (halves to even): ComfyUI computes sizes and crops with it. */
+export function pyRound(v) {
+  const f = Math.floor(v), d = v - f;
+  return d > 0.5 ? f + 1 : d < 0.5 ? f : f % 2 === 0 ? f : f + 1;
+}
+
+// what each known node does to the image's geometry, from its widgets
+const GEOMETRY = {
+  ImageScale: ["scale", ["width", "height", "crop"]],
+  ImageScaleBy: ["scaleBy", ["scale_by"]],
+  ImageCrop: ["crop", ["width", "height", "x", "y"]],
+};
+
+/** One walked node as a geometry step: {kind: scale | scaleBy | crop | same | unknown, title, ...values}. */
+function stepOf(node) {
+  const title = node.title || node.type;
+  const value = (name) => {
+    if (node.inputs?.some((i) => i.widget?.name === name && i.link != null)) return undefined; // fed by a link
+    return widgetOf(node, name)?.value;
+  };
+  const known = GEOMETRY[node.type];
+  if (known) {
+    const [kind, names] = known;
+    const step = { kind, title };
+    for (const name of names) step[name] = value(name);
+    const numbers = names.filter((n) => n !== "crop");
+    const ok = numbers.every((n) => Number.isFinite(step[n]) && step[n] >= 0)
+      && (kind !== "scale" || step.crop === "disabled" || step.crop === "center");
+    return ok ? step : { kind: "unknown", title };
+  }
+  // another node that sets a width and a height resizes in a way not known here; any other keeps the geometry
+  const sized = ["width", "height"].every((n) => widgetOf(node, n) && typeof widgetOf(node, n).value === "number");
+  return { kind: sized ? "unknown" : "same", title };
+}
+
+/** The picture-to-node transform for a picture of w x h pixels and the steps walked (picture first).
+ *
+ *  Per axis, node = a * picture + b.  `size` is the image that reaches the node, `visible` the part of the
+ *  picture it still shows ([x0, y0, x1, y1] in picture pixels; the rest is cut away by crops).  For the
+ *  region node (`roi`) an ImageCrop cuts its target out of the canvas x, y refer to: from there on crops only
+ *  change the target's size, scales still scale the canvas.  `exact` is false when a step could not be
+ *  followed (a size set by a link, an unknown resize node): those steps are taken as keeping the geometry. */
+export function transformOf(steps, w, h, roi = false) {
+  const t = { a: [1, 1], b: [0, 0], size: [w, h], visible: [0, 0, w, h], exact: true, via: [], unknown: [] };
+  let targetCut = false; // roi: an ImageCrop was passed
+  const scale = (kx, ky) => {
+    t.a = [t.a[0] * kx, t.a[1] * ky];
+    t.b = [t.b[0] * kx, t.b[1] * ky];
+  };
+  const cut = (x, y, cw, ch) => { // keep [x, x + cw) x [y, y + ch) of the current image
+    if (!(roi && targetCut)) {
+      const [v0, v1] = [(x - t.b[0]) / t.a[0], (y - t.b[1]) / t.a[1]];
+      const [v2, v3] = [(x + cw - t.b[0]) / t.a[0], (y + ch - t.b[1]) / t.a[1]];
+      const v = t.visible;
+      t.visible = [Math.max(v[0], v0), Math.max(v[1], v1), Math.min(v[2], v2), Math.min(v[3], v3)];
+      t.b = [t.b[0] - x, t.b[1] - y];
+    }
+    t.size = [cw, ch];
+  };
+  for (const s of steps || []) {
+    const [w0, h0] = t.size;
+    if (s.kind === "same") continue;
+    if (s.kind === "unknown" || !(w0 > 0 && h0 > 0)) {
+      t.exact = false;
+      t.unknown.push(s.title);
+      continue;
+    }
+    if (s.kind === "scale") { // nodes.ImageScale -> comfy.utils.common_upscale
+      let { width: W, height: H } = s;
+      if (W === 0 && H === 0) continue;
+      if (W === 0) W = Math.max(1, pyRound((w0 * H) / h0));
+      else if (H === 0) H = Math.max(1, pyRound((h0 * W) / w0));
+      let x = 0, y = 0;
+      if (s.crop === "center") {
+        const oldAspect = w0 / h0, newAspect = W / H;
+        if (oldAspect > newAspect) x = pyRound((w0 - w0 * (newAspect / oldAspect)) / 2);
+        else if (oldAspect < newAspect) y = pyRound((h0 - h0 * (oldAspect / newAspect)) / 2);
+      }
+      if (x || y) cut(x, y, w0 - 2 * x, h0 - 2 * y);
+      scale(W / t.size[0], H / t.size[1]);
+      t.size = [W, H];
+    } else if (s.kind === "scaleBy") { // nodes.ImageScaleBy
+      const W = pyRound(w0 * s.scale_by), H = pyRound(h0 * s.scale_by);
+      if (!(W > 0 && H > 0)) { t.exact = false; t.unknown.push(s.title); continue; }
+      scale(W / w0, H / h0);
+      t.size = [W, H];
+    } else if (s.kind === "crop") { // comfy_extras.nodes_images.ImageCrop
+      const x = Math.min(s.x, w0 - 1), y = Math.min(s.y, h0 - 1);
+      if (roi) targetCut = true; // the region's target is this piece; x, y stay on the canvas it is cut from
+      cut(x, y, Math.min(s.width, w0 - x), Math.min(s.height, h0 - y));
+    }
+    t.via.push(s.title);
+  }
+  return t;
+}
+
+const toNode = (t, [x, y]) => [t.a[0] * x + t.b[0], t.a[1] * y + t.b[1]];
+const toPic = (t, [x, y]) => [(x - t.b[0]) / t.a[0], (y - t.b[1]) / t.a[1]];
+
+/** The transform for the widget's current picture and chain. */
+function transform(st) {
+  const [w, h] = ready(st) ? [st.img.naturalWidth, st.img.naturalHeight] : [0, 0];
+  return transformOf(st.pic?.steps, w, h, st.node.type === ROI);
+}
+
+/** [w, h] of the region node's target, when it can be known in the browser. */
 function targetSize(st) {
-  const up = st.node.getInputNode(st.node.findInputSlot("target"));
+  if (ready(st)) {
+    const t = transform(st);
+    if (t.exact) return t.size;
+  }
+  const up = st.node.getInputNode(st.node.findInputSlot("target")); // else: an upstream width / height, as set
   const num = (name) => up?.widgets?.find((w) => w.name === name)?.value;
   if (Number.isFinite(num("width")) && Number.isFinite(num("height"))) return [num("width"), num("height")];
-  if (st.pic?.direct && st.img?.naturalWidth) return [st.img.naturalWidth, st.img.naturalHeight];
   return null;
 }
 
 // ---------------------------------------------------------------------------------------
 // The widget
 // ---------------------------------------------------------------------------------------
-
-const widgetOf = (node, name) => node.widgets?.find((w) => w.name === name);
 
 /** Where the picture sits in the canvas (layout px): scale s and offset (ox, oy). */
 function view(st) {
@@ -143,9 +274,9 @@ const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
 function sync(st, force = false) {
   const pic = findPicture(st.node, KINDS[st.node.type]);
   const url = pic?.url ?? null;
+  st.pic = pic; // its steps (the resize nodes walked) may change while the picture stays
   if (url !== st.url) {
     st.url = url;
-    st.pic = pic;
     st.img = null;
     if (url) {
       const img = new Image();
@@ -157,7 +288,7 @@ function sync(st, force = false) {
   const key = st.node.type === SAM
     ? widgetOf(st.node, "prompt")?.value
     : [widgetOf(st.node, "x")?.value, widgetOf(st.node, "y")?.value, targetSize(st)].join();
-  const sig = `${url}|${ready(st)}|${key}`;
+  const sig = `${url}|${ready(st)}|${key}|${JSON.stringify(pic?.steps ?? [])}`;
   if (force || sig !== st.sig) {
     st.sig = sig;
     draw(st);
@@ -193,9 +324,42 @@ function draw(st) {
                  loading: "loading the image ...", broken: `cannot load ${st.pic?.label}` }[canvas.dataset.state]);
   }
   const v = view(st);
-  const at = (x, y) => [v.ox + x * v.s, v.oy + y * v.s];
+  const t = transform(st);
+  const at = (x, y) => { // node pixels -> canvas layout px
+    const [px, py] = toPic(t, [x, y]);
+    return [v.ox + px * v.s, v.oy + py * v.s];
+  };
   ctx.drawImage(st.img, v.ox, v.oy, v.iw * v.s, v.ih * v.s);
   canvas.dataset.view = JSON.stringify({ s: v.s, ox: v.ox, oy: v.oy, w: v.iw, h: v.ih });
+  canvas.dataset.transform = JSON.stringify({ a: t.a, b: t.b, size: t.size, visible: t.visible, exact: t.exact });
+  const [x0, y0, x1, y1] = t.visible;
+  if (x0 > 0 || y0 > 0 || x1 < v.iw || y1 < v.ih) { // what the crops cut away: dimmed, the kept part outlined
+    const [a, b, c, d] = [v.ox + x0 * v.s, v.oy + y0 * v.s, v.ox + x1 * v.s, v.oy + y1 * v.s];
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(v.ox, v.oy, v.iw * v.s, v.ih * v.s);
+    ctx.rect(a, b, Math.max(0, c - a), Math.max(0, d - b));
+    ctx.fillStyle = COLOR.cut;
+    ctx.fill("evenodd");
+    ctx.setLineDash([3, 3]);
+    ctx.lineWidth = 1;
+    ctx.strokeStyle = "rgba(255, 255, 255, 0.7)";
+    ctx.strokeRect(a + 0.5, b + 0.5, Math.max(0, c - a - 1), Math.max(0, d - b - 1));
+    ctx.restore();
+  }
+  const note = transformNote(st, t, v);
+  if (note) {
+    ctx.save();
+    ctx.font = "11px sans-serif";
+    ctx.textAlign = "left";
+    ctx.textBaseline = "top";
+    const tw = Math.min(ctx.measureText(note).width, W - 12);
+    ctx.fillStyle = "rgba(0, 0, 0, 0.6)";
+    ctx.fillRect(2, 2, tw + 8, 16);
+    ctx.fillStyle = t.exact ? "#ddd" : "#fbbf24";
+    ctx.fillText(note, 6, 4, W - 12);
+    ctx.restore();
+  }
 
   if (st.node.type === SAM) {
     const prompt = parsePrompt(widgetOf(st.node, "prompt")?.value);
@@ -228,6 +392,18 @@ function draw(st) {
   if (st.drag?.moved && st.node.type === SAM) drawBox(ctx, at, dragBox(st, st.drag), "#fff", true);
 }
 
+/** A line saying in which pixels the numbers are, when they are not the picture's; "" when they are. */
+function transformNote(st, t, v) {
+  if (!t.exact) return `not followed: ${t.unknown.join(", ")} (its size is unknown here); picture pixels assumed`;
+  const same = t.a[0] === 1 && t.a[1] === 1 && t.b[0] === 0 && t.b[1] === 0;
+  if (same && t.visible.join() === [0, 0, v.iw, v.ih].join()) return "";
+  const via = t.via.join(" \u2192 ");
+  if (st.node.type === SAM) return `points in the ${t.size[0]}\u00d7${t.size[1]} px image after ${via}`;
+  const [x0, y0, x1, y1] = t.visible;
+  const cw = Math.round((x1 - x0) * t.a[0]), ch = Math.round((y1 - y0) * t.a[1]);
+  return `x, y in pixels of the picture after ${via} (${cw}\u00d7${ch})`;
+}
+
 /** A box outline (dashed: the one being dragged; else lightly filled too). */
 function drawBox(ctx, at, [x0, y0, x1, y1], color, dashed) {
   const [a, b] = at(x0, y0), [c, d] = at(x1, y1);
@@ -244,12 +420,17 @@ function drawBox(ctx, at, [x0, y0, x1, y1], color, dashed) {
   ctx.restore();
 }
 
-/** The box being dragged, in whole picture pixels inside the picture, x0 <= x1, y0 <= y1. */
+/** A picture position in whole pixels of the node's image, inside it. */
+function nodePoint(t, p) {
+  const [x, y] = toNode(t, p);
+  return [Math.round(clamp(x, 0, t.size[0])), Math.round(clamp(y, 0, t.size[1]))];
+}
+
+/** The box being dragged, in whole pixels of the node's image, inside it, x0 <= x1, y0 <= y1. */
 function dragBox(st, drag) {
-  const [w, h] = [st.img.naturalWidth, st.img.naturalHeight];
-  const [ax, ay] = drag.from, [bx, by] = drag.to;
-  const X = (v) => Math.round(clamp(v, 0, w)), Y = (v) => Math.round(clamp(v, 0, h));
-  return [X(Math.min(ax, bx)), Y(Math.min(ay, by)), X(Math.max(ax, bx)), Y(Math.max(ay, by))];
+  const t = transform(st);
+  const [ax, ay] = nodePoint(t, drag.from), [bx, by] = nodePoint(t, drag.to);
+  return [Math.min(ax, bx), Math.min(ay, by), Math.max(ax, bx), Math.max(ay, by)];
 }
 
 function setWidget(node, name, value) {
@@ -275,17 +456,20 @@ function finishSam(st, drag, e) {
     return setPrompt(st, prompt);
   }
   const [x, y] = drag.to;
-  const v = view(st);
+  const v = view(st), t = transform(st);
   if (x < 0 || y < 0 || x > v.iw || y > v.ih) return sync(st, true); // outside the picture
-  const hit = prompt.points.findIndex(([px, py]) => Math.hypot(px - x, py - y) * v.s <= HIT_PX);
+  const hit = prompt.points.findIndex((p) => {
+    const [px, py] = toPic(t, p);
+    return Math.hypot(px - x, py - y) * v.s <= HIT_PX;
+  });
   if (hit >= 0) prompt.points.splice(hit, 1);
-  else prompt.points.push([Math.round(x), Math.round(y), e.button === 2 || e.shiftKey ? 0 : 1]);
+  else prompt.points.push([...nodePoint(t, drag.to), e.button === 2 || e.shiftKey ? 0 : 1]);
   setPrompt(st, prompt);
 }
 
 // Region: the press (and a drag) puts the target's top-left corner under the pointer.
 function moveRoi(st, drag) {
-  const [x, y] = drag.to;
+  const [x, y] = toNode(transform(st), drag.to);
   for (const [name, value] of [["x", x], ["y", y]]) {
     const o = widgetOf(st.node, name)?.options ?? {};
     setWidget(st.node, name, clamp(Math.round(value), o.min ?? -8192, o.max ?? 8192));
@@ -304,6 +488,7 @@ function listen(st) {
   canvas.addEventListener("pointerenter", () => sync(st));
   canvas.addEventListener("pointerdown", (e) => {
     if (!ready(st) || (e.button !== 0 && e.button !== 2)) return;
+    sync(st); // the resize nodes' values may have changed since the last draw
     e.preventDefault();
     e.stopPropagation(); // the graph canvas must not start a drag of its own
     canvas.setPointerCapture?.(e.pointerId);
@@ -359,8 +544,19 @@ function addPicker(node) {
   listen(st);
   st.resize = new ResizeObserver(() => draw(st));
   st.resize.observe(canvas);
-  // typing in the prompt box redraws at once (the foreground hook would catch it on the next frame anyway)
+  // typing in the prompt box (or x, y) redraws at once: the classic text box's input events, and the
+  // widget's callback, which Nodes 2.0 calls on typing (it draws no foreground that would catch it)
   widgetOf(node, "prompt")?.element?.addEventListener?.("input", () => sync(st));
+  for (const name of sam ? ["prompt"] : ["x", "y"]) {
+    const w = widgetOf(node, name);
+    if (!w) continue;
+    const callback = w.callback;
+    w.callback = function (...args) {
+      const r = callback?.apply(this, args);
+      sync(st);
+      return r;
+    };
+  }
   // room for the picture on a new node; a loaded node gets its saved size afterwards
   const [w, h] = node.computeSize();
   node.setSize([Math.max(w, 320), h + 240]);
@@ -379,7 +575,13 @@ app.registerExtension({
       };
     };
     chain("onNodeCreated", function () { addPicker(this); });
-    chain("onConfigure", function () { if (this.siePicker) sync(this.siePicker); });
+    // and again once the whole graph is configured: nodes further up (an ImageScale added after this node)
+    // get their links later, and Nodes 2.0 draws no foreground that would catch up
+    chain("onConfigure", function () {
+      if (!this.siePicker) return;
+      sync(this.siePicker);
+      setTimeout(() => sync(this.siePicker));
+    });
     chain("onConnectionsChange", function () { if (this.siePicker) sync(this.siePicker); });
     // every frame the node is drawn: cheap unless the picture, the prompt or x / y changed
     chain("onDrawForeground", function () { if (this.siePicker) sync(this.siePicker); });

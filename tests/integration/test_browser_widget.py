@@ -15,7 +15,13 @@ SinDDM Guide: Region (nothing is executed, the SAM input stays unconnected), and
 * serializes the graph, loads another one, loads the serialized one back (``loadGraphData``) and
   checks that the points, box and x, y are back in the widgets and drawn (the canvas pixels under
   the points have the points' colours);
-* presses "clear points / box" with a real click on the button drawn on the graph canvas.
+* presses "clear points / box" with a real click on the button drawn on the graph canvas;
+* loads Load Image -> ImageScale (512x512, crop "center") -> Segment and -> Region, as in the bundled
+  LayerDiffusion workflow, and checks that the widgets work in pixels of the 512x512 image the nodes
+  get (``common_upscale``'s centre crop, computed here): the cut-off sides of the picture are dimmed, a
+  click at the picture's centre writes about [256, 256, 1], a click elsewhere its scaled position (one in
+  a dimmed side lands on the image's edge), the region's x, y likewise, and a point and a box typed into
+  the prompt are drawn where they lie on the picture.
 
 Screenshots go to ``$SIE_ARTIFACTS`` (default: a folder under pytest's temporary directory; the
 paths are printed).  ``SIE_FRONTEND_ROOT`` selects another frontend build, as in test_browser.py.
@@ -57,6 +63,18 @@ def version_tuple(version: str) -> tuple[int, ...]:
         return (999,)  # unknown: assume new
 
 
+def scale_center(w0: int, h0: int, w: int, h: int) -> tuple[int, int, float, float]:
+    """ImageScale(width=w, height=h, crop="center") as comfy.utils.common_upscale does it: the columns (x) or
+    rows (y) cut from each side, then the factors from the rest to w x h."""
+    old_aspect, new_aspect = w0 / h0, w / h
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((w0 - w0 * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((h0 - h0 * (old_aspect / new_aspect)) / 2)
+    return x, y, w / (w0 - 2 * x), h / (h0 - 2 * y)
+
+
 def workflow() -> dict:
     """Load Image -> Segment (SAM) and Load Image -> Region; a view at scale 1, every node on screen."""
     def node(nid, ntype, pos, size, inputs, outputs, values):
@@ -78,6 +96,26 @@ def workflow() -> dict:
     links = [[1, LOAD, 0, SAM, 1, "IMAGE"], [2, LOAD, 0, ROI, 0, "IMAGE"]]
     return {"last_node_id": 3, "last_link_id": 2, "nodes": nodes, "links": links, "groups": [], "config": {},
             "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+
+
+SCALE = 4              # the ImageScale node of scaled_workflow()
+SCALED = (512, 512)    # its size, crop "center": the bundled LayerDiffusion workflow's photo
+
+
+def scaled_workflow() -> dict:
+    """Load Image -> ImageScale (lanczos, 512x512, crop center) -> Segment and -> Region."""
+    wf = workflow()
+    load_node, sam, roi = wf["nodes"]
+    load_node["outputs"][0]["links"] = [1]
+    sam["inputs"][1]["link"] = 2
+    roi["inputs"][0]["link"] = 3
+    wf["nodes"].append({"id": SCALE, "type": "ImageScale", "pos": [120, 500], "size": [300, 130], "flags": {},
+                        "order": 1, "mode": 0, "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
+                        "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2, 3], "slot_index": 0}],
+                        "properties": {}, "widgets_values": ["lanczos", *SCALED, "center"]})
+    wf["links"] = [[1, LOAD, 0, SCALE, 0, "IMAGE"], [2, SCALE, 0, SAM, 1, "IMAGE"], [3, SCALE, 0, ROI, 0, "IMAGE"]]
+    wf["last_node_id"], wf["last_link_id"] = SCALE, 3
+    return wf
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +239,26 @@ def pixel(page, nid: int, lx: float, ly: float) -> list[int]:
         const c = {js_node(nid)}.siePicker.canvas, k = c.width / c.clientWidth;
         return Array.from(c.getContext('2d').getImageData(Math.round({lx} * k), Math.round({ly} * k), 1, 1).data);
     }})()""")
+
+
+def patch_means(page, nid: int, g: dict, x: float, y: float, r: float = 3) -> tuple[float, float]:
+    """Mean R + G + B over picture pixels [x - r, x + r] x [y - r, y + r]: as drawn on the picking canvas,
+    and in the picture itself (drawn unscaled on a scratch canvas)."""
+    a, b = to_screen(g, x - r, y - r)[2:], to_screen(g, x + r, y + r)[2:]
+    return tuple(page.evaluate(f"""(() => {{
+        const st = {js_node(nid)}.siePicker, c = st.canvas, k = c.width / c.clientWidth;
+        const mean = (d) => {{ let t = 0; for (let i = 0; i < d.length; i += 4) t += d[i] + d[i + 1] + d[i + 2];
+                               return t / (d.length / 4); }};
+        const x0 = Math.round({a[0]} * k), y0 = Math.round({a[1]} * k);
+        const shown = c.getContext('2d').getImageData(x0, y0, Math.max(1, Math.round({b[0]} * k) - x0),
+                                                      Math.max(1, Math.round({b[1]} * k) - y0)).data;
+        const s = document.createElement('canvas');
+        s.width = st.img.naturalWidth; s.height = st.img.naturalHeight;
+        const ctx = s.getContext('2d');
+        ctx.drawImage(st.img, 0, 0);
+        const src = ctx.getImageData({round(x - r)}, {round(y - r)}, {round(2 * r)}, {round(2 * r)}).data;
+        return [mean(shown), mean(src)];
+    }})()"""))
 
 
 def near(a, b, tol) -> bool:
@@ -394,3 +452,101 @@ def test_new_nodes_have_room_and_follow_their_links(page, artifacts):
         page.wait_for(f"{js_node(nid)}.siePicker.canvas.dataset.state === 'ready'", timeout=30)
     shot = page.screenshot(artifacts / f"picker_{page.renderer}_new_nodes.png")
     print(f"screenshot: {shot}")
+
+
+def test_picker_maps_through_image_scale(page, artifacts):
+    """Load Image (250x200) -> ImageScale (512x512, crop center) -> Segment / Region: the picture shown is the
+    250x200 one, the numbers are in pixels of the 512x512 image the nodes get."""
+    load(page, scaled_workflow())
+    shot = lambda name: page.screenshot(artifacts / f"picker_{page.renderer}_scaled_{name}.png")  # noqa: E731
+    shots = [shot("loaded")]
+    cx, cy, kx, ky = scale_center(W, H, *SCALED)
+    assert (cx, cy) == (25, 0)  # 250x200 -> 512x512: 25 columns cut from each side, then 200x200 -> 512x512
+
+    def to_node(x: float, y: float) -> list[int]:
+        """Picture pixel -> pixel of the scaled image (rounded, inside it), as the nodes should get it."""
+        return [round(min(max((x - cx) * kx, 0), SCALED[0])), round(min(max((y - cy) * ky, 0), SCALED[1]))]
+
+    def to_picture(x: float, y: float) -> tuple[float, float]:
+        return x / kx + cx, y / ky + cy
+
+    for nid in (SAM, ROI):
+        t = json.loads(page.evaluate(f"{js_node(nid)}.siePicker.canvas.dataset.transform"))
+        print(f"node {nid} transform: {t}")
+        assert t["exact"] and t["size"] == list(SCALED), t
+        assert near(t["a"], (kx, ky), 1e-9) and near(t["b"], (-cx * kx, -cy * ky), 1e-9), t
+    sam_t = json.loads(page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.transform"))
+    assert near(sam_t["visible"], (cx, cy, W - cx, H - cy), 1e-9), sam_t
+
+    # the sides ImageScale cuts off are dimmed, the rest is the picture as it is
+    g = geometry(page, SAM)
+    for x, y in ((12, 40), (W - 12, 100)):
+        shown, source = patch_means(page, SAM, g, x, y)
+        print(f"cut-off side at ({x}, {y}): shown {shown:.0f}, picture {source:.0f}")
+        assert source > 200 and shown < 0.6 * source, (x, y, shown, source)
+    for x, y in ((40, 40), (175, 50), (200, 150)):
+        shown, source = patch_means(page, SAM, g, x, y)
+        assert abs(shown - source) < 0.15 * source + 20, ("kept part", x, y, shown, source)
+
+    # --- SAM: clicks write pixels of the 512x512 image -------------------------------------
+    tol = kx / picture_scale(g) + 1  # a screen pixel, in scaled pixels, plus the integer rounding
+    clicks = [((W / 2, H / 2), 0, 1), ((60, 50), 0, 1), ((200, 170), SHIFT, 0), ((10, 100), 0, 1)]
+    assert_hits(page, SAM, [to_screen(g, *xy)[:2] for xy, *_ in clicks])
+    for (x, y), mods, _ in clicks:
+        click(page, *to_screen(g, x, y)[:2], modifiers=mods)
+    text = widget_value(page, SAM, "prompt")
+    print(f"prompt after clicks on the scaled picture: {text}")
+    expected = [(*to_node(x, y), label) for (x, y), _, label in clicks]
+    assert expected[0] == (256, 256, 1) and expected[3][0] == 0, expected  # the centre; the dimmed side's edge
+    check_prompt(json.loads(text), expected, None, tol)
+    shots.append(shot("sam_clicked"))
+    # a click on a drawn point still removes it (hit test on the picture, through the inverse transform)
+    click(page, *to_screen(g, *clicks[1][0])[:2])
+    assert len(json.loads(widget_value(page, SAM, "prompt"))["points"]) == len(clicks) - 1
+
+    # --- a point and a box typed into the prompt are drawn where they lie on the picture ------
+    typed = {"points": [[384, 128, 1], [128, 400, 0]], "box": [64, 32, 448, 480]}
+    box_at = page.evaluate(f"""(() => {{  // the prompt's text box: the widget's own, or Nodes 2.0's
+        const el = document.querySelector('[data-node-id="{SAM}"] textarea')
+                   || {js_node(SAM)}.widgets.find(w => w.name === 'prompt').element;
+        el.focus();
+        el.select();
+        const r = el.getBoundingClientRect();
+        return document.activeElement === el && [r.left + r.width / 2, r.top + r.height / 2];
+    }})()""")
+    assert box_at, "the prompt's text box cannot be focused"
+    page.call("Input.insertText", {"text": json.dumps(typed)})  # typed: the text box's own input events
+    page.wait_for(f"{js_node(SAM)}.widgets.find(w => w.name === 'prompt').value === {json.dumps(json.dumps(typed))}",
+                  timeout=10)
+    page.wait_for(f"(d => d && JSON.stringify(JSON.parse(d)) === {json.dumps(json.dumps(typed, separators=(',', ':')))})"
+                  f"({js_node(SAM)}.siePicker.canvas.dataset.drawn)", timeout=10)
+    for x, y, label in typed["points"]:
+        px, py = to_picture(x, y)
+        rgba = pixel(page, SAM, *to_screen(g, px, py)[2:])
+        print(f"typed point {x, y} -> picture ({px:.1f}, {py:.1f}): {rgba}")
+        assert (green if label else red)(rgba), (x, y, label, px, py, rgba)
+    x0, y0, x1, y1 = typed["box"]
+    (a, b), (c, d) = to_picture(x0, y0), to_picture(x1, y1)
+    for ex, ey in (((a + c) / 2, b), ((a + c) / 2, d), (a, (b + d) / 2), (c, (b + d) / 2)):  # its edges
+        rgba = pixel(page, SAM, *to_screen(g, ex, ey)[2:])
+        assert rgba[2] > 150 and rgba[2] > rgba[0] + 40, ("box edge", ex, ey, rgba)
+    shots.append(shot("sam_typed"))
+
+    # --- the region: x, y in the scaled image's pixels ---------------------------------------
+    gr = geometry(page, ROI)
+    target = (60, 50)
+    assert_hits(page, ROI, [to_screen(gr, *target)[:2]])
+    click(page, *to_screen(gr, *target)[:2])
+    xy = [widget_value(page, ROI, "x"), widget_value(page, ROI, "y")]
+    print(f"region x, y after a click at picture {target}: {xy}")
+    assert near(xy, to_node(*target), kx / picture_scale(gr) + 1) and all(isinstance(v, int) for v in xy), xy
+    drawn = json.loads(page.evaluate(f"{js_node(ROI)}.siePicker.canvas.dataset.drawn"))
+    assert drawn["size"] == list(SCALED), drawn  # the target is the whole 512x512 image
+
+    api = page.evaluate("window.app.graphToPrompt().then(p => p.output)")
+    assert api[str(SAM)]["inputs"]["prompt"] == json.dumps(typed), api[str(SAM)]
+    assert [api[str(ROI)]["inputs"]["x"], api[str(ROI)]["inputs"]["y"]] == xy, api[str(ROI)]
+    shots.append(shot("roi_clicked"))
+    for s in shots:
+        print(f"screenshot: {s}")
+        assert s.stat().st_size > 10_000

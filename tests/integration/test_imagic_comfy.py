@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent("""
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
         before = digest(model)
-        e_opt, curve1 = N["SIE_OptimizeEmbedding"]().run(model, vae, image, target, 3, 1e-2, 0)
+        e_opt, curve1, _ = N["SIE_OptimizeEmbedding"]().run(model, vae, image, target, 3, 1e-2, 0)
         model_ft, curve2, trained, _ = N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 3, 1e-3, 4, 0)
         out["weights_unchanged"] = digest(model) == before
         out["e_opt_moved"] = float((e_opt[0][0] - target[0][0]).abs().max())
