@@ -162,6 +162,17 @@ def delta_weights(sd: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[
     return out
 
 
+def check_fine_tune(mode: str, steps: int | None, lr: float | None) -> None:
+    """The checks every fine-tuner's config shares: ``mode`` "lora" or "full", ``steps`` >= 1
+    (None: the method's default), ``lr`` > 0 (None: the mode's default)."""
+    if mode not in ("lora", "full"):
+        raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+
+
 def trainable_functions(mode: str, params: Mapping[str, torch.Tensor], config: LoRAConfig, seed: int,
                         device: torch.device | str) -> dict[str, nn.Module]:
     """The weight functions a fine-tuner trains: LoRA adapters (``mode`` "lora") or float32

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..fit import FitConfig, OnStep, ShouldStop, fit
-from ..lora import LoRAConfig, trainable_functions, trained_delta
+from ..lora import LoRAConfig, check_fine_tune, trainable_functions, trained_delta
 from ..losses import NoiseDraw, eps_term
 from ..seam import DeltaFunction, LatentDiffusion
 from ..seeds import derive_seed
@@ -39,12 +39,7 @@ class FineTuneConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        if self.mode not in DEFAULT_LR:
-            raise ValueError(f"mode must be 'lora' or 'full', got {self.mode!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        check_fine_tune(self.mode, self.steps, self.lr)
 
     @property
     def learning_rate(self) -> float:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
-from ..lora import LoRAConfig, trainable_functions, trained_delta
+from ..lora import LoRAConfig, check_fine_tune, trainable_functions, trained_delta
 from ..losses import NoiseDraw
 from ..seam import DeltaFunction, Denoiser, LatentDiffusion
 from ..seeds import derive_seed
@@ -59,12 +59,7 @@ class LayeredFineTuneConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        if self.mode not in DEFAULT_LR:
-            raise ValueError(f"mode must be 'lora' or 'full', got {self.mode!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        check_fine_tune(self.mode, self.steps, self.lr)
         if not (self.lambda_obj >= 0 and self.lambda_bg >= 0) or self.lambda_obj + self.lambda_bg == 0:
             raise ValueError(f"lambda_obj and lambda_bg must be >= 0 and not both 0, got {self.lambda_obj}, "
                              f"{self.lambda_bg}")

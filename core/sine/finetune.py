@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..diffusion import predict_x0, q_sample
 from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
-from ..lora import TEXT_PREFIX, LoRAConfig, text_trainable, trainable_functions, trained_delta
+from ..lora import TEXT_PREFIX, LoRAConfig, check_fine_tune, text_trainable, trainable_functions, trained_delta
 from ..losses import NoiseDraw, masked_mse
 from ..seam import DeltaFunction, Features, LatentDiffusion, TrainableText
 from ..seeds import derive_seed
@@ -82,12 +82,7 @@ class SineFineTuneConfig:
     text_lr: float | None = None  # None: the UNet's learning rate
 
     def __post_init__(self):
-        if self.mode not in DEFAULT_LR:
-            raise ValueError(f"mode must be 'lora' or 'full', got {self.mode!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        check_fine_tune(self.mode, self.steps, self.lr)
         if self.text_lr is not None and not self.text_lr > 0:
             raise ValueError(f"text_lr must be positive, got {self.text_lr}")
         if self.optimizer not in ("adam", "adamw"):
