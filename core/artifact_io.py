@@ -23,6 +23,7 @@ FORMAT_NAMES = {
     "sie.sinddm": "a SinDDM model",
     "sie.sine": "a SINE fine-tune",
     "sie.layerdiffusion": "a LayerDiffusion edit",
+    "sie.rectifier": "a High-Fidelity rectifier",
 }
 
 

@@ -1,0 +1,190 @@
+"""The rectified denoiser and its samplers (Hou et al. 2024, eqs. 1-2; "Inference"; image-to-image).
+
+:class:`Rectified` is the modulated model of eq. 2 as an epsilon function: at every call
+
+1. P_t = x_0 estimate of the **unmodulated** model (eq. 1 writes eps^theta; ``estimate="base"``,
+   the default: one extra denoiser pass per call), or the x_0 estimate the modulated model
+   made at the previous call of the trajectory (``estimate="modulated"``: no extra pass; the
+   first call of a trajectory uses the base model);
+2. {A_l, C_l} = R(x_0, P_t, t) (:mod:`.hypernet`);
+3. eps_hat = the denoiser with theta_l * (1 + s A_l C_l) in every modulated layer
+   (:mod:`.modulation`, through the engine's per-call modulation of a view).
+
+x_0, the original image in model space (pixels in [-1, 1], SD latents), is given at every
+step, as in the paper.
+
+Samplers (pure loops over any ``eps_fn(x, t)``):
+
+* :func:`ddpm_sample`: ancestral DDPM (Ho et al. 2020, Alg. 2) over ``steps`` respaced
+  timesteps (the posterior between consecutive alpha_bar values, iDDPM's respacing); from
+  pure noise (the paper's inference) or, with ``t0``, from the input noised to t0 (SDEdit,
+  Meng et al. 2021, the paper's image-to-image section);
+* :func:`ddim_invert` / :func:`ddim_sample`: deterministic DDIM inversion and sampling
+  (eta = 0), our reconstruction measurement (the paper's Table 1 inverts and samples with
+  50 steps).
+
+Timesteps are "trailing" (999, ..., the first step starts at the last training timestep,
+where x_T ~ N(0, I) is the right start); past the last step alpha_bar = 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..diffusion import ddim_step, ddpm_step, predict_x0, q_sample, timesteps
+from ..fit import OnStep, ShouldStop, poll
+from ..seam import Denoiser, Features, ViewSpec
+from .hypernet import Rectifier
+from .modulation import modulation_functions
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B,C,h,w], t [B] long) -> eps
+ESTIMATES = ("base", "modulated")
+
+
+class Rectified:
+    """eps_hat(x_t, t) of the rectified model (module docstring), over a (base, modulated) view pair."""
+
+    def __init__(self, base: Denoiser, modulated: Denoiser, rectifier: Rectifier, x0: torch.Tensor,
+                 strength: float = 1.0, estimate: str = "base", cond: torch.Tensor | None = None):
+        if estimate not in ESTIMATES:
+            raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+        self.base, self.modulated, self.rectifier = base, modulated, rectifier
+        self.x0, self.strength, self.estimate, self.cond = x0, float(strength), estimate, cond
+        self.previous: torch.Tensor | None = None
+        self.base_calls = 0
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.base.alphas_cumprod
+
+    def reset(self) -> None:
+        """Start a new trajectory (``estimate="modulated"`` forgets the previous estimate)."""
+        self.previous = None
+
+    def base_estimate(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """P_t[eps^theta(x_t)]: the unmodulated model's x_0 estimate (no gradient)."""
+        a = self.alphas_cumprod.to(x_t.device)[t.long()]
+        with torch.no_grad():
+            self.base_calls += 1
+            return predict_x0(x_t, self.base.eps(x_t, t, cond), a)
+
+    def x0_for(self, x_t: torch.Tensor) -> torch.Tensor:
+        x0 = self.x0.to(x_t.device, x_t.dtype)
+        if x0.shape[0] == x_t.shape[0]:
+            return x0
+        if x0.shape[0] == 1:
+            return x0.expand(x_t.shape[0], *x0.shape[1:])
+        raise ValueError(f"x_0 has a batch of {x0.shape[0]}, x_t of {x_t.shape[0]}")
+
+    def eps_with(self, x_t: torch.Tensor, t: torch.Tensor, estimate: torch.Tensor,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_hat with R fed the given P_t (differentiable w.r.t. R's parameters)."""
+        deltas = self.rectifier(self.x0_for(x_t), estimate, t)
+        fns = modulation_functions(deltas, self.strength)
+        return self.modulated.eps(x_t, t, cond, Features(modulation=fns))
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        cond = self.cond if cond is None else cond
+        if self.estimate == "modulated" and self.previous is not None and self.previous.shape == x_t.shape:
+            p = self.previous
+        else:
+            p = self.base_estimate(x_t, t, cond)
+        e = self.eps_with(x_t, t, p, cond)
+        if self.estimate == "modulated":
+            a = self.alphas_cumprod.to(x_t.device)[t.long()]
+            self.previous = predict_x0(x_t, e.detach(), a)
+        return e
+
+    __call__ = eps
+
+
+@contextmanager
+def rectified(model: Denoiser, rectifier: Rectifier, x0: torch.Tensor, strength: float = 1.0,
+              estimate: str = "base", cond: torch.Tensor | None = None,
+              differentiable: bool = False) -> Iterator[Rectified]:
+    """The rectified model of ``model`` for the original ``x0`` (model space) inside the block."""
+    with model.views(ViewSpec(modulates=rectifier.layer_names), differentiable=differentiable) as (base, mod):
+        yield Rectified(base, mod, rectifier, x0, strength, estimate, cond)
+
+
+def _schedule(alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
+    return timesteps(len(alphas_cumprod), steps, "trailing").tolist()
+
+
+def _alpha(ab: torch.Tensor, t: int, like: torch.Tensor) -> torch.Tensor:
+    return (ab[t] if t >= 0 else torch.ones((), dtype=ab.dtype)).to(like.device)
+
+
+@torch.no_grad()
+def ddpm_sample(eps_fn: EpsFn, alphas_cumprod: torch.Tensor, shape: tuple[int, ...] | None = None,
+                steps: int = 1000, generator: torch.Generator | None = None, device="cpu",
+                x_start: torch.Tensor | None = None, t0: int | None = None, clip_x0: float | None = None,
+                on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> torch.Tensor:
+    """Ancestral DDPM over ``steps`` respaced timesteps.
+
+    From pure noise of ``shape`` (``x_start`` None), or SDEdit: ``x_start`` (model space)
+    noised to ``t0`` and denoised from there (only the schedule's timesteps <= t0 run).
+    ``clip_x0`` clamps x0_hat (1.0 for pixel models).  Noise comes from ``generator``.
+    """
+    ab = alphas_cumprod.double()
+    ts = _schedule(ab, steps)
+    if x_start is not None:
+        if t0 is None or not 0 <= t0 < len(ab):
+            raise ValueError(f"t0 must be in 0..{len(ab) - 1} for SDEdit, got {t0}")
+        ts = [t for t in ts if t <= t0]
+        if not ts:
+            raise ValueError(f"t0 {t0} is below every timestep of a {steps}-step schedule; raise t0 or steps")
+        x = x_start.to(device, torch.float32)
+        noise = torch.randn(x.shape, generator=generator).to(x)
+        x = q_sample(x, float(ab[ts[0]]), noise)
+    else:
+        if shape is None:
+            raise ValueError("give shape (sampling from noise) or x_start (SDEdit)")
+        x = torch.randn(shape, generator=generator).to(device, torch.float32)
+    for i, t in enumerate(ts):
+        poll(should_stop, "rectified DDPM sampling", i)
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = eps_fn(x, tt).float()
+        noise = torch.randn(x.shape, generator=generator).to(x) if t_prev >= 0 else None
+        x = ddpm_step(x, eps, _alpha(ab, t, x), _alpha(ab, t_prev, x), noise, clip_x0=clip_x0).float()
+        if on_step is not None:
+            on_step(i + 1, len(ts), {"t": t})
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(eps_fn: EpsFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int = 50) -> torch.Tensor:
+    """Deterministic DDIM inversion x_0 -> x_T over the reversed ``steps`` schedule (eta = 0)."""
+    ab = alphas_cumprod.double()
+    ts = _schedule(ab, steps)[::-1]  # ascending
+    x = x0.float()
+    prev = -1
+    for t in ts:
+        # eps is evaluated at the current (lower) level, the usual DDIM-inversion approximation
+        tt = torch.full((x.shape[0],), max(prev, 0), device=x.device, dtype=torch.long)
+        eps = eps_fn(x, tt).float()
+        x = ddim_step(x, eps, _alpha(ab, prev, x), _alpha(ab, t, x)).float()
+        prev = t
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int = 50,
+                clip_x0: float | None = None) -> torch.Tensor:
+    """Deterministic DDIM sampling x_T -> x_0 over ``steps`` timesteps (eta = 0)."""
+    ab = alphas_cumprod.double()
+    ts = _schedule(ab, steps)
+    x = x_T.float()
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = eps_fn(x, tt).float()
+        x0 = predict_x0(x, eps, _alpha(ab, t, x))
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        x = ddim_step(x, eps, _alpha(ab, t, x), _alpha(ab, t_prev, x), x0=x0).float()
+    return x
