@@ -75,6 +75,12 @@ class DiffusersSD(ModuleDenoiser):
         x = self.vae.decode(latent.to(self.device, vae_dtype) / self.scaling_factor).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
+    def decode_differentiable(self, latent: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with autograd (losses on decoded images, e.g. the rectifier's CLIP term)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        x = self.vae.decode(latent.to(self.device, vae_dtype) / self.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = tokenize(self.tokenizer, prompts).to(self.device)
