@@ -169,7 +169,8 @@ def train_command(ap, a) -> None:
             from . import new_rectifier
 
             rectifier = new_rectifier(params, x0.shape[1], encoder_layers=a.encoder_blocks, width=a.width,
-                                      estimate_clip=1.0 if kind == "pixel" else 4.0, seed=a.seed)
+                                      estimate_clip=1.0 if kind == "pixel" else 4.0, seed=a.seed,
+                                      encoder_norm="batch" if a.encoder_weights else "group")
             if a.encoder_weights:
                 from .hypernet import load_encoder_weights
 

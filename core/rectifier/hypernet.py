@@ -23,11 +23,15 @@ Choices the paper leaves open, and ours:
   updates learn a per-output-channel scale (Delta[o, i] ~ A[o]) and the input-channel
   structure follows.
 * Raw offsets, no output activation (HyperStyle emits raw values too).
-* BatchNorm layers of the ResNet run with fixed statistics (eval mode) even in training:
-  batch statistics would make one sample's Delta depend on the other samples of its batch
-  (ComfyUI batches cond and uncond, and images of a batch are unrelated), and at the batch
-  sizes this trains with (1-8) they are noise.  With random init they are identity affine
-  maps; with ImageNet weights they apply ImageNet's statistics.
+* Normalisation in the encoder is per sample: batch statistics would make one sample's
+  Delta depend on the other samples of its batch (ComfyUI batches cond and uncond, and the
+  images of a batch are unrelated), and at the batch sizes this trains with (1-8) they are
+  noise.  A randomly initialised encoder therefore uses GroupNorm (32 groups) in place of
+  BatchNorm (``encoder_norm="group"``, the default): with BatchNorm frozen at its initial
+  identity statistics, the un-normalised residual stream grows by orders of magnitude within
+  a few Adam steps at the paper's lr 1e-3 and training diverges.  An encoder loaded with
+  ImageNet weights (``encoder_norm="batch"``) keeps torchvision's BatchNorm, run with
+  ImageNet's fixed statistics (eval mode) even in training.
 * P_t is clipped to +-``estimate_clip`` before R sees it: at large t the x_0 estimate is the
   noise amplified by 1/sqrt(alpha_bar_t) (~156 at t = 999 of the linear schedule).
 """
@@ -59,6 +63,7 @@ class RectifierConfig:
     time_dim: int = 128
     estimate_clip: float = 1.0
     seed: int = 0
+    encoder_norm: str = "group"  # "group" (random init) | "batch" (frozen statistics; ImageNet weights)
     layer_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -68,6 +73,8 @@ class RectifierConfig:
             raise ValueError("channels, width and branch_convs must be positive and time_dim even")
         if len(self.encoder_layers) != 4 or min(self.encoder_layers) < 1:
             raise ValueError(f"encoder_layers must be four positive block counts, got {self.encoder_layers}")
+        if self.encoder_norm not in ("group", "batch"):
+            raise ValueError(f"encoder_norm must be 'group' or 'batch', got {self.encoder_norm!r}")
         if not self.estimate_clip > 0:
             raise ValueError("estimate_clip must be positive")
         object.__setattr__(self, "layer_names", tuple(s.name for s in self.layers))
@@ -75,13 +82,15 @@ class RectifierConfig:
     def to_json(self) -> dict:
         return {"layers": [[s.name, list(s.shape)] for s in self.layers], "channels": self.channels,
                 "encoder_layers": list(self.encoder_layers), "width": self.width, "branch_convs": self.branch_convs,
-                "time_dim": self.time_dim, "estimate_clip": self.estimate_clip, "seed": self.seed}
+                "time_dim": self.time_dim, "estimate_clip": self.estimate_clip, "seed": self.seed,
+                "encoder_norm": self.encoder_norm}
 
     @classmethod
     def from_json(cls, d: dict) -> "RectifierConfig":
         layers = tuple(LayerSpec(str(n), tuple(int(v) for v in s)) for n, s in d["layers"])
         return cls(layers, int(d["channels"]), tuple(int(v) for v in d["encoder_layers"]), int(d["width"]),
-                   int(d["branch_convs"]), int(d["time_dim"]), float(d["estimate_clip"]), int(d.get("seed", 0)))
+                   int(d["branch_convs"]), int(d["time_dim"]), float(d["estimate_clip"]), int(d.get("seed", 0)),
+                   str(d.get("encoder_norm", "batch")))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -95,11 +104,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class Encoder(nn.Module):
     """torchvision's ResNet (BasicBlock) trunk on 2 x channels inputs -> [B, 512, H/32, W/32]."""
 
-    def __init__(self, in_channels: int, layers: Sequence[int]):
+    def __init__(self, in_channels: int, layers: Sequence[int], norm: str = "group"):
         super().__init__()
         from torchvision.models.resnet import BasicBlock, ResNet
 
-        net = ResNet(BasicBlock, list(layers))
+        norm_layer = (lambda c: nn.GroupNorm(32, c)) if norm == "group" else None
+        net = ResNet(BasicBlock, list(layers), norm_layer=norm_layer)
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         del net.fc, net.avgpool
         self.net = net
@@ -146,7 +156,7 @@ class Rectifier(nn.Module):
         from ..sinddm.model import private_rng
 
         with private_rng(config.seed):  # deterministic init, the process's RNG untouched
-            self.encoder = Encoder(2 * config.channels, config.encoder_layers)
+            self.encoder = Encoder(2 * config.channels, config.encoder_layers, config.encoder_norm)
             self.time = nn.Sequential(nn.Linear(config.time_dim, 4 * config.time_dim), nn.SiLU(),
                                       nn.Linear(4 * config.time_dim, config.time_dim))
             self.branches = nn.ModuleList(Branch(s, config.width, config.time_dim, config.branch_convs)
@@ -159,7 +169,7 @@ class Rectifier(nn.Module):
 
     def train(self, mode: bool = True) -> "Rectifier":
         super().train(mode)
-        for m in self.modules():  # fixed statistics, always (module docstring)
+        for m in self.modules():  # BatchNorm: fixed statistics, always (module docstring)
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
         return self
@@ -186,6 +196,9 @@ def load_encoder_weights(rectifier: Rectifier, path) -> list[str]:
     from pathlib import Path
 
     p = Path(path)
+    if rectifier.config.encoder_norm != "batch":
+        raise ValueError("ImageNet weights need an encoder with BatchNorm: create the rectifier with "
+                         "encoder_norm='batch'")
     if not p.is_file():
         raise FileNotFoundError(f"encoder weights not found: {p}")
     if p.suffix == ".safetensors":

@@ -60,13 +60,20 @@ class Rectified:
     def alphas_cumprod(self) -> torch.Tensor:
         return self.base.alphas_cumprod
 
+    def _ab(self, device) -> torch.Tensor:
+        """alpha_bar on ``device``, copied once (not at every call)."""
+        cached = getattr(self, "_ab_cache", None)
+        if cached is None or cached.device != torch.device(device):
+            cached = self._ab_cache = self.alphas_cumprod.to(device)
+        return cached
+
     def reset(self) -> None:
         """Start a new trajectory (``estimate="modulated"`` forgets the previous estimate)."""
         self.previous = None
 
     def base_estimate(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """P_t[eps^theta(x_t)]: the unmodulated model's x_0 estimate (no gradient)."""
-        a = self.alphas_cumprod.to(x_t.device)[t.long()]
+        a = self._ab(x_t.device)[t.long()]
         with torch.no_grad():
             self.base_calls += 1
             return predict_x0(x_t, self.base.eps(x_t, t, cond), a)
@@ -94,7 +101,7 @@ class Rectified:
             p = self.base_estimate(x_t, t, cond)
         e = self.eps_with(x_t, t, p, cond)
         if self.estimate == "modulated":
-            a = self.alphas_cumprod.to(x_t.device)[t.long()]
+            a = self._ab(x_t.device)[t.long()]
             self.previous = predict_x0(x_t, e.detach(), a)
         return e
 
