@@ -7,7 +7,12 @@
 * :func:`random_sd15`: Stable Diffusion 1.5 with random weights, built in process from
   the configs shipped in ``core/sd/configs/sd15`` (no checkpoint file, no download): the
   same modules and shapes as the real model, so speed and memory are the real model's;
-* :func:`tiny_sd`: the tests' tiny SD-shaped model (``tests/tiny_sd.py``), for CPU checks.
+* :func:`tiny_sd`: the tests' tiny SD-shaped model (``tests/tiny_sd.py``), for CPU checks;
+* :func:`random_pixel_ddpm`: a pixel-space DDPM (diffusers ``UNet2DModel``, linear betas
+  1e-4..0.02, T = 1000) with random weights, by default at the architecture of
+  ``google/ddpm-celebahq-256`` (:data:`CELEBAHQ_256`), or the tiny one (:data:`TINY_PIXEL`);
+* :func:`free_memory` and :func:`step_stats`: between stages, and the per-step figures of a
+  :class:`Timer` (median after the warm-up, mean of all, steps timed).
 """
 
 from __future__ import annotations
@@ -121,6 +126,66 @@ def random_sd15(device="cpu", dtype=None, seed: int = 0):
     unet, vae, text = build_modules(read_config("unet"), read_config("vae"), read_config("text_encoder"), device)
     mods = [(m if dtype == torch.float32 else m.to(dtype)).eval().requires_grad_(False) for m in (unet, vae, text)]
     return DiffusersSD(unet=mods[0], vae=mods[1], text_encoder=mods[2], tokenizer=load_clip_tokenizer(None))
+
+
+# google/ddpm-celebahq-256 (UNet2DModel, 113.7 M parameters), from its published config
+# (/work/shared/reference/pixel-ddpm.md); the church and bedroom 256 models share it.
+CELEBAHQ_256 = dict(
+    sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
+    block_out_channels=(128, 128, 256, 256, 512, 512),
+    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1, norm_num_groups=32, norm_eps=1e-6,
+    act_fn="silu", downsample_padding=0, mid_block_scale_factor=1, attention_head_dim=None,
+)
+# The tests' tiny pixel DDPM shape (tests/tiny_pixel_ddpm.py, tests/test_engine.py): two levels, one attention.
+TINY_PIXEL = dict(
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+)
+
+
+def random_pixel_ddpm(device="cpu", dtype=None, config: dict | None = None, seed: int = 0):
+    """A pixel DDPM with random weights as a ``core.pixel.DiffusersPixel`` (eval, no gradients).
+
+    ``config``: ``UNet2DModel`` keyword arguments (default :data:`CELEBAHQ_256`); the schedule is
+    the public DDPMs' (linear betas 1e-4..0.02 over 1,000 steps).  ``dtype`` defaults to float32,
+    what :func:`core.pixel.load_pixel_unet` loads.
+    """
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from diffusers import UNet2DModel
+
+    from core.diffusion import alphas_cumprod
+    from core.pixel import DiffusersPixel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**(config or CELEBAHQ_256))
+    unet = unet.to(torch.device(device))
+    if dtype not in (None, torch.float32):  # (diffusers warns about any dtype cast, float32 included)
+        unet = unet.to(dtype)
+    unet = unet.eval().requires_grad_(False)
+    return DiffusersPixel(unet, alphas_cumprod(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)))
+
+
+def free_memory(device) -> None:
+    """Collect garbage and, on CUDA, return the allocator's cache (between stages)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def step_stats(timer: Timer, warmup: int = 1) -> dict:
+    """``s_per_step``: median interval after ``warmup`` steps; ``mean_s_per_step``: every interval."""
+    times = timer.times
+    return {"s_per_step": timer.median(warmup), "mean_s_per_step": sum(times) / max(len(times), 1),
+            "steps_timed": max(len(times) - warmup, 1)}
 
 
 def tiny_sd(device="cpu", dtype=None):

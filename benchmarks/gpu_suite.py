@@ -27,7 +27,17 @@ What it runs (the functions of the single benchmarks, not copies of them):
   paper's "about 2 minutes per edit on an A100" and the pack's target (under 1 minute on an H100);
 * the engine (``engine_switch.py``) on the same model: the cost of switching between the
   base and a LoRA view inside a step, and a DDIM step with SINE's model-based guidance where
-  the fine-tuned model is a LoRA view of the base, next to a plain CFG step.
+  the fine-tuned model is a LoRA view of the base, next to a plain CFG step;
+* the High-Fidelity rectifier (``rectifier_speed.py``): on a random-weight pixel DDPM with
+  ``google/ddpm-celebahq-256``'s architecture at 256x256 (R with the paper's ResNet-34 encoder), a
+  reconstruction training step at batch 8 and 1 with its peak memory (and an edit step at batch 8
+  when open_clip is installed; the bare GPU machine has none, so it is skipped there), and a DDPM
+  step of the plain model next to the rectified one (P_t from the base model: 2 passes + R; from
+  the previous modulated estimate: 1 pass + R); on the same SD 1.5 at 512x512 (latent 64x64), a
+  reconstruction step at batch 1 and 4 and the same sampling comparison with CFG (batch 2); the
+  targets (pixel step at batch 8 under 0.25 s on an H100, rectified step under 2x a plain one) in
+  the log and the JSON.  Bounded to about 90 s: few steps per row (2 warm-up + 3), and no row
+  starts after ``budget_s`` (skipped rows are listed in the JSON).
 
 Sized to finish well inside 8 minutes on one H100/H200 (not yet run on one: the JSON records
 how long each part took).  Prints one table and writes it with the machine, date and command to a JSON file
@@ -80,7 +90,10 @@ FULL = dict(sinddm_image="coffee_250x200.png", sinddm_width=160, sinddm_batch=32
                       sample_latents=[[64, 64], [96, 128]], sample_steps=50, guidance=7.5, v=0.7, K=400,
                       warmup_steps=2),
             layerdiffusion=dict(size=512, embedding_steps=4, finetune_steps=4, finetunes=["lora", "full"],
-                                sample_steps=50, guidance=7.5, alpha=0.7))
+                                sample_steps=50, guidance=7.5, alpha=0.7),
+            # rectifier_speed.REAL (celebahq-256 at 256x256, SD 1.5 at 512x512), with these step counts
+            rectifier=dict(tier="real", budget_s=90,
+                           steps=dict(train_steps=5, edit_steps=4, sample_steps=8, components_calls=3, warmup=2)))
 DRY = dict(sinddm_image="coffee_128x100.png", sinddm_width=8, sinddm_batch=2, sinddm_steps=1, sinddm_warmup=1,
            sinddm_paper_steps=120_000, sinddm_resize=(90, 70), sd="tiny", sd_size=32, sd_steps=2, switch_latent=4,
            switch_calls=2, guided_steps=2,
@@ -89,7 +102,10 @@ DRY = dict(sinddm_image="coffee_128x100.png", sinddm_width=8, sinddm_batch=2, si
                      sample_latents=[[16, 16], [24, 32]], sample_steps=10, guidance=7.5, v=0.7, K=400,
                      warmup_steps=1),
            layerdiffusion=dict(size=64, embedding_steps=2, finetune_steps=2, finetunes=["lora", "full"],
-                               sample_steps=4, guidance=7.5, alpha=0.7))
+                               sample_steps=4, guidance=7.5, alpha=0.7),
+           # one thread: tiny networks gain nothing from more, and on a busy machine two threads ran 7x slower
+           rectifier=dict(tier="tiny", budget_s=None, threads=1,
+                          steps=dict(train_steps=2, edit_steps=2, sample_steps=3, components_calls=1, warmup=1)))
 
 
 def download_wheels(dest: Path, python: str = "3.12") -> list[Path]:
@@ -284,11 +300,56 @@ def run_engine(table: Table, cfg: dict, model, device, log) -> dict:
     return {"switch": sw, "guided": gd}
 
 
+def run_rectifier(table: Table, cfg: dict, model, device, log) -> dict:
+    from rectifier_speed import REAL, TINY, time_rectifier
+
+    rc = cfg["rectifier"]
+    base = REAL if rc["tier"] == "real" else TINY
+    settings = {**base, "budget_s": rc["budget_s"], "threads": rc.get("threads"),
+                "pixel": {**base["pixel"], **rc["steps"]}, "sd": {**base["sd"], **rc["steps"]}}
+    res = time_rectifier(settings, device, sd_model=model, log=log)
+    gpu = device.type == "cuda"
+    for key, name in (("pixel", "pixel DDPM"), ("sd", "SD")):
+        r = res.get(key)
+        if not r:
+            continue
+        size = f"{r['size']}x{r['size']}" if key == "pixel" else f"{r['pixels']}x{r['pixels']} (latent {r['latent']})"
+        rect = f"R: ResNet blocks {'-'.join(map(str, r['encoder_layers']))}, width {r['width']}"
+        setting = f"{size}, {rect}, " + ("bf16 autocast" if gpu else "fp32")
+        for t in r["train"]:
+            stage = f"{t['mode']} train step, {name}, batch {t['batch']}"
+            if "s_per_step" not in t:  # out of memory, or no step finished
+                log(f"  {stage}: {'out of memory' if t.get('oom') else t.get('error')} (no row)")
+                continue
+            table.add("Rectifier", stage, setting + (f", CLIP {t['clip']}" if "clip" in t else ""), t["s_per_step"],
+                      "s/step", t["peak_mib"])
+        smp = r.get("sampling")
+        if smp:
+            kind = "DDPM step" if key == "pixel" else "DDPM + CFG step"
+            ssetting = f"{size}, batch {smp['shape'][0]}" + (", CFG as one batch-2 call" if key == "sd" else "") + \
+                       (", model dtype" if gpu else ", fp32")
+            for k, label in (("plain", "plain"), ("rectified_base", "rectified (base estimate)"),
+                             ("rectified_modulated", "rectified (modulated estimate)")):
+                table.add("Rectifier", f"{kind}, {label}, {name}", ssetting, smp[k]["s_per_step"], "s/step",
+                          smp[k]["peak_mib"])
+            for est in ("base", "modulated"):
+                table.add("Rectifier", f"rectified / plain step, {est} estimate, {name}", ssetting,
+                          smp[f"{est}_over_plain"], "x")
+        comp = r.get("components")
+        if comp:
+            table.add("Rectifier", f"rectifier forward (one call), {name}", size, comp["rectifier_forward_s"], "s")
+            table.add("Rectifier", f"modulated pass / plain pass, {name}", size, comp["modulated_over_plain"], "x")
+    if res["skipped"]:
+        log(f"  skipped (time budget): {', '.join(res['skipped'])}")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes and models, on the CPU, a few steps")
     ap.add_argument("--device", default=None, help="default: cuda (cpu for --dry-run)")
-    ap.add_argument("--only", default="sinddm,imagic,sine,layerdiffusion,engine", help="comma-separated subset")
+    ap.add_argument("--only", default="sinddm,imagic,sine,layerdiffusion,engine,rectifier",
+                    help="comma-separated subset")
     ap.add_argument("--out", default=None, help="the JSON file (default: benchmarks/results/gpu_suite_<device>_<date>"
                                                 ".json; --dry-run: a temporary folder)")
     ap.add_argument("--wheels", default=str(DEFAULT_WHEELS), help="wheel folder to install from when diffusers is "
@@ -325,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         log("SinDDM")
         data["sinddm"] = run_sinddm(table, cfg, device, log)
         timings["sinddm"] = time.perf_counter() - t0
-    if only & {"imagic", "sine", "layerdiffusion", "engine"}:
+    if only & {"imagic", "sine", "layerdiffusion", "engine", "rectifier"}:
         t0 = time.perf_counter()
         model, name = build_sd(cfg, device)
         log(f"{name} built on {device} in {time.perf_counter() - t0:.1f} s")
@@ -349,8 +410,20 @@ def main(argv: list[str] | None = None) -> int:
             log("engine")
             data["engine"] = run_engine(table, cfg, model, device, log)
             timings["engine"] = time.perf_counter() - t0
+        if "rectifier" in only:
+            t0 = time.perf_counter()
+            log("Rectifier")
+            try:
+                data["rectifier"] = run_rectifier(table, cfg, model, device, log)
+            except Exception as e:  # not yet run on a GPU: keep the other stages' results (exit status 1)
+                import traceback
+
+                log(traceback.format_exc())
+                data["rectifier"] = {"error": f"{type(e).__name__}: {e}"}
+            timings["rectifier"] = time.perf_counter() - t0
         del model
     bad = [r for r in table.rows if not _finite(r["value"])]
+    failed = [k for k in ("rectifier",) if "error" in data.get(k, {})]
     data["table"] = table.rows
     data["suite_seconds"] = {**timings, "total": time.perf_counter() - t_start}
     if a.out:
@@ -364,10 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table.render())
     print(f"\n{len(table.rows)} rows in {data['suite_seconds']['total']:.0f} s; written to {out}")
+    if failed:
+        print("failed: " + ", ".join(f"{k} ({data[k]['error']})" for k in failed))
     if bad:
         print(f"not finite: {', '.join(r['method'] + ' / ' + r['stage'] for r in bad)}")
-        return 1
-    return 0
+    return 1 if bad or failed else 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ runs.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer, header, random_sd15, tiny_sd, write_result  # noqa: E402
+from common import Timer, free_memory, header, random_sd15, step_stats, tiny_sd, write_result  # noqa: E402
 from memory import peak_mib, reset_peak  # noqa: E402
 
 from core.layerdiffusion import (  # noqa: E402
@@ -81,18 +80,6 @@ SD15 = dict(size=512, embedding_steps=6, finetune_steps=6, finetunes=["lora", "f
 TINY = dict(SD15, size=64)
 
 
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _stats(timer: Timer) -> dict:
-    times = timer.times
-    return {"s_per_step": timer.median(1), "mean_s_per_step": sum(times) / len(times),
-            "steps_timed": max(len(times) - 1, 1)}
-
-
 def masks(size: int, latent_hw: tuple[int, int]) -> dict:
     """The object mask (a centred box, half the width and height: 1/4 of the image) and an all-zero
     reference mask, in pixels [1, S, S] and on the latent grid [1, 1, h, w]."""
@@ -107,11 +94,11 @@ def masks(size: int, latent_hw: tuple[int, int]) -> dict:
 
 def _run(fn, device) -> tuple[dict, object]:
     timer = Timer(device)
-    _free(device)
+    free_memory(device)
     reset_peak(device)
     timer.start()
     out = fn(timer)
-    return {**_stats(timer), "peak_gib": peak_mib(device) / 1024}, out
+    return {**step_stats(timer), "peak_gib": peak_mib(device) / 1024}, out
 
 
 def time_layerdiffusion(model, cfg: dict, device=None, log=print) -> dict:
@@ -185,7 +172,7 @@ def time_layerdiffusion(model, cfg: dict, device=None, log=print) -> dict:
              "sample_steps": cfg["sample_steps"], "paper_steps": n, "paper_minutes": r["s_per_step"] * n / 60})
     else:
         del tuned
-    _free(device)
+    free_memory(device)
     out = {"settings": cfg, "latent": list(hw), "object_latent_cells": int(m["M"].sum()), "stages": rows,
            "sampling_model": sampling_model, "paper_steps": PAPER_STEPS}
     out["whole_edit"] = whole_edit(rows)

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import inspect
 import sys
 from pathlib import Path
@@ -66,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer, header, random_sd15, tiny_sd, write_result  # noqa: E402
+from common import Timer, free_memory, header, random_sd15, step_stats, tiny_sd, write_result  # noqa: E402
 from memory import peak_mib, reset_peak  # noqa: E402
 
 from core.diffusion import timesteps  # noqa: E402
@@ -96,18 +95,6 @@ def text_encoder_supported() -> bool:
     return "train_text_encoder" in fields and "prompt" in inspect.signature(finetune_sine).parameters
 
 
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _stats(timer: Timer) -> dict:
-    times = timer.times
-    return {"s_per_step": timer.median(1), "mean_s_per_step": sum(times) / len(times),
-            "steps_timed": max(len(times) - 1, 1)}
-
-
 def time_finetune(model, image, cond, label: str, steps: int, patch: PatchConfig, gpu: bool, device) -> tuple:
     """One fine-tuning row (``label`` from :data:`FINETUNES`) and its result."""
     _, mode, patches, text = next(f for f in FINETUNES if f[0] == label)
@@ -119,11 +106,11 @@ def time_finetune(model, image, cond, label: str, steps: int, patch: PatchConfig
         extra["prompt"] = FINETUNE_PROMPT
     config = SineFineTuneConfig(**kw)
     timer = Timer(device)
-    _free(device)
+    free_memory(device)
     reset_peak(device)
     timer.start()
     res = finetune_sine(model, image, cond, config, on_step=timer, **extra)
-    row = {"stage": label, "mode": mode, "patches": patches, "text_encoder": text, **_stats(timer),
+    row = {"stage": label, "mode": mode, "patches": patches, "text_encoder": text, **step_stats(timer),
            "peak_gib": peak_mib(device) / 1024, "trainable_parameters": res.trainable_parameters,
            "paper_steps": PAPER_STEPS[patches]}
     row["paper_minutes"] = row["s_per_step"] * row["paper_steps"] / 60
@@ -150,11 +137,11 @@ def time_sampling(model, tuned, conds: dict, latent: tuple[int, int], cfg: dict,
            f"guided_steps_K{cfg['K']}": sum(t > cfg["K"] for t in ts)}
     for name, run in runs.items():
         timer = Timer(device)
-        _free(device)
+        free_memory(device)
         reset_peak(device)
         timer.start()
         run(steps, timer)
-        out[name] = {**_stats(timer), "peak_gib": peak_mib(device) / 1024}
+        out[name] = {**step_stats(timer), "peak_gib": peak_mib(device) / 1024}
     base = out["cfg"]
     out["guided_over_cfg"] = out["guided_every_step"]["s_per_step"] / base["s_per_step"]
     out[f"k{cfg['K']}_over_cfg"] = out[f"guided_K{cfg['K']}"]["mean_s_per_step"] / base["mean_s_per_step"]
@@ -200,7 +187,7 @@ def time_sine(model, cfg: dict, device=None, log=print) -> dict:
         note = "" if limit is None else _target(device, row["peak_gib"] < limit)
         log(f"  {label:<22} {row['s_per_step']:8.3f} s/step   peak {row['peak_gib']:6.2f} GiB   "
             f"paper's {row['paper_steps']} steps: {row['paper_minutes']:7.1f} min{note}")
-    _free(device)
+    free_memory(device)
     out = {"settings": cfg, "finetune": rows, "skipped": skipped, "sampling": [], "sampling_model": sample_from}
     if tuned is not None and cfg["sample_latents"]:
         tuned = dataclasses.replace(tuned, deltas={k: d.to(device) for k, d in tuned.deltas.items()})
@@ -208,7 +195,7 @@ def time_sine(model, cfg: dict, device=None, log=print) -> dict:
             out["sampling"].append(time_sampling(model, tuned, conds, tuple(latent), cfg, device))
             _log_sampling(out["sampling"][-1], cfg["K"], device, log)
     del tuned
-    _free(device)
+    free_memory(device)
     out["targets"] = targets(out, device)
     return out
 

@@ -5,6 +5,7 @@ The suite itself runs on a GPU (nobody runs it in CI); this keeps its code from 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +31,15 @@ EXPECTED = {
     "LayerDiffusion": ["stage 1: layered embeddings (e_a + e_b) step", "stage 2: layered fine-tune (full) step",
                        "stage 2: layered fine-tune (lora) step", "stage 3: iterative guidance (lora view) step",
                        "whole edit, lora (500+250+50 steps), projected"],
+    "Rectifier": [f"{what}, {model}" for model, step in (("pixel DDPM", "DDPM step"), ("SD", "DDPM + CFG step"))
+                  for what in (f"{step}, plain", f"{step}, rectified (base estimate)",
+                               f"{step}, rectified (modulated estimate)", "rectified / plain step, base estimate",
+                               "rectified / plain step, modulated estimate", "rectifier forward (one call)",
+                               "modulated pass / plain pass")]
+    + ["recon train step, pixel DDPM, batch 8", "recon train step, pixel DDPM, batch 1",
+       "recon train step, SD, batch 1", "recon train step, SD, batch 4"]
+    # the edit step needs open_clip (a random-weight CLIP; the bare GPU machine has none and skips it)
+    + (["edit train step, pixel DDPM, batch 8"] if importlib.util.find_spec("open_clip") else []),
 }
 
 
@@ -67,7 +77,23 @@ def test_dry_run_records_where_the_numbers_come_from(dry_run):
     assert data["tier"] == "dry-run"
     assert data["machine"] and data["date"] and data["torch"]
     assert data["command"].startswith("python benchmarks/gpu_suite.py --dry-run")
-    assert set(data["suite_seconds"]) >= {"sinddm", "imagic", "engine", "total"}
+    assert set(data["suite_seconds"]) >= {"sinddm", "imagic", "engine", "rectifier", "total"}
+
+
+def test_dry_run_rectifier_records_targets_without_verdicts(dry_run):
+    """The CPU dry run lists the acceptance targets and the anchor but passes no verdict on them."""
+    _, data = dry_run
+    rect = data["rectifier"]
+    assert rect["tier"] == "tiny" and rect["skipped"] == []
+    t = rect["targets"]
+    assert t["applies"] is False and "3090" in t["anchor"]
+    assert t["pixel_recon_step_s"]["limit"] == 0.25
+    for key in ("pixel_recon_step_s", "sampling_pixel_base_over_plain", "sampling_sd_modulated_over_plain"):
+        assert "met" not in t[key] and math.isfinite(t[key]["value"]), key
+    # base estimate: one unmodulated pass per step; modulated: only the trajectory's first step
+    smp = rect["pixel"]["sampling"]
+    assert smp["rectified_base"]["base_calls"] == smp["steps"]
+    assert smp["rectified_modulated"]["base_calls"] == 1
 
 
 @pytest.fixture
@@ -90,6 +116,12 @@ def test_full_tier_is_the_papers_scale(gpu_suite):
     assert full["sinddm_paper_steps"] == 120_000
     assert (full["sd"], full["sd_size"]) == ("random", 512)
     assert full["switch_latent"] == 64  # 512 px
+    rect = full["rectifier"]
+    assert rect["tier"] == "real" and rect["budget_s"] <= 120  # the suite must fit one device call
+    real = importlib.import_module("rectifier_speed").REAL
+    assert (real["pixel"]["unet"], real["pixel"]["size"], real["pixel"]["encoder_layers"]) == (
+        "celebahq-256", 256, [3, 4, 6, 3])
+    assert 8 in real["pixel"]["train_batches"] and real["sd"]["latent"] == 64  # 512 px
 
 
 def test_missing_diffusers_without_wheels_says_what_to_do(gpu_suite, tmp_path, monkeypatch):
