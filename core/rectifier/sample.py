@@ -171,8 +171,8 @@ def ddim_invert(eps_fn: EpsFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, s
     x = x0.float()
     prev = -1
     for t in ts:
-        # eps is evaluated at the current (lower) level, the usual DDIM-inversion approximation
-        tt = torch.full((x.shape[0],), max(prev, 0), device=x.device, dtype=torch.long)
+        # eps of the level being moved to, on the current x: the usual approximation of eps(x_t, t)
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = eps_fn(x, tt).float()
         x = ddim_step(x, eps, _alpha(ab, prev, x), _alpha(ab, t, x)).float()
         prev = t
