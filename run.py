@@ -6,7 +6,7 @@
     python3 run.py --dry-run demo          # print the commands, run nothing
 
 The first run creates a virtual environment in ``.venv`` (``--venv`` for another folder),
-installs torch and torchvision, the pack's requirements and pytest into it, and remembers
+installs torch and torchvision, the pack's requirements, pytest and scikit-image into it, and remembers
 what it installed (``.venv/.sie-setup``); later runs skip the set-up until that changes.
 
 torch/torchvision: any matching pair works.  The default is the pair CI uses,
@@ -72,7 +72,7 @@ def plan(command: str, args: list[str], venv: Path, env=os.environ) -> list[list
         torch = torch_spec(env)
         if torch:
             steps.append([*pip, *torch, *(["--index-url", index] if index else [])])
-        steps.append([*pip, "-r", str(ROOT / "requirements.txt"), "pytest>=7.4"])
+        steps.append([*pip, "-r", str(ROOT / "requirements.txt"), "pytest>=7.4", "scikit-image>=0.22"])
         steps.append(["stamp", str(stamp)])
     if COMMANDS[command] is not None:
         steps.append([str(py), *COMMANDS[command], *args])

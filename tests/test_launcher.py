@@ -43,7 +43,7 @@ def test_fresh_machine_demo_creates_venv_installs_then_runs(tmp_path):
     assert shlex.split(steps[0]) == [sys.executable, "-m", "venv", str(venv)]
     assert shlex.split(steps[1]) == [py, "-m", "pip", "install", "--upgrade", "pip"]
     assert shlex.split(steps[2]) == [py, "-m", "pip", "install", "torch==2.14.1", "torchvision==0.29.1"]
-    assert shlex.split(steps[3]) == [py, "-m", "pip", "install", "-r", str(ROOT / "requirements.txt"), "pytest>=7.4"]
+    assert shlex.split(steps[3]) == [py, "-m", "pip", "install", "-r", str(ROOT / "requirements.txt"), "pytest>=7.4", "scikit-image>=0.22"]
     assert steps[4].startswith("(record the set-up in")
     assert shlex.split(steps[5]) == [py, "-m", "core.sinddm", "demo", "--steps", "10"]
     assert not venv.exists(), "a dry run must create nothing"
@@ -68,7 +68,7 @@ def test_torch_pair_and_index_are_overridable(tmp_path):
 def test_empty_torch_spec_installs_no_torch(tmp_path):
     steps = [shlex.split(s) for s in dry("--venv", str(tmp_path / "v"), "setup", env={"SIE_TORCH": ""})]
     installs = [s[4:] for s in steps if s[1:4] == ["-m", "pip", "install"]]
-    assert installs == [["--upgrade", "pip"], ["-r", str(ROOT / "requirements.txt"), "pytest>=7.4"]]
+    assert installs == [["--upgrade", "pip"], ["-r", str(ROOT / "requirements.txt"), "pytest>=7.4", "scikit-image>=0.22"]]
 
 
 def test_second_run_skips_the_set_up_until_it_changes(launcher, tmp_path):
