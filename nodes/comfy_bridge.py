@@ -32,6 +32,7 @@ MODEL_FOLDERS = {
     "sie_sinddm": (os.path.join("single_image_edit", "sinddm"), {".safetensors"}),
     "sie_trained": (os.path.join("single_image_edit", "trained"), {".safetensors"}),
     "sie_sine": (os.path.join("single_image_edit", "sine"), {".safetensors"}),  # not for Load LoRA: F(v) flag
+    "sie_rectifier": (os.path.join("single_image_edit", "rectifier"), {".safetensors"}),
     "open_clip": ("open_clip", {".safetensors", ".bin", ".pt", ".pth"}),
     "sams": ("sams", {".safetensors", ".pth", ".pt"}),  # Segment Anything (shared with other packs)
 }

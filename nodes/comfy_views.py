@@ -15,6 +15,11 @@ Features (:class:`core.seam.Features`) travel in ``transformer_options["sie_feat
 :class:`InputMapPatch`, an ``input_block_patch``, adds ``input_map`` after input block 0
 (the UNet's first convolution, before the skip is stored, as the diffusers back end
 does after ``conv_in``).
+
+:func:`install_call_rule` puts a per-call rule on such a clone for ComfyUI's own samplers: a
+``model_function_wrapper`` hands every denoiser call (:class:`DenoiserCall`) to the rule, which
+may evaluate the base and its view, each with per-call features (the rectifier: an unmodulated
+pass, then a pass modulated by what that pass predicted).
 """
 
 from __future__ import annotations
@@ -133,6 +138,82 @@ def install_views(model, specs: Sequence[ViewSpec], gradient_checkpointing: bool
     return clone, viewset
 
 
+class DenoiserCall:
+    """One call of ComfyUI's denoiser (a ``model_function_wrapper`` call) as a per-call rule sees it.
+
+    ``x`` is ComfyUI's input in its sigma parameterisation, ``sigma`` [B] its noise levels,
+    ``t`` [B] the matching discrete timesteps (``model_sampling.timestep``), ``cond_or_uncond``
+    which conditioning each chunk of the batch belongs to (the batch is ``len(cond_or_uncond)``
+    equal chunks).  :meth:`run` evaluates the denoiser, returning ComfyUI's denoised output (the
+    x0 estimate in model space), with a view of the set active."""
+
+    def __init__(self, wrapper: "CallRuleWrapper", apply_model, args: dict):
+        self._wrapper, self._apply, self._args = wrapper, apply_model, args
+        self.x: torch.Tensor = args["input"]
+        self.sigma: torch.Tensor = args["timestep"]
+        self.cond_or_uncond: list = list(args.get("cond_or_uncond") or [])
+        self.t: torch.Tensor = wrapper.model_sampling.timestep(self.sigma)
+
+    def run(self, view: int = 0, features: Features | None = None) -> torch.Tensor:
+        """The denoised output with view ``view`` active (0: the MODEL as given) and per-call
+        ``features``; a wrapper that was on the MODEL before runs inside, as the apply function."""
+        with self._wrapper.viewset.activate(view, features):
+            inner = self._wrapper.inner
+            if inner is not None:
+                return inner(self._apply, self._args)
+            return self._apply(self._args["input"], self._args["timestep"], **self._args["c"])
+
+
+class CallRuleWrapper:
+    """``model_function_wrapper`` that hands every denoiser call to ``rule(call)`` (a
+    :class:`DenoiserCall`), which returns the denoised output to use.  ``to`` and ``models``
+    (what ComfyUI asks of a wrapper when it moves or loads the model) go to the rule and to the
+    wrapper that was there before; a copy (ComfyUI deep-copies model options when it clones a
+    MODEL) shares the rule and the view set, which the clone's layer dispatchers read."""
+
+    def __init__(self, viewset: ViewSet, rule, model_sampling, inner=None):
+        self.viewset, self.rule, self.model_sampling, self.inner = viewset, rule, model_sampling, inner
+
+    def __call__(self, apply_model, args: dict) -> torch.Tensor:
+        return self.rule(DenoiserCall(self, apply_model, args))
+
+    def to(self, *args, **kwargs) -> "CallRuleWrapper":
+        if hasattr(self.rule, "to"):
+            self.rule.to(*args, **kwargs)
+        if self.inner is not None and hasattr(self.inner, "to"):
+            self.inner = self.inner.to(*args, **kwargs)
+        return self
+
+    def models(self) -> list:
+        return list(self.inner.models()) if self.inner is not None and hasattr(self.inner, "models") else []
+
+    def __deepcopy__(self, memo) -> "CallRuleWrapper":
+        import copy
+
+        return CallRuleWrapper(self.viewset, self.rule, self.model_sampling, copy.deepcopy(self.inner, memo))
+
+
+def install_call_rule(model, spec: ViewSpec, rule) -> object:
+    """A clone of ``model`` whose every denoiser call goes through ``rule`` (:class:`CallRuleWrapper`),
+    with ``spec`` as view 1 (e.g. ``ViewSpec(modulates=names)`` for a per-call modulation).  Works with
+    any ComfyUI sampler, denoise < 1 included; the input MODEL is left as it was.
+
+    ValueError when a layer of ``spec`` already has a per-call dispatcher (a MODEL that went
+    through this before): a second dispatcher would replace the first, whose rule would then
+    silently lose its effect."""
+    patches = getattr(model, "object_patches", {})
+    taken = sorted(n for n in spec.names() if isinstance(
+        patches.get(f"diffusion_model.{n.rsplit('.', 1)[0]}.forward"), _OutputDispatch))
+    if taken:
+        raise ValueError(f"this MODEL already carries per-call modulation on {len(taken)} of these layers "
+                         f"(e.g. {taken[0]})")
+    clone, viewset = install_views(model, [spec])
+    inner = clone.model_options.get("model_function_wrapper")
+    clone.set_model_unet_function_wrapper(CallRuleWrapper(viewset, rule, clone.get_model_object("model_sampling"),
+                                                          inner))
+    return clone
+
+
 class ComfySD:
     """:class:`core.seam.LatentDiffusion` over a ComfyUI MODEL (ModelPatcher), CLIP and VAE.
 
@@ -153,6 +234,7 @@ class ComfySD:
         sigmas = ms.sigmas.detach().to("cpu", torch.float64)
         self._alphas_cumprod = 1.0 / (sigmas**2 + 1.0)
         self._loaded = loaded
+        self._decoder: torch.nn.Module | None = None  # decode_differentiable's private VAE copy
 
     def _load(self) -> None:
         if not self._loaded:
@@ -245,6 +327,40 @@ class ComfySD:
             raise ValueError("this ComfySD has no VAE")
         img = self.vae.decode(self.model.model.process_latent_out(latent))
         return img.reshape(-1, *img.shape[-3:]).movedim(-1, 1).float()
+
+    def decode_differentiable(self, latent: torch.Tensor) -> torch.Tensor:
+        """VAE decode that autograd can differentiate through: model-space latent [B, 4, h, w] ->
+        image [B, 3, 8h, 8w] in [0, 1], on the latent's device (the rectifier's CLIP loss on x0_hat).
+
+        Same maths as :meth:`decode` (``process_latent_out``, the first-stage model's ``decode``,
+        then the VAE's output mapping, clamp((x + 1) / 2) for image VAEs), but on a private copy
+        of the first-stage model: ComfyUI creates the VAE's weights inside the prompt's inference
+        mode, and autograd may not save inference tensors for backward.  The copy's tensors are
+        ordinary ones (cloned outside inference mode), frozen, made on the first call and kept by
+        this ComfySD (one copy per node run); the encoder is left out of it."""
+        if self.vae is None:
+            raise ValueError("this ComfySD has no VAE")
+        decoder = self._decoder_copy()
+        param = next(decoder.parameters())
+        z = self.model.model.process_latent_out(latent)
+        img = decoder.decode(z.to(param.device, param.dtype)).float()
+        out = self.vae.process_output(img) if hasattr(self.vae, "process_output") else ((img + 1) / 2).clamp(0, 1)
+        return out.to(latent.device)
+
+    def _decoder_copy(self) -> torch.nn.Module:
+        if self._decoder is None:
+            import copy
+
+            first = self.vae.first_stage_model
+            if hasattr(self.vae, "patcher"):  # weights on the VAE's device, as ComfyUI's own decode has them
+                self._mm.load_models_gpu([self.vae.patcher])
+            encoder = getattr(first, "encoder", None)
+            memo = {id(encoder): None} if isinstance(encoder, torch.nn.Module) else {}  # decode never uses it
+            with torch.inference_mode(False):
+                decoder = copy.deepcopy(first, memo)
+                device = getattr(self.vae, "device", None) or next(first.parameters()).device
+                self._decoder = decoder.to(device).eval().requires_grad_(False)
+        return self._decoder
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

@@ -739,8 +739,118 @@ def layerdiffusion_reference_background() -> Graph:
     return g
 
 
+RECTIFIER_NOTE = ("High-Fidelity rectifier (Hou, Wei, Chen, AAAI 2024): a hypernetwork R(x_0, P_t, t) modulates the "
+                  "frozen SD UNet's middle and output-block convolutions at every step, theta (1 + Delta), from the "
+                  "image x_0 and the model's own x_0 estimate P_t, to keep reconstructions and edits faithful.\n"
+                  "Reconstruction training (eq. 3): the usual noise-prediction loss of the rectified model; Adam lr "
+                  "1e-3 x 0.9 every 5,000 steps, weight decay 1e-5. The paper trains on a domain (about 100 images, "
+                  "e.g. faces): replace the small training set here (three views of the bundled photo) with yours, "
+                  "scaled to 512x512, and raise batch to what your GPU holds (8 here). (Image Batch is marked "
+                  "deprecated in newer ComfyUI but still works; Batch Images does the same there.)\n"
+                  "Inference (the paper's): DDPM from pure noise with x_0 given at every step (KSampler: ddpm, "
+                  "50 steps, denoise 1.0, cfg 1 with the prompt the rectifier was trained under).\n\n"
+                  "Needs an SD 1.x checkpoint in models/checkpoints; trained rectifiers are saved to "
+                  "models/single_image_edit/rectifier (Load Rectifier reads them).")
+
+
+def rectifier_inputs(g: Graph) -> tuple[Node, Node]:
+    g.stage("Inputs: model and text", columns=1)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    empty = g.add("CLIPTextEncode", title="Empty prompt", clip=ckpt.out(1), text="")
+    return ckpt, empty
+
+
+def rectifier_training_set(g: Graph) -> Node:
+    """Three 512x512 views of the bundled photo as one IMAGE batch (stands in for a domain of ~100 images)."""
+    g.stage("Training set (your images here)", columns=3)
+    img = g.add("LoadImage", title="Training image", image="coffee_250x200.png")
+    whole = g.add("ImageScale", title="Whole, 512", image=img.out(0), upscale_method="lanczos", width=512,
+                  height=512, crop="center")
+    crop = g.add("ImageCrop", title="Left crop", image=img.out(0), width=200, height=200, x=0, y=0)
+    flip = g.add("ImageFlip", title="Mirrored", image=whole.out(0), flip_method="y-axis: horizontally")
+    crop_scaled = g.add("ImageScale", title="Crop, 512", image=crop.out(0), upscale_method="lanczos", width=512,
+                        height=512, crop="center")
+    two = g.add("ImageBatch", title="Batch of 2", image1=whole.out(0), image2=flip.out(0))
+    return g.add("ImageBatch", title="Batch of 3", image1=two.out(0), image2=crop_scaled.out(0))
+
+
+def rectifier_held_out(g: Graph) -> Node:
+    g.stage("Held-out image x_0", columns=1)
+    img = g.add("LoadImage", title="Held-out image", image="coffee_128x100.png")
+    return g.add("ImageScale", title="Held-out, 512", image=img.out(0), upscale_method="lanczos", width=512,
+                 height=512, crop="center")
+
+
+def rectifier_sample(g: Graph, model, ckpt: Node, empty: Node, latent: Node, denoise: float, label: str, title: str,
+                     prefix: str) -> None:
+    ks = g.add("KSampler", title=f"Sample ({label})", model=model, positive=empty.out(0), negative=empty.out(0),
+               latent_image=latent.out(0), seed=0, steps=50, cfg=1.0, sampler_name="ddpm", scheduler="normal",
+               denoise=denoise)
+    dec = g.add("VAEDecode", samples=ks.out(0), vae=ckpt.out(2))
+    g.add("SaveImage", title=title, images=dec.out(0), filename_prefix=prefix)
+
+
+def rectifier_reconstruct() -> Graph:
+    g = Graph("rectifier_reconstruct")
+    g.note(RECTIFIER_NOTE + "\n\nThis graph: reconstruction training (5,000 steps, batch 8), saved; then the held-out "
+           "photo reconstructed from pure noise by the rectified model, next to the plain model's sample from the "
+           "same seed.")
+    ckpt, empty = rectifier_inputs(g)
+    held = rectifier_held_out(g)
+    images = rectifier_training_set(g)
+    g.stage("1. Train (eq. 3)", columns=2)
+    train = g.add("SIE_TrainRectifier", model=ckpt.out(0), vae=ckpt.out(2), images=images.out(0), mode="recon",
+                  steps=5000, lr=0.001, seed=0, conditioning=empty.out(0), batch=8, estimate="base")
+    g.add("SIE_SaveRectifier", rectifier=train.out(0), filename_prefix="rectifier/recon")
+    g.add("SaveImage", title="Loss", images=train.out(1), filename_prefix="rectifier/recon_loss")
+    g.stage("2. Sample: rectified vs plain", columns=3)
+    apply = g.add("SIE_ApplyRectifier", model=ckpt.out(0), rectifier=train.out(0), image=held.out(0), strength=1.0,
+                  vae=ckpt.out(2), estimate="base")
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    rectifier_sample(g, apply.out(0), ckpt, empty, latent, 1.0, "rectified", "Rectified", "rectifier/recon_rectified")
+    rectifier_sample(g, ckpt.out(0), ckpt, empty, latent, 1.0, "plain", "Plain model", "rectifier/recon_plain")
+    return g
+
+
+def rectifier_edit() -> Graph:
+    g = Graph("rectifier_edit")
+    g.note(RECTIFIER_NOTE + "\n\nThis graph: reconstruction training, then editing training (Alg. 1) continued from "
+           "it: directional CLIP loss from the source to the target text + L1 to the original, on x0_hat from each "
+           "step of the original trajectory (200 steps, lr 1e-3 x 0.9 every 10 steps; the paper lowers the decay for "
+           "edits that change a lot). The edit is sampled from pure noise (the paper's inference) and, as SDEdit, "
+           "from the photo noised half way (denoise 0.5, the paper's image-to-image use).\n\nNeeds an OpenCLIP "
+           "checkpoint in models/open_clip (e.g. ViT-B-32) and open_clip_torch.")
+    ckpt, empty = rectifier_inputs(g)
+    clip = g.add("SIE_LoadOpenCLIP", clip_name="open_clip_vit_b32.safetensors", arch="ViT-B-32")
+    held = rectifier_held_out(g)
+    images = rectifier_training_set(g)
+    g.stage("1. Reconstruction training", columns=2)
+    recon = g.add("SIE_TrainRectifier", title="Train (recon)", model=ckpt.out(0), vae=ckpt.out(2),
+                  images=images.out(0), mode="recon", steps=5000, lr=0.001, seed=0, conditioning=empty.out(0), batch=8,
+                  estimate="base")
+    g.add("SIE_SaveRectifier", title="Save (recon)", rectifier=recon.out(0), filename_prefix="rectifier/recon")
+    g.add("SaveImage", title="Recon loss", images=recon.out(1), filename_prefix="rectifier/recon_loss")
+    g.stage("2. Edit training (Alg. 1)", columns=2)
+    edit = g.add("SIE_TrainRectifier", title="Train (edit)", model=ckpt.out(0), vae=ckpt.out(2), images=images.out(0),
+                 mode="edit", steps=200, lr=0.001, seed=0, open_clip=clip.out(0), source_text="black coffee",
+                 target_text="latte art", rectifier=recon.out(0), conditioning=empty.out(0), batch=8,
+                 estimate="base")
+    g.add("SIE_SaveRectifier", title="Save (edit)", rectifier=edit.out(0), filename_prefix="rectifier/edit")
+    g.add("SaveImage", title="Edit losses", images=edit.out(1), filename_prefix="rectifier/edit_loss")
+    g.stage("3. Edit: from noise and SDEdit", columns=3)
+    apply = g.add("SIE_ApplyRectifier", model=ckpt.out(0), rectifier=edit.out(0), image=held.out(0), strength=1.0,
+                  vae=ckpt.out(2), estimate="base")
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    rectifier_sample(g, apply.out(0), ckpt, empty, latent, 1.0, "edit", "Edited (from noise)", "rectifier/edit")
+    encoded = g.add("VAEEncode", title="Held-out latent", pixels=held.out(0), vae=ckpt.out(2))
+    rectifier_sample(g, apply.out(0), ckpt, empty, encoded, 0.5, "SDEdit", "Edited (SDEdit 0.5)",
+                     "rectifier/edit_sdedit")
+    return g
+
+
 GRAPHS = [sinddm_random_samples, sinddm_roi_outpaint, sinddm_harmonization, sinddm_style_transfer, sinddm_text_guided,
-          sinddm_text_roi, sinddm_text_style, imagic, sine_edit, sine_any_resolution, sine_multi_model, layerdiffusion, layerdiffusion_reference_background]
+          sinddm_text_roi, sinddm_text_style, imagic, sine_edit, sine_any_resolution, sine_multi_model, layerdiffusion,
+          layerdiffusion_reference_background, rectifier_reconstruct, rectifier_edit]
 
 
 def main() -> None:

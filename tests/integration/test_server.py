@@ -62,7 +62,8 @@ def test_pack_imports_without_error(server):
 # process has no ComfyUI, so only their place and options are compared, and the default must be offered.
 SERVER_LISTS = {"SIE_LoadOpenCLIP": {"clip_name"}, "SIE_LoadSinDDM": {"model_name"},
                 "SIE_LoadTrained": {"trained_name"}, "SIE_EtaSweep": {"sampler_name", "scheduler"},
-                "SIE_LoadSine": {"sine_name"}, "SIE_LoadSAM": {"sam_name"}, "SIE_GuidanceSweep": {"sampler_name", "scheduler"}}
+                "SIE_LoadSine": {"sine_name"}, "SIE_LoadSAM": {"sam_name"}, "SIE_GuidanceSweep": {"sampler_name", "scheduler"},
+                "SIE_LoadRectifier": {"rectifier_name"}}
 
 
 def test_object_info_lists_every_node_with_our_schema(server):
@@ -85,7 +86,7 @@ def test_object_info_lists_every_node_with_our_schema(server):
 
 def test_model_folders_are_registered(server):
     folders = server.get("/models")
-    for name in ("sie_sinddm", "sie_trained", "sie_sine", "sams", "open_clip"):
+    for name in ("sie_sinddm", "sie_trained", "sie_sine", "sie_rectifier", "sams", "open_clip"):
         assert name in folders, folders
 
 

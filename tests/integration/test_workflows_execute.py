@@ -13,7 +13,9 @@ instead of hours); SinDDM samples 1 per node; the text-guided samples start the 
 scales at t = 3-4 (CLIP on 16 views is slow on a CPU), the text-in-region edit takes 2
 CLIP steps instead of 100, and the text-styled training image starts the finest scale at
 t = 4 (one guided step); Imagic at 64x64 with 2 steps per
-stage and 2 etas, on the random SD 1.5 file.
+stage and 2 etas, on the random SD 1.5 file; the rectifier at 64x64 with 2 training steps of batch 2 per mode
+and 2 sampling steps (a rectified sampling step costs 4-7 plain ones on a CPU: a base pass, then a pass in
+which each of the 43 modulated convolutions builds per-sample kernels).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ SINE_SMALL = {"CheckpointLoaderSimple": {"ckpt_name": "random_sd15.safetensors"}
 LAYER_SMALL = {**SINE_SMALL, "SIE_OptimizeEmbedding": {"steps": 2}, "SIE_LoadSAM": {"sam_name": SAM_FILE},
                # a random SAM's masks are noise: the box prompt alone, dilated, keeps object and background non-empty
                "SIE_SAMSegment": {"prompt": '{"points": [], "box": [16, 16, 48, 48]}', "dilate": 2}}
+RECTIFIER_SMALL = {"CheckpointLoaderSimple": {"ckpt_name": "random_sd15.safetensors"},
+                   "ImageScale": {"width": 64, "height": 64}, "EmptyLatentImage": {"width": 64, "height": 64},
+                   "SIE_TrainRectifier": {"steps": 2, "batch": 2}, "KSampler": {"steps": 2}}
 # workflow -> {node class: {input: value}}; then the expected SaveImage outputs {filename_prefix: (count, W, H)}
 OVERRIDES = {
     "sinddm_random_samples": {**SINDDM_TRAIN, "SIE_SinDDMSample": {"count": 1}},
@@ -69,6 +74,8 @@ OVERRIDES = {
     "sine_multi_model": SINE_SMALL,
     "layerdiffusion": {**LAYER_SMALL, "KSampler": {"steps": 2}},
     "layerdiffusion_reference_background": {**LAYER_SMALL, "SolidMask": {"width": 64, "height": 64}},
+    "rectifier_reconstruct": RECTIFIER_SMALL,
+    "rectifier_edit": RECTIFIER_SMALL,
 }
 EXPECTED = {
     "sinddm_random_samples": {"sinddm/samples": (1, 250, 200), "sinddm/wide": (1, 500, 200),
@@ -91,6 +98,10 @@ EXPECTED = {
                        "layerdiffusion/edit_finetune_loss": (1, 640, 320)},
     "layerdiffusion_reference_background": {"layerdiffusion/reference_background": (1, 64, 64),
                                             "layerdiffusion/reference_background_finetune_loss": (1, 640, 320)},
+    "rectifier_reconstruct": {"rectifier/recon_rectified": (1, 64, 64), "rectifier/recon_plain": (1, 64, 64),
+                              "rectifier/recon_loss": (1, 640, 320)},
+    "rectifier_edit": {"rectifier/edit": (1, 64, 64), "rectifier/edit_sdedit": (1, 64, 64),
+                       "rectifier/recon_loss": (1, 640, 320), "rectifier/edit_loss": (1, 640, 960)},
 }
 
 

@@ -1,0 +1,498 @@
+"""High-Fidelity rectifier nodes (Hou, Wei, Chen, AAAI 2024): train, apply, save and load.
+
+* ``SIE_TrainRectifier`` trains R(x_0, P_t, t), the hypernetwork of :mod:`core.rectifier`, on a
+  batch of images with the SD MODEL frozen: reconstruction (eq. 3) or editing (Alg. 1: directional
+  CLIP + L1, continuing from a reconstruction rectifier).  The result is a ``SIE_RECTIFIER``.
+* ``SIE_ApplyRectifier`` (the "rectifier modulator") returns a clone of the MODEL whose every
+  denoiser call is rectified (eq. 2): an unmodulated pass gives P_t, R gives the per-sample
+  offsets Delta from (x_0, P_t, t), a second pass runs with theta (1 + s Delta) in the modulated
+  convolutions.  Any ComfyUI sampler drives it, from pure noise (the paper's inference, x_0 given
+  at every step) or with denoise < 1 (SDEdit, the paper's image-to-image section).
+* ``SIE_SaveRectifier`` / ``SIE_LoadRectifier``: the ``sie.rectifier`` file in
+  models/single_image_edit/rectifier.
+
+The per-call plumbing (a ``model_function_wrapper`` over a views clone) lives in
+:mod:`nodes.comfy_views` (:func:`install_call_rule`); :class:`RectifierRule` here is only the
+rectifier's maths per call.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..core.artifact_io import ArtifactError
+from ..core.images import pil_to_tensor
+from ..core.plot import loss_curve
+from ..core.rectifier import (
+    Rectifier,
+    RectifierInfo,
+    TrainConfig,
+    check_fits,
+    load_rectifier,
+    modulation_functions,
+    new_rectifier,
+    save_rectifier,
+    train_rectifier,
+)
+from ..core.rectifier.sample import ESTIMATES
+from ..core.rectifier.train import MODES
+from ..core.resources import IMAGIC_ACT_BYTES_PER_LATENT_PIXEL, ResourceError
+from ..core.resources import check_fits as check_memory_fits
+from ..core.seam import Features, ViewSpec
+from . import comfy_bridge as bridge
+from .common import CATEGORY_ROOT, NodeInputError, bchw_to_image, check_positive, image_to_bchw, save_output
+from .sinddm import OPEN_CLIP
+
+log = logging.getLogger("comfyui-single-image-edit")
+
+CATEGORY = f"{CATEGORY_ROOT}/rectifier"
+RECTIFIER = "SIE_RECTIFIER"
+FOLDER = "sie_rectifier"
+SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}
+LATENT_CHANNELS = 4  # SD 1.x latents: the rectifier's encoder sees concat(x_0, P_t), 8 channels
+ESTIMATE_CLIP = 4.0  # |P_t| clip for SD latents (model space: |x_0| is a few units; see core.rectifier.hypernet)
+MIN_SIDE = 64  # px: an 8x8 latent, the smallest the ResNet encoder and the UNet take comfortably
+STRENGTH_MAX = 2.0
+
+
+@dataclass(frozen=True)
+class TrainedRectifier:
+    """The ``SIE_RECTIFIER`` object: the network and what it was trained for.  Nodes never change
+    it (training continues on a deep copy; Apply Rectifier runs its own copy on the device)."""
+
+    net: Rectifier
+    info: RectifierInfo
+
+    def describe(self) -> str:
+        i = self.info
+        text = f"{i.mode} rectifier, {i.steps} steps, {len(self.net.layer_names)} modulated layers"
+        if i.target_text:
+            text += f", '{i.source_text}' -> '{i.target_text}'"
+        return text
+
+
+# --------------------------------------------------------------------------------------
+# Input checks (all before anything is loaded)
+# --------------------------------------------------------------------------------------
+def check_sd_model(model, name: str = "model") -> None:
+    problem = bridge.sd1_problem(model)
+    if problem:
+        raise NodeInputError(name, f"this is {problem}; the rectifier nodes here modulate a Stable Diffusion 1.x "
+                                   "UNet", "load an SD 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors)")
+
+
+def unet_parameters(model) -> dict[str, torch.Tensor]:
+    """The MODEL's UNet parameters under their canonical (original SD) names."""
+    return dict(model.model.diffusion_model.named_parameters())
+
+
+def check_rectifier(rectifier, model, name: str = "rectifier") -> TrainedRectifier:
+    """A SIE_RECTIFIER that fits this MODEL's UNet (its layers exist with its kernel shapes)."""
+    if not isinstance(rectifier, TrainedRectifier):
+        raise NodeInputError(name, f"expected a rectifier, got {type(rectifier).__name__}",
+                             "connect Train Rectifier or Load Rectifier")
+    cfg = rectifier.net.config
+    if rectifier.info.backbone != "ldm" or cfg.channels != LATENT_CHANNELS:
+        raise NodeInputError(name, f"this rectifier was made for a {rectifier.info.backbone or '?'} denoiser with "
+                                   f"{cfg.channels}-channel inputs (a pixel-space DDPM), not for SD latents",
+                             "train a rectifier on this SD MODEL with Train Rectifier")
+    try:
+        check_fits(rectifier.net, unet_parameters(model))
+    except ValueError as e:
+        raise NodeInputError(name, str(e), "use a rectifier trained on this MODEL's architecture (SD 1.x), or "
+                                           "train one with Train Rectifier") from None
+    return rectifier
+
+
+def check_images(images, name: str = "images") -> torch.Tensor:
+    """IMAGE batch -> [N, 3, H, W] in [0, 1], sides >= 64 and multiples of 8."""
+    x = image_to_bchw(images, name, min_side=MIN_SIDE)
+    h, w = x.shape[-2:]
+    if h % 8 or w % 8:
+        raise NodeInputError(name, f"the images are {w}x{h}; both sides must be multiples of 8 (the VAE's "
+                                   "downsampling)", "scale them first, e.g. Upscale Image to 512x512")
+    return x
+
+
+def text_context(conditioning, model) -> tuple[torch.Tensor, str]:
+    """(cond [1, 77, D] float32, how it was made): the first entry of ``conditioning``, or zeros."""
+    width = int(model.model.model_config.unet_config.get("context_dim") or 768)
+    if conditioning is None:
+        return torch.zeros(1, 77, width), "zero text context"
+    from .imagic import cond_tensor
+
+    cond, _ = cond_tensor(conditioning, model)
+    return cond, "conditioning input"
+
+
+def check_train_memory(model, latent_hw: tuple[int, int], batch: int, rectifier_params: int, device,
+                       free: int | None = None) -> None:
+    """Refuse a training run that cannot fit, naming ``batch`` (when one image would fit) or ``images``.
+
+    Estimate (``core.resources``' figures): the rectifier's weights, gradients and Adam moments
+    (16 bytes per parameter) plus the UNet activations autograd keeps, Imagic's measured 1 MiB per
+    latent pixel per image in fp32 (it counts the whole UNet; only the modulated middle and output
+    blocks need their activations here, so this errs on the safe side), half of it under 16-bit
+    autocast.  Not counted: the frozen UNet (loaded by ComfyUI) and, in edit mode, the VAE decoder
+    and CLIP activations."""
+    from ..core.fit import autocast_dtype
+
+    h, w = latent_hw
+    per_image = IMAGIC_ACT_BYTES_PER_LATENT_PIXEL * h * w
+    if autocast_dtype(torch.device(device), "auto") is not None:
+        per_image //= 2
+    fixed = 16 * rectifier_params
+    try:
+        check_memory_fits(fixed + batch * per_image, device, f"rectifier training with batch {batch} at "
+                                                             f"{8 * w}x{8 * h}", "", free)
+    except ResourceError as e:
+        if batch > 1 and fixed + per_image <= e.free:
+            fits = max(1, (e.free - fixed) // per_image)
+            raise NodeInputError("batch", e.problem, f"lower batch to {fits} or less") from None
+        raise NodeInputError("images", e.problem, "use smaller images, or a device with more memory") from None
+
+
+def loss_image(result, mode: str) -> torch.Tensor:
+    """IMAGE [1, H, W, 3]: the loss per step; in edit mode one chart per term under the total."""
+    if mode == "recon":
+        charts = [loss_curve(result.losses, title="rectifier reconstruction loss (eq. 3, eps MSE)")]
+    else:
+        charts = [loss_curve(result.losses, title="rectifier edit loss (eq. 6, weighted total)")]
+        names = {"clip": "directional CLIP loss (eq. 4)", "l1": "L1 to x_0 (eq. 5)"}
+        charts += [loss_curve(v, title=names.get(k, k)) for k, v in result.terms.items()]
+    return bchw_to_image(torch.cat([pil_to_tensor(c) for c in charts], dim=1)[None])
+
+
+# --------------------------------------------------------------------------------------
+class TrainRectifier:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_TrainRectifier", "Train Rectifier", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (RECTIFIER, "IMAGE")
+    RETURN_NAMES = ("rectifier", "loss")
+    OUTPUT_TOOLTIPS = ("The trained rectifier (a new object; a connected rectifier input is never changed), for "
+                       "Apply Rectifier, Save Rectifier, or further training.",
+                       "The loss per step (edit mode: the weighted total, then the CLIP and L1 terms).")
+    DESCRIPTION = ("High-Fidelity rectifier (Hou, Wei, Chen, AAAI 2024): trains the hypernetwork R(x_0, P_t, t) that "
+                   "modulates the frozen SD UNet's middle and output-block convolutions, theta (1 + Delta), at every "
+                   "step. recon: eq. 3, the usual noise-prediction loss of the rectified model on the training "
+                   "images (Adam lr 1e-3 x 0.9 every 5,000 steps, weight decay 1e-5). edit: Alg. 1, directional CLIP "
+                   "loss (source -> target text) + L1 to the original on x0_hat from each step of the original "
+                   "trajectory (lr 1e-3 x 0.9 every 10 steps); continue from a reconstruction rectifier through "
+                   "the 'rectifier' input, as the paper does. The paper uses about 100 images per attribute.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD 1.x MODEL; frozen (not modified)."}),
+            "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint: encodes the training images once (and "
+                                       "decodes x0_hat for CLIP in edit mode)."}),
+            "images": ("IMAGE", {"tooltip": "The training set, a batch of images of one domain (the paper: about "
+                                            "100 per attribute), at least 64 px, sides multiples of 8 (SD 1.x: "
+                                            "512x512)."}),
+            "mode": (list(MODES), {"default": "recon", "tooltip": "recon: reconstruction training (eq. 3). edit: "
+                                                                  "editing training (Alg. 1), needs open_clip and "
+                                                                  "target_text; continue from a recon rectifier."}),
+            "steps": ("INT", {"default": 5000, "min": 1, "max": 1000000,
+                              "tooltip": "Adam steps. The paper gives no count, only the schedules: recon lr x 0.9 "
+                                         "every 5,000 steps (the default is one such interval), edit lr x 0.9 every "
+                                         "10 steps (a few hundred steps)."}),
+            "lr": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-4, "round": 1e-7,
+                             "tooltip": "Adam learning rate at the start (paper: 0.001 in both modes)."}),
+            "seed": ("INT", {**SEED, "tooltip": "Seed of a new rectifier's initial weights and of the images, "
+                                                "timesteps and noise drawn at each step."}),
+        }, "optional": {
+            "open_clip": (OPEN_CLIP, {"tooltip": "Edit mode: a CLIP model from Load OpenCLIP for the directional "
+                                                 "CLIP loss (eq. 4)."}),
+            "source_text": ("STRING", {"default": "face", "tooltip": "Edit mode: what the images show now (t_src, "
+                                                                     "e.g. 'face')."}),
+            "target_text": ("STRING", {"default": "", "tooltip": "Edit mode: what they should show (t_tar, e.g. "
+                                                                 "'smiling face')."}),
+            "rectifier": (RECTIFIER, {"tooltip": "Continue training this rectifier (a copy of it; e.g. the edit "
+                                                 "training continues from the reconstruction rectifier). Empty: a "
+                                                 "new one with Delta = 0."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "The text condition the UNet sees while training (use the "
+                                                         "same at sampling, e.g. an encoded empty prompt). Empty: a "
+                                                         "zero text context [1, 77, 768]. Only the first entry is "
+                                                         "used."}),
+            "batch": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Images (with their own t and noise) "
+                                                                             "per step."}),
+            "estimate": (list(ESTIMATES), {"default": "base", "tooltip": "R's input P_t: base = the unmodulated "
+                                                                         "model's x_0 estimate (eq. 1); modulated = "
+                                                                         "the rectified model's own (one extra "
+                                                                         "modulated pass, no gradient)."}),
+        }}
+
+    def run(self, model, vae, images, mode, steps, lr, seed, open_clip=None, source_text="face", target_text="",
+            rectifier=None, conditioning=None, batch=8, estimate="base"):
+        check_sd_model(model)
+        if mode not in MODES:
+            raise NodeInputError("mode", f"unknown mode {mode!r}", "use recon or edit")
+        if estimate not in ESTIMATES:
+            raise NodeInputError("estimate", f"unknown estimate {estimate!r}", "use base or modulated")
+        check_positive(steps, "steps")
+        check_positive(batch, "batch")
+        if not float(lr) > 0:
+            raise NodeInputError("lr", f"must be positive, got {lr}", "use e.g. 0.001 (the paper's)")
+        x = check_images(images)
+        source_text, target_text = str(source_text or "").strip(), str(target_text or "").strip()
+        if mode == "edit":
+            if open_clip is None:
+                raise NodeInputError("open_clip", "edit training needs a CLIP model for the directional loss",
+                                     "connect Load OpenCLIP (e.g. ViT-B-32), or use mode recon")
+            if not hasattr(open_clip, "encode_image") or not hasattr(open_clip, "model"):
+                raise NodeInputError("open_clip", f"expected an OpenCLIP model, got {type(open_clip).__name__}",
+                                     "connect Load OpenCLIP")
+            if not target_text:
+                raise NodeInputError("target_text", "edit training needs the target text t_tar",
+                                     "write what the edited images should show, e.g. 'smiling face'")
+            if target_text == source_text:
+                raise NodeInputError("target_text", "it equals source_text: there is no direction to edit along",
+                                     "write a different target, e.g. 'smiling face' for 'face'")
+        if rectifier is not None:
+            check_rectifier(rectifier, model)
+        device = torch.device(bridge.torch_device())
+        with torch.inference_mode(False):  # the rectifier's tensors must be ordinary ones: autograd saves them
+            if rectifier is not None:
+                net, previous = copy.deepcopy(rectifier.net), rectifier.info
+            else:
+                net = new_rectifier(unet_parameters(model), channels=LATENT_CHANNELS, estimate_clip=ESTIMATE_CLIP,
+                                    seed=int(seed))
+                previous = RectifierInfo("ldm")
+        check_train_memory(model, (x.shape[-2] // 8, x.shape[-1] // 8), int(batch),
+                           sum(p.numel() for p in net.parameters()), device)
+        config = TrainConfig(mode=mode, steps=int(steps), batch=int(batch), lr=float(lr), estimate=estimate,
+                             seed=int(seed))
+        progress = bridge.Progress(steps)
+        clip_model = getattr(open_clip, "model", None) if mode == "edit" else None
+        try:
+            with torch.inference_mode(False):  # tensors made here are ordinary: autograd may save them
+                cond, cond_from = text_context(conditioning, model)
+                sd = bridge.ComfySD(model, None, vae)
+                latents = sd.encode(x).clone()
+                kw = {}
+                if mode == "edit":
+                    from ..core.rectifier.clip_direction import DirectionalCLIP
+
+                    clip_model.to(sd.device)
+                    try:
+                        direction = DirectionalCLIP(open_clip, source_text, target_text, device=sd.device)
+                    except ValueError as e:
+                        raise NodeInputError("target_text", str(e)) from None
+                    # The originals as the same decoder renders x0_hat (so the VAE's own reconstruction error
+                    # is no part of the image direction dI), in chunks of the batch size; this also makes the
+                    # decoder copy now, before training loads the UNet with everything else evicted.
+                    with torch.no_grad():
+                        source = torch.cat([sd.decode_differentiable(latents[i:i + int(batch)])
+                                            for i in range(0, latents.shape[0], int(batch))])
+                    kw = {"clip": direction, "to_image": sd.decode_differentiable, "source_images": source}
+                result = train_rectifier(sd, net, latents, config, cond=cond.to(latents.device), on_step=progress,
+                                         should_stop=progress.should_stop, **kw)
+                net = net.cpu().eval()
+        finally:
+            if clip_model is not None:
+                clip_model.to("cpu")
+            bridge.free_memory()
+        entry = {"mode": mode, "steps": int(steps), "batch": int(batch), "lr": float(lr), "seed": int(seed),
+                 "estimate": estimate, "images": int(x.shape[0]), "size": [int(x.shape[-1]), int(x.shape[-2])],
+                 "text_context": cond_from, "final_loss": result.losses[-1], "seconds": round(result.seconds, 1)}
+        if mode == "edit":
+            entry.update(source_text=source_text, target_text=target_text)
+        info = RectifierInfo("ldm", mode, source_text if mode == "edit" else "",
+                             target_text if mode == "edit" else "", previous.steps + int(steps),
+                             list(previous.history) + [entry])
+        log.info("Rectifier %s training (%d images, batch %d): loss %.4f -> %.4f in %.1f s", mode, x.shape[0],
+                 batch, result.losses[0], result.losses[-1], result.seconds)
+        return (TrainedRectifier(net, info), loss_image(result, mode))
+
+
+# --------------------------------------------------------------------------------------
+class RectifierRule:
+    """Per denoiser call (:class:`nodes.comfy_views.DenoiserCall`): the rectified model's denoised
+    output, eq. 2.  P_t is the unmodulated pass (``estimate="base"``) or the previous call's
+    modulated output of the same trajectory (``"modulated"``: the same conditioning chunks, a lower
+    sigma, the same shape; otherwise a base pass); Delta = R(x_0, P_t, t); the modulated pass runs
+    theta (1 + strength Delta).  Strength 0 is the unmodulated pass alone."""
+
+    def __init__(self, net: Rectifier, reference: torch.Tensor, strength: float, estimate: str = "base"):
+        self.source, self.reference = net, reference  # shared, never changed; reference [R, 4, h, w] model space
+        self.strength, self.estimate = float(strength), estimate
+        self.net: Rectifier | None = None  # this rule's own copy, on the device of the calls
+        self.previous: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.calls = {"base": 0, "modulated": 0}
+
+    def to(self, *args, **kwargs) -> "RectifierRule":
+        """Follow the model between devices (ComfyUI moves model wrappers with it); dtypes are ignored:
+        R stays in float32."""
+        device = kwargs.get("device")
+        for a in args:
+            if isinstance(a, (torch.device, str)):
+                device = a
+        if device is not None and self.net is not None:
+            with torch.inference_mode(False):
+                self.net.to(device)
+        return self
+
+    def network(self, device: torch.device) -> Rectifier:
+        with torch.inference_mode(False):  # ordinary tensors, whatever mode ComfyUI samples in
+            if self.net is None:
+                self.net = copy.deepcopy(self.source).eval()
+            if next(self.net.parameters()).device != device:
+                self.net.to(device)
+        return self.net
+
+    def x0_for(self, call) -> torch.Tensor:
+        """The reference latent(s) for this call's batch: resized to the latent size, one reference
+        broadcast, or one per latent of the batch repeated for each conditioning chunk."""
+        x = call.x
+        ref = self.reference.to(x.device, torch.float32)
+        if ref.shape[-2:] != x.shape[-2:]:
+            ref = F.interpolate(ref, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        n, chunks = x.shape[0], max(len(call.cond_or_uncond), 1)
+        if ref.shape[0] == 1:
+            return ref.expand(n, *ref.shape[1:])
+        if ref.shape[0] * chunks == n:
+            return ref.repeat(chunks, 1, 1, 1)
+        raise NodeInputError("image", f"{ref.shape[0]} reference images for a batch of {n // chunks} latents "
+                                      "(Apply Rectifier)", "give one image, or one per latent of the batch")
+
+    def __call__(self, call) -> torch.Tensor:
+        if self.strength == 0.0:
+            return call.run()
+        key = tuple(call.cond_or_uncond)
+        prev = self.previous.get(key) if self.estimate == "modulated" else None
+        if prev is not None and prev[0].shape == call.x.shape and bool((call.sigma.to(prev[1]) < prev[1]).all()):
+            p_t = prev[0]
+        else:
+            p_t = call.run()
+            self.calls["base"] += 1
+        net = self.network(call.x.device)
+        deltas = net(self.x0_for(call), p_t.to(torch.float32), call.t.to(call.x.device))
+        out = call.run(1, Features(modulation=modulation_functions(deltas, self.strength)))
+        self.calls["modulated"] += 1
+        if self.estimate == "modulated":
+            self.previous[key] = (out.detach(), call.sigma.detach().clone())
+        return out
+
+
+class ApplyRectifier:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_ApplyRectifier", "Apply Rectifier", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A clone of the MODEL whose every denoiser call is rectified (the input MODEL is "
+                       "unchanged); sample it with any ComfyUI sampler.",)
+    DESCRIPTION = ("The rectifier modulator (Hou et al. 2024, eq. 2): at every denoiser call the unmodulated model's "
+                   "x_0 estimate P_t and the reference image x_0 go through the rectifier, whose offsets Delta "
+                   "modulate the middle and output-block convolutions, theta (1 + strength Delta), for a second "
+                   "pass. The paper samples with DDPM from pure noise, x_0 given at every step (KSampler: ddpm, "
+                   "denoise 1.0); with denoise < 1 it is SDEdit with the rectifier (the paper's image-to-image "
+                   "translation). Costs one extra UNet pass per call (none with estimate = modulated).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The SD 1.x MODEL the rectifier was trained on (not modified)."}),
+            "rectifier": (RECTIFIER, {"tooltip": "From Train Rectifier or Load Rectifier."}),
+            "image": ("IMAGE", {"tooltip": "The reference x_0 (the image to reconstruct or edit): one image for "
+                                           "every latent, or one per latent of the sampled batch. Resized to the "
+                                           "latent size when it differs."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": STRENGTH_MAX, "step": 0.05,
+                                   "tooltip": "Scale s of Delta: theta (1 + s Delta). 1 = as trained, 0 = the plain "
+                                              "model."}),
+            "vae": ("VAE", {"tooltip": "The checkpoint's VAE: encodes the reference image once."}),
+        }, "optional": {
+            "estimate": (list(ESTIMATES), {"default": "base", "tooltip": "P_t: base = an unmodulated pass per call "
+                                                                         "(eq. 1, as trained by default); "
+                                                                         "modulated = the previous call's rectified "
+                                                                         "estimate (no extra pass; the first call "
+                                                                         "of a run uses the base)."}),
+        }}
+
+    def run(self, model, rectifier, image, strength, vae, estimate="base"):
+        check_sd_model(model)
+        rect = check_rectifier(rectifier, model)
+        if not 0.0 <= float(strength) <= STRENGTH_MAX:
+            raise NodeInputError("strength", f"{strength} is outside [0, {STRENGTH_MAX:g}]",
+                                 "use 1 for the trained effect, 0 for the plain model")
+        if estimate not in ESTIMATES:
+            raise NodeInputError("estimate", f"unknown estimate {estimate!r}", "use base or modulated")
+        x = image_to_bchw(image, "image", min_side=8)
+        if vae is None or not hasattr(vae, "encode"):
+            raise NodeInputError("vae", f"expected a VAE, got {type(vae).__name__}", "connect the checkpoint's VAE")
+        from .comfy_views import install_call_rule
+
+        reference = bridge.ComfySD(model, None, vae).encode(x).to("cpu", torch.float32)
+        rule = RectifierRule(rect.net, reference, float(strength), estimate)
+        try:
+            out = install_call_rule(model, ViewSpec(modulates=rect.net.layer_names), rule)
+        except ValueError as e:
+            raise NodeInputError("model", str(e), "apply one rectifier per MODEL (connect the MODEL before the "
+                                                  "first Apply Rectifier)") from None
+        return (out,)
+
+
+# --------------------------------------------------------------------------------------
+class SaveRectifier:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SaveRectifier", "Save Rectifier", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+    DESCRIPTION = ("Saves a rectifier to models/single_image_edit/rectifier as .safetensors (written atomically, "
+                   "never overwriting): its weights, architecture and modulated layers, training mode, texts and "
+                   "history. Load it with Load Rectifier instead of training again.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "rectifier": (RECTIFIER, {"tooltip": "The rectifier to save."}),
+            "filename_prefix": ("STRING", {"default": "rectifier", "tooltip": "File name prefix inside "
+                                                                              "models/single_image_edit/rectifier "
+                                                                              "(may contain sub-folders); a counter "
+                                                                              "is appended."}),
+        }}
+
+    def run(self, rectifier, filename_prefix):
+        if not isinstance(rectifier, TrainedRectifier):
+            raise NodeInputError("rectifier", f"expected a rectifier, got {type(rectifier).__name__}",
+                                 "connect Train Rectifier or Load Rectifier")
+        return save_output(bridge.save_dir(FOLDER), filename_prefix,
+                           lambda path: save_rectifier(rectifier.net, rectifier.info, path), "rectifier")
+
+
+class LoadRectifier:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadRectifier", "Load Rectifier", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (RECTIFIER, "STRING")
+    RETURN_NAMES = ("rectifier", "info")
+    OUTPUT_TOOLTIPS = ("The saved rectifier, for Apply Rectifier or further training.",
+                       "A one-line summary: mode, steps, modulated layers, texts.")
+    DESCRIPTION = "Loads a rectifier saved by Save Rectifier from models/single_image_edit/rectifier."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "rectifier_name": (bridge.list_models(FOLDER), {"tooltip": "A .safetensors file written by Save "
+                                                                       "Rectifier."}),
+        }}
+
+    def run(self, rectifier_name):
+        try:
+            path = bridge.model_path(FOLDER, rectifier_name)
+            with torch.inference_mode(False):  # ordinary tensors: the rectifier may be trained further
+                net, info = load_rectifier(path)
+        except (FileNotFoundError, ArtifactError) as e:
+            raise NodeInputError("rectifier_name", str(e), "pick a file saved by Save Rectifier") from None
+        out = TrainedRectifier(net, info)
+        return (out, out.describe())
+
+
+NODES = [TrainRectifier, ApplyRectifier, SaveRectifier, LoadRectifier]
