@@ -284,13 +284,9 @@ class TrainRectifier:
                         direction = DirectionalCLIP(open_clip, source_text, target_text, device=sd.device)
                     except ValueError as e:
                         raise NodeInputError("target_text", str(e)) from None
-                    # The originals as the same decoder renders x0_hat (so the VAE's own reconstruction error
-                    # is no part of the image direction dI), in chunks of the batch size; this also makes the
-                    # decoder copy now, before training loads the UNet with everything else evicted.
-                    with torch.no_grad():
-                        source = torch.cat([sd.decode_differentiable(latents[i:i + int(batch)])
-                                            for i in range(0, latents.shape[0], int(batch))])
-                    kw = {"clip": direction, "to_image": sd.decode_differentiable, "source_images": source}
+                    # train_rectifier decodes the originals with this decoder (its default source_images) before
+                    # it loads the UNet with everything else evicted, which also makes the decoder copy then
+                    kw = {"clip": direction, "to_image": sd.decode_differentiable}
                 result = train_rectifier(sd, net, latents, config, cond=cond.to(latents.device), on_step=progress,
                                          should_stop=progress.should_stop, **kw)
                 net = net.cpu().eval()

@@ -109,7 +109,8 @@ def train_rectifier(model: Denoiser, rectifier: Rectifier, x0: torch.Tensor, con
 
     ``cond`` [1 or N, 77, D]: the text condition for SD models (None for pixel DDPMs).
     Edit mode needs ``clip`` and ``to_image`` (model space -> [0, 1] images, differentiable);
-    ``source_images`` (the originals in [0, 1]) default to ``to_image(x0)``.
+    ``source_images`` (the originals in [0, 1]) default to ``to_image(x0)``: for SD the originals as the same
+    decoder renders x0_hat, so the VAE's own reconstruction error is no part of the image direction dI.
     """
     if x0.ndim != 4 or x0.shape[0] < 1:
         raise ValueError(f"images: expected a batch [N, C, H, W], got {tuple(x0.shape)}")
@@ -127,9 +128,9 @@ def train_rectifier(model: Denoiser, rectifier: Rectifier, x0: torch.Tensor, con
     net = rectifier
     if size > 1:
         net = torch.nn.parallel.DistributedDataParallel(rectifier)
-    if config.mode == "edit" and source_images is None:
+    if config.mode == "edit" and source_images is None:  # decoded in chunks of the batch (an SD VAE at 512^2)
         with torch.no_grad():
-            source_images = to_image(x0)
+            source_images = torch.cat([to_image(x0[i:i + config.batch]) for i in range(0, x0.shape[0], config.batch)])
 
     def batches(step: int) -> dict:
         idx, t, eps = draw(step, config.seed, x0.shape[0], config.batch, tuple(x0.shape[1:]), T, rank, size)
