@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def record() -> dict:
+def record(precisions: tuple[str, ...] = ("fp32", "bf16"), **changes) -> dict:
+    """The recorded run; ``changes`` override TrainConfig fields (tests use them to show that a changed loop
+    is caught)."""
     from PIL import Image
 
     from core.sinddm.model import NetConfig
@@ -40,8 +42,9 @@ def record() -> dict:
     img = Image.open(ROOT / "core/sinddm/data/coffee_128x100.png").convert("RGB")
     pyr = build_pyramid(img)
     out = {}
-    for precision in ("fp32", "bf16"):
-        res = train(pyr, NetConfig(8), TrainConfig(steps=24, batch_size=2, seed=3, precision=precision))
+    for precision in precisions:
+        cfg = {"steps": 24, "batch_size": 2, "seed": 3, "precision": precision, **changes}
+        res = train(pyr, NetConfig(8), TrainConfig(**cfg))
         out[precision] = {"losses": res.losses,
                           "ema_sum": float(sum(p.detach().double().sum() for p in res.net.parameters()))}
     return out
