@@ -340,3 +340,60 @@ def test_text_encoder_training_on_the_tiny_model(tiny_model, image, tmp_path):
         assert set(back.text_deltas) == set(res.text_deltas) and set(back.deltas) == set(res.deltas)
     with pytest.raises(ValueError, match="prompt"):
         finetune_sine(tiny_model, image, None, SineFineTuneConfig(steps=1, train_text_encoder=True))
+
+
+def adaptive_pool_by_definition(x: torch.Tensor, size: int) -> torch.Tensor:
+    """adaptive_avg_pool2d from its definition: output cell (i, j) is the mean of input rows
+    floor(i H / size) .. ceil((i + 1) H / size) - 1 and the same for columns."""
+    h, w = x.shape[-2:]
+    out = torch.empty(*x.shape[:-2], size, size, dtype=torch.float64)
+    for i in range(size):
+        r0, r1 = (i * h) // size, -((-(i + 1) * h) // size)
+        for j in range(size):
+            c0, c1 = (j * w) // size, -((-(j + 1) * w) // size)
+            out[..., i, j] = x[..., r0:r1, c0:c1].double().mean(dim=(-2, -1))
+    return out
+
+
+@pytest.mark.parametrize("side", [64, 96])
+def test_pooled_x0_loss_is_the_official_adaptive_pool_to_64(side):
+    """The official term is (t/T)^2 L1(adaptive_avg_pool2d(x0^, 64), adaptive_avg_pool2d(z0, 64)), mean over the
+    batch: 64 is an output size, so on a 64x64 latent it is a per-pixel L1, not one mean per channel (avg_pool2d
+    with a 64 kernel); on a 96x96 latent each cell averages its adaptive bins.  From the definition, batch 2."""
+    from core.sine.finetune import pooled_x0_loss
+
+    gen = torch.Generator().manual_seed(side)
+    x0, z0 = torch.randn(2, 4, side, side, generator=gen), torch.randn(2, 4, side, side, generator=gen)
+    t = torch.tensor([700, 250])
+    per = (adaptive_pool_by_definition(x0, 64) - adaptive_pool_by_definition(z0, 64)).abs().mean(dim=(1, 2, 3))
+    want = float(((t.double() / 1000) ** 2 * per).mean())
+    got = float(pooled_x0_loss(x0, z0, t, 1000))
+    assert abs(got - want) <= 1e-5 * want, (got, want)
+    if side == 64:  # identity pool: the plain per-pixel L1
+        plain = ((t.double() / 1000) ** 2 * (x0 - z0).abs().double().mean(dim=(1, 2, 3))).mean()
+        assert abs(float(plain) - want) <= 1e-5 * want
+    channel_means = (x0.mean(dim=(-2, -1)) - z0.mean(dim=(-2, -1))).abs().mean(dim=1)  # avg_pool2d(x, 64)
+    assert abs(float(((t.double() / 1000) ** 2 * channel_means).mean()) - want) > 0.1 * want
+
+
+def test_pooled_x0_term_in_the_fine_tune_loop_is_the_definition(tiny_model, cond):
+    """The loop's recorded term at step 1 (untrained LoRA: the base model), recomputed from the definition with the
+    step's (t, eps): on the tiny model's 8x8 latent the 64 output cells repeat each latent pixel 8 x 8 times, so the
+    term is the per-pixel L1 (a kernel clamped to the latent would give one mean per channel)."""
+    from core.diffusion import predict_x0, q_sample
+    from core.seeds import derive_seed
+
+    seed = 3
+    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    res = finetune_sine(tiny_model, img, cond, SineFineTuneConfig(steps=1, lr=1e-4, pooled_x0_weight=1.0, seed=seed))
+    T = len(tiny_model.alphas_cumprod)
+    with torch.no_grad():
+        z0 = tiny_model.encode(img)
+        t, eps = NoiseDraw(derive_seed(seed, 1), T)(z0)
+        a = tiny_model.alphas_cumprod[t]
+        x_t = q_sample(z0, a, eps)
+        x0 = predict_x0(x_t, tiny_model.eps(x_t, t, cond), a)
+    per = (adaptive_pool_by_definition(x0, 64) - adaptive_pool_by_definition(z0, 64)).abs().mean()
+    want = float((t.double() / T) ** 2 * per)
+    got = res.terms["pooled_x0"][0]
+    assert abs(got - want) <= 1e-5 * want, (got, want)

@@ -10,12 +10,14 @@ Loss: the paper's plain eps-MSE (LDM objective, t ~ U{0..T-1}) at the fine-tune 
   latent of the resized crop, so the official code's per-crop encoding is kept), and the UNet sees
   ``Features(input_map=PositionalMap(channels, grid), crop_box=box)``: F(v) added to its first block.
 
-Optional extra term (official patch config only, ``scale_recon_loss: 1.0``; not in the paper):
-``(t/T)^2 * L1(avgpool(x0_hat), avgpool(z0))`` in latent space, ``pooled_x0_weight`` (default 0:
-the paper's plain eps-MSE; set 1.0 for the official patch code).  Its pool kernel
-(``pooled_x0_pool``, default 64: the reference notes' "avgpool64", clamped to the latent size, so on
-the 64x64 latent of a 512 crop it is each channel's mean) was not re-checked against the code.
-The term is always recorded as its own loss curve ("pooled_x0"); with weight 0 it adds nothing.
+Optional extra term (official patch config only, ``scale_recon_loss: 1.0``; not in the paper),
+:func:`pooled_x0_loss`: ``mean_b (t_b/T)^2 * mean |P(x0_hat_b) - P(z0_b)|`` in latent space, where
+P is ``F.adaptive_avg_pool2d(., 64)`` (``LatentDiffusion.p_losses``, ``recon_loss_size: 64``): an
+*output size*, so on the 64x64 latent of a 512 crop P is the identity and the term is a per-pixel
+(t/T)^2-weighted L1, and on a 96x96 latent each output cell averages its adaptive 2x2 / 1x1 bins.
+``pooled_x0_weight`` (default 0: the paper's plain eps-MSE; 1.0: the official patch code);
+``pooled_x0_pool`` is the output size (64).  The term is always recorded as its own loss curve
+("pooled_x0"); with weight 0 it adds nothing.
 
 Modes, as in :mod:`core.imagic.finetune` (same helpers, same delta layout):
 
@@ -73,7 +75,7 @@ class SineFineTuneConfig:
     patch: PatchConfig = field(default_factory=PatchConfig)
     whole_fraction: float | None = None  # None: patch.whole_fraction (official train set: 0)
     pooled_x0_weight: float = 0.0  # 0: the paper; 1.0: the official patch config
-    pooled_x0_pool: int = 64
+    pooled_x0_pool: int = 64  # the output size of adaptive_avg_pool2d (official recon_loss_size)
     size: int = 512  # without patches: the square working size the caller resized to (informative)
     channels: int | None = None  # None: the model's first conv weight, else 320
     seed: int = 0
@@ -89,6 +91,8 @@ class SineFineTuneConfig:
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.pooled_x0_weight < 0:
             raise ValueError(f"pooled_x0_weight must be >= 0, got {self.pooled_x0_weight}")
+        if self.pooled_x0_pool < 1:
+            raise ValueError(f"pooled_x0_pool (an output size) must be at least 1, got {self.pooled_x0_pool}")
         if self.whole_fraction is not None and not 0.0 <= self.whole_fraction <= 1.0:
             raise ValueError(f"whole_fraction must lie in [0, 1], got {self.whole_fraction}")
 
@@ -147,9 +151,16 @@ def first_block_channels(model, default: int | None = None) -> int:
     return int(default) if default is not None else MODEL_CHANNELS
 
 
-def _pool(x: torch.Tensor, k: int) -> torch.Tensor:
-    k = max(1, min(k, x.shape[-2], x.shape[-1]))
-    return F.avg_pool2d(x, k)
+def pooled_x0_loss(x0_hat: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, T: int, size: int = 64) -> torch.Tensor:
+    """The official patch config's extra term (not in the paper), a scalar:
+    ``mean_b (t_b / T)^2 * mean_{c,i,j} |P(x0_hat)_b - P(z0)_b|`` with P = ``adaptive_avg_pool2d(., size)``
+    (an output size of ``size`` x ``size``; the official ``recon_loss_size`` is 64).
+
+    x0_hat, z0: [B, C, H, W] latents; t: [B] integer timesteps; T: the number of training timesteps.
+    """
+    diff = F.adaptive_avg_pool2d(x0_hat, size) - F.adaptive_avg_pool2d(z0, size)  # [B, C, size, size]
+    per = diff.abs().flatten(1).mean(1)  # [B]
+    return ((t.float() / T) ** 2 * per).mean()
 
 
 def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torch.Tensor | None,
@@ -229,9 +240,7 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
         def pooled_x0(batch):
             pred = predict(batch)
             x0 = predict_x0(batch["x_t"], pred.float(), batch["a"])
-            k = config.pooled_x0_pool
-            per = (_pool(x0, k) - _pool(batch["z0"], k)).abs().flatten(1).mean(1)
-            return ((batch["t"].float() / T) ** 2 * per).mean()
+            return pooled_x0_loss(x0, batch["z0"], batch["t"], T, config.pooled_x0_pool)
 
         terms = [Term("eps_mse", eps_mse), Term("pooled_x0", pooled_x0, config.pooled_x0_weight)]
         res = fit(groups, batches, terms,
