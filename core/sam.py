@@ -8,8 +8,9 @@
   ``torch.load(weights_only=True)``: a pickle that would run code is refused without running it.
   The network is built by ``segment_anything`` without a checkpoint (its own builder would unpickle
   the file with ``weights_only`` left to torch's default) and the weights are loaded strictly.
-* :func:`segment` runs ``SamPredictor`` on one image [H, W, 3] with points and / or a box and
-  returns a {0, 1} mask [H, W], optionally dilated (or eroded) and inverted.
+* :func:`segment` runs ``SamPredictor`` on one image [H, W, 3] with points and / or a box (each
+  position handed over as the pixel it falls in, as SAM reads coordinates) and returns a {0, 1} mask
+  [H, W], optionally dilated (or eroded) and inverted.
 * :func:`parse_prompt` reads the JSON prompt that the canvas widget writes into a STRING input.
 
 ``segment_anything`` (``pip install segment-anything``) is optional: it is imported inside the
@@ -271,7 +272,8 @@ def check_prompt(points, labels, box, height: int, width: int):
     for an image of ``height`` x ``width``; ValueError for no prompt, points outside the image, a
     malformed box or labels that do not match the points.
 
-    Coordinates are continuous pixel positions: 0 <= x <= width, 0 <= y <= height.
+    Coordinates are continuous pixel positions: 0 <= x <= width, 0 <= y <= height (:func:`segment` hands
+    SAM the pixel each falls in, :func:`to_pixels`).
     """
     import numpy as np
 
@@ -328,6 +330,25 @@ def grow_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     return m.reshape(shape)
 
 
+def to_pixels(points, box, height: int, width: int):
+    """``(points [N, 2], box [4])`` (float32 arrays, either may be None) as the pixels the positions fall in.
+
+    A prompt position is continuous (pixel (i, j) is the square [i, i + 1) x [j, j + 1); 0 <= x <= width),
+    while SAM reads a coordinate as a pixel index: its prompt encoder adds 0.5, the pixel's centre
+    (``segment_anything/modeling/prompt_encoder.py``: ``points + 0.5  # Shift to center of pixel``, the same
+    for box corners).  So each point and each box corner goes to SAM as ``floor(position)``, clamped to
+    0 ... size - 1 (a position on the far edge, x = width, is the last column).  Whole-pixel prompts, such
+    as the canvas widget writes, are unchanged.
+    """
+    import numpy as np
+
+    hi = np.array([width - 1, height - 1], dtype=np.float32)
+    pixel = lambda xy: np.clip(np.floor(xy), 0, hi).astype(np.float32)  # [..., 2] -> [..., 2]
+    pts = None if points is None else pixel(np.asarray(points, dtype=np.float32).reshape(-1, 2))
+    bx = None if box is None else pixel(np.asarray(box, dtype=np.float32).reshape(2, 2)).reshape(4)
+    return pts, bx
+
+
 def uses_multimask(points, box) -> bool:
     """SAM's three-mask output is for an ambiguous prompt: exactly one point and no box.
 
@@ -349,7 +370,8 @@ def segment(sam, image: torch.Tensor, points=None, labels=None, box=None, dilate
     ``sam`` is a ``segment_anything`` ``Sam`` (from :func:`load_sam`; it runs on its own device);
     ``image`` a float tensor [H, W, 3] in [0, 1] (ComfyUI's IMAGE layout for one image);
     ``points`` a list of (x, y) pixel coordinates with ``labels`` 1 (positive) / 0 (negative)
-    (all 1 when None); ``box`` (x0, y0, x1, y1) in pixels.  The mask is SAM's best-scored one for a
+    (all 1 when None); ``box`` (x0, y0, x1, y1) in pixels; each point and box corner goes to SAM as the
+    pixel it falls in (:func:`to_pixels`: floor, clamped to the image).  The mask is SAM's best-scored one for a
     lone point and its single-mask output for other prompts (:func:`uses_multimask`); it is then
     grown by ``dilate`` pixels (negative: shrunk) and, with ``invert``, flipped (after the growth).
     ValueError for no prompt, points outside the image, a malformed box or a bad image.
@@ -362,6 +384,7 @@ def segment(sam, image: torch.Tensor, points=None, labels=None, box=None, dilate
         raise ValueError(f"expected one RGB image as a float tensor [H, W, 3], got {shape}")
     h, w = int(image.shape[0]), int(image.shape[1])
     pts, lab, bx = check_prompt(points, labels, box, h, w)
+    pts, bx = to_pixels(pts, bx, h, w)
     pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     predictor = SamPredictor(sam)
     predictor.set_image(np.ascontiguousarray(pixels), image_format="RGB")

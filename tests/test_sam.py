@@ -294,6 +294,44 @@ def test_segment_is_the_predictors_best_mask(tiny):
     assert not SAM.uses_multimask([(1, 2), (3, 4)], None) and not SAM.uses_multimask([], (0, 0, 1, 1))
 
 
+def test_points_and_box_go_to_sam_as_the_pixels_they_fall_in(tiny, monkeypatch):
+    """A prompt position is continuous (pixel i is [i, i + 1)); SAM reads coordinates as pixel indices (its
+    prompt encoder adds 0.5, the pixel's centre).  So (20.9, 12.9) goes to SAM as pixel (20, 12), a point on
+    the far edge of a 56x40 image (x = 56, allowed by check_prompt) as the last pixel (55, 39), and the box
+    corners likewise; the old code handed SAM the raw positions (56 is a column the image does not have)."""
+    import numpy as np
+    from segment_anything import SamPredictor
+
+    seen = []
+    predict = SamPredictor.predict
+
+    def spy(self, point_coords=None, point_labels=None, box=None, **kw):
+        seen.append((None if point_coords is None else np.asarray(point_coords).tolist(),
+                     None if box is None else np.asarray(box).tolist()))
+        return predict(self, point_coords, point_labels, box, **kw)
+
+    monkeypatch.setattr(SamPredictor, "predict", spy)
+    img = image()  # 40 x 56
+    got = SAM.segment(tiny, img, [(20.9, 12.9), (56, 40)], [1, 0], (3.7, 2.2, 56, 40))
+    assert seen == [([[20.0, 12.0], [55.0, 39.0]], [3.0, 2.0, 55.0, 39.0])]
+    got_point = SAM.segment(tiny, img, [(20.9, 12.9)], [1])
+    assert seen[1] == ([[20.0, 12.0]], None)
+    # the same masks as SAM's own predictor given those pixels
+    predictor = SamPredictor(tiny)
+    predictor.set_image((img * 255).round().to(torch.uint8).numpy())
+    masks, _, _ = predict(predictor, np.array([[20.0, 12.0], [55.0, 39.0]]), np.array([1, 0]),
+                          box=np.array([3.0, 2.0, 55.0, 39.0]), multimask_output=False)
+    assert torch.equal(got, torch.from_numpy(masks[0]).float())
+    masks, scores, logits = predict(predictor, np.array([[20.0, 12.0]]), np.array([1]), multimask_output=True)
+    assert torch.equal(got_point, torch.from_numpy(masks[int(np.argmax(scores))]).float())
+    # and the 0.9 px matter to SAM (else this test could not tell the two apart)
+    _, _, raw = predict(predictor, np.array([[20.9, 12.9]]), np.array([1]), multimask_output=True)
+    assert np.abs(raw - logits).max() > 1e-3
+    # integer prompts inside the image are handed over unchanged
+    pts, bx = SAM.to_pixels([(0, 0), (55, 39)], (0, 0, 55, 39), 40, 56)
+    assert pts.tolist() == [[0, 0], [55, 39]] and bx.tolist() == [0, 0, 55, 39]
+
+
 def test_dilate_grows_and_invert_flips(tiny):
     m = torch.zeros(20, 30)
     m[8:12, 10:15] = 1

@@ -16,22 +16,30 @@
 // the first node that has a picture: a Load Image node (its `image` widget, fetched from
 // /view?type=input) or any node showing a preview (`node.imgs`), and shows that picture.
 //
-// Coordinates: the nodes walked on the way (Reroute, ImageScale, ...) can change the geometry, so
-// the widget composes, from their widget values, the transform from the picture's pixels to the
-// pixels of the image that reaches the node (per axis node = a * picture + b, as ComfyUI computes it):
+// Coordinates: the nodes walked on the way can change the geometry, so the widget composes, from
+// their widget values, the transform from the picture's pixels to the pixels of the image that
+// reaches the node (node = m * picture + o, as ComfyUI computes it; see transformOf):
 //   ImageScale (width, height, crop): resized to width x height (a 0 keeps the aspect); crop "center"
 //     first cuts, as comfy.utils.common_upscale does, round((W0 - W0 * new/old aspect) / 2) columns
 //     from each side (or the same in rows) when the aspect changes;
-//   ImageScaleBy (scale_by): round(W0 * scale_by) x round(H0 * scale_by);
-//   ImageCrop (width, height, x, y): the rectangle at (x, y), clipped to the image.
-// Clicks are mapped through it (rounded, clamped to the node's image: a click on the cut-away part
-// lands on its edge), the prompt's points and box are drawn back through its inverse, the parts of
-// the picture the crops cut away are dimmed, and a line on the canvas says which pixels the numbers
-// are in.  Other nodes are taken to keep the geometry; a node with width / height widgets not listed
-// here, or a listed one whose values come through links, cannot be followed: the line says so and
-// picture pixels are used for that step.  For the region, x, y are on the output canvas: an ImageCrop
-// cuts the target out of the (scaled) picture, so from there on crops change the target's size but
-// not the canvas; the scales still apply.
+//   ImageScaleBy (scale_by), ImageScaleToTotalPixels (megapixels[, resolution_steps]),
+//     ImageScaleToMaxDimension (largest_size): resized to the size ComfyUI computes;
+//   ImageCrop (width, height, x, y): the rectangle at (x, y), clipped to the image;
+//   ImagePadForOutpaint (left, top, right, bottom), ResizeAndPadImage (target_width, target_height):
+//     the image (resized to fit) placed inside a larger one;
+//   ImageFlip, ImageRotate: mirrored, turned by quarter turns (clockwise, as torch.rot90 there).
+// Nodes known to keep the image as it is (KEEPS_SIZE: Reroute, filters, blends onto it, batch picks)
+// and bypassed nodes are passed over.  Any other node (an upscale model, a stitch, a subgraph, a
+// custom node), or a listed one whose values come through links, cannot be followed: the line on
+// the canvas says so in amber and picture pixels are used for that step.
+// A click goes into the prompt as the pixel of the node's image it falls in (floor, clamped to
+// 0 ... size - 1: a click on a part cut away lands on the nearest edge pixel), which is how SAM reads
+// a point (it adds 0.5: the pixel's centre); a dragged box is the pixels its two corners fall in.
+// The prompt's points and box are drawn back through the inverse on those pixels' centres, the parts
+// of the picture the crops cut away are dimmed, and a line on the canvas says which pixels the numbers
+// are in.  For the region, x, y are a corner, not a pixel: rounded to the nearest pixel corner, on the
+// output canvas: an ImageCrop cuts the target out of the (scaled) picture, so from there on crops
+// change the target's size but not the canvas; the scales still apply.
 //
 // Both widgets are DOM widgets (a <canvas>) with serialize: false, kept out of the workflow's
 // widgets_values and out of the API prompt: only the node's own inputs carry data.  The canvas has
@@ -107,9 +115,10 @@ function pictureOf(node) {
   return null;
 }
 
-/** The picture found by following `inputName` upstream (through at most 8 nodes), or null; its `steps`
- *  are the nodes walked between the picture and `node`, in the image's order (picture first). */
-function findPicture(node, inputName) {
+/** The picture found by following `inputName` upstream (through at most 8 nodes, each by its first linked
+ *  IMAGE input), or null; its `steps` are the nodes walked between the picture and `node`, as geometry steps
+ *  (stepOf), in the image's order (picture first). */
+export function findPicture(node, inputName) {
   let slot = node.findInputSlot(inputName);
   let at = node;
   const walked = [];
@@ -135,65 +144,109 @@ export function pyRound(v) {
   return d > 0.5 ? f + 1 : d < 0.5 ? f : f % 2 === 0 ? f : f + 1;
 }
 
-// what each known node does to the image's geometry, from its widgets
-const GEOMETRY = {
+/** Node types known to give out an image of the size of the one they take in (their first IMAGE input, the
+ *  one followed upstream), pixel for pixel: filters, blends and composites onto it, batch picks.  Checked
+ *  against ComfyUI 0.3.64 and 0.8.0 (tests/integration/test_picker_geometry_comfy.py).  Any node neither here
+ *  nor in GEOMETRY is not followed: its effect on the geometry is unknown in the browser. */
+export const KEEPS_SIZE = new Set([
+  "Reroute", "ImageInvert", "ImageBlur", "ImageSharpen", "ImageQuantize", "ImageBlend", "ImageCompositeMasked",
+  "ImageBatch", "ImageFromBatch", "RepeatImageBatch", "ImageAddNoise", "Morphology", "Canny",
+  "SplitImageWithAlpha", "JoinImageWithAlpha",
+]);
+
+/** Node types whose geometry is computed here from their widgets: [kind, widgets read] (a trailing "?" marks a
+ *  widget only some ComfyUI versions have). */
+export const GEOMETRY = {
   ImageScale: ["scale", ["width", "height", "crop"]],
   ImageScaleBy: ["scaleBy", ["scale_by"]],
+  ImageScaleToTotalPixels: ["totalPixels", ["megapixels", "resolution_steps?"]],
+  ImageScaleToMaxDimension: ["maxDimension", ["largest_size"]],
   ImageCrop: ["crop", ["width", "height", "x", "y"]],
+  ImagePadForOutpaint: ["pad", ["left", "top", "right", "bottom"]],
+  ResizeAndPadImage: ["resizePad", ["target_width", "target_height"]],
+  ImageFlip: ["flip", ["flip_method"]],
+  ImageRotate: ["rotate", ["rotation"]],
 };
+const CHOICES = { crop: ["disabled", "center"] }; // combo widgets whose every value is known here
+const BYPASS = 4; // LiteGraph mode of a bypassed node: ComfyUI hands its input on unchanged
 
-/** One walked node as a geometry step: {kind: scale | scaleBy | crop | same | unknown, title, ...values}. */
-function stepOf(node) {
+/** One walked node as a geometry step: {kind, title, ...widget values}, where kind is "same" (keeps the image
+ *  as it is), "unknown" (cannot be followed), or one of GEOMETRY's kinds. */
+export function stepOf(node) {
   const title = node.title || node.type;
-  const value = (name) => {
-    if (node.inputs?.some((i) => i.widget?.name === name && i.link != null)) return undefined; // fed by a link
-    return widgetOf(node, name)?.value;
-  };
+  if (node.mode === BYPASS) return { kind: "same", title };
+  if (KEEPS_SIZE.has(node.type)) return { kind: "same", title };
   const known = GEOMETRY[node.type];
-  if (known) {
-    const [kind, names] = known;
-    const step = { kind, title };
-    for (const name of names) step[name] = value(name);
-    const numbers = names.filter((n) => n !== "crop");
-    const ok = numbers.every((n) => Number.isFinite(step[n]) && step[n] >= 0)
-      && (kind !== "scale" || step.crop === "disabled" || step.crop === "center");
-    return ok ? step : { kind: "unknown", title };
+  if (!known) return { kind: "unknown", title };
+  const [kind, names] = known;
+  const step = { kind, title };
+  for (const spec of names) {
+    const optional = spec.endsWith("?"), name = optional ? spec.slice(0, -1) : spec;
+    if (node.inputs?.some((i) => i.widget?.name === name && i.link != null)) return { kind: "unknown", title }; // fed by a link
+    const w = widgetOf(node, name);
+    if (!w) {
+      if (optional) continue;
+      return { kind: "unknown", title };
+    }
+    const v = w.value;
+    const ok = typeof v === "number" ? Number.isFinite(v) && v >= 0
+      : typeof v === "string" && (!CHOICES[name] || CHOICES[name].includes(v));
+    if (!ok) return { kind: "unknown", title };
+    step[name] = v;
   }
-  // another node that sets a width and a height resizes in a way not known here; any other keeps the geometry
-  const sized = ["width", "height"].every((n) => widgetOf(node, n) && typeof widgetOf(node, n).value === "number");
-  return { kind: sized ? "unknown" : "same", title };
+  return step;
 }
+
+// the 2 x 2 part of x -> g x + go, per step, in the current image's size [w0, h0]
+const FLIPS = { x: [[1, 0, 0, -1], (w0, h0) => [0, h0]], y: [[-1, 0, 0, 1], (w0) => [w0, 0]] };
+// torch.rot90(image, k, dims=[2, 1]) on [B, H, W, C]: k quarter turns clockwise
+const TURNS = [null, [[0, -1, 1, 0], (w0, h0) => [h0, 0]], [[-1, 0, 0, -1], (w0, h0) => [w0, h0]],
+               [[0, 1, -1, 0], (w0) => [0, w0]]];
 
 /** The picture-to-node transform for a picture of w x h pixels and the steps walked (picture first).
  *
- *  Per axis, node = a * picture + b.  `size` is the image that reaches the node, `visible` the part of the
- *  picture it still shows ([x0, y0, x1, y1] in picture pixels; the rest is cut away by crops).  For the
- *  region node (`roi`) an ImageCrop cuts its target out of the canvas x, y refer to: from there on crops only
- *  change the target's size, scales still scale the canvas.  `exact` is false when a step could not be
- *  followed (a size set by a link, an unknown resize node): those steps are taken as keeping the geometry. */
+ *  Positions are continuous (pixel (i, j) is the square [i, i + 1) x [j, j + 1)); node = m picture + o with
+ *  m = [[m[0], m[1]], [m[2], m[3]]] (a scale per axis, or a quarter turn / flip of it).  `size` is the image
+ *  that reaches the node, `visible` the part of the picture it still shows ([x0, y0, x1, y1] in picture
+ *  pixels; the rest is cut away by crops).  For the region node (`roi`) an ImageCrop cuts its target out of
+ *  the canvas x, y refer to: from there on crops only change the target's size, scales still scale the canvas,
+ *  and pads, flips and turns of the target alone are not followed.  `exact` is false when a step could not be
+ *  followed (`unknown` lists them): those steps are taken as keeping the geometry. */
 export function transformOf(steps, w, h, roi = false) {
-  const t = { a: [1, 1], b: [0, 0], size: [w, h], visible: [0, 0, w, h], exact: true, via: [], unknown: [] };
+  const t = { m: [1, 0, 0, 1], o: [0, 0], size: [w, h], visible: [0, 0, w, h], exact: true, via: [], unknown: [] };
   let targetCut = false; // roi: an ImageCrop was passed
-  const scale = (kx, ky) => {
-    t.a = [t.a[0] * kx, t.a[1] * ky];
-    t.b = [t.b[0] * kx, t.b[1] * ky];
+  const apply = ([a, b, c, d], [e, f]) => { // node <- g node + go
+    const [m0, m1, m2, m3] = t.m, [o0, o1] = t.o;
+    t.m = [a * m0 + b * m2, a * m1 + b * m3, c * m0 + d * m2, c * m1 + d * m3];
+    t.o = [a * o0 + b * o1 + e, c * o0 + d * o1 + f];
   };
   const cut = (x, y, cw, ch) => { // keep [x, x + cw) x [y, y + ch) of the current image
     if (!(roi && targetCut)) {
-      const [v0, v1] = [(x - t.b[0]) / t.a[0], (y - t.b[1]) / t.a[1]];
-      const [v2, v3] = [(x + cw - t.b[0]) / t.a[0], (y + ch - t.b[1]) / t.a[1]];
+      const [a, b] = toPic(t, [x, y]), [c, d] = toPic(t, [x + cw, y + ch]);
       const v = t.visible;
-      t.visible = [Math.max(v[0], v0), Math.max(v[1], v1), Math.min(v[2], v2), Math.min(v[3], v3)];
-      t.b = [t.b[0] - x, t.b[1] - y];
+      t.visible = [Math.max(v[0], Math.min(a, c)), Math.max(v[1], Math.min(b, d)),
+                   Math.min(v[2], Math.max(a, c)), Math.min(v[3], Math.max(b, d))];
+      apply([1, 0, 0, 1], [-x, -y]);
     }
     t.size = [cw, ch];
+  };
+  const resize = (W, H) => { // the whole current image to W x H (common_upscale, crop "disabled")
+    apply([W / t.size[0], 0, 0, H / t.size[1]], [0, 0]);
+    t.size = [W, H];
+  };
+  const skip = (s) => {
+    t.exact = false;
+    t.unknown.push(s.title);
   };
   for (const s of steps || []) {
     const [w0, h0] = t.size;
     if (s.kind === "same") continue;
     if (s.kind === "unknown" || !(w0 > 0 && h0 > 0)) {
-      t.exact = false;
-      t.unknown.push(s.title);
+      skip(s);
+      continue;
+    }
+    if (roi && targetCut && ["pad", "resizePad", "flip", "rotate"].includes(s.kind)) { // changes the target only
+      skip(s);
       continue;
     }
     if (s.kind === "scale") { // nodes.ImageScale -> comfy.utils.common_upscale
@@ -208,25 +261,79 @@ export function transformOf(steps, w, h, roi = false) {
         else if (oldAspect < newAspect) y = pyRound((h0 - h0 * (oldAspect / newAspect)) / 2);
       }
       if (x || y) cut(x, y, w0 - 2 * x, h0 - 2 * y);
-      scale(W / t.size[0], H / t.size[1]);
-      t.size = [W, H];
-    } else if (s.kind === "scaleBy") { // nodes.ImageScaleBy
-      const W = pyRound(w0 * s.scale_by), H = pyRound(h0 * s.scale_by);
-      if (!(W > 0 && H > 0)) { t.exact = false; t.unknown.push(s.title); continue; }
-      scale(W / w0, H / h0);
-      t.size = [W, H];
+      resize(W, H);
+    } else if (["scaleBy", "totalPixels", "maxDimension"].includes(s.kind)) {
+      let W, H;
+      if (s.kind === "scaleBy") { // nodes.ImageScaleBy
+        [W, H] = [pyRound(w0 * s.scale_by), pyRound(h0 * s.scale_by)];
+      } else if (s.kind === "totalPixels") { // comfy_extras.nodes_post_processing.ImageScaleToTotalPixels
+        if (s.resolution_steps === undefined) { // ComfyUI before resolution_steps: an int total, no steps
+          const k = Math.sqrt(Math.trunc(s.megapixels * 1024 * 1024) / (w0 * h0));
+          [W, H] = [pyRound(w0 * k), pyRound(h0 * k)];
+        } else {
+          const k = Math.sqrt((s.megapixels * 1024 * 1024) / (w0 * h0)), n = s.resolution_steps;
+          [W, H] = [pyRound((w0 * k) / n) * n, pyRound((h0 * k) / n) * n];
+        }
+      } else { // comfy_extras.nodes_images.ImageScaleToMaxDimension
+        const L = s.largest_size;
+        [W, H] = h0 > w0 ? [pyRound((w0 / h0) * L), L] : w0 > h0 ? [L, pyRound((h0 / w0) * L)] : [L, L];
+      }
+      if (!(W >= 1 && H >= 1)) { // ComfyUI fails on an empty image
+        skip(s);
+        continue;
+      }
+      resize(W, H);
     } else if (s.kind === "crop") { // comfy_extras.nodes_images.ImageCrop
       const x = Math.min(s.x, w0 - 1), y = Math.min(s.y, h0 - 1);
       if (roi) targetCut = true; // the region's target is this piece; x, y stay on the canvas it is cut from
       cut(x, y, Math.min(s.width, w0 - x), Math.min(s.height, h0 - y));
+    } else if (s.kind === "pad") { // nodes.ImagePadForOutpaint: the image at (left, top) of a larger one
+      apply([1, 0, 0, 1], [s.left, s.top]);
+      t.size = [w0 + s.left + s.right, h0 + s.top + s.bottom];
+    } else if (s.kind === "resizePad") { // comfy_extras.nodes_images.ResizeAndPadImage: fit, then centre
+      const k = Math.min(s.target_width / w0, s.target_height / h0);
+      const W = Math.trunc(w0 * k), H = Math.trunc(h0 * k);
+      if (!(W >= 1 && H >= 1)) {
+        skip(s);
+        continue;
+      }
+      resize(W, H);
+      apply([1, 0, 0, 1], [Math.floor((s.target_width - W) / 2), Math.floor((s.target_height - H) / 2)]);
+      t.size = [s.target_width, s.target_height];
+    } else if (s.kind === "flip") { // comfy_extras.nodes_images.ImageFlip: "x..." flips the rows, "y..." the columns
+      const f = FLIPS[s.flip_method[0]];
+      if (!f) {
+        skip(s);
+        continue;
+      }
+      apply(f[0], f[1](w0, h0));
+    } else if (s.kind === "rotate") { // comfy_extras.nodes_images.ImageRotate
+      const k = ["90", "180", "270"].findIndex((p) => s.rotation.startsWith(p)) + 1; // as ComfyUI reads it
+      if (k) {
+        apply(TURNS[k][0], TURNS[k][1](w0, h0));
+        if (k !== 2) t.size = [h0, w0];
+      }
     }
     t.via.push(s.title);
   }
   return t;
 }
 
-const toNode = (t, [x, y]) => [t.a[0] * x + t.b[0], t.a[1] * y + t.b[1]];
-const toPic = (t, [x, y]) => [(x - t.b[0]) / t.a[0], (y - t.b[1]) / t.a[1]];
+/** Picture position -> position in the node's image (continuous), and back. */
+export const toNode = (t, [x, y]) => [t.m[0] * x + t.m[1] * y + t.o[0], t.m[2] * x + t.m[3] * y + t.o[1]];
+export function toPic(t, [x, y]) {
+  const [a, b, c, d] = t.m, det = a * d - b * c;
+  const [u, v] = [x - t.o[0], y - t.o[1]];
+  return [(d * u - b * v) / det, (a * v - c * u) / det];
+}
+
+/** The pixel [column, row] of the node's image that a picture position falls in: SAM reads a point as the pixel
+ *  it names (its prompt encoder adds 0.5, the pixel's centre), so a click goes there as floor(position), clamped
+ *  to the image (0 ... size - 1; a click on a part cut away lands on the nearest edge pixel). */
+export function pixelAt(t, p) {
+  const q = toNode(t, p);
+  return [0, 1].map((i) => Math.min(Math.max(Math.floor(q[i]), 0), Math.max(0, t.size[i] - 1)));
+}
 
 /** The transform for the widget's current picture and chain. */
 function transform(st) {
@@ -331,7 +438,7 @@ function draw(st) {
   };
   ctx.drawImage(st.img, v.ox, v.oy, v.iw * v.s, v.ih * v.s);
   canvas.dataset.view = JSON.stringify({ s: v.s, ox: v.ox, oy: v.oy, w: v.iw, h: v.ih });
-  canvas.dataset.transform = JSON.stringify({ a: t.a, b: t.b, size: t.size, visible: t.visible, exact: t.exact });
+  canvas.dataset.transform = JSON.stringify({ m: t.m, o: t.o, size: t.size, visible: t.visible, exact: t.exact });
   const [x0, y0, x1, y1] = t.visible;
   if (x0 > 0 || y0 > 0 || x1 < v.iw || y1 < v.ih) { // what the crops cut away: dimmed, the kept part outlined
     const [a, b, c, d] = [v.ox + x0 * v.s, v.oy + y0 * v.s, v.ox + x1 * v.s, v.oy + y1 * v.s];
@@ -348,6 +455,7 @@ function draw(st) {
     ctx.restore();
   }
   const note = transformNote(st, t, v);
+  canvas.dataset.note = note;
   if (note) {
     ctx.save();
     ctx.font = "11px sans-serif";
@@ -365,9 +473,11 @@ function draw(st) {
     const prompt = parsePrompt(widgetOf(st.node, "prompt")?.value);
     canvas.dataset.drawn = prompt ? formatPrompt(prompt) : "";
     if (!prompt) say("the prompt is not valid JSON: fix it or press clear");
-    if (prompt?.box) drawBox(ctx, at, prompt.box, COLOR.box, false);
+    // where SAM reads them: a point, and each box corner, on the centre of the pixel it names
+    const centre = (v) => v + 0.5;
+    if (prompt?.box) drawBox(ctx, at, prompt.box.map(centre), COLOR.box, false);
     for (const [x, y, label] of prompt?.points ?? []) {
-      const [px, py] = at(x, y);
+      const [px, py] = at(centre(x), centre(y));
       ctx.beginPath();
       ctx.arc(px, py, 5, 0, 2 * Math.PI);
       ctx.fillStyle = label ? COLOR.pos : COLOR.neg;
@@ -389,18 +499,19 @@ function draw(st) {
     ctx.moveTo(px, py - 8); ctx.lineTo(px, py + 8);
     ctx.stroke();
   }
-  if (st.drag?.moved && st.node.type === SAM) drawBox(ctx, at, dragBox(st, st.drag), "#fff", true);
+  if (st.drag?.moved && st.node.type === SAM) drawBox(ctx, at, dragBox(st, st.drag).map((v) => v + 0.5), "#fff", true);
 }
 
 /** A line saying in which pixels the numbers are, when they are not the picture's; "" when they are. */
 function transformNote(st, t, v) {
   if (!t.exact) return `not followed: ${t.unknown.join(", ")} (its size is unknown here); picture pixels assumed`;
-  const same = t.a[0] === 1 && t.a[1] === 1 && t.b[0] === 0 && t.b[1] === 0;
+  const same = t.m.join() === "1,0,0,1" && t.o.join() === "0,0";
   if (same && t.visible.join() === [0, 0, v.iw, v.ih].join()) return "";
   const via = t.via.join(" \u2192 ");
   if (st.node.type === SAM) return `points in the ${t.size[0]}\u00d7${t.size[1]} px image after ${via}`;
   const [x0, y0, x1, y1] = t.visible;
-  const cw = Math.round((x1 - x0) * t.a[0]), ch = Math.round((y1 - y0) * t.a[1]);
+  const [a, b] = toNode(t, [x0, y0]), [c, d] = toNode(t, [x1, y1]);
+  const cw = Math.round(Math.abs(c - a)), ch = Math.round(Math.abs(d - b));
   return `x, y in pixels of the picture after ${via} (${cw}\u00d7${ch})`;
 }
 
@@ -420,16 +531,10 @@ function drawBox(ctx, at, [x0, y0, x1, y1], color, dashed) {
   ctx.restore();
 }
 
-/** A picture position in whole pixels of the node's image, inside it. */
-function nodePoint(t, p) {
-  const [x, y] = toNode(t, p);
-  return [Math.round(clamp(x, 0, t.size[0])), Math.round(clamp(y, 0, t.size[1]))];
-}
-
-/** The box being dragged, in whole pixels of the node's image, inside it, x0 <= x1, y0 <= y1. */
+/** The box being dragged: the pixels of the node's image its corners fall in, x0 <= x1, y0 <= y1. */
 function dragBox(st, drag) {
   const t = transform(st);
-  const [ax, ay] = nodePoint(t, drag.from), [bx, by] = nodePoint(t, drag.to);
+  const [ax, ay] = pixelAt(t, drag.from), [bx, by] = pixelAt(t, drag.to);
   return [Math.min(ax, bx), Math.min(ay, by), Math.max(ax, bx), Math.max(ay, by)];
 }
 
@@ -459,11 +564,11 @@ function finishSam(st, drag, e) {
   const v = view(st), t = transform(st);
   if (x < 0 || y < 0 || x > v.iw || y > v.ih) return sync(st, true); // outside the picture
   const hit = prompt.points.findIndex((p) => {
-    const [px, py] = toPic(t, p);
+    const [px, py] = toPic(t, [p[0] + 0.5, p[1] + 0.5]); // drawn on the pixel's centre
     return Math.hypot(px - x, py - y) * v.s <= HIT_PX;
   });
   if (hit >= 0) prompt.points.splice(hit, 1);
-  else prompt.points.push([...nodePoint(t, drag.to), e.button === 2 || e.shiftKey ? 0 : 1]);
+  else prompt.points.push([...pixelAt(t, drag.to), e.button === 2 || e.shiftKey ? 0 : 1]);
   setPrompt(st, prompt);
 }
 

@@ -31,6 +31,7 @@ Needs COMFYUI_DIR and Chromium; skipped, saying which is missing, otherwise.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -115,6 +116,33 @@ def scaled_workflow() -> dict:
                         "properties": {}, "widgets_values": ["lanczos", *SCALED, "center"]})
     wf["links"] = [[1, LOAD, 0, SCALE, 0, "IMAGE"], [2, SCALE, 0, SAM, 1, "IMAGE"], [3, SCALE, 0, ROI, 0, "IMAGE"]]
     wf["last_node_id"], wf["last_link_id"] = SCALE, 3
+    return wf
+
+
+FLIP, UPSCALE = 4, 5  # the nodes of flip_workflow()
+
+
+def flip_workflow() -> dict:
+    """Load Image -> ImageFlip (horizontally) -> Segment; Load Image -> ImageUpscaleWithModel (no model: never
+    run) -> Region."""
+    wf = workflow()
+    load_node, sam, roi = wf["nodes"]
+    load_node["outputs"][0]["links"] = [1, 3]
+    sam["inputs"][1]["link"] = 2
+    roi["inputs"][0]["link"] = 4
+    wf["nodes"] += [
+        {"id": FLIP, "type": "ImageFlip", "pos": [120, 500], "size": [300, 90], "flags": {}, "order": 1, "mode": 0,
+         "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2], "slot_index": 0}],
+         "properties": {}, "widgets_values": ["y-axis: horizontally"]},
+        {"id": UPSCALE, "type": "ImageUpscaleWithModel", "pos": [120, 640], "size": [300, 60], "flags": {},
+         "order": 2, "mode": 0, "inputs": [{"name": "upscale_model", "type": "UPSCALE_MODEL", "link": None},
+                                           {"name": "image", "type": "IMAGE", "link": 3}],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [4], "slot_index": 0}], "properties": {}},
+    ]
+    wf["links"] = [[1, LOAD, 0, FLIP, 0, "IMAGE"], [2, FLIP, 0, SAM, 1, "IMAGE"], [3, LOAD, 0, UPSCALE, 1, "IMAGE"],
+                   [4, UPSCALE, 0, ROI, 0, "IMAGE"]]
+    wf["last_node_id"], wf["last_link_id"] = UPSCALE, 4
     return wf
 
 
@@ -464,8 +492,13 @@ def test_picker_maps_through_image_scale(page, artifacts):
     assert (cx, cy) == (25, 0)  # 250x200 -> 512x512: 25 columns cut from each side, then 200x200 -> 512x512
 
     def to_node(x: float, y: float) -> list[int]:
-        """Picture pixel -> pixel of the scaled image (rounded, inside it), as the nodes should get it."""
-        return [round(min(max((x - cx) * kx, 0), SCALED[0])), round(min(max((y - cy) * ky, 0), SCALED[1]))]
+        """Picture position -> the pixel of the scaled image it falls in (floor, inside it), as SAM gets it."""
+        return [min(max(math.floor((x - cx) * kx), 0), SCALED[0] - 1),
+                min(max(math.floor((y - cy) * ky), 0), SCALED[1] - 1)]
+
+    def to_corner(x: float, y: float) -> list[int]:
+        """Picture position -> the nearest pixel corner of the scaled image, as the region's x, y."""
+        return [round((x - cx) * kx), round((y - cy) * ky)]
 
     def to_picture(x: float, y: float) -> tuple[float, float]:
         return x / kx + cx, y / ky + cy
@@ -474,7 +507,7 @@ def test_picker_maps_through_image_scale(page, artifacts):
         t = json.loads(page.evaluate(f"{js_node(nid)}.siePicker.canvas.dataset.transform"))
         print(f"node {nid} transform: {t}")
         assert t["exact"] and t["size"] == list(SCALED), t
-        assert near(t["a"], (kx, ky), 1e-9) and near(t["b"], (-cx * kx, -cy * ky), 1e-9), t
+        assert near(t["m"], (kx, 0, 0, ky), 1e-9) and near(t["o"], (-cx * kx, -cy * ky), 1e-9), t
     sam_t = json.loads(page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.transform"))
     assert near(sam_t["visible"], (cx, cy, W - cx, H - cy), 1e-9), sam_t
 
@@ -520,13 +553,13 @@ def test_picker_maps_through_image_scale(page, artifacts):
                   timeout=10)
     page.wait_for(f"(d => d && JSON.stringify(JSON.parse(d)) === {json.dumps(json.dumps(typed, separators=(',', ':')))})"
                   f"({js_node(SAM)}.siePicker.canvas.dataset.drawn)", timeout=10)
-    for x, y, label in typed["points"]:
-        px, py = to_picture(x, y)
+    for x, y, label in typed["points"]:  # drawn on the centre of the pixel SAM reads
+        px, py = to_picture(x + 0.5, y + 0.5)
         rgba = pixel(page, SAM, *to_screen(g, px, py)[2:])
         print(f"typed point {x, y} -> picture ({px:.1f}, {py:.1f}): {rgba}")
         assert (green if label else red)(rgba), (x, y, label, px, py, rgba)
     x0, y0, x1, y1 = typed["box"]
-    (a, b), (c, d) = to_picture(x0, y0), to_picture(x1, y1)
+    (a, b), (c, d) = to_picture(x0 + 0.5, y0 + 0.5), to_picture(x1 + 0.5, y1 + 0.5)
     for ex, ey in (((a + c) / 2, b), ((a + c) / 2, d), (a, (b + d) / 2), (c, (b + d) / 2)):  # its edges
         rgba = pixel(page, SAM, *to_screen(g, ex, ey)[2:])
         assert rgba[2] > 150 and rgba[2] > rgba[0] + 40, ("box edge", ex, ey, rgba)
@@ -539,7 +572,7 @@ def test_picker_maps_through_image_scale(page, artifacts):
     click(page, *to_screen(gr, *target)[:2])
     xy = [widget_value(page, ROI, "x"), widget_value(page, ROI, "y")]
     print(f"region x, y after a click at picture {target}: {xy}")
-    assert near(xy, to_node(*target), kx / picture_scale(gr) + 1) and all(isinstance(v, int) for v in xy), xy
+    assert near(xy, to_corner(*target), kx / picture_scale(gr) + 1) and all(isinstance(v, int) for v in xy), xy
     drawn = json.loads(page.evaluate(f"{js_node(ROI)}.siePicker.canvas.dataset.drawn"))
     assert drawn["size"] == list(SCALED), drawn  # the target is the whole 512x512 image
 
@@ -550,3 +583,35 @@ def test_picker_maps_through_image_scale(page, artifacts):
     for s in shots:
         print(f"screenshot: {s}")
         assert s.stat().st_size > 10_000
+
+
+def test_picker_maps_flips_and_flags_nodes_it_cannot_follow(page, artifacts):
+    """Through the real frontend's nodes: an ImageFlip is mapped (a click lands on the mirrored pixel), an
+    upscale model, which has no size widgets, is not followed (the amber note names it), and a bypassed
+    ImageFlip hands the picture on unchanged."""
+    load(page, flip_workflow())
+    t = json.loads(page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.transform"))
+    print(f"through ImageFlip: {t}")
+    assert t["exact"] and t["m"] == [-1, 0, 0, 1] and t["o"] == [W, 0] and t["size"] == [W, H], t
+    assert page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.note").startswith("points in the 250")
+    g = geometry(page, SAM)
+    tol = 1.0 / picture_scale(g) + 1
+    target = (60.5, 50.5)  # the centre of picture pixel (60, 50): pixel (189, 50) of the flipped image
+    assert_hits(page, SAM, [to_screen(g, *target)[:2]])
+    click(page, *to_screen(g, *target)[:2])
+    text = widget_value(page, SAM, "prompt")
+    print(f"prompt after a click on picture pixel (60, 50): {text}")
+    check_prompt(json.loads(text), [(W - 1 - 60, 50, 1)], None, tol)
+    rgba = pixel(page, SAM, *to_screen(g, *target)[2:])  # drawn back where it was clicked
+    assert green(rgba), rgba
+
+    roi = json.loads(page.evaluate(f"{js_node(ROI)}.siePicker.canvas.dataset.transform"))
+    note = page.evaluate(f"{js_node(ROI)}.siePicker.canvas.dataset.note")
+    print(f"through ImageUpscaleWithModel: {roi}; note: {note}")
+    assert roi["exact"] is False and note.startswith("not followed:") and "Upscale" in note, (roi, note)
+    page.screenshot(artifacts / f"picker_{page.renderer}_flip_upscale.png")
+
+    page.evaluate(f"{js_node(FLIP)}.mode = 4; {js_node(SAM)}.siePicker && {js_node(SAM)}.onConnectionsChange?.()")
+    page.wait_for(f"JSON.parse({js_node(SAM)}.siePicker.canvas.dataset.transform || '{{}}').m?.join() === '1,0,0,1'",
+                  timeout=10)
+    assert page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.note") == ""
