@@ -92,8 +92,10 @@ class SAMSegment:
             "prompt": ("STRING", {"default": DEFAULT_PROMPT, "multiline": True, "dynamicPrompts": False,
                                   "tooltip": 'Points and box in pixels of the image, as JSON: {"points": [[x, y, 1], '
                                              '[x, y, 0]], "box": [x0, y0, x1, y1]}. Label 1 = on the object, 0 = '
-                                             'not on it; box = top-left and bottom-right corners, or null. The '
-                                             'canvas widget writes this when you click or drag on the image.'}),
+                                             'not on it; box = top-left and bottom-right corners, or null. Each '
+                                             'number names a pixel (column x, row y from the top left; a fraction '
+                                             'goes to SAM as the pixel it falls in). The canvas widget writes this '
+                                             'when you click or drag on the image.'}),
             "dilate": ("INT", {"default": 0, "min": -256, "max": 256, "step": 1,
                                "tooltip": "Grow the mask by this many pixels (negative: shrink it)."}),
             "invert": ("BOOLEAN", {"default": False, "tooltip": "Output 1 outside the object instead (applied after "
