@@ -170,13 +170,17 @@ def test_scale_to_total_pixels_and_max_dimension_and_pads():
     got = chain(node("ImagePadForOutpaint", {"left": 8, "top": 16, "right": 0, "bottom": 24, "feathering": 40}),
                 w=W, h=H, points=[centre(5, 7)])
     assert got["t"]["size"] == [W + 8, H + 40] and got["pixel"] == [[13, 23]], got
-    # ResizeAndPadImage: scale = min(tw / W, th / H), new = int(W * scale), centred by (t - new) // 2
-    got = chain(node("ResizeAndPadImage", {"target_width": 100, "target_height": 100}), w=W, h=H,
-                points=[centre(0, 0)])
-    s = min(100 / W, 100 / H)
-    nw, nh = int(W * s), int(H * s)
-    assert got["t"]["size"] == [100, 100] and [nw, nh] == [100, 77]
-    assert got["t"]["o"] == [0, (100 - nh) // 2] and got["pixel"] == [[0, (100 - nh) // 2]], got
+    # ResizeAndPadImage: scale = min(tw / W, th / H), new = int(W * scale) (truncated: 64.89 -> 64), centred by
+    # (t - new) // 2
+    got = run_js([chain_call(node("ResizeAndPadImage", {"target_width": tw, "target_height": th}), w=W, h=H,
+                             points=[centre(0, 0)]) for tw, th in ((100, 100), (100, 50))])
+    for (tw, th), answer in zip(((100, 100), (100, 50)), got):
+        s = min(tw / W, th / H)
+        nw, nh = int(W * s), int(H * s)
+        assert answer["t"]["size"] == [tw, th], answer["t"]
+        assert answer["t"]["m"] == pytest.approx([nw / W, 0, 0, nh / H]), answer["t"]
+        assert answer["t"]["o"] == [(tw - nw) // 2, (th - nh) // 2] and answer["pixel"] == [answer["t"]["o"]], answer
+    assert int(W * min(100 / W, 50 / H)) == 64 != round(W * min(100 / W, 50 / H))  # the case tells them apart
 
 
 def test_a_chain_composes_and_dims_what_the_crops_cut_away():

@@ -47,7 +47,7 @@ CASES = [
     ("crop", [("ImageCrop", {"width": 30, "height": 20, "x": 5, "y": 7})]),
     ("crop_clipped", [("ImageCrop", {"width": 100, "height": 100, "x": 50, "y": 40})]),
     ("pad", [("ImagePadForOutpaint", {"left": 8, "top": 16, "right": 0, "bottom": 24, "feathering": 0})]),
-    ("resize_pad", [("ResizeAndPadImage", {"target_width": 100, "target_height": 100, "padding_color": "black",
+    ("resize_pad", [("ResizeAndPadImage", {"target_width": 100, "target_height": 50, "padding_color": "black",
                                            "interpolation": "nearest-exact"})]),
     ("flip_rows", [("ImageFlip", {"flip_method": "x-axis: vertically"})]),
     ("flip_columns", [("ImageFlip", {"flip_method": "y-axis: horizontally"})]),
