@@ -504,7 +504,7 @@ function draw(st) {
 
 /** A line saying in which pixels the numbers are, when they are not the picture's; "" when they are. */
 function transformNote(st, t, v) {
-  if (!t.exact) return `not followed: ${t.unknown.join(", ")} (its size is unknown here); picture pixels assumed`;
+  if (!t.exact) return `not followed: ${t.unknown.join(", ")} (geometry unknown); picture pixels used`;
   const same = t.m.join() === "1,0,0,1" && t.o.join() === "0,0";
   if (same && t.visible.join() === [0, 0, v.iw, v.ih].join()) return "";
   const via = t.via.join(" \u2192 ");

@@ -590,10 +590,6 @@ def test_picker_maps_flips_and_flags_nodes_it_cannot_follow(page, artifacts):
     upscale model, which has no size widgets, is not followed (the amber note names it), and a bypassed
     ImageFlip hands the picture on unchanged."""
     load(page, flip_workflow())
-    t = json.loads(page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.transform"))
-    print(f"through ImageFlip: {t}")
-    assert t["exact"] and t["m"] == [-1, 0, 0, 1] and t["o"] == [W, 0] and t["size"] == [W, H], t
-    assert page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.note").startswith("points in the 250")
     g = geometry(page, SAM)
     tol = 1.0 / picture_scale(g) + 1
     target = (60.5, 50.5)  # the centre of picture pixel (60, 50): pixel (189, 50) of the flipped image
@@ -604,6 +600,10 @@ def test_picker_maps_flips_and_flags_nodes_it_cannot_follow(page, artifacts):
     check_prompt(json.loads(text), [(W - 1 - 60, 50, 1)], None, tol)
     rgba = pixel(page, SAM, *to_screen(g, *target)[2:])  # drawn back where it was clicked
     assert green(rgba), rgba
+    t = json.loads(page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.transform"))
+    print(f"through ImageFlip: {t}")
+    assert page.evaluate(f"{js_node(SAM)}.siePicker.canvas.dataset.note").startswith("points in the 250")
+    assert t["exact"] and t["m"] == [-1, 0, 0, 1] and t["o"] == [W, 0] and t["size"] == [W, H], t
 
     roi = json.loads(page.evaluate(f"{js_node(ROI)}.siePicker.canvas.dataset.transform"))
     note = page.evaluate(f"{js_node(ROI)}.siePicker.canvas.dataset.note")
