@@ -9,8 +9,9 @@ centred box covering 1/4 of the image (half its width and height) as the object 
 reference mask (a pure background reference, as the ``layerdiffusion_reference_background`` workflow),
 both brought onto the latent grid by :func:`core.layerdiffusion.latent_mask`:
 
-* stage 1, :func:`~core.layerdiffusion.optimize_layers` (eq. 2, the default "separate" reading: e_a
-  and e_b trained together, one batch-2 UNet forward and backward per step, the UNet frozen);
+* stage 1, :func:`~core.layerdiffusion.optimize_layers` (eq. 2 as written, the default "concat" reading:
+  e_a and e_b trained together in one prediction on their 154 concatenated tokens, one batch-1 UNet
+  forward and backward per step, the UNet frozen; the "separate" readings run batch 2);
 * stage 2, :func:`~core.layerdiffusion.finetune_layered` (eqs. 4-6 at e_opt = 0.7 e^_a + 0.3 e^_b,
   L_obj on the image, L_bg on the reference: one batch-2 call per step), LoRA (the pack's default,
   rank 8 on every UNet conv/linear weight) and full (the paper's: a float32 copy of the UNet with Adam);

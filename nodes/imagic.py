@@ -111,16 +111,37 @@ def image_latent(sd: bridge.ComfySD, image, name: str = "image") -> torch.Tensor
     return sd.encode(x)
 
 
+def fine_tune_steps(steps, recipe, layered: bool) -> int:
+    """Fine-Tune Model's steps: as set, or 0 = the recipe's default (the papers' counts: Imagic's SD ports
+    1,000; SINE 800 on the whole image, 10,000 with patches; LayerDiffusion 250)."""
+    if int(steps) < 0:
+        raise NodeInputError("steps", f"must be 0 (the recipe's default) or more, got {steps}",
+                             "set steps to 0, or to the number of steps to train")
+    if int(steps) > 0:
+        return int(steps)
+    if layered:
+        from ..core.layerdiffusion import LayeredFineTuneConfig
+
+        return LayeredFineTuneConfig().steps
+    if recipe is None:
+        return FineTuneConfig().steps
+    from ..core.sine.finetune import DEFAULT_STEPS
+
+    return DEFAULT_STEPS[bool(getattr(recipe, "patches", False))]
+
+
 # --------------------------------------------------------------------------------------
 class OptimizeEmbedding:
     NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_OptimizeEmbedding", "Optimize Text Embedding", ()
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("CONDITIONING", "IMAGE", "CONDITIONING")
-    RETURN_NAMES = ("e_opt", "loss_curve", "e_b")
-    OUTPUT_TOOLTIPS = ("The optimised embedding (same layout as the input conditioning): Imagic's e_opt, or "
-                       "LayerDiffusion's e^_a.", "The loss per step.",
-                       "LayerDiffusion: the optimised background embedding e^_b (empty without conditioning_b).")
+    RETURN_NAMES = ("e_opt / ê_a", "loss_curve", "ê_b")
+    OUTPUT_TOOLTIPS = ("The optimised embedding (same layout as the input conditioning). Imagic (no conditioning_b): "
+                       "e_opt. LayerDiffusion (with conditioning_b and mask): ê_a, the optimised object embedding "
+                       "(for ConditioningAverage's conditioning_to and Iterative Guidance's object_positive).",
+                       "The loss per step.",
+                       "LayerDiffusion: ê_b, the optimised background embedding (empty without conditioning_b).")
     DESCRIPTION = ("One optimiser node for the pack's methods, the model frozen. Imagic stage 1 (Kawar et al., CVPR "
                    "2023): optimises the target text's embedding so that it reconstructs the image (eq. 2); SD ports: "
                    "500 steps at lr 0.001 (the paper: 100 steps on Imagen). With conditioning_b and mask, "
@@ -147,19 +168,27 @@ class OptimizeEmbedding:
                                          "box)); same size as the image."}),
             "recipe": ("SIE_RECIPE", {"tooltip": "LayerDiffusion: Recipe (how [e_a, e_b] enters the UNet, the mask "
                                                  "rule); empty: its defaults."}),
+            "reference_image": ("IMAGE", {"tooltip": "LayerDiffusion, the recipe's separate_reference reading only: "
+                                                     "the reference (background) image e_b is trained on (same size "
+                                                     "as the image); other readings ignore it."}),
+            "reference_mask": ("MASK", {"tooltip": "LayerDiffusion, separate_reference reading only: the reference's "
+                                                   "object mask (all black for a pure background); e_b is trained "
+                                                   "outside it."}),
         }}
 
     def run(self, model, vae, image, conditioning, steps, learning_rate, seed, conditioning_b=None, mask=None,
-            recipe=None):
+            recipe=None, reference_image=None, reference_mask=None):
         check_model(model)
         check_positive(steps, "steps")
         device = torch.device(bridge.torch_device())
         if conditioning_b is not None or mask is not None:
             return self.run_layered(model, vae, image, conditioning, steps, learning_rate, seed, conditioning_b,
-                                    mask, recipe, device)
-        if recipe is not None:
-            raise NodeInputError("recipe", "a recipe here is only for LayerDiffusion (with conditioning_b and mask)",
-                                 "disconnect it, or connect conditioning_b and mask")
+                                    mask, recipe, device, reference_image, reference_mask)
+        for name, value in (("recipe", recipe), ("reference_image", reference_image),
+                            ("reference_mask", reference_mask)):
+            if value is not None:
+                raise NodeInputError(name, f"{name} is only for LayerDiffusion (with conditioning_b and mask)",
+                                     "disconnect it, or connect conditioning_b and mask")
         check_memory(model, image, "embedding", device, device.type == "cuda")
         progress = bridge.Progress(steps)
         try:
@@ -176,7 +205,7 @@ class OptimizeEmbedding:
         return ([[res.e_opt.cpu(), opts]], curve(res.losses, "Imagic embedding optimisation loss"), [])
 
     def run_layered(self, model, vae, image, conditioning, steps, learning_rate, seed, conditioning_b, mask, recipe,
-                    device):
+                    device, reference_image=None, reference_mask=None):
         from .layerdiffusion import LayerRecipe, is_layer_recipe, layered_embeddings
 
         if conditioning_b is None:
@@ -197,7 +226,7 @@ class OptimizeEmbedding:
                 e_b, opts_b = cond_tensor(conditioning_b, model, "conditioning_b")
                 sd = bridge.ComfySD(model, None, vae)
                 res = layered_embeddings(sd, image, e_a, e_b, mask, steps, learning_rate, seed, recipe, progress,
-                                         device)
+                                         device, reference_image, reference_mask)
         finally:
             bridge.free_memory()
         log.info("LayerDiffusion embeddings (%s): loss %.4f -> %.4f in %.1f s", res.reading, res.losses[0],
@@ -225,7 +254,8 @@ class FineTune:
                    "1e-4. full: the whole UNet (Imagic lr 2e-6, SINE 1e-6; about 14 GB of optimiser state for SD "
                    "1.5). With LayerDiffusion: Recipe (or a mask), LayerDiffusion stage 2 at e_opt: lambda_1 L_obj under the "
                    "mask + lambda_2 L_bg under 1 - reference_mask (paper: lr 2e-6 full, 250 steps). The output "
-                   "MODEL is a native patched clone: use it with KSampler or the pack's guiders.")
+                   "MODEL is a native patched clone: use it with KSampler or the pack's guiders. steps 0 (the "
+                   "default) trains the recipe's step count; a number set on the node is used as it is.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -238,7 +268,9 @@ class FineTune:
                                                       "entry is used)."}),
             "mode": (["lora", "full"], {"default": "lora", "tooltip": "lora: adapters (small, fast); full: every "
                                                                      "UNet weight (the paper's; large memory)."}),
-            "steps": ("INT", {"default": 1000, "min": 1, "max": 100000, "tooltip": "Adam steps (SD ports: 1000)."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Adam steps. 0 = the recipe's "
+                              "default: Imagic (no recipe) 1,000 (SD ports), SINE 800 on the whole image or 10,000 "
+                              "with patches, LayerDiffusion 250 (the papers)."}),
             "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": 1e-8,
                                         "tooltip": f"0 = the mode's default ({DEFAULT_LR['lora']} for lora, "
                                                    f"{DEFAULT_LR['full']} for full)."}),
@@ -254,21 +286,27 @@ class FineTune:
                                                      "same size as the image."}),
             "reference_mask": ("MASK", {"tooltip": "LayerDiffusion: the reference's object mask M_r (all black for "
                                                    "a pure background)."}),
+            "target_mask": ("MASK", {"tooltip": "LayerDiffusion, with the recipe's object_mask 'target' (the "
+                                                "paper's M_t): the object mask of the target image O_t that SD "
+                                                "generates from the target text (same size as the image)."}),
         }}
 
     def run(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe=None, clip=None,
-            mask=None, reference_image=None, reference_mask=None):
+            mask=None, reference_image=None, reference_mask=None, target_mask=None):
         check_model(model)
-        check_positive(steps, "steps")
         check_positive(rank, "rank")
         if mode not in DEFAULT_LR:
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use lora or full")
         device = torch.device(bridge.torch_device())
         from .layerdiffusion import LayerRecipe, is_layer_recipe
 
-        if is_layer_recipe(recipe) or (recipe is None and (mask is not None or reference_image is not None)):
+        layered = is_layer_recipe(recipe) or (recipe is None and any(
+            m is not None for m in (mask, reference_image, target_mask)))
+        steps = fine_tune_steps(steps, recipe, layered)
+        if layered:
             return self.run_layered(model, vae, image, conditioning, mode, steps, learning_rate, rank, seed,
-                                    recipe or LayerRecipe(), clip, mask, reference_image, reference_mask, device)
+                                    recipe or LayerRecipe(), clip, mask, reference_image, reference_mask, device,
+                                    target_mask)
         if recipe is not None:
             return self.run_sine(model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe,
                                  clip, device)
@@ -295,7 +333,7 @@ class FineTune:
                 clip)
 
     def run_layered(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe, clip, mask,
-                    reference_image, reference_mask, device):
+                    reference_image, reference_mask, device, target_mask=None):
         from .layerdiffusion import layered_finetune
 
         check_memory(model, image, mode, device, device.type == "cuda", int(rank))
@@ -305,7 +343,7 @@ class FineTune:
                 cond, _ = cond_tensor(conditioning, model)
                 sd = bridge.ComfySD(model, None, vae)
                 res = layered_finetune(sd, image, cond, mask, reference_image, reference_mask, mode, steps,
-                                       learning_rate, rank, seed, recipe, progress, device)
+                                       learning_rate, rank, seed, recipe, progress, device, target_mask)
         finally:
             bridge.free_memory()
         log.info("LayerDiffusion fine-tune (%s): loss %.4f -> %.4f in %.1f s", mode, res.losses[0], res.losses[-1],

@@ -4,15 +4,18 @@ The method's stages run through the pack's shared nodes, so Imagic, SINE and Lay
 optimiser and one fine-tune node:
 
 * stage 1 (eq. 2): *Optimize Text Embedding* with ``conditioning_b`` (T_b) and ``mask`` (the input
-  image's object mask) optimises e_a and e_b jointly under the mask (:func:`layered_embeddings`);
+  image's object mask) optimises e_a and e_b jointly under the mask (:func:`layered_embeddings`; by
+  default one prediction with [e_a, e_b] under M, as eq. 2 is written; the ``separate_reference``
+  reading also takes its ``reference_image`` and ``reference_mask``); its first output is e^_a;
 * eq. 3: ComfyUI's own *ConditioningAverage* (to = e^_a, from = e^_b, strength = alpha) computes
   exactly alpha e^_a + (1 - alpha) e^_b (checked bit for bit in core.layerdiffusion.interpolate);
-* stage 2 (eqs. 4-6): *Fine-Tune Model* with ``mask`` (M_t), ``reference_image`` and
-  ``reference_mask`` (M_r) at e_opt (:func:`layered_finetune`);
+* stage 2 (eqs. 4-6): *Fine-Tune Model* with ``mask`` (the photo's object mask), ``reference_image``
+  and ``reference_mask`` (M_r) at e_opt, and ``target_mask`` (the object mask of O_t) when the recipe
+  takes M_t from the target as the paper does (:func:`layered_finetune`);
 * stage 3 (eq. 8): ``SIE_IterativeGuidance``, a GUIDER alternating e^_a and e_opt by step index.
 
 ``SIE_LayerRecipe`` carries the choices the paper leaves open (which image each loss uses, how
-[e_a, e_b] enters the UNet, the mask rule) and the loss weights.
+[e_a, e_b] enters the UNet, where M_t comes from, the mask rule) and the loss weights.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from ..core.layerdiffusion import (
     optimize_layers,
     start_parity_for,
 )
+from ..core.layerdiffusion.embedding import READINGS
+from ..core.layerdiffusion.finetune import OBJECT_MASKS
 from ..core.layerdiffusion.masks import REDUCTIONS, RULES, background_mask
 from ..core.lora import LoRAConfig
 from .common import CATEGORY_ROOT, NodeInputError, image_to_bchw
@@ -44,10 +49,15 @@ class LayerRecipe:
     lambda_bg: float = 1.0
     object_source: str = "image"
     background_source: str = "reference"
-    reading: str = "separate"
+    reading: str = "concat"  # eq. 2 as written
     reduction: str = "image"
     mask_rule: str = "area"
+    object_mask: str = "image"  # M_t: the object mask of the image L_obj noises, or "target" (O_t's; the paper)
     method: str = "layerdiffusion"
+
+    @property
+    def stage1_needs_reference(self) -> bool:
+        return LayerEmbeddingConfig(reading=self.reading).needs_reference
 
 
 class LayerRecipeNode:
@@ -58,9 +68,10 @@ class LayerRecipeNode:
     RETURN_NAMES = ("recipe",)
     OUTPUT_TOOLTIPS = ("Connect to the 'recipe' input of Optimize Text Embedding and Fine-Tune Model.",)
     DESCRIPTION = ("LayerDiffusion settings for the shared optimiser and fine-tune nodes. Paper: lambda_1 = 2 (3 for "
-                   "small objects), lambda_2 = 1. The paper leaves open which image each fine-tuning loss noises "
-                   "and how [e_a, e_b] enters the UNet; the defaults here are documented in "
-                   "core/layerdiffusion. " + NOT_LAYERDIFFUSE)
+                   "small objects), lambda_2 = 1. Stage 1 by default is eq. 2 as written (one prediction with "
+                   "[e_a, e_b] under the photo's object mask). The paper leaves open which image each fine-tuning "
+                   "loss noises; object_mask 'target' takes M_t from the SD-generated target O_t as the paper "
+                   "writes. The choices are documented in core/layerdiffusion and the README. " + NOT_LAYERDIFFUSE)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -75,21 +86,33 @@ class LayerRecipeNode:
             "background_source": (["reference", "image"], {"default": "reference",
                                                            "tooltip": "The image the background loss noises "
                                                                       "(default: the reference)."}),
-            "reading": (["separate", "concat", "shared"], {"default": "separate", "tooltip": "Stage 1: separate = "
-                        "e_a under M and e_b under 1 - M, each alone; concat = both as 154 tokens under M; shared "
-                        "= both alone under M."}),
+            "reading": (list(READINGS), {"default": "concat", "tooltip": "Stage 1, how [e_a, e_b] enters the UNet: "
+                        "concat (eq. 2 as written) = one prediction with both as 154 tokens under the photo's mask "
+                        "M; separate = e_a under M and e_b under 1 - M of the photo, each alone (e_b learns the old "
+                        "background); separate_reference = e_a under M of the photo, e_b under 1 - reference_mask "
+                        "of the reference (connect both to Optimize Text Embedding); shared = both alone under M."}),
             "reduction": (list(REDUCTIONS), {"default": "image", "tooltip": "Masked loss normalisation: image = "
                           "sum over the mask / all elements (the equations as written); mask = mean over the mask."}),
             "mask_rule": (list(RULES), {"default": "area", "tooltip": "Masks onto the 8x smaller latent grid: area "
                           "(a cell is object when at least half its pixels are), nearest, or soft (fractions)."}),
+        }, "optional": {
+            "object_mask": (list(OBJECT_MASKS), {"default": "image", "tooltip": "Where the object loss's mask M_t "
+                             "comes from: image = the object mask of the image the object loss noises (Fine-Tune "
+                             "Model's mask; our choice: the mask sits on the subject it selects); target = the "
+                             "object mask of the SD-generated target O_t (Fine-Tune Model's target_mask; the "
+                             "paper's M_t)."}),
         }}
 
-    def run(self, lambda_obj, lambda_bg, object_source, background_source, reading, reduction, mask_rule):
+    def run(self, lambda_obj, lambda_bg, object_source, background_source, reading, reduction, mask_rule,
+            object_mask="image"):
         if float(lambda_obj) == 0 and float(lambda_bg) == 0:
             raise NodeInputError("lambda_obj", "both loss weights are 0: nothing would be trained",
                                  "use the paper's lambda_obj 2, lambda_bg 1")
+        for name, value, choices in (("reading", reading, READINGS), ("object_mask", object_mask, OBJECT_MASKS)):
+            if value not in choices:
+                raise NodeInputError(name, f"unknown choice {value!r}", f"use one of {', '.join(choices)}")
         return (LayerRecipe(float(lambda_obj), float(lambda_bg), object_source, background_source, reading,
-                            reduction, mask_rule),)
+                            reduction, mask_rule, object_mask),)
 
 
 def is_layer_recipe(recipe) -> bool:
@@ -111,46 +134,83 @@ def _mask(mask, name: str, image: torch.Tensor, latent_hw, rule: str, allow_empt
                              "object inside it") from None
 
 
+def _reference(reference_image, x: torch.Tensor, why: str) -> torch.Tensor:
+    """The reference IMAGE as [1, 3, H, W], the size of the image ``x``; errors name reference_image."""
+    if reference_image is None:
+        raise NodeInputError("reference_image", why, "connect the reference (background) image, the same size as "
+                             "the image")
+    ref = image_to_bchw(reference_image, "reference_image", min_side=8)[:1]
+    if ref.shape[-2:] != x.shape[-2:]:
+        raise NodeInputError("reference_image", f"it is {ref.shape[-1]}x{ref.shape[-2]} but the image is "
+                             f"{x.shape[-1]}x{x.shape[-2]}", "scale both to the same size (Upscale Image)")
+    return ref
+
+
+def _check_background(m: torch.Tensor, name: str, fix: str) -> None:
+    try:
+        background_mask(m, name)
+    except ValueError as e:
+        raise NodeInputError(name, str(e).removeprefix(f"{name}: "), fix) from None
+
+
 def layered_embeddings(sd, image, e_a: torch.Tensor, e_b: torch.Tensor, mask, steps: int, lr: float, seed: int,
-                       recipe: LayerRecipe, progress, device: torch.device):
-    """Stage 1 for the shared optimiser node: (e^_a, e^_b, losses)."""
+                       recipe: LayerRecipe, progress, device: torch.device, reference_image=None,
+                       reference_mask=None):
+    """Stage 1 for the shared optimiser node: (e^_a, e^_b, losses).  The reference image and its object
+    mask are used by the ``separate_reference`` reading only (e_b on the reference's background)."""
     x = image_to_bchw(image, "image", min_side=8)[:1]
-    latent = sd.encode(x).clone()
-    m = _mask(mask, "mask", x, tuple(latent.shape[-2:]), recipe.mask_rule)
-    if recipe.reading == "separate":
-        try:
-            background_mask(m, "mask")
-        except ValueError as e:
-            raise NodeInputError("mask", str(e).removeprefix("mask: "), "the object mask must leave some "
-                                 "background (e_b is trained on it)") from None
     config = LayerEmbeddingConfig(steps=int(steps), lr=float(lr), reading=recipe.reading,
                                   reduction=recipe.reduction, seed=int(seed),
                                   gradient_checkpointing=device.type == "cuda")
-    return optimize_layers(sd, latent, e_a.to(latent.device), e_b.to(latent.device), m, config, on_step=progress,
-                           should_stop=progress.should_stop)
+    ref = None
+    if config.needs_reference:
+        why = f"the {recipe.reading} reading trains e_b on the reference image's background"
+        ref = _reference(reference_image, x, why)
+        if reference_mask is None:
+            raise NodeInputError("reference_mask", why + ", outside its object mask",
+                                 "connect the reference's object mask (an all-black mask for a pure background)")
+    latent = sd.encode(x).clone()
+    hw = tuple(latent.shape[-2:])
+    m = _mask(mask, "mask", x, hw, recipe.mask_rule)
+    if recipe.reading == "separate":
+        _check_background(m, "mask", "the object mask must leave some background (e_b is trained on it)")
+    ref_latent = m_ref = None
+    if ref is not None:
+        ref_latent = sd.encode(ref).clone()
+        m_ref = _mask(reference_mask, "reference_mask", ref, hw, recipe.mask_rule, allow_empty=True)
+        _check_background(m_ref, "reference_mask", "the reference must show some background outside its mask "
+                          "(e_b is trained on it)")
+    return optimize_layers(sd, latent, e_a.to(latent.device), e_b.to(latent.device), m, config, ref_latent, m_ref,
+                           on_step=progress, should_stop=progress.should_stop)
 
 
 def layered_finetune(sd, image, e_opt: torch.Tensor, mask, reference_image, reference_mask, mode: str, steps: int,
-                     lr: float, rank: int, seed: int, recipe: LayerRecipe, progress, device: torch.device):
-    """Stage 2 for the shared fine-tune node: a :class:`core.layerdiffusion.LayeredFineTuneResult`."""
+                     lr: float, rank: int, seed: int, recipe: LayerRecipe, progress, device: torch.device,
+                     target_mask=None):
+    """Stage 2 for the shared fine-tune node: a :class:`core.layerdiffusion.LayeredFineTuneResult`.
+
+    M_t is the object mask of the image L_obj noises (``mask`` or ``reference_mask``), or, with the
+    recipe's ``object_mask`` "target", ``target_mask`` (the object mask of O_t, the paper's M_t);
+    M_r the object mask of the image L_bg noises."""
     config = LayeredFineTuneConfig(mode=mode, steps=int(steps), lr=float(lr) or None,
                                    lora=LoRAConfig(rank=int(rank), alpha=float(rank)), lambda_obj=recipe.lambda_obj,
                                    lambda_bg=recipe.lambda_bg, object_source=recipe.object_source,
-                                   background_source=recipe.background_source, reduction=recipe.reduction,
-                                   seed=int(seed), gradient_checkpointing=device.type == "cuda")
+                                   background_source=recipe.background_source, object_mask=recipe.object_mask,
+                                   reduction=recipe.reduction, seed=int(seed),
+                                   gradient_checkpointing=device.type == "cuda")
     x = image_to_bchw(image, "image", min_side=8)[:1]
-    if mask is None:
-        raise NodeInputError("mask", "a LayerDiffusion fine-tune needs the object mask M_t",
+    uses = (recipe.background_source,) if config.needs_target else (recipe.object_source, recipe.background_source)
+    if mask is None and "image" in uses:
+        raise NodeInputError("mask", "a LayerDiffusion fine-tune needs the image's object mask",
                              "connect the input image's object mask (Segment (SAM points / box))")
+    if config.needs_target and target_mask is None:
+        raise NodeInputError("target_mask", "the recipe's object_mask 'target' takes M_t from the target image O_t",
+                             "connect the SAM mask of O_t (the image SD generates from the target text), or set "
+                             "the recipe's object_mask to image")
     ref = None
     if config.needs_reference:
-        if reference_image is None:
-            raise NodeInputError("reference_image", "the recipe computes a loss on the reference image",
-                                 "connect the reference (background) image, or set both sources to image")
-        ref = image_to_bchw(reference_image, "reference_image", min_side=8)[:1]
-        if ref.shape[-2:] != x.shape[-2:]:
-            raise NodeInputError("reference_image", f"it is {ref.shape[-1]}x{ref.shape[-2]} but the image is "
-                                 f"{x.shape[-1]}x{x.shape[-2]}", "scale both to the same size (Upscale Image)")
+        ref = _reference(reference_image, x, "the recipe computes a loss on the reference image (or set both "
+                                             "sources to image)")
     latent = sd.encode(x).clone()
     ref_latent = sd.encode(ref).clone() if ref is not None else None
     hw = tuple(latent.shape[-2:])
@@ -160,15 +220,12 @@ def layered_finetune(sd, image, e_opt: torch.Tensor, mask, reference_image, refe
             raise NodeInputError("reference_mask", "the recipe computes a loss on the reference image, which needs "
                                  "its object mask M_r", "connect it (an all-black mask for a pure background)")
         masks["reference"] = ("reference_mask", reference_mask, ref)
-    name_t, m_t, img_t = masks[recipe.object_source]
+    img_t = masks[recipe.object_source][2]
+    name_t, m_t = ("target_mask", target_mask) if config.needs_target else masks[recipe.object_source][:2]
     name_r, m_r, img_r = masks[recipe.background_source]
     mask_t = _mask(m_t, name_t, img_t, hw, recipe.mask_rule)
     mask_r = _mask(m_r, name_r, img_r, hw, recipe.mask_rule, allow_empty=True)
-    try:
-        background_mask(mask_r, name_r)
-    except ValueError as e:
-        raise NodeInputError(name_r, str(e).removeprefix(f"{name_r}: "), "the background loss needs some "
-                             "background outside the mask") from None
+    _check_background(mask_r, name_r, "the background loss needs some background outside the mask")
     return finetune_layered(sd, latent, ref_latent, e_opt.to(latent.device), mask_t, mask_r, config,
                             on_step=progress, should_stop=progress.should_stop)
 

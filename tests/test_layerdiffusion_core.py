@@ -7,7 +7,9 @@ choice, and the CLI end to end on a tiny single-file checkpoint.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from core.layerdiffusion import (  # noqa: E402
     LayeredFineTuneConfig,
     LayerEmbeddingConfig,
     background_mask,
+    edit,
     finetune_layered,
     interpolate_layers,
     iterative_sample,
@@ -154,8 +157,9 @@ def test_latent_mask_errors_name_the_mask_and_the_problem():
     with pytest.raises(ValueError, match="no background is left"):
         background_mask(torch.ones(1, 1, 8, 8), "M_r")
     full = torch.ones(1, 64, 64)
-    with pytest.raises(ValueError, match="mask_image.*no background"):  # stage 1 trains e_b on 1 - M
-        prepare_masks(full, None, (8, 8), LayerEmbeddingConfig(), LayeredFineTuneConfig(background_source="image"))
+    with pytest.raises(ValueError, match="mask_image.*no background"):  # the separate reading trains e_b on 1 - M
+        prepare_masks(full, None, (8, 8), LayerEmbeddingConfig(reading="separate"),
+                      LayeredFineTuneConfig(background_source="image"))
     with pytest.raises(ValueError, match="mask_reference: missing"):
         prepare_masks(columns(0, 32, 64)[0], None, (8, 8), LayerEmbeddingConfig(), LayeredFineTuneConfig())
     masks = prepare_masks(columns(0, 32, 64)[0], torch.zeros(1, 64, 64), (8, 8), LayerEmbeddingConfig(),
@@ -168,7 +172,7 @@ def test_stage1_lowers_the_masked_loss_of_both_embeddings(tiny_model, latent, te
     e_a, e_b = texts
     M = torch.zeros(1, 1, 16, 16)
     M[..., 4:12, 3:10] = 1
-    res = optimize_layers(tiny_model, latent, e_a, e_b, M, LayerEmbeddingConfig(steps=60, lr=5e-2))
+    res = optimize_layers(tiny_model, latent, e_a, e_b, M, LayerEmbeddingConfig(steps=60, lr=5e-2, reading="separate"))
     assert set(res.terms) == {"e_a", "e_b"} and all(len(v) == 60 for v in res.terms.values())
     assert res.e_a.shape == e_a.shape and res.e_b.shape == e_b.shape and res.reading == "separate"
     before = fixed_masked_loss(tiny_model, latent, e_a, M), fixed_masked_loss(tiny_model, latent, e_b, 1 - M)
@@ -182,6 +186,177 @@ def test_stage1_lowers_the_masked_loss_of_both_embeddings(tiny_model, latent, te
         assert set(r.terms) == names and r.e_a.shape == e_a.shape and not torch.equal(r.e_b, e_b)
     with pytest.raises(ValueError, match="reading"):
         LayerEmbeddingConfig(reading="interleaved")
+    with pytest.raises(ValueError, match="reference_latent and reference_mask"):
+        optimize_layers(tiny_model, latent, e_a, e_b, M, LayerEmbeddingConfig(steps=1, reading="separate_reference"))
+
+
+# ---------------------------------------------------------------------------- routing (issue 19, 12-14)
+class Recorder:
+    """The tiny model as a stage sees it, recording every eps call: x_t, t, the cond batch and the output.
+    The output keeps its gradient, so after the fit loop's backward a test reads d loss / d prediction
+    per latent cell; everything else (encode, encode_text, ...) is the model's."""
+
+    def __init__(self, model, calls: list | None = None):
+        self.model, self.calls = model, [] if calls is None else calls
+        self.alphas_cumprod, self.device = model.alphas_cumprod, model.device
+
+    def eps(self, x, t, cond=None, features=None):
+        out = self.model.eps(x, t, cond, features)
+        if out.requires_grad:
+            out.retain_grad()
+        self.calls.append(SimpleNamespace(x=x.detach().clone(), t=t.detach().clone(), cond=cond.detach().clone(),
+                                          out=out))
+        return out
+
+    @contextmanager
+    def adapted(self, weight_functions, gradient_checkpointing: bool = False):
+        with self.model.adapted(weight_functions, gradient_checkpointing) as m:
+            yield Recorder(m, self.calls)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def other_latent(latent):
+    """A reference latent unlike the image's (mirrored, channels rolled, rescaled): swapping the two shows."""
+    return torch.roll(latent.flip(-1), 1, dims=1) * -0.8 + 0.1
+
+
+def box(rows: slice, cols: slice, size: int = 16) -> torch.Tensor:
+    m = torch.zeros(1, 1, size, size)
+    m[..., rows, cols] = 1
+    return m
+
+
+M_IMG = box(slice(3, 11), slice(2, 7))  # the photo's object: neither half nor symmetric, so M != 1 - M anywhere
+M_REF = box(slice(9, 16), slice(8, 15))  # the reference's object, elsewhere
+
+
+def eq_term(model, x_t, t, cond, eps, mask) -> float:
+    """|| mask * (eps - f(x_t, t, cond)) ||^2 / numel from a separate model call (eqs. 2, 4, 5)."""
+    with torch.no_grad():
+        pred = model.eps(x_t, t, cond)
+    return float(((eps - pred) ** 2 * mask).sum() / pred.numel())
+
+
+def check_grad_mask(grad: torch.Tensor, mask: torch.Tensor, what: str) -> None:
+    """d loss / d prediction is exactly zero where ``mask`` is 0 and nonzero where it is 1."""
+    m = mask.expand_as(grad).bool()
+    assert torch.equal(grad[~m], torch.zeros(int((~m).sum()))), f"{what}: gradient outside its mask"
+    assert bool((grad[m] != 0).all()), f"{what}: no gradient inside its mask"
+
+
+def test_stage1_default_is_eq2_one_prediction_of_both_embeddings_under_M(tiny_model, latent, texts):
+    """Eq. 2 as written: one call f(x_t, t, [e_a, e_b]) on the noised input image, the loss
+    || M * (eps - f) ||^2 / N; its gradient reaches both embeddings through M's cells only."""
+    e_a, e_b = texts
+    assert LayerEmbeddingConfig().reading == "concat"
+    rec = Recorder(tiny_model)
+    res = optimize_layers(rec, latent, e_a, e_b, M_IMG, LayerEmbeddingConfig(steps=1, lr=1e-2))
+    assert len(rec.calls) == 1 and set(res.terms) == {"e_ab"}, (len(rec.calls), res.terms)
+    call = rec.calls[0]
+    assert torch.equal(call.cond, torch.cat([e_a, e_b], dim=1))  # [1, 154, D]: one prediction with both
+    a = tiny_model.alphas_cumprod[call.t.cpu()].float().view(1, 1, 1, 1)
+    eps = (call.x - a.sqrt() * latent) / (1 - a).sqrt()  # the draw, if x_t noises the input image
+    want = eq_term(tiny_model, q_sample(latent, a.flatten(), eps), call.t, torch.cat([e_a, e_b], 1), eps, M_IMG)
+    wrong = eq_term(tiny_model, q_sample(latent, a.flatten(), eps), call.t, torch.cat([e_a, e_b], 1), eps, 1 - M_IMG)
+    print(f"stage 1 (eq. 2) first loss {res.losses[0]:.6f}; formula under M {want:.6f}, under 1 - M {wrong:.6f}")
+    assert res.losses[0] == pytest.approx(want, rel=1e-5) and want != pytest.approx(wrong, rel=1e-2)
+    check_grad_mask(call.out.grad, M_IMG, "eq. 2")
+    assert not torch.equal(res.e_a, e_a) and not torch.equal(res.e_b, e_b)  # both embeddings trained
+
+
+@pytest.mark.parametrize("reading", ["separate", "separate_reference", "shared"])
+def test_stage1_readings_route_each_embedding_to_its_image_and_mask(tiny_model, latent, texts, reading):
+    """e_a predicts alone on the photo under M; e_b predicts alone on the photo under 1 - M (separate), on
+    the reference under 1 - M_r (separate_reference) or on the photo under M (shared): checked on the
+    recorded call (x_t of each row, its cond), on d loss / d prediction per cell, and on each term's
+    value against the formula from separate model calls."""
+    e_a, e_b = texts
+    ref = other_latent(latent)
+    rec = Recorder(tiny_model)
+    res = optimize_layers(rec, latent, e_a, e_b, M_IMG, LayerEmbeddingConfig(steps=1, lr=1e-2, reading=reading),
+                          reference_latent=ref, reference_mask=M_REF)
+    call = rec.calls[0]
+    assert len(rec.calls) == 1 and call.x.shape[0] == 2
+    assert torch.equal(call.cond[0:1], e_a) and torch.equal(call.cond[1:2], e_b)
+    a = tiny_model.alphas_cumprod[call.t[:1].cpu()].float().view(1, 1, 1, 1)
+    eps = (call.x[0:1] - a.sqrt() * latent) / (1 - a).sqrt()
+    b_latent, b_mask = {"separate": (latent, 1 - M_IMG), "separate_reference": (ref, 1 - M_REF),
+                        "shared": (latent, M_IMG)}[reading]
+    x_b = q_sample(b_latent, a.flatten(), eps)
+    assert torch.allclose(call.x[1:2], x_b, atol=1e-5), "e_b's x_t is not the noised image its reading names"
+    check_grad_mask(call.out.grad[0:1], M_IMG, "e_a")
+    check_grad_mask(call.out.grad[1:2], b_mask, "e_b")
+    want_a = eq_term(tiny_model, q_sample(latent, a.flatten(), eps), call.t[:1], e_a, eps, M_IMG)
+    want_b = eq_term(tiny_model, x_b, call.t[:1], e_b, eps, b_mask)
+    assert res.terms["e_a"][0] == pytest.approx(want_a, rel=1e-5) and res.terms["e_b"][0] == pytest.approx(want_b,
+                                                                                                            rel=1e-5)
+
+
+def test_stage2_l_obj_noises_the_image_and_l_bg_the_reference(tiny_model, latent, texts):
+    """Eqs. 4-6 with distinct image and reference latents: row 0 (L_obj) is the noised photo under M_t,
+    row 1 (L_bg) the noised reference under 1 - M_r, the same (t, eps); the loss is 2 L_obj + 1 L_bg from
+    separate calls; swapping the sources swaps the rows."""
+    e_opt = interpolate_layers(*texts)
+    ref = other_latent(latent)
+    for sources in (("image", "reference"), ("reference", "image")):
+        rec = Recorder(tiny_model)
+        cfg = LayeredFineTuneConfig(mode="lora", steps=1, lr=1e-3, lora=LoRAConfig(4, 4), object_source=sources[0],
+                                    background_source=sources[1])
+        res = finetune_layered(rec, latent, ref, e_opt, M_IMG, M_REF, cfg)
+        call = rec.calls[0]
+        obj, bg = {"image": latent, "reference": ref}[sources[0]], {"image": latent, "reference": ref}[sources[1]]
+        a = tiny_model.alphas_cumprod[call.t[:1].cpu()].float().view(1, 1, 1, 1)
+        eps = (call.x[0:1] - a.sqrt() * obj) / (1 - a).sqrt()
+        assert torch.allclose(call.x[1:2], q_sample(bg, a.flatten(), eps), atol=1e-5), sources
+        assert torch.equal(call.cond, torch.cat([e_opt, e_opt]))
+        check_grad_mask(call.out.grad[0:1], M_IMG, "L_obj")
+        check_grad_mask(call.out.grad[1:2], 1 - M_REF, "L_bg")
+        l_obj = eq_term(tiny_model, q_sample(obj, a.flatten(), eps), call.t[:1], e_opt, eps, M_IMG)
+        l_bg = eq_term(tiny_model, q_sample(bg, a.flatten(), eps), call.t[:1], e_opt, eps, 1 - M_REF)
+        print(f"stage 2 {sources}: L_obj {res.terms['obj'][0]:.6f} (formula {l_obj:.6f}), "
+              f"L_bg {res.terms['bg'][0]:.6f} (formula {l_bg:.6f})")
+        assert res.terms["obj"][0] == pytest.approx(l_obj, rel=1e-5)
+        assert res.terms["bg"][0] == pytest.approx(l_bg, rel=1e-5)
+        assert res.losses[0] == pytest.approx(2 * l_obj + l_bg, rel=1e-5)
+
+
+def test_pipeline_passes_the_reference_to_stage1_and_takes_M_t_from_the_target(tiny_model, tmp_path):
+    """edit(): the separate_reference reading gets the reference image (e_b's row noises its latent, under
+    1 - mask_reference), and object_mask "target" makes stage 2's M_t the object mask of O_t, not the
+    photo's (the paper's M_t, issue 19 point 13)."""
+    g = torch.Generator().manual_seed(5)
+    image, reference = torch.rand(1, 3, 128, 128, generator=g), torch.rand(1, 3, 128, 128, generator=g)
+    px = lambda m: F.interpolate(m, scale_factor=8, mode="nearest")[0]  # noqa: E731  latent box -> pixel mask
+    mask_image, mask_reference, mask_target = px(M_IMG), px(M_REF), px(box(slice(1, 9), slice(6, 14)))
+    rec = Recorder(tiny_model)
+    result = edit(rec, image, reference, "a cup", "on a table", mask_image, mask_reference,
+                  LayerEmbeddingConfig(steps=1, lr=1e-2, reading="separate_reference"), 0.7,
+                  LayeredFineTuneConfig(steps=1, lr=1e-3, lora=LoRAConfig(4, 4), object_mask="target"),
+                  log=lambda *_: None, mask_target=mask_target)
+    assert result.layers.reading == "separate_reference" and len(rec.calls) == 2
+    stage1, stage2 = rec.calls
+    with torch.no_grad():
+        ref_latent = tiny_model.encode(reference)
+    a = tiny_model.alphas_cumprod[stage1.t[:1].cpu()].float().view(1, 1, 1, 1)
+    img_latent = tiny_model.encode(image)
+    eps = (stage1.x[0:1] - a.sqrt() * img_latent) / (1 - a).sqrt()
+    assert torch.allclose(stage1.x[1:2], q_sample(ref_latent, a.flatten(), eps), atol=1e-5)
+    check_grad_mask(stage1.out.grad[1:2], 1 - M_REF, "e_b on the reference")
+    check_grad_mask(stage2.out.grad[0:1], box(slice(1, 9), slice(6, 14)), "L_obj under O_t's mask")
+    check_grad_mask(stage2.out.grad[1:2], 1 - M_REF, "L_bg")
+    masks = prepare_masks(mask_image, mask_reference, (16, 16), LayerEmbeddingConfig(),
+                          LayeredFineTuneConfig(object_mask="target"), mask_target=mask_target)
+    assert torch.equal(masks["M_t"], box(slice(1, 9), slice(6, 14))) and torch.equal(masks["M"], M_IMG)
+    with pytest.raises(ValueError, match="mask_target: missing"):
+        prepare_masks(mask_image, mask_reference, (16, 16), LayerEmbeddingConfig(),
+                      LayeredFineTuneConfig(object_mask="target"))
+    with pytest.raises(ValueError, match="mask_reference: missing; the separate_reference reading"):
+        prepare_masks(mask_image, None, (16, 16), LayerEmbeddingConfig(reading="separate_reference"),
+                      LayeredFineTuneConfig(background_source="image"))
+    with pytest.raises(ValueError, match="object_mask"):
+        LayeredFineTuneConfig(object_mask="O_t")
 
 
 def test_eq3_is_comfyui_conditioning_average(texts):
@@ -379,9 +554,18 @@ def test_cli_errors_name_the_argument(tmp_path, capsys, checkpoint):
         (["--mask-image", str(good), "--mask-reference", str(good), "--alpha", "nan"], "--alpha"),
         (["--mask-image", str(good), "--mask-reference", str(good), "--checkpoint", str(tmp_path / "no.safetensors")],
          "--checkpoint: "),
+        (["--mask-image", str(good), "--mask-reference", str(good), "--object-mask", "target"],
+         "--mask-target: missing; --object-mask target takes M_t from the target image O_t"),
+        (["--mask-image", str(good), "--mask-reference", str(good), "--object-mask", "target", "--mask-target",
+          str(_write_mask(tmp_path / "dot.png", (64, 64), (0, 0, 2, 2)))],
+         "--mask-target: the mask is empty at the 8x8 latent resolution"),
     ]
     for extra, expected in cases:
         assert expected in _fails(main, base + extra, capsys)
+    no_ref = [a for a in base if a not in ("--reference", str(ref))]
+    assert "--reference: missing; --reading separate_reference trains e_b on the reference's background" in _fails(
+        main, no_ref + ["--mask-image", str(good), "--reading", "separate_reference", "--background-source", "image"],
+        capsys)
     assert not (tmp_path / "o.png").exists()
 
 
@@ -453,7 +637,8 @@ def test_cli_end_to_end(tmp_path, checkpoint):
            "--reference", str(ref), "--mask-reference", str(_write_mask(tmp_path / "r.png", (96, 96), (0, 0, 1, 1))),
            "--object-text", "a photo of a cup", "--background-text", "on a wooden table", "--size", "64",
            "--emb-steps", "2", "--ft-steps", "2", "--steps", "3", "--cfg", "3", "--device", "cpu",
-           "--out", str(out), "--save-delta", str(delta)]
+           "--out", str(out), "--save-delta", str(delta), "--reading", "separate_reference",
+           "--object-mask", "target", "--mask-target", str(_write_mask(tmp_path / "t.png", (96, 96), (40, 30, 90, 90)))]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path),
                               "OMP_NUM_THREADS": "1"})
@@ -463,5 +648,7 @@ def test_cli_end_to_end(tmp_path, checkpoint):
     saved = load_layerdiffusion(delta)
     assert saved.e_a.shape == saved.e_opt.shape == (1, 77, 32) and saved.alpha == 0.7
     assert any(k.endswith("lora_up.weight") for k in saved.delta) and saved.texts["object"] == "a photo of a cup"
+    assert saved.info["reading"] == "separate_reference" and "stage 1 (layered embeddings, separate_reference" in \
+        run.stdout
     assert torch.allclose(saved.e_opt, 0.7 * saved.e_a + 0.3 * saved.e_b)
     assert set(saved.weight_functions()) and all(n.endswith(".weight") for n in saved.weight_functions())

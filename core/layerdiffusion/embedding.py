@@ -8,23 +8,27 @@ optimise), x_t is the noised input image, M its Segment-Anything object mask on 
 (:func:`.masks.latent_mask`).  The denoiser is frozen; Adam, lr 1e-3, 500 steps (§3.3), t ~ U{0..T-1},
 the VAE posterior mean as the image latent (as :mod:`core.imagic.embedding`).
 
-**How "[e_a, e_b]" enters the UNet (the paper does not say; ``reading``):**
+**How "[e_a, e_b]" enters the UNet (the paper writes one mask and one prediction; ``reading``):**
 
-* ``"separate"`` (default): each embedding predicts on its own layer,
-  ``M * || eps - f(x_t, t, e_a) ||^2 + (1 - M) * || eps - f(x_t, t, e_b) ||^2``
-  (two terms, curves "e_a" and "e_b").  Chosen because it is the only reading in which each
-  embedding is trained *as it is used later*: alone, 77 tokens, in e_opt = alpha e^_a + (1 - alpha) e^_b
-  (eq. 3) and, for e^_a, alone in the iterative guidance (eq. 8); and because it is what
-  "layered" and "separate the background and foreground to reduce interference between different
-  textual information" (§3.2.1) describe: the object text only sees the object's pixels, the
-  background text only the background's.  Both predictions share the step's (t, eps) draw and
-  run as one batch-2 call (:class:`.masks.SharedDraw`).  ``background_latent`` (default: the
-  input image, as eq. 2 says x_t is the noisy input) lets e_b fit another image's background.
-* ``"concat"``: the literal bracket, the two embeddings concatenated along tokens (154 tokens; SD's
-  cross-attention takes any length) in one prediction under the one mask M (one curve "e_ab").
-  Kept selectable; its drawback is that neither embedding is ever trained alone, so e_opt (77
-  tokens) and e^_a are used in a context they never met.
-* ``"shared"``: each embedding predicts alone, both under the object mask M (curves "e_a", "e_b").
+* ``"concat"`` (default): eq. 2 as written.  One prediction f(x_t, t, [e_a, e_b]) with the two
+  embeddings concatenated along the tokens (154 tokens; SD's cross-attention takes any length),
+  under the one mask M, x_t the noised input image (one curve "e_ab").  Both embeddings get their
+  gradient from the object's pixels only; neither is ever trained alone, so e_opt (77 tokens) and
+  e^_a (eq. 8) are later used in a context they did not meet (the paper's own setting).
+* ``"separate"``: each embedding predicts alone, ``M * || eps - f(x_t, t, e_a) ||^2 + (1 - M) *
+  || eps - f(x_t, t, e_b) ||^2`` on the input image (curves "e_a", "e_b").  Each embedding is
+  trained as it is used later (alone, 77 tokens), but e^_b learns the input image's *old*
+  background while stage 2's L_bg pulls the model toward the reference's *new* one.  This was the
+  pack's default before eq. 2 became it; kept so saved recipes run as they did.
+* ``"separate_reference"``: e_a alone under M on the input image, e_b alone under 1 - M_r on the
+  *reference* image (M_r its object mask; all zero for a pure background): e^_b learns the new
+  background, the one L_bg fine-tunes toward.  Needs ``reference_latent`` and ``reference_mask``
+  (the nodes' and the pipeline's reference image and mask).
+* ``"shared"``: each embedding predicts alone, both under the object mask M on the input image
+  (curves "e_a", "e_b").
+
+The separate readings share each step's (t, eps) draw between the two predictions and run them as
+one batch-2 call (:class:`.masks.SharedDraw`).
 
 Optimised through :func:`core.fit.fit` with one named :class:`core.fit.Term` per curve (no weights:
 eq. 2 has none).
@@ -42,14 +46,15 @@ from ..losses import NoiseDraw
 from ..seam import LatentDiffusion
 from .masks import REDUCTIONS, SharedDraw, background_mask, masked_eps_mse
 
-READINGS = ("separate", "concat", "shared")
+READINGS = ("concat", "separate", "separate_reference", "shared")
+NEEDS_REFERENCE = ("separate_reference",)  # readings that train e_b on the reference image
 
 
 @dataclass(frozen=True)
 class LayerEmbeddingConfig:
     steps: int = 500  # §3.3 and appendix B.1
     lr: float = 1e-3  # §3.3, Adam
-    reading: str = "separate"  # how [e_a, e_b] enters the UNet (module docstring)
+    reading: str = "concat"  # how [e_a, e_b] enters the UNet (module docstring); concat is eq. 2
     reduction: str = "image"  # :func:`.masks.masked_eps_mse`
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -64,6 +69,11 @@ class LayerEmbeddingConfig:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the reading trains e_b on the reference image (then give its latent and object mask)."""
+        return self.reading in NEEDS_REFERENCE
+
 
 @dataclass
 class LayerEmbeddings:
@@ -74,53 +84,69 @@ class LayerEmbeddings:
     losses: list[float]
     terms: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
-    reading: str = "separate"
+    reading: str = "concat"
 
 
 def layer_terms(model, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tensor, mask: torch.Tensor,
-                reading: str = "separate", reduction: str = "image",
-                background_latent: torch.Tensor | None = None) -> tuple[list[Term], SharedDraw]:
+                reading: str = "concat", reduction: str = "image", reference_latent: torch.Tensor | None = None,
+                reference_mask: torch.Tensor | None = None) -> tuple[list[Term], SharedDraw]:
     """The named terms of eq. 2 under ``reading`` on batches ``(t, eps)``, and their shared predictor.
 
-    ``e_a``/``e_b`` are used as given (trainable tensors or fixed ones, e.g. to measure the loss).
+    ``latent`` [1, 4, h, w] is the input image's latent and ``mask`` [1, 1, h, w] its object mask M;
+    ``reference_latent``, ``reference_mask`` (the reference's object mask M_r) only for
+    ``"separate_reference"``.  ``e_a``/``e_b`` are used as given (trainable tensors or fixed ones,
+    e.g. to measure the loss).
     """
-    bg_latent = latent if background_latent is None else background_latent
-    if reading == "concat":
-        draw = SharedDraw(model, latent, lambda: torch.cat([e_a, e_b], dim=1))
+    if reading == "concat":  # eq. 2: one prediction f(x_t, t, [e_a, e_b]) under the one mask M
+        draw = SharedDraw(model, latent, lambda: torch.cat([e_a, e_b], dim=1))  # [1, 2N, D]
         return [Term("e_ab", lambda b: masked_eps_mse(draw(b), b[1], mask, reduction))], draw
     if reading == "separate":
-        draw = SharedDraw(model, torch.cat([latent, bg_latent]), lambda: torch.cat([e_a, e_b]))
-        masks = (mask, background_mask(mask, "the stage-1 object mask"))
+        latents, masks = torch.cat([latent, latent]), (mask, background_mask(mask, "the stage-1 object mask"))
+    elif reading == "separate_reference":
+        if reference_latent is None or reference_mask is None:
+            raise ValueError("the separate_reference reading trains e_b on the reference image: give "
+                             "reference_latent and reference_mask")
+        if reference_latent.shape != latent.shape:
+            raise ValueError(f"reference_latent {tuple(reference_latent.shape)} differs from the image latent "
+                             f"{tuple(latent.shape)}")
+        latents = torch.cat([latent, reference_latent])  # [2, 4, h, w]: e_a on the image, e_b on the reference
+        masks = (mask, background_mask(reference_mask, "the reference object mask M_r"))
     elif reading == "shared":
-        draw = SharedDraw(model, torch.cat([latent, latent]), lambda: torch.cat([e_a, e_b]))
-        masks = (mask, mask)
+        latents, masks = torch.cat([latent, latent]), (mask, mask)
     else:
         raise ValueError(f"reading must be one of {', '.join(READINGS)}, got {reading!r}")
+    draw = SharedDraw(model, latents, lambda: torch.cat([e_a, e_b]))  # [2, N, D]
     return [Term("e_a", lambda b: masked_eps_mse(draw(b)[0:1], b[1], masks[0], reduction)),
             Term("e_b", lambda b: masked_eps_mse(draw(b)[1:2], b[1], masks[1], reduction))], draw
 
 
 def optimize_layers(model: LatentDiffusion, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tensor,
                     mask: torch.Tensor, config: LayerEmbeddingConfig = LayerEmbeddingConfig(),
-                    background_latent: torch.Tensor | None = None, on_step: OnStep | None = None,
-                    should_stop: ShouldStop | None = None) -> LayerEmbeddings:
+                    reference_latent: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
+                    on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> LayerEmbeddings:
     """Eq. 2: e^_a, e^_b reached from the text encodings ``e_a``, ``e_b`` ([1, 77, D]) by ``config.steps``
     Adam steps, the model frozen.  ``latent`` [1, 4, h, w] is the input image's model-space latent,
-    ``mask`` its object mask on the latent grid [1, 1, h, w] (:func:`.masks.latent_mask`)."""
+    ``mask`` its object mask on the latent grid [1, 1, h, w] (:func:`.masks.latent_mask`);
+    ``reference_latent`` and ``reference_mask`` (the reference's object mask on the same grid) are
+    needed by the ``"separate_reference"`` reading only, and ignored by the others."""
     if e_a.shape != e_b.shape:
         raise ValueError(f"e_a and e_b differ in shape: {tuple(e_a.shape)} vs {tuple(e_b.shape)}")
     device = torch.device(model.device)
     latent = latent.detach().to(device, torch.float32)
-    bg = None if background_latent is None else background_latent.detach().to(device, torch.float32)
-    if bg is not None and bg.shape != latent.shape:
-        raise ValueError(f"background_latent {tuple(bg.shape)} differs from the image latent {tuple(latent.shape)}")
     mask = mask.detach().to(device, torch.float32)
+    ref = ref_mask = None
+    if config.needs_reference:
+        if reference_latent is None or reference_mask is None:
+            raise ValueError(f"the {config.reading} reading trains e_b on the reference image: give "
+                             "reference_latent and reference_mask")
+        ref = reference_latent.detach().to(device, torch.float32)
+        ref_mask = reference_mask.detach().to(device, torch.float32)
     pa = torch.nn.Parameter(e_a.detach().to(device, torch.float32).clone())
     pb = torch.nn.Parameter(e_b.detach().to(device, torch.float32).clone())
     noise = NoiseDraw(config.seed, len(model.alphas_cumprod))
     t0 = time.perf_counter()
     with model.adapted({}, config.gradient_checkpointing) as m:
-        terms, draw = layer_terms(m, latent, pa, pb, mask, config.reading, config.reduction, bg)
+        terms, draw = layer_terms(m, latent, pa, pb, mask, config.reading, config.reduction, ref, ref_mask)
         res = fit([pa, pb], lambda step: noise(latent), terms,
                   FitConfig(config.steps, config.lr, what="layered embedding optimisation"), device,
                   on_step=on_step, should_stop=should_stop)

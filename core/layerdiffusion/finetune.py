@@ -12,13 +12,21 @@ ablations of Table 1 (a), (b).
 L_obj on the *input image* (``object_source="image"``): the subject whose "unique characteristics"
 the method preserves is the input image's; L_bg on the *reference image*
 (``background_source="reference"``): the edit should make "the edited image as close as possible
-to the reference background image" (§4.2).  A pixel mask only means something on the image whose
-latent it multiplies, so ``mask_t`` is the object mask *of the image L_obj uses* (the paper takes
-M_t from O_t, an SD-generated target image; with the default that is the input image's mask) and
-``mask_r`` is the object mask of the image L_bg uses.  Either source can be switched
-(``"image"`` / ``"reference"``), e.g. both terms on the input image when the reference is a
-foreground reference or when only the object is edited in its own scene.  Both terms share each
-step's (t, eps) draw and run as one batch-2 call (:class:`.masks.SharedDraw`).
+to the reference background image" (§4.2).  Either source can be switched (``"image"`` /
+``"reference"``), e.g. both terms on the input image when the reference is a foreground reference
+or when only the object is edited in its own scene.  Both terms share each step's (t, eps) draw and
+run as one batch-2 call (:class:`.masks.SharedDraw`).
+
+**Where M_t comes from (``object_mask``).**  The paper takes M_t with SAM "from O_t", the image SD
+generates from the target text T (§3.2.2), and M_r from the reference O_r.  ``object_mask="image"``
+(default, our choice): M_t is the object mask *of the image L_obj noises* (the input photo's, with
+the default source), because a pixel mask only selects the object on the image it was taken on: the
+photo's subject sits where the photo's mask is, not where the subject of a generated O_t happens to
+be.  ``object_mask="target"`` (the paper as written): M_t is the object mask of O_t, applied to the
+latent L_obj noises (so L_obj fits the photo's content inside the region the target gives the
+object, its new place and size).  The callers (:func:`.pipeline.prepare_masks`, the fine-tune node)
+pick the mask; :func:`finetune_layered` uses the ``mask_t`` it is given.  ``mask_r`` is always the
+object mask of the image L_bg noises.
 
 Modes, as :mod:`core.imagic.finetune` (same helpers, same delta layout, :func:`core.lora.trained_delta`):
 ``"lora"`` (default, the pack's rule for memory: LoRA on every UNet conv/linear weight, lr 1e-4 as
@@ -42,6 +50,7 @@ from .masks import REDUCTIONS, SharedDraw, background_mask, masked_eps_mse
 
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
 SOURCES = ("image", "reference")
+OBJECT_MASKS = ("image", "target")  # where M_t comes from: the image L_obj noises, or O_t (the paper)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class LayeredFineTuneConfig:
     lambda_bg: float = 1.0  # lambda_2
     object_source: str = "image"  # the latent L_obj noises
     background_source: str = "reference"  # the latent L_bg noises
+    object_mask: str = "image"  # M_t: the object mask of the image L_obj noises, or "target": O_t's (the paper)
     reduction: str = "image"  # :func:`.masks.masked_eps_mse`
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -68,6 +78,8 @@ class LayeredFineTuneConfig:
                 raise ValueError(f"{name} must be 'image' or 'reference', got {getattr(self, name)!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
+        if self.object_mask not in OBJECT_MASKS:
+            raise ValueError(f"object_mask must be one of {', '.join(OBJECT_MASKS)}, got {self.object_mask!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -76,6 +88,11 @@ class LayeredFineTuneConfig:
     @property
     def needs_reference(self) -> bool:
         return "reference" in (self.object_source, self.background_source)
+
+    @property
+    def needs_target(self) -> bool:
+        """Whether M_t is the object mask of the SD-generated target O_t (give that mask)."""
+        return self.object_mask == "target"
 
 
 @dataclass
@@ -112,7 +129,8 @@ def finetune_layered(model: LatentDiffusion, image_latent: torch.Tensor, referen
 
     ``image_latent``, ``reference_latent``: model-space latents [1, 4, h, w] (the reference may be
     None when neither source is "reference"); ``mask_t``, ``mask_r``: object masks [1, 1, h, w] on the
-    latent grid of the image their term uses (:func:`.masks.latent_mask`).
+    latent grid (:func:`.masks.latent_mask`): ``mask_t`` the M_t that ``config.object_mask`` names (the
+    object mask of the image L_obj noises, or O_t's), ``mask_r`` the object mask of the image L_bg noises.
     """
     if config.needs_reference and reference_latent is None:
         raise ValueError("this configuration computes a term on the reference image: give reference_latent")

@@ -7,12 +7,14 @@ eqs. 4-6); (4) DDIM from noise with the iterative guidance of eq. 8 (:mod:`.guid
 is ``python -m core.layerdiffusion``.
 
 **Masks belong to images.**  ``mask_image`` is the object mask of the input image, ``mask_reference``
-the object mask of the reference (all zero for a pure background reference).  Stage 1's M is
-``mask_image``; stage 2's M_t is the object mask of the image L_obj is computed on, and its M_r the
-object mask of the image L_bg is computed on (with the default sources: ``mask_image`` and
-``mask_reference``).  Images and masks are brought to one square working size with the same
-geometry (shorter side resized, centre crop), masks then onto the latent grid by
-:func:`.masks.latent_mask`.
+the object mask of the reference (all zero for a pure background reference), ``mask_target`` the
+object mask of the SD-generated target O_t (only for ``object_mask="target"``).  Stage 1's M is
+``mask_image`` (and, for the ``separate_reference`` reading, e_b's mask is 1 - ``mask_reference``
+on the reference); stage 2's M_t is the object mask of the image L_obj is computed on, or
+``mask_target`` (the paper's M_t, :mod:`.finetune`), and its M_r the object mask of the image L_bg
+is computed on (with the default sources: ``mask_image`` and ``mask_reference``).  Images and masks
+are brought to one square working size with the same geometry (shorter side resized, centre crop),
+masks then onto the latent grid by :func:`.masks.latent_mask`.
 """
 
 from __future__ import annotations
@@ -78,11 +80,13 @@ def load_mask(mask: str | Path | Image.Image, size: int) -> torch.Tensor:
 def prepare_masks(mask_image: torch.Tensor, mask_reference: torch.Tensor | None, latent_hw: tuple[int, int],
                   emb_config: LayerEmbeddingConfig, ft_config: LayeredFineTuneConfig,
                   image_hw: tuple[int, int] | None = None, reference_hw: tuple[int, int] | None = None,
-                  rule: str = "area") -> dict[str, torch.Tensor]:
-    """The latent masks every term needs, checked before any work: {"M": stage 1, "M_t", "M_r": stage 2}.
+                  rule: str = "area", mask_target: torch.Tensor | None = None,
+                  target_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor | None]:
+    """The latent masks every term needs, checked before any work: {"M": stage 1's object mask of the
+    image, "M_ref": the reference's object mask (None without one), "M_t", "M_r": stage 2}.
 
-    ValueErrors name the mask ("mask_image", "mask_reference"): a wrong size, an empty object mask,
-    no background left where a background term needs one.
+    ValueErrors name the mask ("mask_image", "mask_reference", "mask_target"): a wrong size, an empty
+    object mask, no background left where a background term needs one, a mask a setting needs missing.
     """
     m_img = latent_mask(mask_image, latent_hw, image_hw, "mask_image", rule)
     if emb_config.reading == "separate":
@@ -90,29 +94,45 @@ def prepare_masks(mask_image: torch.Tensor, mask_reference: torch.Tensor | None,
     if mask_reference is None:
         if ft_config.needs_reference:
             raise ValueError("mask_reference: missing; the fine-tuning computes a term on the reference image")
+        if emb_config.needs_reference:
+            raise ValueError(f"mask_reference: missing; the {emb_config.reading} reading trains e_b on the "
+                             "reference image's background")
         m_ref = None
     else:
         m_ref = latent_mask(mask_reference, latent_hw, reference_hw, "mask_reference", rule, allow_empty=True)
+        if emb_config.needs_reference:
+            background_mask(m_ref, "mask_reference (stage 1 trains e_b on the reference's background)")
     by_source = {"image": m_img, "reference": m_ref}
-    m_t, m_r = by_source[ft_config.object_source], by_source[ft_config.background_source]
-    if ft_config.object_source == "reference" and not bool(m_t.any()):
-        raise ValueError("mask_reference: the mask is empty at the latent resolution, and L_obj uses it")
+    if ft_config.needs_target:
+        if mask_target is None:
+            raise ValueError("mask_target: missing; object_mask 'target' takes M_t from the target image O_t")
+        m_t = latent_mask(mask_target, latent_hw, target_hw, "mask_target", rule)
+    else:
+        m_t = by_source[ft_config.object_source]
+        if ft_config.object_source == "reference" and not bool(m_t.any()):
+            raise ValueError("mask_reference: the mask is empty at the latent resolution, and L_obj uses it")
+    m_r = by_source[ft_config.background_source]
     background_mask(m_r, "mask_image" if ft_config.background_source == "image" else "mask_reference")
-    return {"M": m_img, "M_t": m_t, "M_r": m_r}
+    return {"M": m_img, "M_ref": m_ref, "M_t": m_t, "M_r": m_r}
 
 
 def edit(model: LatentDiffusion, image: torch.Tensor, reference: torch.Tensor | None, object_text: str,
          background_text: str, mask_image: torch.Tensor, mask_reference: torch.Tensor | None,
          emb_config: LayerEmbeddingConfig = LayerEmbeddingConfig(), alpha: float = ALPHA,
          ft_config: LayeredFineTuneConfig = LayeredFineTuneConfig(), rule: str = "area",
-         log=print) -> LayerDiffusionEdit:
+         log=print, mask_target: torch.Tensor | None = None) -> LayerDiffusionEdit:
     """Stages 1-2 (and eq. 3) for ``image``, ``reference`` [1, 3, H, W] in [0, 1] (same size) and pixel
-    masks [1, H, W] in [0, 1]."""
+    masks [1, H, W] in [0, 1] (``mask_target``: the object mask of O_t, for ``object_mask="target"``)."""
+    if reference is None and (emb_config.needs_reference or ft_config.needs_reference):
+        raise ValueError("reference: missing; " + ("the fine-tuning computes a term on the reference image"
+                                                   if ft_config.needs_reference else
+                                                   f"the {emb_config.reading} reading trains e_b on it"))
     latent = model.encode(image)
     ref_latent = model.encode(reference) if reference is not None else None
     hw = tuple(latent.shape[-2:])
     masks = prepare_masks(mask_image, mask_reference, hw, emb_config, ft_config, tuple(image.shape[-2:]),
-                          tuple(reference.shape[-2:]) if reference is not None else None, rule)
+                          tuple(reference.shape[-2:]) if reference is not None else None, rule, mask_target,
+                          tuple(mask_target.shape[-2:]) if mask_target is not None else None)
     e_a, e_b = model.encode_text([object_text]), model.encode_text([background_text])
 
     def progress(name):
@@ -123,7 +143,8 @@ def edit(model: LatentDiffusion, image: torch.Tensor, reference: torch.Tensor | 
         return on_step
 
     t0 = time.perf_counter()
-    layers = optimize_layers(model, latent, e_a, e_b, masks["M"], emb_config, on_step=progress("embeddings"))
+    layers = optimize_layers(model, latent, e_a, e_b, masks["M"], emb_config, ref_latent, masks["M_ref"],
+                             on_step=progress("embeddings"))
     log(f"stage 1 (layered embeddings, {emb_config.reading}, {emb_config.steps} steps): "
         f"{time.perf_counter() - t0:.1f} s")
     e_opt = interpolate_layers(layers.e_a, layers.e_b, alpha)

@@ -87,7 +87,7 @@ SCRIPT = textwrap.dedent("""
         for name, call in {
             "conditioning": lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, [[torch.zeros(1, 77, 1024), {}]], 1, 1e-3, 0),
             "image": lambda: N["SIE_FineTune"]().run(model, vae, torch.rand(1, 64, 64, 4), e_opt, "lora", 1, 0.0, 4, 0),
-            "steps": lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 0, 0.0, 4, 0),
+            "steps": lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", -1, 0.0, 4, 0),  # 0: default
             "empty": lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, torch.rand(1, 0, 64, 3), target, 1, 1e-3, 0),
         }.items():
             try:

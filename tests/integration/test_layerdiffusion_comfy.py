@@ -1,5 +1,7 @@
 """LayerDiffusion on a real ComfyUI MODEL (random-weight SD 1.5) and a random-weight SAM: the shared optimiser and
-fine-tune nodes run stages 1 and 2 without touching their inputs, ComfyUI's ConditioningAverage is eq. 3, the
+fine-tune nodes run stages 1 and 2 without touching their inputs (stage 1 by default as eq. 2 is written, one
+prediction with the 154-token [e_a, e_b]; the separate_reference reading with the reference image and mask; stage 2
+with M_t from O_t's mask), ComfyUI's ConditioningAverage is eq. 3, the
 iterative-guidance GUIDER picks e^_a exactly on the chosen step indices for euler, ddim and dpmpp_2m, SAM files
 (.pth and .safetensors) load and segment, a pickle with code is refused unexecuted, and bad inputs are named.
 
@@ -62,10 +64,22 @@ SCRIPT = textwrap.dedent("""
         ref_mask = torch.zeros(1, 64, 64)
         mm.load_models_gpu([model]); before = digest(model.model.diffusion_model)
 
-        recipe = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "separate", "image", "area")[0]
+        recipe = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "concat", "image", "area")[0]
         e_a, curve1, e_b = N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 3, 1e-2, 0, t_b, mask, recipe)
         out["e_a_moved"] = rel(e_a[0][0], t_a[0][0])
         out["e_b_moved"] = rel(e_b[0][0], t_b[0][0])
+        out["shapes"] = [list(e_a[0][0].shape), list(e_b[0][0].shape)]
+        # the separate_reference reading: e_b on the reference's background, through the appended inputs
+        sep_ref = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "separate_reference", "image", "area")[0]
+        e_a2, _, e_b2 = N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 2, 1e-2, 0, t_b, mask, sep_ref,
+                                                          reference, ref_mask)
+        out["sep_ref_moved"] = [rel(e_a2[0][0], t_a[0][0]), rel(e_b2[0][0], t_b[0][0]), rel(e_b2[0][0], e_b[0][0])]
+        # M_t from the target O_t's object mask (the paper's), through Fine-Tune Model's appended target_mask
+        paper_mt = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "concat", "image", "area", "target")[0]
+        target_mask = torch.zeros(1, 64, 64); target_mask[:, 8:40, 24:56] = 1.0
+        ft_t, _, trained_t, _ = N["SIE_FineTune"]().run(model, vae, image, t_a, "lora", 1, 1e-3, 4, 0, paper_mt, None,
+                                                        None, reference, ref_mask, target_mask)
+        out["target_trained"] = trained_t.info.get("steps")
         e_opt = comfy_nodes.ConditioningAverage().addWeighted(e_a, e_b, 0.7)[0]
         out["eq3"] = float((e_opt[0][0] - (0.7 * e_a[0][0] + 0.3 * e_b[0][0])).abs().max())
         ft, curve2, trained, _ = N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 2, 1e-3, 4, 0, recipe,
@@ -128,6 +142,17 @@ SCRIPT = textwrap.dedent("""
                                                                      recipe, None, mask, reference, None)),
             "sampler": error(lambda: run(N["SIE_IterativeGuidance"]().run(ft, e_a, e_opt, neg, 5.0, "auto")[0], 2,
                                          "heun")),
+            "reference_image/stage1": error(lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 1, 1e-3,
+                                                                                     0, t_b, mask, sep_ref)),
+            "reference_mask/stage1": error(lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 1, 1e-3,
+                                                                                    0, t_b, mask, sep_ref, reference)),
+            "target_mask": error(lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
+                                                                  paper_mt, None, mask, reference, ref_mask)),
+            "target_mask/size": error(lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
+                                                                       paper_mt, None, mask, reference, ref_mask,
+                                                                       torch.ones(1, 32, 32))),
+            "steps": error(lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", -1, 0.0, 4, 0, recipe,
+                                                            None, mask, reference, ref_mask)),
             "prompt": error(lambda: N["SIE_SAMSegment"]().run(sam_st, image, '{"points": [[1, 2, 3, 4]]}', 0, False)),
         }
         out["errors"] = errors
@@ -147,6 +172,8 @@ def test_stages_one_and_two_through_the_shared_nodes(result):
     assert result["eq3"] == 0.0, result  # ComfyUI's ConditioningAverage is eq. 3 exactly
     assert result["unchanged"], result
     assert result["curves"][0][0] == 1 and result["trained_method"] == "layerdiffusion", result
+    assert result["shapes"] == [[1, 77, 768], [1, 77, 768]], result  # eq. 2 trains on 154 tokens, returns 77 each
+    assert min(result["sep_ref_moved"]) > 0 and result["target_trained"] == 1, result
 
 
 def test_iterative_guidance_alternates_by_step_index_for_each_sampler(result):
@@ -164,4 +191,4 @@ def test_sam_files_load_and_segment_and_pickles_with_code_are_refused(result):
 
 def test_bad_layerdiffusion_inputs_are_named(result):
     for name, text in result["errors"].items():
-        assert text.startswith(f"input '{name.split('_empty')[0]}'"), (name, text)
+        assert text.startswith(f"input '{name.split('/')[0].split('_empty')[0]}'"), (name, text)

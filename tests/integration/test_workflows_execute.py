@@ -157,6 +157,7 @@ def server():
         client = ComfyClient(srv.url)
         for image in ("coffee_250x200.png", "coffee_128x100.png"):
             client.upload_image(IMAGES / image)
+        client.upload_image(REPO / "core" / "layerdiffusion" / "data" / "table_by_the_sea_512.png")
         yield srv
 
 
