@@ -487,7 +487,9 @@ class SaveTrained:
     RETURN_TYPES = ()
     DESCRIPTION = ("Saves a fine-tuning result to models/single_image_edit/trained as .safetensors (atomic write, "
                    "never overwriting): the weight delta in ComfyUI's LoRA layout (so the native Load LoRA nodes "
-                   "read it; the folder is registered with them) and the embedding e_opt it was tuned at.")
+                   "read it; the folder is registered with them) and the embedding e_opt it was tuned at. "
+                   "precision fp16 stores the delta in half the space (a full SD 1.5 fine-tune: 1.7 GB instead of "
+                   "3.4 GB).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -495,14 +497,27 @@ class SaveTrained:
             "trained": (TRAINED, {"tooltip": "From Imagic: Fine-Tune Model."}),
             "filename_prefix": ("STRING", {"default": "imagic", "tooltip": "File name prefix (may contain sub-"
                                                                            "folders); a counter is appended."}),
+        }, "optional": {
+            "precision": (["fp32", "fp16"], {"default": "fp32", "tooltip": "How the weight delta is stored. fp32: "
+                          "as trained. fp16: half the file (a full fine-tune of SD 1.5: 1.7 GB, not 3.4 GB); each "
+                          "entry keeps 11 significant bits, finer than the fp16 weights ComfyUI usually samples "
+                          "with. e_opt stays fp32."}),
         }}
 
-    def run(self, trained, filename_prefix):
+    def run(self, trained, filename_prefix, precision="fp32"):
         if not isinstance(trained, Trained):
             raise NodeInputError("trained", f"this is not an Imagic fine-tune ({type(trained).__name__})",
                                  "save a SINE fine-tune with SINE: Save Fine-Tuned Model")
-        return save_output(bridge.save_dir("sie_trained"), filename_prefix, lambda path: save_trained(trained, path),
-                           "trained delta")
+        if precision not in ("fp32", "fp16"):
+            raise NodeInputError("precision", f"unknown precision {precision!r}", "use fp32 or fp16")
+
+        def write(path):
+            try:
+                return save_trained(trained, path, precision)
+            except ValueError as e:  # a delta beyond fp16's range: nothing was written
+                raise NodeInputError("precision", str(e), "save in fp32") from None
+
+        return save_output(bridge.save_dir("sie_trained"), filename_prefix, write, "trained delta")
 
 
 class LoadTrained:

@@ -5,7 +5,8 @@
 
 Stages: see :mod:`core.imagic.pipeline`.  Everything is read from local files (offline).  ``--etas``
 renders several etas with one seed; ``--save-delta`` keeps the trained delta and e_opt
-in the pack's file layout (loadable by ComfyUI's LoRA loaders and by Load Trained).
+in the pack's file layout (loadable by ComfyUI's LoRA loaders and by Load Trained),
+``--save-fp16`` stores that delta in half precision (half the file).
 """
 
 from __future__ import annotations
@@ -86,11 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config-dir", default=None, help="unet/vae/text_encoder configs for a non-standard SD 1.x file "
                                                        "(default: the shipped SD 1.5 configs)")
     ap.add_argument("--save-delta", default=None, help="also save the trained delta + e_opt (.safetensors)")
+    ap.add_argument("--save-fp16", action="store_true", help="store the --save-delta delta in float16: half the "
+                                                             "file (a full SD 1.5 fine-tune: 1.7 GB, not 3.4 GB)")
     a = ap.parse_args(argv)
     if a.size % 8:
         ap.error("--size must be a multiple of 8")
     if a.save_delta and Path(a.save_delta).suffix != ".safetensors":
         ap.error("--save-delta must name a .safetensors file")
+    if a.save_fp16 and not a.save_delta:
+        ap.error("--save-fp16 applies to --save-delta: give --save-delta edit.safetensors too")
 
     # Every check that bad input can fail, before the (slow) model load and training.
     etas = parse_etas(a.etas) if a.etas else [a.eta]
@@ -117,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_image(tensor_to_pil(strip), out)
     print(f"wrote {out} (eta {', '.join(f'{e:g}' for e in etas)})")
     if a.save_delta:
-        print(f"saved the trained delta and e_opt to {save_edit(result, a.save_delta)}")
+        path = save_edit(result, a.save_delta, "fp16" if a.save_fp16 else "fp32")
+        print(f"saved the trained delta{' (float16)' if a.save_fp16 else ''} and e_opt to {path}")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ import torch
 
 from ..fit import FitConfig, OnStep, ShouldStop, fit
 from ..lora import LoRAConfig, check_fine_tune, trainable_functions, trained_delta
-from ..losses import NoiseDraw, eps_term
+from ..losses import eps_term
 from ..seam import DeltaFunction, LatentDiffusion
 from ..seeds import derive_seed
+from .embedding import Draws, step_draws
 
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
 
@@ -62,8 +63,10 @@ class FineTuneResult:
 
 def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
              config: FineTuneConfig = FineTuneConfig(), mask: torch.Tensor | None = None,
-             on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> FineTuneResult:
-    """Fine-tune ``model`` to reconstruct ``latent`` [1, 4, h, w] at ``cond`` [1, 77, D]."""
+             on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
+             draws: Draws | None = None) -> FineTuneResult:
+    """Fine-tune ``model`` to reconstruct ``latent`` [1, 4, h, w] at ``cond`` [1, 77, D]
+    (``draws``: the (t, eps) of each step, default: seeded by ``config.seed``)."""
     device = torch.device(model.device)
     latent = latent.detach().to(device, torch.float32)
     cond = cond.detach().to(device, torch.float32)
@@ -71,9 +74,9 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
     fns = trainable_functions(config.mode, params, config.lora, config.seed, device)
     trainable = [p for fn in fns.values() for p in fn.parameters()]
     t0 = time.perf_counter()
-    draw = NoiseDraw(derive_seed(config.seed, 1), len(model.alphas_cumprod))
+    batches = step_draws(draws, derive_seed(config.seed, 1), latent, len(model.alphas_cumprod))
     with model.adapted(fns, config.gradient_checkpointing) as m:
-        res = fit(trainable, lambda step: draw(latent), [eps_term("eps_mse", m, latent, cond, mask)],
+        res = fit(trainable, batches, [eps_term("eps_mse", m, latent, cond, mask)],
                   FitConfig(config.steps, config.learning_rate, what="fine-tuning"), device,
                   on_step=on_step, should_stop=should_stop)
     losses = res.losses

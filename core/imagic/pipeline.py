@@ -20,7 +20,7 @@ from ..images import pil_to_tensor
 from ..sampling import ddim_sample
 from ..seam import LatentDiffusion
 from .artifact import Trained, save_trained
-from .embedding import EmbeddingConfig, EmbeddingResult, optimize_embedding
+from .embedding import Draws, EmbeddingConfig, EmbeddingResult, optimize_embedding
 from .finetune import FineTuneConfig, FineTuneResult, finetune
 from .interpolate import interpolate
 
@@ -57,8 +57,15 @@ def load_image(image: str | Path | Image.Image, size: int) -> torch.Tensor:
 def edit(model: LatentDiffusion, image: torch.Tensor, prompt: str, emb_config: EmbeddingConfig,
          ft_config: FineTuneConfig, log=print) -> ImagicEdit:
     """Run stages 1 and 2 for ``image`` [1, 3, H, W] in [0, 1] and target ``prompt``."""
-    latent = model.encode(image)
-    e_tgt = model.encode_text([prompt])
+    return train_stages(model, model.encode(image), model.encode_text([prompt]), emb_config, ft_config, log)
+
+
+def train_stages(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torch.Tensor, emb_config: EmbeddingConfig,
+                 ft_config: FineTuneConfig, log=print,
+                 draws: tuple[Draws | None, Draws | None] = (None, None)) -> ImagicEdit:
+    """Stage 1 (e_tgt -> e_opt, the model frozen), then stage 2 (the model at that e_opt) on
+    ``latent`` [1, 4, h, w] (model space); ``draws``: each stage's (t, eps) per step (default:
+    seeded by the configs' seeds)."""
 
     def progress(name):
         def on_step(i, n, info):
@@ -67,20 +74,22 @@ def edit(model: LatentDiffusion, image: torch.Tensor, prompt: str, emb_config: E
         return on_step
 
     t0 = time.perf_counter()
-    emb = optimize_embedding(model, latent, e_tgt, emb_config, on_step=progress("embedding"))
+    emb = optimize_embedding(model, latent, e_tgt, emb_config, on_step=progress("embedding"), draws=draws[0])
     log(f"stage 1 (embedding, {emb_config.steps} steps): {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    tuned = finetune(model, latent, emb.e_opt, ft_config, on_step=progress(f"fine-tune ({ft_config.mode})"))
+    tuned = finetune(model, latent, emb.e_opt, ft_config, on_step=progress(f"fine-tune ({ft_config.mode})"),
+                     draws=draws[1])
     log(f"stage 2 (fine-tune, {ft_config.steps} steps, {tuned.trainable_parameters:,} trainable): "
         f"{time.perf_counter() - t0:.1f} s")
     return ImagicEdit(e_tgt, emb, tuned)
 
 
-def save_edit(result: ImagicEdit, path: str | Path) -> Path:
-    """Keep the trained delta and e_opt in the pack's ``sie.trained`` file (the nodes' Save Trained format)."""
+def save_edit(result: ImagicEdit, path: str | Path, precision: str = "fp32") -> Path:
+    """Keep the trained delta (in ``precision``, "fp32" or "fp16") and e_opt in the pack's ``sie.trained``
+    file (the nodes' Save Trained format)."""
     trained = Trained(dict(result.tuned.delta), result.tuned.mode, result.embedding.e_opt,
                       {"steps": len(result.tuned.losses), "final_loss": result.tuned.losses[-1]})
-    return save_trained(trained, path)
+    return save_trained(trained, path, precision)
 
 
 
