@@ -33,9 +33,9 @@ def one_thread():
 
 # The part of the integration tier that CI runs (SIE_INTEGRATION_PART=ci, set by .ci/run when it provides the
 # ComfyUI snapshot itself): the server starts with the pack, every SIE_ node is listed with our schema, every API
-# workflow passes the server's validation, every UI workflow loads in the frontend, the picker maps what ComfyUI's image nodes do, and one workflow per method
-# executes with CPU-sized overrides. Everything else in tests/integration/ is skipped there, saying so; unset the
-# variable (or set it to "all") for the whole tier.
+# workflow passes the server's validation, every UI workflow loads in the frontend, the picker maps what ComfyUI's
+# image nodes do, and one workflow per method executes with CPU-sized overrides. Everything else in
+# tests/integration/ is skipped there, saying so; unset the variable (or set it to "all") for the whole tier.
 CI_INTEGRATION_PART = (
     "tests/integration/test_server.py::",
     "tests/integration/test_workflows_validate.py::",
