@@ -498,11 +498,16 @@ def imagic() -> Graph:
     g = Graph("imagic")
     g.note("Imagic (Kawar et al., CVPR 2023): edit ONE real photo from a target text.\n\n"
            "1. Optimize Text Embedding: e_tgt -> e_opt that reconstructs the photo (500 steps, lr 1e-3).\n"
-           "2. Fine-Tune Model at e_opt (lora: adapters, lr 1e-4; full: the paper's whole-UNet tune, lr 2e-6; 1000 "
-           "steps).\n3. Interpolate: e = eta*e_tgt + (1-eta)*e_opt, then sample with DDIM. SD needs eta about "
-           "0.9-1.2; the Eta Sweep renders several etas with one seed so you can pick by eye.\n\n"
-           "Needs an SD 1.x checkpoint in models/checkpoints. The SD ports report 5-10 minutes per edit on an A100 or "
-           "a 3090; on a CPU it takes many hours. Save Trained keeps the edit (a LoRA + e_opt) for Load Trained / Load LoRA.")
+           "2. Fine-Tune Model at e_opt (lora: adapters, lr 1e-4; full: every UNet weight, as the paper and the "
+           "diffusers port, lr 2e-6; 1000 steps).\n3. Interpolate: e = eta*e_tgt + (1-eta)*e_opt, then sample with "
+           "DDIM. SD needs eta about 0.9-1.2; the Eta Sweep renders several etas with one seed so you can pick by "
+           "eye.\n\n"
+           "Files: an SD 1.x checkpoint in ComfyUI/models/checkpoints (v1-5-pruned-emaonly.safetensors here); the "
+           "photo in ComfyUI/input (coffee_250x200.png here, bundled with the pack in core/sinddm/data (CC0), or your "
+           "own). Save Trained writes the edit (the weight delta + e_opt; precision fp16 halves a full fine-tune, "
+           "3.4 -> 1.7 GB) to ComfyUI/models/single_image_edit/trained, where Load Trained and ComfyUI's Load LoRA "
+           "find it; images go to ComfyUI/output/imagic.\n\n"
+           "The SD ports report 5-10 minutes per edit on an A100 or a 3090; on a CPU it takes many hours.")
     g.stage("Inputs: model and photo", columns=1)
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
     img = g.add("LoadImage", image="coffee_250x200.png")
