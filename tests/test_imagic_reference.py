@@ -26,12 +26,21 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from reference.make_imagic_reference import (  # noqa: E402
+    KNOWN_COMMIT,
+    PROMPT,
+    WEIGHTS,
+    build_model,
+    decode,
+    digest,
+    draws_of,
+    load_reference,
+)
+
 from core.imagic import DEFAULT_LR, EmbeddingConfig, FineTuneConfig  # noqa: E402
 from core.imagic.pipeline import train_stages  # noqa: E402
 from core.sd.keymap import unet_names  # noqa: E402
 from core.sd.loader import load_sd15  # noqa: E402
-from reference.make_imagic_reference import (  # noqa: E402
-    KNOWN_COMMIT, PROMPT, WEIGHTS, build_model, decode, digest, draws_of, load_reference)
 from tiny_sd import write_config_dir, write_single_file  # noqa: E402
 
 REF = load_reference()
@@ -110,8 +119,9 @@ def test_stage2_full_finetune_matches_the_port(reference_model, ours):
         w = before[k] + ours.tuned.deltas[names[k]].reshape(w_ref.shape)
         moved = (w_ref - before[k]).abs().max().item()
         err = (w - w_ref).abs().max().item()
-        # one float32 step of the weight is the resolution of the port's in-place update
-        assert moved > 1e-6 and err <= 1e-3 * moved + torch.finfo(torch.float32).eps * before[k].abs().max(), (k, err)
+        # a float32 step of the weight is the resolution of the port's in-place update (measured: one step;
+        # allowed: two, for other CPUs' summation orders; the change norms below catch subtler optimiser errors)
+        assert moved > 1e-6 and err <= 1e-3 * moved + 2 * torch.finfo(torch.float32).eps * before[k].abs().max(), (k, err)
         worst_abs, worst_rel = max(worst_abs, err), max(worst_rel, err / moved)
     print(f"stage 2: recorded weights max abs diff {worst_abs:.3g} ({worst_rel:.3g} of the change); "
           f"per-parameter change norms max rel diff {worst_norm:.3g} over {len(REF['delta_norms'])} parameters")
