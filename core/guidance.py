@@ -9,8 +9,10 @@ in eps).
 * :func:`model_guidance`: SINE eq. 3 (Zhang et al., CVPR 2023),
   e~ = w (v e(z_t, c) + (1 - v) e^(z_t, c^)) + (1 - w) e(z_t) for t > K, plain CFG on
   the pretrained model for t <= K; and its multi-model form (official
-  ``DDIMSingleSampler``): e~ = u + w ((1 - sum_i b_i) c + sum_i b_i c^_i - u), b_i the
-  weight of fine-tuned model i (v = 1 - b for one model).
+  ``DDIMMultiSampler``): e~ = u + w ((1 - sum_i b_i) c + sum_i b_i c^_i - u) over the models
+  active at t (t > K_i: one K per model), b_i the weight of fine-tuned model i (v = 1 - b for
+  one model).  Eq. 3 depends only on t, so it holds for any sampler, however many times it
+  evaluates the model per step.
 * :func:`alternating_choice`: LayerDiffusion eq. 8 by *step index* parity (the literal
   ``t % 2`` on SD's DDIM timesteps 981, 961, ..., 1 is always odd and never alternates).
 * :func:`step_index`: which step of a sampling run a sigma belongs to, from the run's
@@ -30,22 +32,31 @@ def cfg(uncond: torch.Tensor, cond: torch.Tensor, w: float) -> torch.Tensor:
     return uncond + w * (cond - uncond)
 
 
-def model_guidance(uncond: torch.Tensor, cond: torch.Tensor, finetuned: Sequence[torch.Tensor],
-                   weights: Sequence[float], w: float, t: int, K: int) -> torch.Tensor:
+def model_guidance(uncond: torch.Tensor, cond: torch.Tensor, finetuned: Sequence[torch.Tensor | None],
+                   weights: Sequence[float], w: float, t: int, K: int | Sequence[int]) -> torch.Tensor:
     """SINE eq. 3 (single and multi-model) at DDPM timestep ``t``.
 
     ``uncond``, ``cond``: the pretrained model's predictions at the empty and the target
-    prompt; ``finetuned[i]``: fine-tuned model i at its fine-tune prompt c^_i;
-    ``weights[i]``: that model's weight b_i (one model: b = 1 - v, the paper's v = 0.7
-    gives b = 0.3).  For t > K: u + w ((1 - sum b) c + sum b_i c^_i - u); else plain CFG.
+    prompt; ``finetuned[i]``: fine-tuned model i at its fine-tune prompt c^_i (None where it
+    is inactive and was not evaluated); ``weights[i]``: that model's weight b_i (one model:
+    b = 1 - v, the paper's v = 0.7 gives b = 0.3); ``K``: one threshold for all models or
+    one K_i per model (official ``range_t_min`` per model; here strictly t > K_i, the
+    paper's reading).  With A the models with t > K_i:
+    u + w ((1 - sum_A b_i) c + sum_A b_i c^_i - u), plain CFG when A is empty.
     """
     if len(finetuned) != len(weights):
         raise ValueError(f"{len(finetuned)} fine-tuned predictions but {len(weights)} weights")
-    if int(t) <= int(K) or not finetuned:
+    Ks = [int(K)] * len(finetuned) if isinstance(K, (int, float)) else [int(k) for k in K]
+    if len(Ks) != len(finetuned):
+        raise ValueError(f"{len(finetuned)} fine-tuned predictions but {len(Ks)} thresholds K")
+    active = [(pred, float(b)) for pred, b, k in zip(finetuned, weights, Ks) if int(t) > k]
+    if not active:
         return cfg(uncond, cond, w)
-    mixed = (1.0 - float(sum(weights))) * cond
-    for pred, b in zip(finetuned, weights):
-        mixed = mixed + float(b) * pred
+    if any(pred is None for pred, _ in active):
+        raise ValueError(f"a fine-tuned model active at t = {int(t)} (t > its K) has no prediction")
+    mixed = (1.0 - sum(b for _, b in active)) * cond
+    for pred, b in active:
+        mixed = mixed + b * pred
     return cfg(uncond, mixed, w)
 
 

@@ -31,10 +31,13 @@ PREFIX = "diffusion_model."
 TEXT_PREFIX = "text_encoders.clip_l.transformer."
 """Key prefix of text-encoder deltas: ComfyUI's generic LoRA key for an SD 1.x CLIP, followed by
 the transformers ``CLIPTextModel`` module path (``text_model.encoder.layers.0.mlp.fc1``)."""
-TEXT_TRAINABLE = ("text_model.encoder.layers.", "text_model.final_layer_norm.")
-"""Text-encoder parameters a fine-tuner trains: the transformer layers and the final norm.  The
-token and position embeddings stay frozen (ComfyUI reads the position table directly, not
-through its weight functions, so a trained copy could not be applied there)."""
+TEXT_TRAINABLE = ("text_model.embeddings.", "text_model.encoder.layers.", "text_model.final_layer_norm.")
+"""Text-encoder parameters a full fine-tune trains: every parameter of the text model (token and
+position embeddings, transformer layers, final norm), as SINE's official code optimises
+``cond_stage_model.parameters()``."""
+TEXT_LORA = ("text_model.encoder.layers.",)
+"""Where text-encoder LoRA adapters go: the transformer layers' 2-D weights (q/k/v/out projections
+and MLPs); the embeddings are tables, not layers, and stay frozen under LoRA."""
 ATTENTION_LEAVES = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
 
 
@@ -202,9 +205,9 @@ def trained_delta(mode: str, fns: Mapping[str, nn.Module], params: Mapping[str, 
 
 
 def text_trainable(params: Mapping[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
-    """The text-encoder parameters a ``mode`` fine-tune trains (:data:`TEXT_TRAINABLE`; LoRA: their
-    2-D weights, i.e. the q/k/v/out projections and the MLPs)."""
-    out = {k: v for k, v in params.items() if k.startswith(TEXT_TRAINABLE)}
+    """The text-encoder parameters a ``mode`` fine-tune trains: "full", all of :data:`TEXT_TRAINABLE`
+    (the whole text model, embeddings included); "lora", the 2-D weights under :data:`TEXT_LORA`
+    (the q/k/v/out projections and the MLPs)."""
     if mode == "lora":
-        out = {k: v for k, v in out.items() if k.endswith(".weight") and v.ndim == 2}
-    return out
+        return {k: v for k, v in params.items() if k.startswith(TEXT_LORA) and k.endswith(".weight") and v.ndim == 2}
+    return {k: v for k, v in params.items() if k.startswith(TEXT_TRAINABLE)}

@@ -403,6 +403,30 @@ class _CopyInput:
         return self.forward(x.clone(), *args, **kwargs)
 
 
+class _PositionDelta:
+    """Object patch for the token embedding's ``forward``: adds fn(P) - P for the position table P.
+    ComfyUI's CLIP adds P by reading ``position_embedding.weight`` directly (no weight function), so
+    a trained position embedding enters as this delta on the token embeddings of the 77 positions
+    (in float32: a 1e-6 step survives an fp16 table)."""
+
+    def __init__(self, token: torch.nn.Module, position: torch.nn.Module, viewset: ViewSet, name: str):
+        self.forward, self.position, self.viewset, self.name = token.forward, position, viewset, name
+
+    def __call__(self, tokens, *args, **kwargs):
+        y = self.forward(tokens, *args, **kwargs)  # [B, n, D]
+        fns = self.viewset.functions(self.name)
+        if not fns:
+            return y
+        p = self.position.weight.detach().float()  # [77, D]
+        w = p
+        for fn in fns:
+            w = fn(w)
+        if y.shape[-2] != p.shape[0]:
+            raise RuntimeError(f"a trained position embedding needs all {p.shape[0]} positions in one call; got "
+                               f"{y.shape[-2]} (textual-inversion embeddings in the fine-tune prompt?)")
+        return y + (w - p).to(y.device, y.dtype)
+
+
 @contextmanager
 def text_adapted(clip, weight_functions: Mapping[str, WeightFunction]) -> Iterator:
     """``encode(prompt)`` -> [1, 77, D], differentiable, through a clone of ``clip`` whose layers
@@ -428,6 +452,11 @@ def text_adapted(clip, weight_functions: Mapping[str, WeightFunction]) -> Iterat
         if leaf == "weight" and hasattr(fn, "output_delta"):
             clone.patcher.add_object_patch(f"{path}.forward", _OutputDispatch(owner, viewset, canonical))
         clone.patcher.add_weight_wrapper(key, _WeightDispatch(viewset, canonical if fn is not None else None, True))
+    position = "text_model.embeddings.position_embedding.weight"
+    if position in weight_functions:  # read directly by ComfyUI's CLIP: applied on the token embeddings
+        token_path = TEXT_KEY_PREFIX + "text_model.embeddings.token_embedding"
+        clone.patcher.add_object_patch(f"{token_path}.forward", _PositionDelta(
+            modules[token_path], modules[keys[position].rsplit(".", 1)[0]], viewset, position))
     for path, module in modules.items():
         if isinstance(module, torch.nn.LayerNorm) and path.startswith(TEXT_KEY_PREFIX):
             clone.patcher.add_object_patch(f"{path}.forward", _CopyInput(module.forward))

@@ -328,10 +328,13 @@ def test_text_encoder_training_on_the_tiny_model(tiny_model, image, tmp_path):
     prompt = "a photo of a sks cup"
     for mode in ("lora", "full"):
         res = finetune_sine(tiny_model, image[..., :64, :64], None,
-                            SineFineTuneConfig(mode=mode, steps=3, lr=1e-3, train_text_encoder=True), prompt=prompt)
-        assert res.text_delta and all(k.startswith("text_encoders.clip_l.transformer.text_model.encoder.")
-                                      or k.startswith("text_encoders.clip_l.transformer.text_model.final_layer_norm")
+                            SineFineTuneConfig(mode=mode, steps=3, lr=1e-3, train_text_encoder=True, text_mode=mode,
+                                               text_lr=1e-3), prompt=prompt)
+        assert res.text_delta and all(k.startswith("text_encoders.clip_l.transformer.text_model.")
                                       for k in res.text_delta)
+        if mode == "lora":  # adapters on the layers only
+            assert all(k.startswith("text_encoders.clip_l.transformer.text_model.encoder.layers.")
+                       for k in res.text_delta)
         assert all(torch.equal(before[k], v) for k, v in tiny_model.text_parameters().items())
         with torch.no_grad(), tiny_model.text_adapted(res.text_weight_functions()) as encode:
             adapted = encode(prompt)
@@ -397,3 +400,119 @@ def test_pooled_x0_term_in_the_fine_tune_loop_is_the_definition(tiny_model, cond
     want = float((t.double() / T) ** 2 * per)
     got = res.terms["pooled_x0"][0]
     assert abs(got - want) <= 1e-5 * want, (got, want)
+
+
+def test_text_encoder_full_fine_tune_is_the_official_one_adamw_group(tiny_model, image):
+    """The official configure_optimizers: AdamW(UNet params + every text-model param, lr, decay 0.01), one group.
+    Two steps of SINE's full fine-tune with the text encoder in full equal two such steps taken by hand on copies
+    of the tiny UNet and CLIP text model (same (t, eps) draws): every text parameter moves as the reference's,
+    the token embedding's rows of the prompt's tokens (the rare token "sks" included) and the position table too."""
+    import copy
+
+    from core.diffusion import q_sample
+    from core.sd.tokenizer import tokenize
+    from core.seeds import derive_seed
+
+    prompt, lr, seed, steps = "a photo of a sks cup", 1e-3, 4, 2
+    img = image[..., :64, :64]
+    config = SineFineTuneConfig(mode="full", steps=steps, lr=lr, seed=seed, train_text_encoder=True)
+    assert config.text_mode == "full" and config.text_learning_rate == lr  # one group, one rate
+    res = finetune_sine(tiny_model, img, None, config, prompt=prompt)
+
+    unet, text = copy.deepcopy(tiny_model.unet).float(), copy.deepcopy(tiny_model.text_encoder).float()
+    for p in [*unet.parameters(), *text.parameters()]:
+        p.requires_grad_(True)
+    unet0 = {k: v.detach().clone() for k, v in unet.named_parameters()}
+    text0 = {k: v.detach().clone() for k, v in text.named_parameters()}
+    opt = torch.optim.AdamW([*unet.parameters(), *text.parameters()], lr=lr, weight_decay=0.01)
+    T = len(tiny_model.alphas_cumprod)
+    with torch.no_grad():
+        z0 = tiny_model.encode(img)
+    draw = NoiseDraw(derive_seed(seed, 1), T)
+    ids = tokenize(tiny_model.tokenizer, [prompt])
+    for _ in range(steps):
+        t, eps = draw(z0)
+        x_t = q_sample(z0, tiny_model.alphas_cumprod[t], eps)
+        pred = unet(x_t, t, encoder_hidden_states=text(ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(pred, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    names = dict(tiny_model.text_names())  # canonical -> the module's own name
+    ref_text = {c: (dict(text.named_parameters())[n].detach() - text0[n]) for c, n in names.items()}
+    assert set(res.text_deltas) == set(ref_text)  # every parameter of the text model, embeddings included
+    for name, ref in ref_text.items():
+        got = res.text_deltas[name]
+        assert (got - ref).abs().max() <= 0.02 * lr + 1e-3 * ref.abs().max(), name
+    token = res.text_deltas["text_model.embeddings.token_embedding.weight"]  # [49408, 32]
+    rows = token.abs().amax(dim=1)
+    used = ids[0].unique()
+    sks = tiny_model.tokenizer("sks", add_special_tokens=False)["input_ids"]
+    assert all(rows[i] > 0.5 * lr for i in sks)  # the rare token's row is trained
+    unused = torch.ones(len(rows), dtype=torch.bool)
+    unused[used] = False
+    table = tiny_model.text_parameters()["text_model.embeddings.token_embedding.weight"]
+    assert rows[unused].max() <= steps * lr * 0.01 * table.abs().max() * 1.01  # other rows: weight decay only
+    assert res.text_deltas["text_model.embeddings.position_embedding.weight"].abs().max() > 0.5 * lr
+    unet_params = dict(unet.named_parameters())
+    for c, n in tiny_model.canonical_names().items():  # and the UNet, in the same group
+        ref = unet_params[n].detach() - unet0[n]
+        got = res.deltas[c].reshape(ref.shape)
+        assert (got - ref).abs().max() <= 0.02 * lr + 1e-3 * ref.abs().max(), c
+    # c^ is the prompt through the trained encoder: the reference's encoder after the same steps
+    with torch.no_grad():
+        assert (res.c_hat - text(ids)[0]).abs().max() < 1e-5
+
+
+def test_text_encoder_learning_rates_follow_the_text_mode():
+    full_text = SineFineTuneConfig(train_text_encoder=True)  # UNet lora 1e-4, text encoder full: official 1e-6
+    assert full_text.text_mode == "full" and full_text.text_learning_rate == 1e-6
+    assert SineFineTuneConfig(mode="full", lr=2e-6, train_text_encoder=True).text_learning_rate == 2e-6
+    assert SineFineTuneConfig(train_text_encoder=True, text_mode="lora").text_learning_rate == 1e-4
+    assert SineFineTuneConfig(mode="full", train_text_encoder=True, text_mode="lora").text_learning_rate == 1e-4
+    assert SineFineTuneConfig(train_text_encoder=True, text_lr=3e-5).text_learning_rate == 3e-5
+    with pytest.raises(ValueError, match="text_mode"):
+        SineFineTuneConfig(text_mode="half")
+
+
+def test_multi_model_guidance_has_one_K_per_model():
+    """Official DDIMMultiSampler: e = u + w((1 - sum_A b_i) c + sum_A b_i c^_i - u) over the models A active at t
+    (here t > K_i), plain CFG when none is; any number of models."""
+    from core.guidance import model_guidance
+
+    gen = torch.Generator().manual_seed(1)
+    u, c, e1, e2, e3 = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(5))
+    b, Ks, w = [0.3, 0.2, 0.1], [400, 600, 200], 5.0
+    for t, active in [(700, [0, 1, 2]), (500, [0, 2]), (300, [2]), (100, [])]:
+        preds = [e if i in active else None for i, e in enumerate((e1, e2, e3))]  # inactive: not evaluated
+        got = model_guidance(u, c, preds, b, w, t, Ks)
+        mix = (1 - sum(b[i] for i in active)) * c + sum(b[i] * (e1, e2, e3)[i] for i in active)
+        torch.testing.assert_close(got, u + w * (mix - u), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no prediction"):
+        model_guidance(u, c, [e1, None, e3], b, w, 700, Ks)
+    with pytest.raises(ValueError, match="thresholds"):
+        model_guidance(u, c, [e1, e2, e3], b, w, 700, [400, 600])
+
+
+def test_saved_c_hat_is_the_conditioning_training_used(tiny_model, tmp_path):
+    """Trained at the conditioning of one text while the recorded prompt says another: the file gives back the
+    conditioning training used (to the bit), not the other text's encoding; with the text encoder trained, the
+    prompt through the trained encoder (what training encoded at every step)."""
+    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    trained_on, label = "a photo of a sks cup", "a painting of a sks teapot"
+    cond = tiny_model.encode_text([trained_on])
+    res = finetune_sine(tiny_model, img, cond, SineFineTuneConfig(steps=1, lr=1e-3))
+    back, prompt = load_sine(save_sine(res, label, tmp_path / "two_texts.safetensors"))
+    assert prompt == label
+    assert torch.equal(back.c_hat, cond.float()) and torch.equal(res.c_hat, cond.float())
+    assert (back.c_hat - tiny_model.encode_text([label])).abs().max() > 1e-3  # the texts differ
+    assert set(back.deltas) == set(res.deltas)  # c^ is no delta
+
+    res = finetune_sine(tiny_model, img, cond, SineFineTuneConfig(steps=2, lr=1e-3, train_text_encoder=True),
+                        prompt=label)
+    back, _ = load_sine(save_sine(res, label, tmp_path / "text.safetensors"))
+    with torch.no_grad(), tiny_model.text_adapted(back.text_weight_functions()) as encode:
+        again = encode(label)
+    assert (back.c_hat - again).abs().max() < 1e-5  # c^ = the trained prompt through the trained encoder
+    assert (back.c_hat - cond).abs().max() > 1e-3  # not the (unused) conditioning of the other text

@@ -47,13 +47,20 @@ def parser() -> argparse.ArgumentParser:
                         "(crops come from the image resized to 2 x size)")
     f.add_argument("--train-text-encoder", action="store_true",
                    help="also train the text encoder (the official code; the paper does not say)")
+    f.add_argument("--text-mode", default="full", choices=["full", "lora"],
+                   help="with --train-text-encoder: full (every text-model parameter, token embedding included: "
+                        "the official code) or lora (adapters on its layers)")
+    f.add_argument("--text-lr", type=cli.positive_float, default=None,
+                   help="text encoder lr (default: the UNet's when --text-mode equals --mode, else 1e-6 full / "
+                        "1e-4 lora)")
     f.add_argument("--pooled-x0-weight", type=float, default=0.0,
                    help="weight of the official patch code's pooled x0 L1 term (paper: 0)")
     e = sub.add_parser("edit", help="edit with model-based classifier-free guidance (eq. 3)")
     _common(e)
     e.add_argument("--tuned", required=True, help="a file written by 'finetune'")
     e.add_argument("--target", required=True, help="the target prompt")
-    e.add_argument("--finetune-prompt", default=None, help="default: the prompt stored in --tuned")
+    e.add_argument("--finetune-prompt", default=None,
+                   help="default: the conditioning c^ stored in --tuned (exactly what training used)")
     e.add_argument("--width", type=cli.positive_int, default=512)
     e.add_argument("--height", type=cli.positive_int, default=512)
     e.add_argument("--out", default="sine_out.png")
@@ -94,7 +101,8 @@ def finetune_command(ap, a) -> None:
                                     patches=a.patches, patch=PatchConfig(high_resolution=2 * a.size, size=a.size),
                                     pooled_x0_weight=a.pooled_x0_weight, size=a.size, seed=a.seed,
                                     gradient_checkpointing=device.type == "cuda",
-                                    train_text_encoder=a.train_text_encoder)
+                                    train_text_encoder=a.train_text_encoder, text_mode=a.text_mode,
+                                    text_lr=a.text_lr)
     check_checkpoint(a.checkpoint, a.config_dir)
     model = _load(a, device)
     img = pil_to_tensor(image)[None] if a.patches else load_image(image, a.size)
@@ -106,7 +114,7 @@ def finetune_command(ap, a) -> None:
 
     cond = None if a.train_text_encoder else model.encode_text([a.prompt])
     tuned = finetune_sine(model, img, cond, config, on_step=report, prompt=a.prompt)
-    extra = (", patches" if a.patches else "") + (", text encoder" if a.train_text_encoder else "")
+    extra = (", patches" if a.patches else "") + (f", text encoder {a.text_mode}" if a.train_text_encoder else "")
     print(f"fine-tuned ({a.mode}{extra}) in {tuned.seconds:.1f} s")
     print(f"saved the tuned delta to {save_sine(tuned, a.prompt, a.out)}")
 
@@ -128,15 +136,19 @@ def edit_command(ap, a) -> None:
     device = cli.device(a.device)
     tuned, prompt = load_sine(a.tuned)
     finetune_prompt = a.finetune_prompt if a.finetune_prompt is not None else prompt
-    if not finetune_prompt:
+    if not finetune_prompt and tuned.c_hat is None:
         raise cli.CLIError("--finetune-prompt", f"{Path(a.tuned).name} stores no fine-tune prompt",
                            'give it, e.g. --finetune-prompt "a photo of a sks dog"')
     check_checkpoint(a.checkpoint, a.config_dir)
     model = _load(a, device)
-    c, c_hat, u = (model.encode_text([p]) for p in (a.target, finetune_prompt, ""))
-    if tuned.text_deltas:  # c^ through the fine-tuned text encoder, as the official sampler
+    c, u = (model.encode_text([p]) for p in (a.target, ""))
+    if a.finetune_prompt is None and tuned.c_hat is not None:  # exactly the c^ training used
+        c_hat = tuned.c_hat
+    elif tuned.text_deltas:  # c^ through the fine-tuned text encoder, as the official sampler
         with torch.no_grad(), model.text_adapted(tuned.text_weight_functions()) as encode:
             c_hat = encode(finetune_prompt)
+    else:
+        c_hat = model.encode_text([finetune_prompt])
     latent = edit(model, tuned, c, c_hat, u, (1, 4, a.height // 8, a.width // 8), a.steps, a.cfg, a.v, a.K, a.seed)
     atomic_write_image(tensor_to_pil(model.decode(latent)[0]), out)
     print(f"wrote {out} (v {a.v:g}, K {a.K}, {'with' if tuned.positional else 'without'} positional map)")

@@ -27,14 +27,26 @@ Modes, as in :mod:`core.imagic.finetune` (same helpers, same delta layout):
   torch's default AdamW decay 0.01).
 
 Text encoder (``train_text_encoder``, default off): the official code trains CLIP's text encoder
-with the UNet in every config (``cond_stage_trainable: true``; the paper only says "eps_theta and
-tau_theta are jointly optimized" when describing LDM).  Off by default here: it is the costlier
+with the UNet in every config (``cond_stage_trainable: true``: ``configure_optimizers`` puts
+``cond_stage_model.parameters()``, every parameter of the text model, token and position
+embeddings included, into the UNet's one AdamW group at lr 1e-6); the paper only says "eps_theta
+and tau_theta are jointly optimized" when describing LDM.  Off by default here: it is the costlier
 half of the official memory problem and the paper's §3.3 describes fine-tuning the diffusion
 model.  On, the fine-tune prompt is re-encoded at every step through the adapted encoder (the
-back end must be a :class:`core.seam.TrainableText`), its transformer layers and final norm are
-trained (LoRA: their projections and MLPs) at ``text_lr`` (None: the UNet's rate), and the result
-carries a second delta under :data:`core.lora.TEXT_PREFIX`.  Edit with the fine-tuned text
-encoder's encoding of the fine-tune prompt (official sampler).  Batch sizes above 1 are left out.  The first block's channel count (for F(v)) is read from the model's
+back end must be a :class:`core.seam.TrainableText`) and the result carries a second delta under
+:data:`core.lora.TEXT_PREFIX`.  ``text_mode``:
+
+* ``full`` (default, the official code): every text-model parameter (:data:`core.lora.TEXT_TRAINABLE`:
+  the token embedding, so the rare token's row, the position embedding, the layers, the final
+  norm), AdamW with the UNet's decay;
+* ``lora``: adapters on the layers' projections and MLPs (:data:`core.lora.TEXT_LORA`), our option.
+
+``text_lr`` None: the UNet's rate when ``text_mode`` equals ``mode`` (one group's rate, as the
+official code), else the text mode's default (full: the official 1e-6; lora: 1e-4).
+
+The c^ that training used is returned as ``c_hat`` [1, 77, D]: ``prompt_cond`` as given, or, with
+the text encoder trained, the fine-tune prompt through the trained encoder.  Edit with it.
+Batch sizes above 1 are left out.  The first block's channel count (for F(v)) is read from the model's
 first conv weight (``input_blocks.0.0.weight``, SD's ``model_channels``; ``conv_in.weight`` for
 diffusers-named models), else ``config.channels`` (default 320, SD 1.x).
 """
@@ -81,12 +93,15 @@ class SineFineTuneConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     train_text_encoder: bool = False  # the official code: on; the paper: not described; default off
-    text_lr: float | None = None  # None: the UNet's learning rate
+    text_lr: float | None = None  # None: the UNet's rate if text_mode == mode, else DEFAULT_LR[text_mode]
+    text_mode: str = "full"  # full: every text-model parameter (the official code); lora: adapters (ours)
 
     def __post_init__(self):
         check_fine_tune(self.mode, self.steps, self.lr)
         if self.text_lr is not None and not self.text_lr > 0:
             raise ValueError(f"text_lr must be positive, got {self.text_lr}")
+        if self.text_mode not in DEFAULT_LR:
+            raise ValueError(f"text_mode must be 'lora' or 'full', got {self.text_mode!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.pooled_x0_weight < 0:
@@ -99,6 +114,12 @@ class SineFineTuneConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+    @property
+    def text_learning_rate(self) -> float:
+        if self.text_lr is not None:
+            return self.text_lr
+        return self.learning_rate if self.text_mode == self.mode else DEFAULT_LR[self.text_mode]
 
     @property
     def total_steps(self) -> int:
@@ -125,6 +146,7 @@ class SineFineTuneResult:
     grid_size: int = 128
     text_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRA layout, TEXT_PREFIX keys
     text_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # {canonical text name: dense delta}
+    c_hat: torch.Tensor | None = None  # [1, 77, D] float32 CPU: the fine-tune conditioning training used
 
     @property
     def file_delta(self) -> dict[str, torch.Tensor]:
@@ -195,10 +217,11 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
     groups = [{"params": trainable, "lr": config.learning_rate}]
     text_fns: dict = {}
     if config.train_text_encoder:
-        text_params = text_trainable(model.text_parameters(), config.mode)
-        text_fns = trainable_functions(config.mode, text_params, config.lora, derive_seed(config.seed, 3), device)
+        text_params = text_trainable(model.text_parameters(), config.text_mode)
+        text_fns = trainable_functions(config.text_mode, text_params, config.lora, derive_seed(config.seed, 3),
+                                       device)
         groups.append({"params": [p for fn in text_fns.values() for p in fn.parameters()],
-                       "lr": config.text_lr or config.learning_rate})
+                       "lr": config.text_learning_rate})
 
     draw = NoiseDraw(derive_seed(config.seed, 1), T)
     if config.patches:
@@ -247,9 +270,14 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
                   FitConfig(config.total_steps, config.learning_rate, optimizer=config.optimizer,
                             weight_decay=config.weight_decay, what="SINE fine-tuning"),
                   device, on_step=on_step, should_stop=should_stop)
+        if encode is not None:  # c^ as the trained encoder gives it (what the edit must use)
+            with torch.no_grad():
+                c_hat = encode(prompt).detach().float().cpu()
+        else:
+            c_hat = cond.detach().float().cpu()
     delta, deltas = trained_delta(config.mode, fns, params)
-    text_delta, text_deltas = trained_delta(config.mode, text_fns, model.text_parameters(), TEXT_PREFIX) \
+    text_delta, text_deltas = trained_delta(config.text_mode, text_fns, model.text_parameters(), TEXT_PREFIX) \
         if text_fns else ({}, {})
     count = sum(p.numel() for g in groups for p in g["params"])
     return SineFineTuneResult(config.mode, delta, deltas, res.losses, res.terms, time.perf_counter() - t0,
-                              count, config.patches, channels, pcfg.grid, text_delta, text_deltas)
+                              count, config.patches, channels, pcfg.grid, text_delta, text_deltas, c_hat[:1])
