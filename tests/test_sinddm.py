@@ -7,6 +7,7 @@ official code (fallenshock/SinDDM @ e7107d9) on the same inputs.  Models here ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -32,9 +33,9 @@ from core.sinddm import (
     style_transfer,
     train,
 )
-from core.sinddm.guidance import harmonization_mask, match_histograms
+from core.sinddm.guidance import Guidance, harmonization_mask, match_histograms
 from core.sinddm.model import parameter_count, receptive_field
-from core.sinddm.pyramid import capped_size, scale_geometry, scale_sizes
+from core.sinddm.pyramid import PyramidSpec, capped_size, scale_geometry, scale_sizes
 from core.sinddm.schedule import SAMPLE_GAMMA_MAX, MultiScaleSchedule
 from helpers import ROOT
 
@@ -254,7 +255,7 @@ def test_roi_guidance_reproduces_the_target_inside_the_mask(model):
     n = model.pyramid.spec.n_scales
     guided = sample(model, count=2, seed=0, guidance=[ROIGuidance(target, mask, strength=1.0)], scales=n - 1)
     size = guided.shape[-2:]
-    t_s = torch.nn.functional.interpolate(target, size=size, mode="bilinear", antialias=True)
+    t_s = (model.pyramid.images[n - 2] + 1) / 2  # the target at scale N-2 is the pyramid's (Lanczos, as built)
     inside = (torch.nn.functional.interpolate(mask, size=size, mode="bilinear", antialias=True) > 0.99)
     inside = inside.expand_as(guided)
     err_in, err_out = (guided - t_s).abs()[inside].mean(), (guided - t_s).abs()[~inside].mean()
@@ -276,9 +277,82 @@ def test_roi_placement_and_outpainting(model):
     centre = out[..., :, w // 2 : w // 2 + w]
     assert (centre - train_img).abs().mean() < (out[..., :, : w // 2] - train_img[..., : w // 2]).abs().mean()
     with pytest.raises(ValueError, match="outside"):
-        ROIGuidance(train_img, None, 1.0, offset=(5000, 0)).canvas((h, w))
+        ROIGuidance(train_img, None, 1.0, offset=(5000, 0)).begin([(h, w)], 1, torch.device("cpu"))
     with pytest.raises(ValueError, match="differs"):
         ROIGuidance(train_img, torch.ones(1, 1, 10, 10))
+
+
+def roi_big_image():
+    """A 400x300 image (above the 50,000-pixel cap: trained at 258x193), its pyramid and an untrained model."""
+    from core.sinddm.model import seeded_net
+
+    big = Image.open(DATA / "coffee_250x200.png").convert("RGB").resize((400, 300), Image.BICUBIC)
+    pyr = build_pyramid(big)
+    full = torch.from_numpy(np.asarray(big).copy()).permute(2, 0, 1)[None].float() / 255
+    return full, pyr, SinDDM.create(seeded_net(NetConfig(8), 0), pyr)
+
+
+class RecordX0(Guidance):
+    """Keeps x0_hat as the guidance before it left it, at the last step of every scale."""
+
+    def begin(self, sizes, count, device, input_scale=(1.0, 1.0)):
+        super().begin(sizes, count, device, input_scale)
+        self.seen = {}
+
+    def apply(self, x0, s, t, sampler):
+        self.seen[s] = x0.clone()
+        return x0
+
+
+def test_roi_targets_masks_and_coordinates_are_in_the_training_images_pixels():
+    """Issue 19, point 18: a model trained on a 400x300 image works at 258x193 (the cap).  Guided by the
+    same full-resolution image at strength 1, every guided scale reproduces the training pyramid (the
+    official code cuts its targets from it); a crop placed where it was cut, with a mask, reproduces the
+    pyramid inside the mask; on a twice-as-wide canvas x = 200 lands at 129 capped pixels."""
+    full, pyr, model = roi_big_image()
+    assert pyr.spec.input_size == (300, 400) and pyr.spec.sizes[-1] == (193, 258)
+    assert model.input_scale == pytest.approx((193 / 300, 258 / 400))
+    n = pyr.spec.n_scales
+    rec = RecordX0()
+    sample(model, count=2, seed=0, guidance=[ROIGuidance(full, None, 1.0), rec], scales=n - 1)
+    for s in range(n - 1):
+        assert rec.seen[s].shape[-2:] == pyr.images[s].shape[-2:]
+        assert float((rec.seen[s] - pyr.images[s]).abs().max()) < 1e-5, s  # measured 1.2e-7
+    # a crop (x 100..300, y 60..210) with an elliptic mask, placed where it was cut; the ellipse keeps 20 px
+    # from the crop's edges, the reach of the Lanczos filter at scale 0 (3 / 0.16 px; nearer the edges the
+    # crop lacks the pixels beyond it: up to 15 levels off there, measured)
+    yy, xx = torch.meshgrid(torch.arange(150.0), torch.arange(200.0), indexing="ij")
+    ellipse = ((((yy - 75) / 55) ** 2 + ((xx - 100) / 80) ** 2) <= 1).float()[None, None]
+    crop = full[..., 60:210, 100:300]
+    rec = RecordX0()
+    g = ROIGuidance(crop, ellipse, 1.0, offset=(100, 60))
+    sample(model, count=1, seed=0, guidance=[g, rec], scales=n - 1)
+    for s in range(n - 1):
+        _, m = g.canvas(pyr.spec.sizes[s], model.input_scale, pyr.spec.sizes[-1])
+        inside = (m >= 0.999).expand_as(rec.seen[s])
+        area = math.pi * 55 * 80 * (m.shape[-1] / 400) * (m.shape[-2] / 300)  # the ellipse at this scale
+        assert int(inside[0, 0].sum()) > 0.6 * area, s
+        err = (rec.seen[s] - pyr.images[s]).abs()[inside]
+        assert float(err.max()) <= 1 / 127.5 + 1e-5 and float(err.mean()) < 1e-3, (s, float(err.max()))
+        outside = (m == 0).expand_as(rec.seen[s])  # unconstrained there: the untrained model's own x0
+        assert float((rec.seen[s] - pyr.images[s]).abs()[outside].mean()) > 0.1, s
+    # the output canvas in the training image's pixels: twice as wide, the whole image at x = 200
+    tgt, msk = ROIGuidance(full, None, 1.0, offset=(200, 0)).canvas((193, 516), model.input_scale)
+    assert float(msk[..., :129].max()) == 0 and float(msk[..., 387:].max()) == 0
+    assert float(msk[..., 129:387].min()) > 0.999999
+    assert torch.equal(tgt[..., 129:387], pyr.images[-1])
+    with pytest.raises(ValueError, match="outside"):
+        sample(model, count=1, seed=0, guidance=[ROIGuidance(full, None, 1.0, offset=(400, 0))], scales=1)
+
+
+def test_models_saved_before_the_input_size_was_recorded_map_one_to_one():
+    spec = PyramidSpec.from_dict({"sizes": [[50, 63], [100, 128]], "scale_factor": 1.4, "errors": [0.2]})
+    assert spec.input_size is None
+    _, pyr, model = roi_big_image()
+    assert PyramidSpec.from_dict(pyr.spec.to_dict()) == pyr.spec
+    old = SinDDM(model.net, pyr.__class__(dataclasses.replace(pyr.spec, input_size=None), pyr.images, pyr.blurry),
+                 model.schedule)
+    assert old.input_size == (193, 258) and old.input_scale == (1.0, 1.0)
 
 
 def test_guidance_composes(model):

@@ -50,9 +50,24 @@ class SinDDM:
         """(H, W) of the finest scale."""
         return self.pyramid.spec.sizes[-1]
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the image the model was trained on, before the 50,000-pixel cap (the finest scale's
+        size for files saved before it was recorded)."""
+        return self.pyramid.spec.input_size or self.training_size
+
+    @property
+    def input_scale(self) -> tuple[float, float]:
+        """(s_y, s_x): pixels of the training pyramid's finest scale per pixel of the image as given
+        (1, 1 below the cap; e.g. 193/300, 258/400 for a 400x300 image)."""
+        (h, w), (h0, w0) = self.training_size, self.input_size
+        return h / h0, w / w0
+
     def describe(self) -> str:
         spec = self.pyramid.spec
         sizes = ", ".join(f"{w}x{h}" for h, w in spec.sizes)
+        if self.input_size != self.training_size:
+            sizes += f"; trained on a {self.input_size[1]}x{self.input_size[0]} image, capped"
         return (f"SinDDM width {self.net.config.width}, {spec.n_scales} scales ({sizes}), r={spec.scale_factor:.4f}, "
                 f"T[s]={list(self.schedule.start_steps)}, trained {self.info.get('steps_done', '?')} steps")
 

@@ -13,11 +13,12 @@ for style transfer).  Text (CLIP) guidance is in :mod:`core.sinddm.clip_guidance
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from .pyramid import resize_to
+from PIL import Image
 
 
 class Guidance:
@@ -25,8 +26,13 @@ class Guidance:
 
     needs_ddpm = False  # True switches every scale to the stochastic DDPM posterior
 
-    def begin(self, sizes: list[tuple[int, int]], count: int, device: torch.device) -> None:
+    def begin(self, sizes: list[tuple[int, int]], count: int, device: torch.device,
+              input_scale: tuple[float, float] = (1.0, 1.0)) -> None:
+        """``sizes``: (H, W) of every scale of this run, coarsest first; ``input_scale``: (s_y, s_x), the
+        training pyramid's finest-scale pixels per pixel of the image the model was trained on (the
+        50,000-pixel cap; :attr:`core.sinddm.artifact.SinDDM.input_scale`)."""
         self.sizes, self.count, self.device = sizes, count, device
+        self.input_scale = (float(input_scale[0]), float(input_scale[1]))
 
     def begin_scale(self, s: int, size: tuple[int, int]) -> None:
         pass
@@ -43,16 +49,25 @@ class Guidance:
         pass
 
 
+_EDGE = 1e-6  # footprint edges within this of a pixel boundary count as on it (float round-off)
+
+
 class ROIGuidance(Guidance):
     """Paper eq. 2: x0 <- m * ((1 - eta) x0 + eta x_target) + (1 - m) * x0, at scales 0..N-2.
 
-    ``target`` [1, 3, h, w] in [0, 1] and ``mask`` [1, 1, h, w] in [0, 1] are pasted onto
-    the output canvas with their top-left corner at ``offset`` = (x, y) pixels (parts
-    outside the canvas are dropped; the canvas outside the target is unconstrained),
-    then resized (anti-aliased bilinear) to every scale.  The official code copies
-    boxes of the training image with nearest-neighbour resizing and a fixed eta = 0.8; a
-    mask generalises the boxes (any shape, soft edges).  Outpainting is the training
-    image as target on a larger canvas, with the mask covering all of it.
+    ``target`` [1, 3, h, w] in [0, 1], ``mask`` [1, 1, h, w] in [0, 1] and ``offset`` = (x, y)
+    (where the target's top-left corner lands) are in pixels of the image the model was trained
+    on *as given*, before the 50,000-pixel cap: a crop of that image, placed where it was cut,
+    reproduces it.  The official code cuts its targets from the training pyramid (a box picked
+    on the training image, scaled by r^-(N-1-s) per scale); here, at every scale, the part of
+    the output canvas that the target covers is resampled from the full-resolution target with
+    PIL's Lanczos filter, the filter the pyramid is built with, so a target equal to the training
+    image gives exactly the pyramid's x^s.  Pixels only partly covered by the target stay
+    unconstrained (the official code truncates its boxes too); parts outside the canvas are
+    dropped.  The canvas is the output (any size, e.g. wider for outpainting), measured in the
+    training image's pixels: output pixels / ``input_scale``.  The official code resizes its
+    boxes with nearest neighbours and a fixed eta = 0.8; a mask generalises the boxes (any
+    shape, soft edges).
     """
 
     def __init__(self, target: torch.Tensor, mask: torch.Tensor | None = None, strength: float = 0.8,
@@ -68,33 +83,55 @@ class ROIGuidance(Guidance):
                              f"{target.shape[-1]}x{target.shape[-2]}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
-        self.target = target.float().clamp(0, 1)
-        self.mask = mask.float().clamp(0, 1)
+        # uint8, as the training image enters the pyramid (PIL's Lanczos resamples 8-bit images exactly so)
+        rgb = (target[0].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+        self.target = Image.fromarray(rgb.cpu().numpy(), "RGB")
+        self.mask = Image.fromarray(mask[0, 0].detach().float().clamp(0, 1).cpu().numpy(), "F")
         self.eta = float(strength)
         self.offset = (int(offset[0]), int(offset[1]))
 
-    def canvas(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target in [-1, 1], mask) pasted on an (H, W) canvas."""
+    def canvas(self, size: tuple[int, int], input_scale: tuple[float, float] = (1.0, 1.0),
+               final: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target in [-1, 1] [1, 3, H, W], mask [1, 1, H, W]) on an (H, W) = ``size`` canvas.
+
+        ``final`` is the output's (finest) size the canvas belongs to (default ``size``); the
+        canvas spans final / ``input_scale`` pixels of the training image, scaled to ``size``.
+        """
         h, w = size
+        fh, fw = final if final is not None else size
+        fy, fx = h * input_scale[0] / fh, w * input_scale[1] / fw  # canvas pixels per training-image pixel
         x, y = self.offset
-        th, tw = self.target.shape[-2:]
+        tw, th = self.target.size
+        x0, x1 = max(0, math.ceil(x * fx - _EDGE)), min(w, math.floor((x + tw) * fx + _EDGE))
+        y0, y1 = max(0, math.ceil(y * fy - _EDGE)), min(h, math.floor((y + th) * fy + _EDGE))
         tgt = torch.zeros(1, 3, h, w)
         msk = torch.zeros(1, 1, h, w)
-        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + th, h), min(x + tw, w)
-        if y1 <= y0 or x1 <= x0:
-            raise ValueError(f"ROI: the target ({tw}x{th} at x={x}, y={y}) lies outside the {w}x{h} output")
-        tgt[..., y0:y1, x0:x1] = self.target[..., y0 - y : y1 - y, x0 - x : x1 - x] * 2 - 1
-        msk[..., y0:y1, x0:x1] = self.mask[..., y0 - y : y1 - y, x0 - x : x1 - x]
+        if x1 <= x0 or y1 <= y0:
+            return tgt, msk
+        # the source box of the covered pixels, in target pixels (inside the target by construction)
+        box = (min(max(x0 / fx - x, 0.0), tw), min(max(y0 / fy - y, 0.0), th),
+               min(max(x1 / fx - x, 0.0), tw), min(max(y1 / fy - y, 0.0), th))
+        patch = np.asarray(self.target.resize((x1 - x0, y1 - y0), Image.LANCZOS, box=box))
+        tgt[..., y0:y1, x0:x1] = torch.from_numpy(patch.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        m = np.asarray(self.mask.resize((x1 - x0, y1 - y0), Image.LANCZOS, box=box))
+        msk[..., y0:y1, x0:x1] = torch.from_numpy(m.copy()).clamp(0, 1)
         return tgt, msk
 
-    def begin(self, sizes, count, device):
-        super().begin(sizes, count, device)
-        self.full_target, self.full_mask = self.canvas(sizes[-1])
+    def begin(self, sizes, count, device, input_scale=(1.0, 1.0)):
+        super().begin(sizes, count, device, input_scale)
+        h, w = sizes[-1]
+        _, fine_mask = self.canvas(sizes[-1], self.input_scale)
+        if not bool((fine_mask > 0).any()):
+            tw, th = self.target.size
+            x, y = self.offset
+            raise ValueError(f"ROI: the target ({tw}x{th} at x={x}, y={y}, in the training image's pixels) lies "
+                             f"outside the output ({w / self.input_scale[1]:.0f}x{h / self.input_scale[0]:.0f} "
+                             f"of them, {w}x{h} px)")
         self.begin_scale(0, sizes[0])
 
     def begin_scale(self, s, size):
-        self.t_s = resize_to(self.full_target, size).to(self.device)
-        self.m_s = resize_to(self.full_mask, size).to(self.device)
+        t_s, m_s = self.canvas(size, self.input_scale, self.sizes[-1])
+        self.t_s, self.m_s = t_s.to(self.device), m_s.to(self.device)
 
     def apply(self, x0, s, t, sampler):
         if s >= len(self.sizes) - 1:  # "in all scales except for the finest one"

@@ -50,6 +50,10 @@ class PyramidSpec:
     scale_factor: float  # r
     errors: tuple[float, ...]  # L_s for s = 1..N-1
     error_kind: str = "wrapped"
+    # (H, W) of the image given to training, before the 50,000-pixel cap; None in files saved before it was
+    # recorded (then taken as the finest scale's size).  Region guidance maps targets, masks and coordinates
+    # given in this image's pixels into the pyramid's.
+    input_size: tuple[int, int] | None = None
 
     @property
     def n_scales(self) -> int:
@@ -57,12 +61,15 @@ class PyramidSpec:
 
     def to_dict(self) -> dict:
         return {"sizes": [list(s) for s in self.sizes], "scale_factor": self.scale_factor,
-                "errors": list(self.errors), "error_kind": self.error_kind}
+                "errors": list(self.errors), "error_kind": self.error_kind,
+                "input_size": list(self.input_size) if self.input_size is not None else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PyramidSpec":
+        size = d.get("input_size")
         return cls(tuple(tuple(int(v) for v in s) for s in d["sizes"]), float(d["scale_factor"]),
-                   tuple(float(e) for e in d["errors"]), d.get("error_kind", "wrapped"))
+                   tuple(float(e) for e in d["errors"]), d.get("error_kind", "wrapped"),
+                   (int(size[0]), int(size[1])) if size is not None else None)
 
 
 @dataclass
@@ -155,7 +162,7 @@ def build_pyramid(image: Image.Image | torch.Tensor, error_kind: str = "wrapped"
             errors.append(float_error(scales[s], up, float_factor))
         else:
             raise ValueError(f"error_kind must be 'wrapped' or 'float', got {error_kind!r}")
-    spec = PyramidSpec(sizes, r, tuple(errors), error_kind)
+    spec = PyramidSpec(sizes, r, tuple(errors), error_kind, (h0, w0))
     return Pyramid(spec, [to_unit(a) for a in scales], [to_unit(a) for a in blurry])
 
 

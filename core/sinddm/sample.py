@@ -171,7 +171,7 @@ def sample(
     smp = _Sampler(model.with_schedule(sched), device, guidance, on_step, should_stop, total)
     noise = _Noise(seed, count, device)
     for g in smp.guidance:
-        g.begin(sizes, count, device)
+        g.begin(sizes, count, device, model.input_scale)
     try:
         x = smp.coarsest((count, 3, *sizes[0]), noise)
         for s in range(1, n):
@@ -254,7 +254,7 @@ def resume(
     x = (resize_to(image.float(), sizes[s0]).to(device) * 2 - 1).expand(count, -1, -1, -1)
     noise = _Noise(seed, count, device)
     for g in smp.guidance:
-        g.begin(sizes, count, device)
+        g.begin(sizes, count, device, model.input_scale)
         g.begin_scale(s0, sizes[s0])
     try:
         x = smp.refine(x, s0, t0, noise, zero_gamma=zero_gamma)
