@@ -29,20 +29,26 @@ class SinDDMGuideROI:
     OUTPUT_TOOLTIPS = ("Guidance for SinDDM Sample (chainable).",)
     DESCRIPTION = ("Forces regions of the sample to show given content (paper eq. 2): at every step of every scale "
                    "but the finest, the clean-image estimate inside the mask moves towards the target by "
-                   "'strength'. The target is pasted on the output canvas at (x, y). Outpainting: use the "
-                   "training image as target with no mask and sample wider than it.")
+                   "'strength'. Target, mask and x, y are in pixels of the image SinDDM Train was given (before "
+                   "its 50,000-pixel cap): a crop of that image placed where it was cut reproduces it, and the "
+                   "pack scales all three like the training image (the official code cuts its targets from the "
+                   "training pyramid). Outpainting: use the training image as target with no mask and sample "
+                   "wider than it.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "target": ("IMAGE", {"tooltip": "Content to enforce, e.g. the training image or a crop of it. Only the "
-                                             "first image of a batch is used."}),
+            "target": ("IMAGE", {"tooltip": "Content to enforce, e.g. the training image or a crop of it, at the "
+                                             "resolution the training image was loaded at (it is scaled like the "
+                                             "training image). Only the first image of a batch is used."}),
             "strength": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.05,
                                    "tooltip": "eta of eq. 2 (official: 0.8). 1 copies the target exactly."}),
             "x": ("INT", {"default": 0, "min": -8192, "max": 8192,
-                          "tooltip": "Where the target's left edge lands on the output (pixels)."}),
+                          "tooltip": "Where the target's left edge lands, in pixels of the training image as "
+                                     "loaded (the output spans output width / training width of them)."}),
             "y": ("INT", {"default": 0, "min": -8192, "max": 8192,
-                          "tooltip": "Where the target's top edge lands on the output (pixels)."}),
+                          "tooltip": "Where the target's top edge lands, in pixels of the training image as "
+                                     "loaded."}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Which pixels of the target to enforce (same size as the target; "
                                          "white = enforce). Default: the whole target. Only the first mask of a "
@@ -135,7 +141,8 @@ class SinDDMGuideText:
             "fill_factor": ("FLOAT", {"default": 0.3, "min": 0.01, "max": 1.0, "step": 0.01,
                                       "tooltip": "Fraction of the image that content guidance may change "
                                                  "(ignored for style, which uses the whole image)."}),
-            "seed": _seed("Seed of the random augmentations and template choices."),
+            "seed": _seed("Seed of the random views, augmentations and template choices; sample k of a batch uses "
+                         "seed + k (like its noise), so it does not depend on count."),
         }, "optional": {"guidance": _guidance_in()}}
 
     def run(self, clip, text, mode, strength, fill_factor, seed, guidance=None):
@@ -182,7 +189,8 @@ class SinDDMGuideTextRegion:
             "denoise_steps": ("INT", {"default": REGION_EDIT_T, "min": 0, "max": 99,
                                       "tooltip": "Denoising steps of the finest scale after the edit, which blend it "
                                                  "into its surroundings (official: 3)."}),
-            "seed": _seed("Seed of the random augmentations and template choices."),
+            "seed": _seed("Seed of the random views, augmentations and template choices; sample k of a batch uses "
+                         "seed + k (like its noise), so it does not depend on count."),
         }, "optional": {"guidance": _guidance_in()}}
 
     def run(self, clip, text, mask, strength, iterations, denoise_steps, seed, guidance=None):
