@@ -318,13 +318,32 @@ PAPER_TRAIN = dict(steps=120000, batch_size=32, width=160, learning_rate=0.001, 
                    precision="auto")
 CPU_HINT = ("Paper settings: 120,000 steps, batch 32, width 160 (the paper: about 7 h on an A6000). "
             "On a CPU set steps 2000, batch 8, width 64 (about 20 minutes for this 250x200 image; rough results).")
+BUNDLED = "bundled with the pack in core/sinddm/data (CC0)"
+
+
+def sinddm_files(images: str, clip: bool = False, saved: bool = False) -> str:
+    """The note's paragraph saying which file goes where (issue 19, point 17)."""
+    text = f"\n\nFiles: {images}"
+    if clip:
+        text += ("; an OpenCLIP checkpoint in ComfyUI/models/open_clip (open_clip_vit_b32.safetensors here: "
+                 "ViT-B-32 with OpenAI weights, the paper's CLIP, e.g. open_clip_model.safetensors of "
+                 "timm/vit_base_patch32_clip_224.openai saved under that name, or pick yours in Load OpenCLIP; "
+                 "needs the open_clip_torch package)")
+    text += ". Images larger than 50,000 pixels are trained at that size (the official cap)."
+    if saved:
+        text += (" Save SinDDM Model writes the trained model to ComfyUI/models/single_image_edit/sinddm; next time "
+                 "load it with Load SinDDM Model instead of training again.")
+    return text + " Results go to ComfyUI/output/sinddm."
+
+
+TRAINING_IMAGE = f"the training image in ComfyUI/input (coffee_250x200.png here, {BUNDLED}, or your own)"
 
 
 def sinddm_random_samples() -> Graph:
     g = Graph("sinddm_random_samples")
     g.note("SinDDM: train a diffusion model on ONE image, then draw random samples of any size.\n\n"
-           f"{CPU_HINT}\n\nThe trained model is saved to models/single_image_edit/sinddm; next time use "
-           "'Load SinDDM Model' instead of training again (or keep ComfyUI running: unchanged nodes are cached).")
+           f"{CPU_HINT}\n\nWhile ComfyUI keeps running, unchanged nodes are cached: sampling again does not retrain."
+           + sinddm_files(TRAINING_IMAGE, saved=True))
     g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
@@ -345,7 +364,10 @@ def sinddm_roi_outpaint() -> Graph:
     g = Graph("sinddm_roi_outpaint")
     g.note("SinDDM region guidance (paper eq. 2).\n\nTop: outpainting - the whole training image is the region, "
            "placed in the middle of an output twice as wide; SinDDM invents the sides.\n\nBottom: two copies of a "
-           f"crop of the image (the cup) are forced at chosen places; the rest is generated around them.\n\n{CPU_HINT}")
+           "crop of the image (the cup) are forced at chosen places; the rest is generated around them. A region's "
+           "target, mask and x, y are in pixels of the training image as loaded (a click on the region node's "
+           "picture sets x, y); a larger image is scaled down with them.\n\n" + CPU_HINT
+           + sinddm_files(TRAINING_IMAGE))
     g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
@@ -371,8 +393,10 @@ def sinddm_harmonization() -> Graph:
     g = Graph("sinddm_harmonization")
     g.note("SinDDM harmonization: a pasted object is blended into the look of the image the model was trained on "
            "(paper Sec. 4, injected at t = 5 of the finest scale).\n\nThis example pastes a flat orange square onto "
-           "the training image and harmonizes it; to use your own, load a composite and a mask of the pasted object "
-           f"(white = object).\n\n{CPU_HINT}")
+           "the training image and harmonizes it.\n\n" + CPU_HINT
+           + sinddm_files(f"{TRAINING_IMAGE}; for your own edit, the composite and the mask of the pasted object "
+                          "(white = object, the composite's size) in ComfyUI/input, each through a Load Image node "
+                          "(the mask from its alpha or a channel) into SinDDM Harmonize's image and mask"))
     g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
@@ -396,7 +420,9 @@ def sinddm_style_transfer() -> Graph:
     g.note("SinDDM style transfer: the model is trained on the STYLE image; the content image is colour-matched to it "
            "and injected at t = 15 of the finest scale (paper Sec. 4), so its layout stays and its textures change.\n\n"
            "The second node injects it one scale lower ('scale' = -2; the paper allows any scale): the finest scale "
-           f"then re-renders it, so more of the style shows.\n\n{CPU_HINT}")
+           f"then re-renders it, so more of the style shows.\n\n{CPU_HINT}"
+           + sinddm_files(f"the style (training) image and the content image in ComfyUI/input (coffee_250x200.png and "
+                          f"coffee_128x100.png here, both {BUNDLED}, or your own)"))
     g.stage("1. Train on the style image", columns=1)
     style = g.add("LoadImage", title="Style image (training)", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=style.out(0), **PAPER_TRAIN)
@@ -417,10 +443,8 @@ def sinddm_style_transfer() -> Graph:
 def sinddm_text_guided() -> Graph:
     g = Graph("sinddm_text_guided")
     g.note("SinDDM text guidance with CLIP (paper Sec. 4). Content: CLIP changes what appears in a part of the "
-           "image ('fill_factor'); style: the look of the finest scale.\n\nNeeds an OpenCLIP checkpoint in "
-           "models/open_clip (the paper uses ViT-B/32, OpenAI weights, e.g. open_clip_model.safetensors from "
-           "timm/vit_base_patch32_clip_224.openai), and open_clip_torch installed.\n\nSlow on a CPU: every guided "
-           f"step runs CLIP on 16 views.\n\n{CPU_HINT}")
+           "image ('fill_factor'); style: the look of the finest scale.\n\nSlow on a CPU: every guided "
+           f"step runs CLIP on 16 views.\n\n{CPU_HINT}" + sinddm_files(TRAINING_IMAGE, clip=True))
     g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
@@ -440,18 +464,14 @@ def sinddm_text_guided() -> Graph:
     return g
 
 
-CLIP_NOTE = ("Needs an OpenCLIP checkpoint in models/open_clip (the paper uses ViT-B/32, OpenAI weights, e.g. "
-             "open_clip_model.safetensors from timm/vit_base_patch32_clip_224.openai), and open_clip_torch installed.")
-
-
 def sinddm_text_roi() -> Graph:
     g = Graph("sinddm_text_roi")
     g.note("SinDDM text in a region (paper Sec. 4, Figs. 2 and S3; the official clip_roi): the pixels inside the mask "
            "(here a box over the coffee) are optimised with CLIP for 100 steps, pasted back, and 3 denoising steps "
            "of the finest scale blend them in; the rest of the image is kept.\n\nTop: the training image itself "
            "(SinDDM Edit Training Image, start = training_image). Bottom: the same guidance on random samples "
-           f"(it chains with other SinDDM guides).\n\n{CLIP_NOTE}\n\nEach CLIP step runs 16 views: about a minute "
-           f"on a CPU for 100 steps.\n\n{CPU_HINT}")
+           "(it chains with other SinDDM guides).\n\nEach CLIP step runs 16 views: about a minute on a CPU for 100 "
+           f"steps.\n\n{CPU_HINT}" + sinddm_files(TRAINING_IMAGE, clip=True))
     g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
@@ -479,7 +499,7 @@ def sinddm_text_style() -> Graph:
     g.note("SinDDM text-guided style of the training image itself (paper Sec. 4 and Fig. S9; the official "
            "clip_style_trans): the training image one scale down is re-rendered at the finest scale while CLIP "
            "steers the style ('Van Gogh' + ' Style'), so the layout stays and the textures change.\n\n"
-           f"{CLIP_NOTE}\n\n{CPU_HINT}")
+           f"{CPU_HINT}" + sinddm_files(TRAINING_IMAGE, clip=True))
     g.stage("1. Train on one image", columns=1)
     img = g.add("LoadImage", image="coffee_250x200.png")
     train = g.add("SIE_SinDDMTrain", image=img.out(0), **PAPER_TRAIN)
