@@ -88,6 +88,7 @@ def test_fine_tune_steps_default_to_the_recipes(monkeypatch):
 
     monkeypatch.setattr(bridge, "Progress", progress)
     monkeypatch.setattr(bridge, "torch_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(sys.modules[PACK.__name__ + ".nodes.imagic"], "check_memory", lambda *a, **k: None)
     steps = N["SIE_FineTune"].INPUT_TYPES()["required"]["steps"]
     assert steps[0] == "INT" and steps[1]["default"] == 0 and steps[1]["min"] == 0
     model, image = fake_model(SD15), torch.rand(1, 64, 64, 3)

@@ -162,7 +162,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    r = run_in_comfyui(SCRIPT, str(random_sd15()), timeout=1800, tmp_dir=tmp_path_factory.mktemp("layerdiffusion"))
+    r = run_in_comfyui(SCRIPT, str(random_sd15()), timeout=3600, tmp_dir=tmp_path_factory.mktemp("layerdiffusion"))
     print("LayerDiffusion results:", json.dumps(r))
     return r
 
