@@ -20,6 +20,7 @@ from core.artifact_io import ArtifactError, atomic_save_safetensors  # noqa: E40
 from core.diffusion import alphas_cumprod  # noqa: E402
 from core.pixel import DiffusersPixel, save_pixel_folder  # noqa: E402
 from core.rectifier import (  # noqa: E402
+    RectifierConfig,
     RectifierInfo,
     SeparableModulation,
     TrainConfig,
@@ -27,6 +28,7 @@ from core.rectifier import (  # noqa: E402
     ddim_invert,
     ddim_sample,
     ddpm_sample,
+    invert_and_sample,
     load_rectifier,
     modulated_layers,
     new_rectifier,
@@ -36,6 +38,7 @@ from core.rectifier import (  # noqa: E402
 )
 from core.rectifier.layers import full_values, generated_values  # noqa: E402
 from core.rectifier.modulation import delta_conv, delta_conv_loop, dense_delta  # noqa: E402
+from core.rectifier.sample import inversion_schedule  # noqa: E402
 from core.seam import DeltaFunction, Features  # noqa: E402
 from tiny_sd import tiny_sd_model  # noqa: E402
 
@@ -361,11 +364,22 @@ def test_cli_edit_and_errors(cli_data, tmp_path):
     out = _cli("train", "--model", cli_data / "model", "--images", cli_data / "imgs", "--steps", 2, "--batch", 2,
                "--encoder-blocks", "1,1,1,1", "--width", 8, "--device", "cpu", "--out", tmp_path / "r.safetensors")
     assert out.returncode == 0, out.stderr[-2000:]
-    for extra in ([], ["--t0", 400]):
-        res = _cli("edit", "--model", cli_data / "model", "--rectifier", tmp_path / "r.safetensors", "--image",
-                   cli_data / "imgs" / "0.png", "--steps", 4, "--device", "cpu", "--out", tmp_path / "o.png", *extra)
+    edit = ["edit", "--model", cli_data / "model", "--rectifier", tmp_path / "r.safetensors", "--image",
+            cli_data / "imgs" / "0.png", "--steps", 4, "--device", "cpu", "--out", tmp_path / "o.png"]
+    for extra, says in (([], "DDIM inversion by the rectifier itself"),  # the default: a recon rectifier inverts
+                        (["--invert-with", "plain", "--plain-out", tmp_path / "p.png"], "DDIM inversion by plain"),
+                        (["--start", "noise"], "DDPM from noise"), (["--t0", 400], "SDEdit from t0 400")):
+        res = _cli(*edit, *extra)
         assert res.returncode == 0, res.stderr[-2000:]
-        assert (tmp_path / "o.png").is_file()
+        assert (tmp_path / "o.png").is_file() and says in res.stdout, res.stdout
+        if "--plain-out" in extra:  # the plain model's round trip written too, both scored against the input
+            assert (tmp_path / "p.png").is_file() and "plain vs the input: L1" in res.stdout, res.stdout
+            assert "rectified vs the input: L1" in res.stdout
+    for extra, flag in ((["--start", "sdedit"], "--t0"), (["--start", "inversion", "--t0", 300], "--t0"),
+                        (["--start", "noise", "--plain-out", tmp_path / "p.png"], "--plain-out"),
+                        (["--invert-with", tmp_path / "missing.safetensors"], "--invert-with")):
+        bad = _cli(*edit, *extra)
+        assert bad.returncode == 2 and flag in bad.stderr, (extra, bad.stderr[-1000:])
     bad = _cli("train", "--model", cli_data / "model", "--images", tmp_path / "none", "--out", tmp_path / "x.safetensors")
     assert bad.returncode == 2 and "--images" in bad.stderr
     bad = _cli("train", "--mode", "edit", "--model", cli_data / "model", "--images", cli_data / "imgs", "--out",
@@ -377,3 +391,211 @@ def test_cli_edit_and_errors(cli_data, tmp_path):
     bad = _cli("edit", "--model", cli_data / "model", "--rectifier", tmp_path / "r.safetensors", "--image",
                cli_data / "imgs" / "0.png", "--out", tmp_path / "o.png", "--t0", 1000)
     assert bad.returncode == 2 and "--t0" in bad.stderr
+
+
+# ---------------------------------------------------------------- trajectories, inversion ---------------------------
+def test_modulated_estimate_needs_t_to_decrease_and_resets_between_inversion_and_sampling(pixel, one_thread):
+    """estimate="modulated" feeds R the previous call's estimate only while t decreases (a sampling trajectory);
+    ddim_invert runs t upwards, and every sampler starts a new trajectory, so the inversion's last estimate (at
+    t = 999, of the *inverted* x) never feeds the first sampling step."""
+    r = perturbed(new_rectifier(pixel.unet_parameters(), 3, **SMALL))
+    x0 = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    ab = pixel.alphas_cumprod
+    with torch.no_grad(), rectified(pixel, r, x0, estimate="modulated") as R:
+        R.eps(x, torch.tensor([500]))
+        R.eps(x, torch.tensor([400]))  # t decreases: the previous estimate, no base pass
+        assert R.base_calls == 1
+        R.eps(x, torch.tensor([600]))  # t rises: a new trajectory, a base pass
+        R.eps(x, torch.tensor([600]))  # the same t again: also a base pass
+        assert R.base_calls == 3
+        R.base_calls = 0
+        x_T = ddim_invert(R, x0, ab, 10)
+        assert R.base_calls == 10  # t rises at every inversion step: the base model's estimate each time
+        first = {}
+        orig = R.eps_with
+
+        def spy(x_t, t, estimate, cond=None):
+            first.setdefault("p", estimate.clone())
+            return orig(x_t, t, estimate, cond)
+
+        R.eps_with = spy
+        ddim_sample(R, x_T, ab, 10)
+        assert R.base_calls == 11  # one base pass at the start of the sampling trajectory, then the modulated ones
+        expected = R.base_estimate(x_T, torch.tensor([999]), None)
+        assert torch.equal(first["p"], expected)
+        R.reset()
+        assert R.previous is None and R.previous_t is None
+
+
+def test_invert_and_sample_inverts_with_the_plain_model_and_samples_with_the_rectified_one(pixel, one_thread):
+    r = perturbed(new_rectifier(pixel.unet_parameters(), 3, **SMALL))
+    x0 = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    ab = pixel.alphas_cumprod
+    plain = lambda x, t: pixel.eps(x, t)  # noqa: E731
+    with torch.no_grad(), rectified(pixel, r, x0) as R:
+        x_T, out = invert_and_sample(plain, R, x0, ab, 6)
+        assert torch.equal(x_T, ddim_invert(plain, x0, ab, 6))
+        assert torch.equal(out, ddim_sample(R, x_T, ab, 6))
+        assert (out - ddim_sample(plain, x_T, ab, 6)).abs().max() > 1e-3  # the rectifier acts on the way back
+    assert inversion_schedule(ab, 4) == [999, 749, 499, 249]
+
+
+# ---------------------------------------------------------------- hypernetwork details ------------------------------
+def test_branch_time_projection_is_the_unet_resblocks_silu_then_linear(pixel):
+    """Supplement A: the time embedding enters every branch "the same way as U-Net": a ResBlock adds
+    temb_proj(SiLU(temb)) to its first conv's output (DDPM, iDDPM, diffusers)."""
+    r = new_rectifier(pixel.unet_parameters(), 3, **SMALL)
+    b = r.branches[0]
+    g = torch.Generator().manual_seed(8)
+    f, temb = torch.randn(2, 512, 4, 4, generator=g), torch.randn(2, r.config.time_dim, generator=g) * 3
+    with torch.no_grad():
+        proj = torch.nn.functional.linear(temb * torch.sigmoid(temb), b.temb.weight, b.temb.bias)  # [2, width]
+        h = torch.nn.functional.leaky_relu(b.conv_in(f) + proj[:, :, None, None], 0.2)
+        for conv in b.convs:
+            h = torch.nn.functional.leaky_relu(conv(h), 0.2)
+        h = h.mean(dim=(2, 3))
+        a, c = b(f, temb)
+    torch.testing.assert_close(c.flatten(1), b.head_c(h))
+    assert r.config.branch_silu and r.config.to_json()["branch_silu"] is True
+    old = dict(r.config.to_json())
+    del old["branch_silu"]  # a file saved before the SiLU existed keeps computing as it was trained
+    assert RectifierConfig.from_json(old).branch_silu is False
+
+
+# ---------------------------------------------------------------- distributed: a NaN on one rank --------------------
+@pytest.mark.slow
+def test_a_nan_batch_on_one_rank_stops_every_rank_at_the_same_step():
+    """Two gloo processes; rank 1's first batch holds a NaN image (tests/rectifier_ddp_nan.py).  Every rank must
+    raise at step 1 naming rank 1, and the job must end (before: rank 1 stopped alone after its step, having
+    poisoned the shared gradients, and rank 0 went on to wait in the next gradient all-reduce, for good)."""
+    import signal
+    import uuid
+
+    token = uuid.uuid4().hex  # marks this job's worker processes (torchrun starts each in its own session)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "rectifier_ddp_nan.py"), token]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher we started
+        out, err = proc.communicate()
+        pytest.fail(f"the job hung:\n{out[-2000:]}\n{err[-2000:]}")
+    finally:
+        for pid in _pids_with(token):  # its workers, if any outlived it
+            os.kill(pid, signal.SIGKILL)
+    lines = sorted(line for line in out.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, (out[-2000:], err[-3000:])
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"rank {rank}: FloatingPointError:"), line
+        assert "not finite at step 1 on rank 1 of 2" in line, line
+    assert proc.returncode != 0
+
+
+def _pids_with(token: str) -> list[int]:
+    """Processes whose command line holds ``token`` (this test's own workers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if token.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+# ---------------------------------------------------------------- CLI edit training, end to end ----------------------
+def small_open_clip() -> Path:
+    """A random-weight OpenCLIP ViT-S-32 in safetensors (the smallest registered ViT), made once and cached."""
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file
+
+    cache = Path(os.environ.get("SIE_TEST_CACHE", Path.home() / ".cache" / "comfyui-single-image-edit"))
+    path = cache / "random_open_clip_vit_s32.safetensors"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.create_model("ViT-S-32", pretrained=None)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.rename(path)
+    return path
+
+
+@pytest.mark.slow
+def test_cli_edit_training_runs_end_to_end(cli_data, tmp_path):
+    """python -m core.rectifier train --mode recon, then --mode edit continued from it (Alg. 1, a random OpenCLIP):
+    the edit file records both runs with finite losses, and the edit steps moved R.  (On a GPU the same run is a
+    stage of benchmarks/gpu_suite.py: there the step's CLIP source images were indexed across devices.)"""
+    clip = small_open_clip()
+    common = ["--model", cli_data / "model", "--images", cli_data / "imgs", "--steps", 2, "--batch", 2,
+              "--encoder-blocks", "1,1,1,1", "--width", 8, "--device", "cpu"]
+    recon = _cli("train", *common, "--out", tmp_path / "recon.safetensors")
+    assert recon.returncode == 0, recon.stderr[-2000:]
+    edit = _cli("train", "--mode", "edit", *common, "--continue", tmp_path / "recon.safetensors", "--clip", clip,
+                "--clip-arch", "ViT-S-32", "--source", "photo", "--target", "painting", "--out",
+                tmp_path / "edit.safetensors")
+    assert edit.returncode == 0, edit.stderr[-3000:]
+    r0, _ = load_rectifier(tmp_path / "recon.safetensors")
+    r1, info = load_rectifier(tmp_path / "edit.safetensors")
+    assert info.mode == "edit" and (info.source_text, info.target_text) == ("photo", "painting")
+    assert [h["mode"] for h in info.history] == ["recon", "edit"] and info.steps == 4
+    assert all(torch.isfinite(torch.tensor(h["final_loss"])) for h in info.history)
+    moved = max((a - b).abs().max().item() for a, b in zip(r0.state_dict().values(), r1.state_dict().values())
+                if a.is_floating_point())
+    assert moved > 0
+
+
+def _tiny_clip():
+    """A random two-layer OpenCLIP (32 px) for CLIP-loss plumbing tests."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    from core.sinddm.clip_guidance import OpenCLIP
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.model.CLIP(32, CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
+                                     CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+    return OpenCLIP(model.eval().requires_grad_(False), open_clip.get_tokenizer("ViT-B-32"), "tiny", 32)
+
+
+def test_cli_sd_edit_training_compares_with_the_decoded_originals(cli_data, tmp_path, monkeypatch, one_thread):
+    """python -m core.rectifier train --mode edit on SD: the CLIP source images (x_src of eq. 4) are the training
+    latents through the VAE decoder, as x0_hat is rendered and as the node does, not the image files: the VAE's own
+    reconstruction error is then no part of the image direction dI."""
+    import core.rectifier.clip_direction as cd
+    import core.sinddm.clip_guidance as cg
+    from core.imagic.pipeline import load_image
+    from core.rectifier.__main__ import image_paths, main
+    from core.rectifier.train import draw
+    from core.sd.loader import load_sd15
+    from tiny_sd import build_tiny, write_diffusers_folder
+
+    folder = write_diffusers_folder(tmp_path / "sd", *build_tiny(0))
+    monkeypatch.setattr(cg, "load_open_clip", lambda path, arch, device: _tiny_clip())
+    seen = []
+    loss = cd.DirectionalCLIP.loss
+
+    def spy(self, x_edit, x_src):
+        seen.append(x_src.detach().clone())
+        return loss(self, x_edit, x_src)
+
+    monkeypatch.setattr(cd.DirectionalCLIP, "loss", spy)
+    main(["train", "--mode", "edit", "--kind", "sd", "--model", str(folder), "--images", str(cli_data / "imgs"),
+          "--size", "32", "--steps", "1", "--batch", "2", "--encoder-blocks", "1,1,1,1", "--width", "8", "--device",
+          "cpu", "--clip", str(tmp_path / "clip.safetensors"), "--source", "photo", "--target", "painting", "--out",
+          str(tmp_path / "edit.safetensors")])
+    model = load_sd15(folder, device="cpu")
+    images = torch.cat([load_image(p, 32) for p in image_paths([str(cli_data / "imgs")])])  # [6, 3, 32, 32]
+    with torch.no_grad():
+        decoded = model.decode(torch.cat([model.encode(images[i:i + 1]) for i in range(len(images))]))
+    idx = draw(1, 0, len(images), 2, (4, 4, 4), len(model.alphas_cumprod))[0]
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], decoded[idx], rtol=1e-4, atol=1e-4)
+    assert (seen[0] - images[idx]).abs().max() > 0.05  # the files themselves are another picture for this VAE

@@ -15,7 +15,7 @@ from .artifact import RectifierInfo, check_fits, load_rectifier, save_rectifier
 from .hypernet import Rectifier, RectifierConfig, load_encoder_weights
 from .layers import LayerSpec, layout, modulated_layers
 from .modulation import SeparableModulation, modulation_functions
-from .sample import Rectified, ddim_invert, ddim_sample, ddpm_sample, rectified
+from .sample import Rectified, ddim_invert, ddim_sample, ddpm_sample, invert_and_sample, rectified
 from .train import TrainConfig, train_rectifier
 
 
@@ -26,7 +26,8 @@ def new_rectifier(params, channels: int, **kw) -> Rectifier:
 
 __all__ = [
     "LayerSpec", "Rectified", "Rectifier", "RectifierConfig", "RectifierInfo", "SeparableModulation",
-    "TrainConfig", "check_fits", "ddim_invert", "ddim_sample", "ddpm_sample", "layout", "load_encoder_weights",
+    "TrainConfig", "check_fits", "ddim_invert", "ddim_sample", "ddpm_sample", "invert_and_sample", "layout",
+    "load_encoder_weights",
     "load_rectifier", "modulated_layers", "modulation_functions", "new_rectifier", "rectified",
     "save_rectifier", "train_rectifier",
 ]

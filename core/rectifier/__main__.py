@@ -9,8 +9,14 @@
 ``--model``: a diffusers UNet2DModel folder / single file (pixel DDPM) or an SD 1.x checkpoint
 (``--kind`` says which when the file does not).  Several processes (``torchrun --nproc_per_node N
 -m core.rectifier train ...``) train with DistributedDataParallel, N x --batch images per step.
-``edit`` samples the full DDPM trajectory with the rectified model and the image as x_0 (the
-paper's inference), or with --t0 the SDEdit variant from the image noised to t0.
+``edit`` by default inverts the image to x_T with DDIM, then samples x_T back with DDIM and the
+rectified model, the image as x_0 at every step (the paper's "N inversion and denoising steps", Table 1
+and Figs. 1, 5, 12-13).  A reconstruction rectifier inverts too (the rectified model runs both halves of
+the round trip); for an edit rectifier the plain model inverts, or ``--invert-with recon.safetensors``
+(the rectifier the edit continued from).  ``--plain-out`` also writes the plain model's own round trip,
+and the outputs are scored against the input (L1, L2, SSIM).  ``--start noise`` samples the full DDPM
+trajectory from pure noise instead, ``--start sdedit --t0 T`` (or ``--t0`` alone) from the image noised
+to T (SDEdit, the paper's image-to-image section).
 """
 
 from __future__ import annotations
@@ -65,16 +71,48 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder-blocks", type=_blocks, default=(3, 4, 6, 3), help="ResNet blocks (3,4,6,3 = ResNet-34)")
     t.add_argument("--encoder-weights", default=None, help="torchvision ResNet-34 ImageNet weights (local file)")
     t.add_argument("--width", type=cli.positive_int, default=64, help="channels of each subnet branch")
-    e = sub.add_parser("edit", help="sample with the rectified model (full DDPM, or SDEdit with --t0)")
+    e = sub.add_parser("edit", help="reconstruct or edit an image with the rectified model (DDIM inversion, then "
+                                    "sampling; or DDPM from noise; or SDEdit)")
     _common(e)
     e.add_argument("--rectifier", required=True)
     e.add_argument("--image", required=True)
     e.add_argument("--out", default="rectified.png")
-    e.add_argument("--steps", type=cli.positive_int, default=50, help="DDPM steps (respaced)")
-    e.add_argument("--t0", type=int, default=None, help="SDEdit: start from the image noised to this timestep")
+    e.add_argument("--start", default=None, choices=STARTS,
+                   help="inversion (default): DDIM-invert the image (see --invert-with), then DDIM-sample it back "
+                        "with the rectified model (the paper's 'N inversion and denoising steps'); noise: DDPM from "
+                        "pure noise with the image as x_0 at every step; sdedit: DDPM from the image noised to --t0")
+    e.add_argument("--steps", type=cli.positive_int, default=50,
+                   help="inversion and sampling steps (DDIM), or DDPM steps (respaced) for noise / sdedit")
+    e.add_argument("--t0", type=int, default=None, help="SDEdit: start from the image noised to this timestep "
+                                                        "(implies --start sdedit)")
+    e.add_argument("--invert-with", default=None, metavar="rectifier|plain|FILE",
+                   help="inversion: the model that inverts. Default: the rectifier itself when it was trained for "
+                        "reconstruction (a DDIM round trip is faithful when one model runs both halves), the plain "
+                        "model when it was trained for an edit (inverting with it would let its sampling undo the "
+                        "edit); or another rectifier file, e.g. the reconstruction rectifier the edit continued from")
+    e.add_argument("--plain-out", default=None, help="inversion: also write the plain model's reconstruction (the "
+                                                     "plain model inverting and sampling back), to compare")
     e.add_argument("--strength", type=float, default=1.0)
     e.add_argument("--estimate", default="base", choices=["base", "modulated"])
     return ap
+
+
+STARTS = ("inversion", "noise", "sdedit")
+
+
+def start_of(a) -> str:
+    """--start, resolved: --t0 alone means sdedit (as before --start existed); otherwise inversion."""
+    start = a.start or ("sdedit" if a.t0 is not None else "inversion")
+    if start == "sdedit" and a.t0 is None:
+        raise cli.CLIError("--t0", "SDEdit needs the timestep to start from", "e.g. --start sdedit --t0 500")
+    if start != "sdedit" and a.t0 is not None:
+        raise cli.CLIError("--t0", f"only SDEdit starts from a timestep, not --start {start}",
+                           "drop --t0, or use --start sdedit")
+    for flag, value in (("--plain-out", a.plain_out), ("--invert-with", a.invert_with)):
+        if value is not None and start != "inversion":
+            raise cli.CLIError(flag, f"only --start inversion inverts, not --start {start}",
+                               f"drop {flag}, or use --start inversion")
+    return start
 
 
 def _kind(a) -> str:
@@ -199,8 +237,9 @@ def train_command(ap, a) -> None:
                 terms = " ".join(f"{k} {v:.4f}" for k, v in inf["terms"].items())
                 print(f"step {i}/{n} loss {inf['loss']:.4f} ({terms}) lr {inf['lr']:.2e}")
 
-        res = train_rectifier(model, rectifier, x0, config, cond=cond, clip=clip, to_image=to_image,
-                              source_images=images if a.mode == "edit" else None, on_step=report)
+        # edit: the CLIP source images are the originals as to_image renders them (train_rectifier's default):
+        # for SD the VAE-decoded latents, so the VAE's own reconstruction error is no part of dI (as in the node)
+        res = train_rectifier(model, rectifier, x0, config, cond=cond, clip=clip, to_image=to_image, on_step=report)
         info.mode = a.mode
         info.steps += steps
         if a.mode == "edit":
@@ -219,27 +258,75 @@ def edit_command(ap, a) -> None:
     from ..images import tensor_to_pil
     from ..imagic.pipeline import load_image
     from .artifact import check_fits, load_rectifier
-    from .sample import ddpm_sample, rectified
+    from .metrics import reconstruction_report
+    from .sample import ddim_invert, ddim_sample, ddpm_sample, rectified
 
     out = cli.check_image_output(a.out, "--out")
+    plain_out = cli.check_image_output(a.plain_out, "--plain-out") if a.plain_out else None
+    start = start_of(a)
     image = cli.open_image(a.image, "--image")
     device = cli.device(a.device)
     rectifier, info = load_rectifier(a.rectifier, device)
+    inverter, inverter_name = None, "plain"
+    if start == "inversion":
+        choice = a.invert_with or ("rectifier" if info.mode == "recon" else "plain")
+        if choice == "rectifier":
+            inverter, inverter_name = rectifier, "the rectifier itself"
+        elif choice != "plain":
+            if not Path(choice).is_file():
+                raise cli.CLIError("--invert-with", f"{choice}: not found", "use rectifier, plain or a rectifier file")
+            with cli.checking("--invert-with"):
+                inverter, inv_info = load_rectifier(choice, device)
+            inverter_name = f"{Path(choice).name} ({inv_info.mode})"
     model, kind = load_model(a, device)
-    with cli.checking("--rectifier"):
-        check_fits(rectifier, model.unet_parameters())
-    x0 = to_model_space(model, kind, load_image(image, _size(a, model, kind)))
+    for flag, r in (("--rectifier", rectifier), ("--invert-with", inverter)):
+        if r is not None:
+            with cli.checking(flag):
+                check_fits(r, model.unet_parameters())
+    original = load_image(image, _size(a, model, kind))  # [1, 3, H, W] in [0, 1]
+    x0 = to_model_space(model, kind, original)
     if a.t0 is not None and not 0 <= a.t0 < len(model.alphas_cumprod):
         raise cli.CLIError("--t0", f"{a.t0} is outside 0..{len(model.alphas_cumprod) - 1}", "e.g. --t0 500")
     cond = model.encode_text([a.prompt]) if kind == "sd" else None
-    gen = torch.Generator().manual_seed(a.seed)
-    with torch.no_grad(), rectified(model, rectifier, x0, a.strength, a.estimate, cond) as r:
-        x = ddpm_sample(r, model.alphas_cumprod, tuple(x0.shape), a.steps, gen, device,
-                        x_start=x0 if a.t0 is not None else None, t0=a.t0, clip_x0=1.0 if kind == "pixel" else None)
-    img = (x.clamp(-1, 1) + 1) / 2 if kind == "pixel" else model.decode(x)
+    ab = model.alphas_cumprod
+    to_image = (lambda z: (z.clamp(-1, 1) + 1) / 2) if kind == "pixel" else model.decode
+    plain = None
+    with torch.no_grad():
+        def plain_eps(z, t):
+            return model.eps(z, t, cond)
+
+        if start == "inversion":  # DDIM inversion (plain model or a rectifier), then rectified DDIM sampling
+            if inverter is None:
+                x_T = ddim_invert(plain_eps, x0, ab, a.steps)
+            else:
+                with rectified(model, inverter, x0, a.strength, a.estimate, cond) as inv:
+                    x_T = ddim_invert(inv, x0, ab, a.steps)
+            with rectified(model, rectifier, x0, a.strength, a.estimate, cond) as r:
+                x = ddim_sample(r, x_T, ab, a.steps)
+            if plain_out is not None:
+                plain = ddim_sample(plain_eps, ddim_invert(plain_eps, x0, ab, a.steps), ab, a.steps)
+        else:
+            gen = torch.Generator().manual_seed(a.seed)
+            with rectified(model, rectifier, x0, a.strength, a.estimate, cond) as r:
+                x = ddpm_sample(r, ab, tuple(x0.shape), a.steps, gen, device,
+                                x_start=x0 if start == "sdedit" else None, t0=a.t0,
+                                clip_x0=1.0 if kind == "pixel" else None)
+        img = to_image(x)
     atomic_write_image(tensor_to_pil(img[0]), out)
-    what = f"SDEdit from t0 {a.t0}" if a.t0 is not None else "full trajectory"
+    what = {"inversion": f"DDIM inversion by {inverter_name}, then rectified DDIM sampling",
+            "noise": "DDPM from noise", "sdedit": f"SDEdit from t0 {a.t0}"}[start]
     print(f"wrote {out} ({what}, {a.steps} steps, strength {a.strength:g}, rectifier trained for {info.mode})")
+    if start == "inversion":
+        ref = original.to(img.device)
+        scores = {"rectified": reconstruction_report(ref, img.float())}
+        if plain is not None:
+            with torch.no_grad():
+                plain_img = to_image(plain)
+            atomic_write_image(tensor_to_pil(plain_img[0]), plain_out)
+            print(f"wrote {plain_out} (the plain model's DDIM inversion and sampling)")
+            scores["plain"] = reconstruction_report(ref, plain_img.float())
+        for name, sc in scores.items():
+            print(f"{name} vs the input: L1 {sc['l1']:.4f}  L2 {sc['l2']:.4f}  SSIM {sc['ssim']:.4f}")
 
 
 def main(argv: list[str] | None = None) -> None:

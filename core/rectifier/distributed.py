@@ -39,6 +39,24 @@ def setup(device: torch.device | None = None) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def nonfinite_ranks(value: torch.Tensor) -> list[int]:
+    """The ranks whose ``value`` is not finite (NaN or inf anywhere), agreed by every rank.
+
+    Outside a process group: ``[0]`` or ``[]``.  Inside one, every rank must call this at the
+    same point (it is a collective: one all-reduce of a [world size] flag vector), so all of them
+    learn the same answer and can stop together, before the backward pass whose gradient
+    all-reduce a stopped rank would never join (which would leave the others waiting)."""
+    import torch.distributed as dist
+
+    bad = not bool(torch.isfinite(value.detach()).all())
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [0] if bad else []
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.float32, device=value.device)  # NCCL: on the GPU
+    flags[dist.get_rank()] = float(bad)
+    dist.all_reduce(flags)
+    return [i for i, f in enumerate(flags.tolist()) if f > 0]
+
+
 def teardown() -> None:
     import torch.distributed as dist
 

@@ -7,9 +7,10 @@
   latents; the paper found a 3-channel difference worse).  Output: the stage-4 map
   [B, 512, H/32, W/32].
 * **One subnet branch per modulated layer** (:mod:`core.rectifier.layers`): a stride-2 3x3
-  conv to ``width`` channels, the time embedding added "as in the U-Net" (a per-branch
-  linear projection of the shared embedding, added to the features as a ResBlock adds its
-  temb), LeakyReLU, ``branch_convs - 1`` further stride-2 3x3 convs, global average pooling
+  conv to ``width`` channels, the time embedding added "as in the U-Net": SiLU, then a
+  per-branch linear projection of the shared embedding, added to the first conv's output (a
+  DDPM / iDDPM ResBlock's ``temb_proj(silu(temb))`` after its first conv), LeakyReLU,
+  ``branch_convs - 1`` further stride-2 3x3 convs, global average pooling
   to 1x1, then two 1x1 convs (linears on the pooled vector) emitting the slim factors
   C [C_in, k, k] and A [C_out, k, k]; Delta = A outer C per tap (:mod:`.modulation`).
 * **Time embedding**: the DDPM U-Net's sinusoidal embedding of the integer timestep,
@@ -64,6 +65,7 @@ class RectifierConfig:
     estimate_clip: float = 1.0
     seed: int = 0
     encoder_norm: str = "group"  # "group" (random init) | "batch" (frozen statistics; ImageNet weights)
+    branch_silu: bool = True  # SiLU before each branch's time projection (files saved before it existed: False)
     layer_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -83,14 +85,14 @@ class RectifierConfig:
         return {"layers": [[s.name, list(s.shape)] for s in self.layers], "channels": self.channels,
                 "encoder_layers": list(self.encoder_layers), "width": self.width, "branch_convs": self.branch_convs,
                 "time_dim": self.time_dim, "estimate_clip": self.estimate_clip, "seed": self.seed,
-                "encoder_norm": self.encoder_norm}
+                "encoder_norm": self.encoder_norm, "branch_silu": self.branch_silu}
 
     @classmethod
     def from_json(cls, d: dict) -> "RectifierConfig":
         layers = tuple(LayerSpec(str(n), tuple(int(v) for v in s)) for n, s in d["layers"])
         return cls(layers, int(d["channels"]), tuple(int(v) for v in d["encoder_layers"]), int(d["width"]),
                    int(d["branch_convs"]), int(d["time_dim"]), float(d["estimate_clip"]), int(d.get("seed", 0)),
-                   str(d.get("encoder_norm", "batch")))
+                   str(d.get("encoder_norm", "batch")), bool(d.get("branch_silu", False)))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -123,9 +125,10 @@ class Encoder(nn.Module):
 class Branch(nn.Module):
     """One subnet: features [B, 512, h, w] + temb [B, T] -> (A [B, C_out, k, k], C [B, C_in, k, k])."""
 
-    def __init__(self, spec: LayerSpec, width: int, time_dim: int, convs: int, features: int = 512):
+    def __init__(self, spec: LayerSpec, width: int, time_dim: int, convs: int, features: int = 512,
+                 silu: bool = True):
         super().__init__()
-        self.spec = spec
+        self.spec, self.silu = spec, silu
         self.conv_in = nn.Conv2d(features, width, 3, stride=2, padding=1)
         self.temb = nn.Linear(time_dim, width)
         self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, stride=2, padding=1) for _ in range(convs - 1))
@@ -137,7 +140,8 @@ class Branch(nn.Module):
         nn.init.ones_(self.head_c.bias)
 
     def forward(self, f: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.leaky_relu(self.conv_in(f) + self.temb(temb)[:, :, None, None], 0.2)
+        e = F.silu(temb) if self.silu else temb  # [B, T]: the U-Net ResBlock's temb_proj(silu(temb))
+        h = F.leaky_relu(self.conv_in(f) + self.temb(e)[:, :, None, None], 0.2)
         for conv in self.convs:
             h = F.leaky_relu(conv(h), 0.2)
         h = h.mean(dim=(2, 3))  # [B, width]
@@ -159,8 +163,8 @@ class Rectifier(nn.Module):
             self.encoder = Encoder(2 * config.channels, config.encoder_layers, config.encoder_norm)
             self.time = nn.Sequential(nn.Linear(config.time_dim, 4 * config.time_dim), nn.SiLU(),
                                       nn.Linear(4 * config.time_dim, config.time_dim))
-            self.branches = nn.ModuleList(Branch(s, config.width, config.time_dim, config.branch_convs)
-                                          for s in config.layers)
+            self.branches = nn.ModuleList(Branch(s, config.width, config.time_dim, config.branch_convs,
+                                                 silu=config.branch_silu) for s in config.layers)
         self.train(False)
 
     @property
