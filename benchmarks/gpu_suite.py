@@ -31,13 +31,16 @@ What it runs (the functions of the single benchmarks, not copies of them):
 * the High-Fidelity rectifier (``rectifier_speed.py``): on a random-weight pixel DDPM with
   ``google/ddpm-celebahq-256``'s architecture at 256x256 (R with the paper's ResNet-34 encoder), a
   reconstruction training step at batch 8 and 1 with its peak memory (and an edit step at batch 8
-  when open_clip is installed; the bare GPU machine has none, so it is skipped there), and a DDPM
+  when open_clip is installed: the bare GPU machine has it only from the carried wheels), and a DDPM
   step of the plain model next to the rectified one (P_t from the base model: 2 passes + R; from
   the previous modulated estimate: 1 pass + R); on the same SD 1.5 at 512x512 (latent 64x64), a
   reconstruction step at batch 1 and 4 and the same sampling comparison with CFG (batch 2); the
   targets (pixel step at batch 8 under 0.25 s on an H100, rectified step under 2x a plain one) in
   the log and the JSON.  Bounded to about 90 s: few steps per row (2 warm-up + 3), and no row
-  starts after ``budget_s`` (skipped rows are listed in the JSON).
+  starts after ``budget_s`` (skipped rows are listed in the JSON).  Then ``python -m core.rectifier
+  train`` end to end on the device, reconstruction and then editing with a random OpenCLIP
+  (:func:`run_rectifier_cli_edit`, a few seconds; it needs the open_clip wheels of
+  ``--download-wheels``).
 
 Sized to finish well inside 8 minutes on one H100/H200 (not yet run on one: the JSON records
 how long each part took).  Prints one table and writes it with the machine, date and command to a JSON file
@@ -45,8 +48,9 @@ how long each part took).  Prints one table and writes it with the machine, date
 folder unless ``--out`` is given).
 
 On the lent GPU machine (no network; torch, torchvision and transformers installed, diffusers
-not; open_clip is not needed): build the wheel folder here once with ``--download-wheels``
-(``.whl/``: the diffusers wheel, 6.1 MiB; add ``/.whl/`` to ``.git/info/exclude``), carry it, and the suite installs it into a temporary
+not; open_clip only for the rectifier's CLI and edit rows): build the wheel folder here once with
+``--download-wheels`` (``.whl/``: the diffusers, open_clip and ftfy wheels; add ``/.whl/`` to
+``.git/info/exclude``), carry it, and the suite installs it into a temporary
 folder itself when ``import diffusers`` fails.  The whole call::
 
     run(command="PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --out $OUT/gpu_suite.json",
@@ -77,7 +81,9 @@ sys.path.insert(0, str(HERE))
 DEFAULT_WHEELS = ROOT / ".whl"
 # What a bare GPU machine lacks (it has torch, torchvision, transformers, huggingface_hub, safetensors,
 # numpy, Pillow, regex, requests, filelock); diffusers' own needs are all there on Python >= 3.8.
-WHEELS = ("diffusers==0.42.1",)
+WHEELS = ("diffusers==0.42.1",
+          # the rectifier stage's CLI edit training (a random OpenCLIP): open_clip and ftfy, which it imports
+          "open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 
@@ -341,7 +347,73 @@ def run_rectifier(table: Table, cfg: dict, model, device, log) -> dict:
             table.add("Rectifier", f"modulated pass / plain pass, {name}", size, comp["modulated_over_plain"], "x")
     if res["skipped"]:
         log(f"  skipped (time budget): {', '.join(res['skipped'])}")
+    res["cli_edit"] = run_rectifier_cli_edit(table, device, log)
     return res
+
+
+def run_rectifier_cli_edit(table: Table, device, log) -> dict:
+    """``python -m core.rectifier train`` end to end on ``device``: reconstruction (2 steps), then editing (Alg. 1,
+    2 steps, continued from it) with a random-weight OpenCLIP ViT-S-32, on a small random pixel DDPM (32x32) and
+    four random PNGs written to a temporary folder; the files are read back (mode, history, finite losses).  The
+    edit step indexes the CLIP source images with indices drawn on the model's device: the check that every
+    tensor of a step lives there (a CPU tensor indexed with CUDA indices crashed it before).  Needs open_clip
+    (the wheels of ``--download-wheels``); without it the row is skipped and said so.  Errors are recorded in the
+    JSON (``error``) and fail the suite."""
+    import shutil
+
+    import torch
+
+    try:
+        import open_clip
+    except ImportError:
+        log("  CLI edit training: skipped (open_clip is not installed)")
+        return {"skipped": "open_clip is not installed"}
+    from common import TINY_PIXEL, random_pixel_ddpm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from core.pixel import save_pixel_folder
+    from core.rectifier import load_rectifier
+    from core.rectifier.__main__ import main as rectifier_cli
+
+    tmp = Path(tempfile.mkdtemp(prefix="sie_rect_cli_"))
+    try:
+        save_pixel_folder(random_pixel_ddpm("cpu", config=TINY_PIXEL).unet, tmp / "model")
+        (tmp / "images").mkdir()
+        g = torch.Generator().manual_seed(0)
+        for i in range(4):
+            Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()).save(tmp / "images" / f"{i}.png")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip = open_clip.create_model("ViT-S-32", pretrained=None)
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp / "clip.safetensors"))
+        del clip
+        common = ["--model", str(tmp / "model"), "--images", str(tmp / "images"), "--steps", "2", "--batch", "2",
+                  "--encoder-blocks", "1,1,1,1", "--width", "8", "--device", str(device)]
+        t0 = time.perf_counter()
+        rectifier_cli(["train", "--mode", "recon", *common, "--out", str(tmp / "recon.safetensors")])
+        recon_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rectifier_cli(["train", "--mode", "edit", *common, "--continue", str(tmp / "recon.safetensors"),
+                       "--clip", str(tmp / "clip.safetensors"), "--clip-arch", "ViT-S-32", "--source", "photo",
+                       "--target", "painting", "--out", str(tmp / "edit.safetensors")])
+        edit_s = time.perf_counter() - t0
+        _, info = load_rectifier(tmp / "edit.safetensors")
+        modes = [h["mode"] for h in info.history]
+        losses = [h["final_loss"] for h in info.history]
+        if info.mode != "edit" or modes != ["recon", "edit"] or not all(math.isfinite(x) for x in losses):
+            raise RuntimeError(f"the edit file records mode {info.mode}, history {modes}, final losses {losses}")
+        setting = "pixel DDPM 32x32 (random), 4 images, batch 2, 2 steps, CLIP ViT-S-32 (random)"
+        table.add("Rectifier", "CLI train --mode edit (end to end)", setting, edit_s, "s")
+        log(f"  CLI: recon {recon_s:.1f} s, edit {edit_s:.1f} s on {device}; history {modes}, final losses {losses}")
+        return {"recon_s": recon_s, "edit_s": edit_s, "history": modes, "final_losses": losses}
+    except Exception as e:  # noqa: BLE001  (recorded; the suite exits 1)
+        import traceback
+
+        log(traceback.format_exc())
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         del model
     bad = [r for r in table.rows if not _finite(r["value"])]
     failed = [k for k in ("rectifier",) if "error" in data.get(k, {})]
+    if "error" in data.get("rectifier", {}).get("cli_edit", {}):
+        failed.append("rectifier CLI edit training")
+        data["rectifier"]["error"] = data["rectifier"]["cli_edit"]["error"]
     data["table"] = table.rows
     data["suite_seconds"] = {**timings, "total": time.perf_counter() - t_start}
     if a.out:

@@ -39,7 +39,8 @@ EXPECTED = {
     + ["recon train step, pixel DDPM, batch 8", "recon train step, pixel DDPM, batch 1",
        "recon train step, SD, batch 1", "recon train step, SD, batch 4"]
     # the edit step needs open_clip (a random-weight CLIP; the bare GPU machine has none and skips it)
-    + (["edit train step, pixel DDPM, batch 8"] if importlib.util.find_spec("open_clip") else []),
+    + (["edit train step, pixel DDPM, batch 8", "CLI train --mode edit (end to end)"]
+       if importlib.util.find_spec("open_clip") else []),
 }
 
 
@@ -94,6 +95,9 @@ def test_dry_run_rectifier_records_targets_without_verdicts(dry_run):
     smp = rect["pixel"]["sampling"]
     assert smp["rectified_base"]["base_calls"] == smp["steps"]
     assert smp["rectified_modulated"]["base_calls"] == 1
+    if importlib.util.find_spec("open_clip"):  # python -m core.rectifier train, recon then edit, end to end
+        cli = rect["cli_edit"]
+        assert cli["history"] == ["recon", "edit"] and all(math.isfinite(x) for x in cli["final_losses"]), cli
 
 
 @pytest.fixture
