@@ -204,3 +204,35 @@ def tiny_sd(device="cpu", dtype=None):
     return load_sd15(write_single_file(d / "tiny.safetensors", u, v, t), device=device,
                      dtype=dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32),
                      config_dir=write_config_dir(d / "cfg", u, v, t))
+
+
+def sd_parser(doc: str | None):
+    """The command line every SD benchmark shares: which model (``--checkpoint``, ``--random``, ``--tiny``),
+    ``--device`` and ``--out``; a benchmark adds its own options to the parser it gets."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="an SD 1.x single-file checkpoint")
+    ap.add_argument("--random", action="store_true",
+                    help="SD 1.5 with random weights built from the shipped configs (no checkpoint file)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny SD-shaped model built in code (CPU check)")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--out", default=None, help="also write the numbers to this JSON file (with machine, date, command)")
+    return ap
+
+
+def sd_model(ap, a):
+    """``(model, name, device, tiny)`` for the model the parsed arguments ``a`` of :func:`sd_parser` name."""
+    import torch
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.tiny:
+        return tiny_sd(device), "tiny SD-shaped model (tests/tiny_sd.py)", device, True
+    if a.random:
+        return random_sd15(device), "SD 1.5 with random weights (shipped configs)", device, False
+    if a.checkpoint:
+        sys.path.insert(0, str(ROOT))
+        from core.sd.loader import load_sd15
+
+        return load_sd15(a.checkpoint, device=device), Path(a.checkpoint).name, device, False
+    ap.error("give --checkpoint, --random or --tiny")

@@ -17,7 +17,6 @@ pack's output-side adapters.  ``--out`` writes a JSON file with the machine, dat
 
 from __future__ import annotations
 
-import argparse
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +28,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer, header, random_sd15, tiny_sd, write_result  # noqa: E402
+from common import Timer, header, sd_model, sd_parser, write_result  # noqa: E402
 from memory import peak_mib, reset_peak  # noqa: E402
 
 from core.imagic import EmbeddingConfig, FineTuneConfig, LoRAConfig, finetune, optimize_embedding  # noqa: E402
 from core.sampling import ddim_sample  # noqa: E402
-from core.sd.loader import load_sd15  # noqa: E402
 
 
 def peak_gib(device) -> float:
@@ -136,11 +134,7 @@ def whole_edit(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--random", action="store_true",
-                    help="SD 1.5 with random weights built from the shipped configs (no checkpoint file)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny SD-shaped model built in code (CPU check)")
+    ap = sd_parser(__doc__)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6, help="steps timed per stage (first one is warm-up)")
     ap.add_argument("--full", action="store_true", help="also time full fine-tuning (a float32 copy of the UNet "
@@ -149,18 +143,8 @@ def main() -> None:
                     help="also time LoRA fine-tuning with weight-space adapters (to compare with output-side)")
     ap.add_argument("--no-sampling", action="store_true", help="skip the DDIM stage")
     ap.add_argument("--no-embedding", action="store_true", help="skip the embedding stage")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None, help="also write the numbers to this JSON file (with machine, date, command)")
     a = ap.parse_args()
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if a.tiny:
-        model, name = tiny_sd(device), "tiny SD-shaped model"
-    elif a.random:
-        model, name = random_sd15(device), "SD 1.5 with random weights (shipped configs)"
-    elif a.checkpoint:
-        model, name = load_sd15(a.checkpoint, device=device), Path(a.checkpoint).name
-    else:
-        ap.error("give --checkpoint, --random or --tiny")
+    model, name, device, _ = sd_model(ap, a)
     print(name, flush=True)
     stages = [s for s, on in (("embedding", not a.no_embedding), ("fine-tune (lora r8)", True),
                               ("fine-tune (lora r8, weight-space)", a.weight_space), ("fine-tune (full)", a.full),

@@ -40,7 +40,6 @@ runs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer, free_memory, header, random_sd15, step_stats, tiny_sd, write_result  # noqa: E402
+from common import Timer, free_memory, header, sd_model, sd_parser, step_stats, write_result  # noqa: E402
 from memory import peak_mib, reset_peak  # noqa: E402
 
 from core.layerdiffusion import (  # noqa: E402
@@ -66,7 +65,6 @@ from core.layerdiffusion import (  # noqa: E402
     optimize_layers,
 )
 from core.sampling import ddim_sample  # noqa: E402
-from core.sd.loader import load_sd15  # noqa: E402
 
 OBJECT_TEXT = "a photo of a jumping dog"
 BACKGROUND_TEXT = "on a beach"
@@ -236,29 +234,16 @@ def _log_whole(res: dict, device, log) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--random", action="store_true",
-                    help="SD 1.5 with random weights built from the shipped configs (no checkpoint file)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny SD-shaped model built in code (CPU check)")
+    ap = sd_parser(__doc__)
     ap.add_argument("--size", type=int, default=None, help="image size (default 512; --tiny 64)")
     ap.add_argument("--steps", type=int, default=None,
                     help="stage 1 and stage 2 steps timed (first one is warm-up; default 6)")
     ap.add_argument("--sample-steps", type=int, default=None, help="DDIM steps of the stage 3 run (default 50; "
                                                                    "0 skips stage 3)")
     ap.add_argument("--no-full", action="store_true", help="skip full fine-tuning (a float32 UNet copy with Adam)")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None, help="also write the numbers to this JSON file (with machine, date, command)")
     a = ap.parse_args()
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if a.tiny:
-        model, name, cfg = tiny_sd(device), "tiny SD-shaped model (tests/tiny_sd.py)", dict(TINY)
-    elif a.random:
-        model, name, cfg = random_sd15(device), "SD 1.5 with random weights (shipped configs)", dict(SD15)
-    elif a.checkpoint:
-        model, name, cfg = load_sd15(a.checkpoint, device=device), Path(a.checkpoint).name, dict(SD15)
-    else:
-        ap.error("give --checkpoint, --random or --tiny")
+    model, name, device, tiny = sd_model(ap, a)
+    cfg = dict(TINY if tiny else SD15)
     if a.size:
         cfg["size"] = a.size
     if a.steps:

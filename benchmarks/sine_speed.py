@@ -52,7 +52,6 @@ to the paper's quality (random weights and a few steps say nothing about it), ba
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import sys
@@ -65,12 +64,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer, free_memory, header, random_sd15, step_stats, tiny_sd, write_result  # noqa: E402
+from common import Timer, free_memory, header, sd_model, sd_parser, step_stats, write_result  # noqa: E402
 from memory import peak_mib, reset_peak  # noqa: E402
 
 from core.diffusion import timesteps  # noqa: E402
 from core.sampling import ddim_sample  # noqa: E402
-from core.sd.loader import load_sd15  # noqa: E402
 from core.sine import PatchConfig, SineFineTuneConfig, edit, finetune_sine  # noqa: E402
 
 FINETUNE_PROMPT = "a photo of a sks dog"
@@ -230,28 +228,15 @@ def targets(res: dict, device) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--random", action="store_true",
-                    help="SD 1.5 with random weights built from the shipped configs (no checkpoint file)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny SD-shaped model built in code (CPU check)")
+    ap = sd_parser(__doc__)
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps timed per row (first one is warm-up)")
     ap.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per sampling run (default 50)")
     ap.add_argument("--only", default=None, help="semicolon-separated fine-tuning rows (default all: "
                                                  + "; ".join(f[0] for f in FINETUNES) + ")")
     ap.add_argument("--no-sampling", action="store_true", help="skip guided sampling")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None, help="also write the numbers to this JSON file (with machine, date, command)")
     a = ap.parse_args()
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if a.tiny:
-        model, name, cfg = tiny_sd(device), "tiny SD-shaped model (tests/tiny_sd.py)", dict(TINY)
-    elif a.random:
-        model, name, cfg = random_sd15(device), "SD 1.5 with random weights (shipped configs)", dict(SD15)
-    elif a.checkpoint:
-        model, name, cfg = load_sd15(a.checkpoint, device=device), Path(a.checkpoint).name, dict(SD15)
-    else:
-        ap.error("give --checkpoint, --random or --tiny")
+    model, name, device, tiny = sd_model(ap, a)
+    cfg = dict(TINY if tiny else SD15)
     if a.steps:
         cfg["finetune_steps"] = a.steps
     if a.sample_steps:
