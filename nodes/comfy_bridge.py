@@ -33,6 +33,7 @@ MODEL_FOLDERS = {
     "sie_trained": (os.path.join("single_image_edit", "trained"), {".safetensors"}),
     "sie_sine": (os.path.join("single_image_edit", "sine"), {".safetensors"}),  # not for Load LoRA: F(v) flag
     "sie_rectifier": (os.path.join("single_image_edit", "rectifier"), {".safetensors"}),
+    "sie_rectifier_encoders": (os.path.join("single_image_edit", "rectifier_encoders"), {".safetensors", ".pth"}),
     "open_clip": ("open_clip", {".safetensors", ".bin", ".pt", ".pth"}),
     "sams": ("sams", {".safetensors", ".pth", ".pt"}),  # Segment Anything (shared with other packs)
 }
@@ -273,6 +274,19 @@ def ksample(model, positive, negative, latent: dict, seed: int, steps: int, cfg:
     return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
                                denoise=1.0, noise_mask=latent.get("noise_mask"), callback=callback,
                                disable_pbar=True, seed=seed)
+
+
+def sample_with_function(model, sampler_function, sigmas: torch.Tensor, positive, negative, samples: torch.Tensor,
+                         cfg: float = 1.0) -> torch.Tensor:
+    """ComfyUI's sampling machinery (what SamplerCustom runs: the CFGGuider with its conditioning, patches and
+    model wrappers) with our own k-diffusion-style ``sampler_function(model, x, sigmas, extra_args=...)``,
+    zero added noise and ``samples`` as the latent image; returns what the function returns."""
+    import comfy.sample
+    import comfy.samplers
+
+    sampler = comfy.samplers.KSAMPLER(sampler_function)
+    return comfy.sample.sample_custom(model, torch.zeros_like(samples), float(cfg), sampler, sigmas, positive,
+                                      negative, samples, disable_pbar=True, seed=0)
 
 
 def prepare_noise(samples: torch.Tensor, seed: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from ..core.rectifier import (
     RectifierInfo,
     TrainConfig,
     check_fits,
+    load_encoder_weights,
     load_rectifier,
     modulation_functions,
     new_rectifier,
@@ -53,6 +55,7 @@ log = logging.getLogger("comfyui-single-image-edit")
 CATEGORY = f"{CATEGORY_ROOT}/rectifier"
 RECTIFIER = "SIE_RECTIFIER"
 FOLDER = "sie_rectifier"
+ENCODER_FOLDER = "sie_rectifier_encoders"  # models/single_image_edit/rectifier_encoders: ImageNet ResNet-34 files
 SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}
 LATENT_CHANNELS = 4  # SD 1.x latents: the rectifier's encoder sees concat(x_0, P_t), 8 channels
 ESTIMATE_CLIP = 4.0  # |P_t| clip for SD latents (model space: |x_0| is a few units; see core.rectifier.hypernet)
@@ -107,6 +110,33 @@ def check_rectifier(rectifier, model, name: str = "rectifier") -> TrainedRectifi
         raise NodeInputError(name, str(e), "use a rectifier trained on this MODEL's architecture (SD 1.x), or "
                                            "train one with Train Rectifier") from None
     return rectifier
+
+
+def encoder_path(encoder_weights) -> str | None:
+    """The file of the ``encoder_weights`` input (None for "none"), or an error naming the input."""
+    if encoder_weights in (None, "", "none"):
+        return None
+    try:
+        return bridge.model_path(ENCODER_FOLDER, str(encoder_weights))
+    except FileNotFoundError as e:
+        raise NodeInputError("encoder_weights", str(e), "put torchvision's resnet34 ImageNet file in "
+                                                        "models/single_image_edit/rectifier_encoders, or use none") from None
+
+
+def fresh_rectifier(params: dict[str, torch.Tensor], seed: int, encoder_weights: str | None = None) -> Rectifier:
+    """A new SD rectifier (Delta = 0); with ``encoder_weights`` (a torchvision ResNet-34 ImageNet file) its
+    encoder has BatchNorm with those weights and statistics (:func:`core.rectifier.load_encoder_weights`)."""
+    net = new_rectifier(params, channels=LATENT_CHANNELS, estimate_clip=ESTIMATE_CLIP, seed=int(seed),
+                        encoder_norm="batch" if encoder_weights else "group")
+    if encoder_weights:
+        try:
+            skipped = load_encoder_weights(net, encoder_weights)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise NodeInputError("encoder_weights", str(e), "use torchvision's ResNet-34 ImageNet weights "
+                                                            "(resnet34-b627a593.pth), or none") from None
+        log.info("Rectifier encoder: ImageNet weights from %s (random: %s)", encoder_weights,
+                 ", ".join(skipped) or "nothing")
+    return net
 
 
 def check_images(images, name: str = "images") -> torch.Tensor:
@@ -214,8 +244,10 @@ class TrainRectifier:
             "target_text": ("STRING", {"default": "", "tooltip": "Edit mode: what they should show (t_tar, e.g. "
                                                                  "'smiling face')."}),
             "rectifier": (RECTIFIER, {"tooltip": "Continue training this rectifier (a copy of it; e.g. the edit "
-                                                 "training continues from the reconstruction rectifier). Empty: a "
-                                                 "new one with Delta = 0."}),
+                                                 "training continues from the reconstruction rectifier, as the paper "
+                                                 "does: connect Load Rectifier). Empty: a new one with Delta = 0 "
+                                                 "(the plain model), also in edit mode, which then starts without "
+                                                 "any reconstruction training (the log says so)."}),
             "conditioning": ("CONDITIONING", {"tooltip": "The text condition the UNet sees while training (use the "
                                                          "same at sampling, e.g. an encoded empty prompt). Empty: a "
                                                          "zero text context [1, 77, 768]. Only the first entry is "
@@ -226,10 +258,16 @@ class TrainRectifier:
                                                                          "model's x_0 estimate (eq. 1); modulated = "
                                                                          "the rectified model's own (one extra "
                                                                          "modulated pass, no gradient)."}),
+            "encoder_weights": (["none"] + bridge.list_models(ENCODER_FOLDER), {
+                "default": "none", "tooltip": "A new rectifier's encoder: none = a randomly initialised ResNet-34 "
+                                              "(GroupNorm); or torchvision's ImageNet ResNet-34 weights from "
+                                              "models/single_image_edit/rectifier_encoders (resnet34-b627a593.pth "
+                                              "or a .safetensors of it; BatchNorm with ImageNet's statistics). "
+                                              "Ignored when a rectifier is connected (it keeps its own)."}),
         }}
 
     def run(self, model, vae, images, mode, steps, lr, seed, open_clip=None, source_text="face", target_text="",
-            rectifier=None, conditioning=None, batch=8, estimate="base"):
+            rectifier=None, conditioning=None, batch=8, estimate="base", encoder_weights="none"):
         check_sd_model(model)
         if mode not in MODES:
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use recon or edit")
@@ -256,13 +294,17 @@ class TrainRectifier:
                                      "write a different target, e.g. 'smiling face' for 'face'")
         if rectifier is not None:
             check_rectifier(rectifier, model)
+        weights_path = encoder_path(encoder_weights) if rectifier is None else None
+        if rectifier is None and mode == "edit":
+            log.warning("Rectifier edit training without a rectifier connected: it starts from Delta = 0 (the plain "
+                        "model), not from a reconstruction rectifier as in the paper; connect Load Rectifier to "
+                        "continue from one")
         device = torch.device(bridge.torch_device())
         with torch.inference_mode(False):  # the rectifier's tensors must be ordinary ones: autograd saves them
             if rectifier is not None:
                 net, previous = copy.deepcopy(rectifier.net), rectifier.info
             else:
-                net = new_rectifier(unet_parameters(model), channels=LATENT_CHANNELS, estimate_clip=ESTIMATE_CLIP,
-                                    seed=int(seed))
+                net = fresh_rectifier(unet_parameters(model), int(seed), weights_path)
                 previous = RectifierInfo("ldm")
         check_train_memory(model, (x.shape[-2] // 8, x.shape[-1] // 8), int(batch),
                            sum(p.numel() for p in net.parameters()), device)
@@ -299,6 +341,8 @@ class TrainRectifier:
                  "text_context": cond_from, "final_loss": result.losses[-1], "seconds": round(result.seconds, 1)}
         if mode == "edit":
             entry.update(source_text=source_text, target_text=target_text)
+        if rectifier is None:
+            entry["start"] = "ImageNet encoder: " + str(encoder_weights) if weights_path else "Delta = 0"
         info = RectifierInfo("ldm", mode, source_text if mode == "edit" else "",
                              target_text if mode == "edit" else "", previous.steps + int(steps),
                              list(previous.history) + [entry])
@@ -329,6 +373,8 @@ class RectifierRule:
         for a in args:
             if isinstance(a, (torch.device, str)):
                 device = a
+        if sys.meta_path is None:  # interpreter shutdown (ComfyUI's ModelPatcher.__del__ offloads): nothing to move
+            return self
         if device is not None and self.net is not None:
             with torch.inference_mode(False):
                 self.net.to(device)
@@ -387,9 +433,13 @@ class ApplyRectifier:
     DESCRIPTION = ("The rectifier modulator (Hou et al. 2024, eq. 2): at every denoiser call the unmodulated model's "
                    "x_0 estimate P_t and the reference image x_0 go through the rectifier, whose offsets Delta "
                    "modulate the middle and output-block convolutions, theta (1 + strength Delta), for a second "
-                   "pass. The paper samples with DDPM from pure noise, x_0 given at every step (KSampler: ddpm, "
-                   "denoise 1.0); with denoise < 1 it is SDEdit with the rectifier (the paper's image-to-image "
-                   "translation). Costs one extra UNet pass per call (none with estimate = modulated).")
+                   "pass. The paper's path ('N inversion and denoising steps'): DDIM Inversion of the VAE-encoded "
+                   "image, then SamplerCustom (add_noise off, euler = DDIM, cfg 1, the inversion's sigmas) with this "
+                   "MODEL; to reconstruct, this MODEL also inverts (one model for both halves of the round trip), to "
+                   "edit, a MODEL without the edit does (the reconstruction-rectified or the plain one). Any other "
+                   "sampler works too: DDPM from pure noise (KSampler ddpm, denoise 1.0) or SDEdit (denoise < 1, the "
+                   "paper's image-to-image translation). Costs one extra UNet pass per call (none with estimate = "
+                   "modulated).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -432,6 +482,95 @@ class ApplyRectifier:
             raise NodeInputError("model", str(e), "apply one rectifier per MODEL (connect the MODEL before the "
                                                   "first Apply Rectifier)") from None
         return (out,)
+
+
+# --------------------------------------------------------------------------------------
+def ddim_inversion_sampler(alphas_cumprod: torch.Tensor, sigmas: torch.Tensor, steps: int):
+    """A ComfyUI sampler function that runs :func:`core.rectifier.sample.ddim_invert` through the sampling
+    machinery's model (the CFGGuider: conditioning, cfg, LoRA patches and model wrappers such as Apply Rectifier's
+    rule all apply).  It starts from the clean latent (sigma 0) and returns x_T in ComfyUI's convention
+    (x_t / sqrt(alpha_bar)) for the first timestep of the sampling schedule."""
+    from ..core.rectifier.sample import ddim_invert, inversion_schedule
+
+    t_first = inversion_schedule(alphas_cumprod, steps)[0]
+
+    def invert(model, x, _sigmas, extra_args=None, callback=None, disable=None, **_):
+        extra_args = extra_args or {}
+        ab = alphas_cumprod.to(x.device)
+        sig = sigmas.to(x.device)
+
+        def eps_fn(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # variance-preserving x_t, t [B]
+            a = ab[t].to(x_vp.dtype).view(-1, 1, 1, 1)
+            x_ve = x_vp / a.sqrt()
+            sigma = sig[t].to(x_vp.dtype)
+            denoised = model(x_ve, sigma, **extra_args)
+            return (x_ve - denoised) / sigma.view(-1, 1, 1, 1)
+
+        x_T = ddim_invert(eps_fn, x, ab.cpu(), steps)
+        return x_T / ab[t_first].sqrt().to(x_T.dtype)
+
+    return invert
+
+
+class DDIMInversion:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_DDIMInversion", "DDIM Inversion", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("LATENT", "SIGMAS")
+    RETURN_NAMES = ("noisy_latent", "sigmas")
+    OUTPUT_TOOLTIPS = ("x_T: the image's latent inverted to the first timestep of the schedule, in ComfyUI's "
+                       "convention. Sample it with SamplerCustom, add_noise off, sampler euler (= DDIM, eta 0), "
+                       "cfg 1, these sigmas.",
+                       "The sampling schedule that retraces the inversion (the same timesteps, high to low, then "
+                       "0): connect it to SamplerCustom's sigmas.")
+    DESCRIPTION = ("Deterministic DDIM inversion (eta 0) of a VAE-encoded image, the High-Fidelity rectifier's "
+                   "path for reconstruction and editing (Hou et al. 2024: 'N inversion and denoising steps', "
+                   "Table 1): invert here, then sample back with SamplerCustom (add_noise off, euler = DDIM, cfg 1, "
+                   "these sigmas). The inversion runs through ComfyUI's sampling with the MODEL as connected (LoRAs "
+                   "and Apply Rectifier included). Which model inverts: to reconstruct, the rectified MODEL itself "
+                   "(Apply Rectifier with a reconstruction rectifier): a DDIM round trip is faithful when one model "
+                   "runs both halves, and the rectifier makes that model better on the image; to edit, a model "
+                   "without the edit (that reconstruction-rectified MODEL, or the plain one), since an edit "
+                   "rectifier inverting would let its own sampling undo the edit. Same maths as python -m "
+                   "core.rectifier edit (trailing timesteps 999, ...; the eps of the level moved to).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model that inverts: the reconstruction-rectified MODEL (Apply "
+                                           "Rectifier) to reconstruct, or a model without the edit (that one, or "
+                                           "the checkpoint's) to edit."}),
+            "positive": ("CONDITIONING", {"tooltip": "The text condition of the inversion (cfg 1); use the same at "
+                                                     "sampling and the one the rectifier was trained under (e.g. an "
+                                                     "empty prompt)."}),
+            "latent": ("LATENT", {"tooltip": "The image to invert, from VAE Encode."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                              "tooltip": "Inversion steps; sampling back takes the same (the paper's Table 1: 50)."}),
+        }}
+
+    def run(self, model, positive, latent, steps):
+        check_sd_model(model)
+        if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor) or \
+                latent["samples"].ndim != 4:
+            raise NodeInputError("latent", "expected a LATENT (a dict with 'samples' [B, 4, h, w])",
+                                 "connect VAE Encode")
+        check_positive(steps, "steps")
+        from ..core.rectifier.sample import inversion_schedule
+        from .imagic import cond_tensor
+
+        cond_tensor(positive, model, "positive")  # a CONDITIONING that fits the MODEL, or named
+        ms = model.get_model_object("model_sampling")
+        sig = ms.sigmas.detach().to("cpu", torch.float64)  # [T]
+        ab = 1.0 / (sig**2 + 1.0)  # alpha_bar of the MODEL's own schedule
+        if not 1 <= int(steps) <= len(ab):
+            raise NodeInputError("steps", f"{steps} is outside 1..{len(ab)}", "use e.g. 50")
+        ts = inversion_schedule(ab, int(steps))  # high to low
+        up = torch.cat([torch.zeros(1), sig[list(reversed(ts))].float()])  # 0, then the levels visited
+        x_T = bridge.sample_with_function(model, ddim_inversion_sampler(ab, sig.float(), int(steps)), up, positive,
+                                          positive, latent["samples"], cfg=1.0)
+        out = {k: v for k, v in latent.items() if k != "noise_mask"}
+        out["samples"] = x_T.to("cpu", torch.float32)
+        return (out, torch.cat([sig[ts].float(), torch.zeros(1)]))
 
 
 # --------------------------------------------------------------------------------------
@@ -491,4 +630,4 @@ class LoadRectifier:
         return (out, out.describe())
 
 
-NODES = [TrainRectifier, ApplyRectifier, SaveRectifier, LoadRectifier]
+NODES = [TrainRectifier, ApplyRectifier, SaveRectifier, LoadRectifier, DDIMInversion]

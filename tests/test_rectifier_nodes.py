@@ -6,7 +6,9 @@ ComfyUI's calls to it, and save / load of the file."""
 from __future__ import annotations
 
 import copy
+import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +27,7 @@ seam = sys.modules[PACK.__name__ + ".core.seam"]
 core_views = sys.modules[PACK.__name__ + ".core.views"]
 
 LAYER = "output_blocks.0.0.in_layers.2.weight"
-IDS = ["SIE_TrainRectifier", "SIE_ApplyRectifier", "SIE_SaveRectifier", "SIE_LoadRectifier"]
+IDS = ["SIE_TrainRectifier", "SIE_ApplyRectifier", "SIE_SaveRectifier", "SIE_LoadRectifier", "SIE_DDIMInversion"]
 
 
 def tiny_rectifier(layers=((LAYER, (8, 8, 3, 3)),), channels: int = 4, backbone: str = "ldm", seed: int = 0):
@@ -55,7 +57,7 @@ def test_node_ids_categories_and_input_order():
     spec = N["SIE_TrainRectifier"].INPUT_TYPES()
     assert list(spec["required"]) == ["model", "vae", "images", "mode", "steps", "lr", "seed"]
     assert list(spec["optional"]) == ["open_clip", "source_text", "target_text", "rectifier", "conditioning", "batch",
-                                      "estimate"]
+                                      "estimate", "encoder_weights"]
     assert spec["required"]["steps"][1]["default"] == 5000 and spec["required"]["lr"][1]["default"] == 1e-3
     assert spec["optional"]["batch"][1]["default"] == 8 and spec["optional"]["open_clip"][0] == "SIE_OPEN_CLIP"
     assert N["SIE_TrainRectifier"].RETURN_TYPES == ("SIE_RECTIFIER", "IMAGE")
@@ -281,3 +283,149 @@ def test_loss_image_has_one_chart_per_term_in_edit_mode():
     fit = SimpleNamespace(losses=[1.0, 0.5], terms={"clip": [0.9, 0.8], "l1": [0.1, 0.05]})
     assert rect_nodes.loss_image(fit, "recon").shape == (1, 320, 640, 3)
     assert rect_nodes.loss_image(fit, "edit").shape == (1, 960, 640, 3)
+
+
+# --------------------------------------------------------------------------------------
+def test_ddim_inversion_node_schema_and_bad_inputs():
+    cls = N["SIE_DDIMInversion"]
+    assert cls.CATEGORY == "single_image_edit/rectifier" and cls.RETURN_TYPES == ("LATENT", "SIGMAS")
+    assert list(cls.INPUT_TYPES()["required"]) == ["model", "positive", "latent", "steps"]
+    assert "SamplerCustom" in cls.DESCRIPTION and "undo the edit" in cls.DESCRIPTION  # which model inverts, why
+    run = cls().run
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    assert named(lambda: run(fake_model(SDXL), [], latent, 10)) == "model"
+    assert named(lambda: run(sd_model(), [], {"samples": torch.zeros(4, 8, 8)}, 10)) == "latent"
+    assert named(lambda: run(sd_model(), [], "a latent", 10)) == "latent"
+    assert named(lambda: run(sd_model(), [], latent, 0)) == "steps"
+    assert named(lambda: run(sd_model(), [], latent, 10)) == "positive"
+
+
+def test_train_rectifier_edit_without_a_rectifier_says_it_starts_from_delta_zero(caplog):
+    spec = N["SIE_TrainRectifier"].INPUT_TYPES()["optional"]
+    assert "Delta = 0" in spec["rectifier"][1]["tooltip"] and "edit mode" in spec["rectifier"][1]["tooltip"]
+    run = N["SIE_TrainRectifier"]().run
+    clip = SimpleNamespace(model=torch.nn.Linear(1, 1), encode_image=lambda x: x)
+    caplog.set_level("WARNING", logger="comfyui-single-image-edit")
+    with pytest.raises(Exception):  # no ComfyUI here: the run stops after the checks and the log line
+        run(sd_model(), None, torch.rand(1, 64, 64, 3), "edit", 1, 1e-3, 0, clip, "face", "smiling face")
+    assert any("starts from Delta = 0" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with pytest.raises(Exception):
+        run(sd_model(), None, torch.rand(1, 64, 64, 3), "edit", 1, 1e-3, 0, clip, "face", "smiling face",
+            tiny_rectifier())
+    assert not any("Delta = 0" in r.getMessage() for r in caplog.records)  # continuing: nothing to say
+
+
+def test_train_rectifier_loads_imagenet_encoder_weights(tmp_path):
+    """The node's encoder_weights input: torchvision's ResNet-34 layout, as load_encoder_weights reads it (the CLI's
+    --encoder-weights); a missing or foreign file is named."""
+    from safetensors.torch import save_file
+    from torchvision.models import resnet34
+
+    spec = N["SIE_TrainRectifier"].INPUT_TYPES()["optional"]["encoder_weights"]
+    assert spec[0][0] == "none" and spec[1]["default"] == "none"
+    assert list(N["SIE_TrainRectifier"].INPUT_TYPES()["optional"])[-1] == "encoder_weights"  # appended
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        tv = resnet34().state_dict()
+    path = tmp_path / "resnet34.safetensors"
+    save_file({k: v.contiguous() for k, v in tv.items()}, str(path))
+    params = {LAYER: torch.zeros(8, 8, 3, 3)}
+    net = rect_nodes.fresh_rectifier(params, 0, str(path))
+    assert net.config.encoder_norm == "batch"
+    own = net.encoder.net.state_dict()
+    assert torch.equal(own["layer4.2.conv2.weight"], tv["layer4.2.conv2.weight"])
+    assert torch.equal(own["bn1.running_var"], tv["bn1.running_var"])
+    assert own["conv1.weight"].shape == (64, 8, 7, 7)  # the latent stem (2 x 4 channels) stays random
+    plain = rect_nodes.fresh_rectifier(params, 0, None)
+    assert plain.config.encoder_norm == "group"
+    assert rect_nodes.encoder_path("none") is None
+    assert named(lambda: rect_nodes.encoder_path(str(tmp_path / "missing.pth"))) == "encoder_weights"
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    assert named(lambda: rect_nodes.fresh_rectifier(params, 0, str(tmp_path / "other.safetensors"))) == \
+        "encoder_weights"
+
+
+# --------------------------------------------------------------------------------------
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows" / "api"
+# the bundled images: coffee_128x100.png is coffee_250x200.png downscaled (core/sinddm/data/README.md), so both
+# map into the 250x200 photo's pixels
+PHOTO = {"coffee_250x200.png": 1.0, "coffee_128x100.png": 250 / 128}
+
+
+def source_regions(api: dict, ref) -> list[tuple[float, float, float, float]]:
+    """The rectangles (x0, y0, x1, y1) of the 250x200 photo that the IMAGE at ``ref`` ([node id, slot]) shows."""
+    node = api[ref[0]]
+    kind, inp = node["class_type"], node["inputs"]
+    if kind == "LoadImage":
+        assert inp["image"] in PHOTO, inp["image"]
+        return [(0.0, 0.0, 250.0, 200.0)]  # either file shows the whole photo
+    if kind == "ImageCrop":
+        assert api[inp["image"][0]]["class_type"] == "LoadImage" and PHOTO[api[inp["image"][0]]["inputs"]["image"]] == 1
+        return [(inp["x"], inp["y"], min(250, inp["x"] + inp["width"]), min(200, inp["y"] + inp["height"]))]
+    if kind in ("ImageScale", "ImageFlip"):  # the same pixels (ImageScale's centre crop only removes some)
+        return source_regions(api, inp["image"])
+    if kind == "ImageBatch":
+        return source_regions(api, inp["image1"]) + source_regions(api, inp["image2"])
+    raise AssertionError(f"unexpected image node {kind}")
+
+
+def overlap(a, b) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def rectifier_source(api: dict, model_ref) -> str:
+    """What a MODEL link carries: "plain", or the mode of the rectifier Apply Rectifier put on it ("recon" / "edit")."""
+    node = api[model_ref[0]]
+    if node["class_type"] == "CheckpointLoaderSimple":
+        return "plain"
+    assert node["class_type"] == "SIE_ApplyRectifier", node
+    src = api[node["inputs"]["rectifier"][0]]
+    return src["inputs"]["mode"] if src["class_type"] == "SIE_TrainRectifier" else "recon"  # Load: the recon file
+
+
+@pytest.mark.parametrize("name", ["rectifier_reconstruct", "rectifier_edit"])
+def test_workflows_invert_a_held_out_image_and_sample_it_back(name):
+    api = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    by_type = lambda t: [k for k, v in api.items() if v["class_type"] == t]  # noqa: E731
+    train = [api[k] for k in by_type("SIE_TrainRectifier")]
+    held = [api[k]["inputs"]["image"] for k in by_type("SIE_ApplyRectifier")]
+    assert train and held
+    for t in train:
+        for h in held:
+            for a in source_regions(api, t["inputs"]["images"]):
+                for b in source_regions(api, h):
+                    assert overlap(a, b) == 0, (name, a, b)  # the held-out image is no part of the training set
+    inversions = by_type("SIE_DDIMInversion")
+    assert inversions
+    for k in inversions:
+        inv = api[k]["inputs"]
+        encoded = api[inv["latent"][0]]
+        assert encoded["class_type"] == "VAEEncode" and encoded["inputs"]["pixels"] in held
+        assert rectifier_source(api, inv["model"]) != "edit"  # an edit rectifier never inverts
+    pairs = []  # (the model that inverted, the model that samples back)
+    for k in by_type("SamplerCustom"):
+        sc = api[k]["inputs"]
+        assert sc["latent_image"][0] in inversions and sc["sigmas"] == [sc["latent_image"][0], 1]
+        assert sc["add_noise"] is False and sc["cfg"] == 1.0
+        assert api[sc["sampler"][0]]["inputs"]["sampler_name"] == "euler"  # = DDIM with eta 0
+        pairs.append((rectifier_source(api, api[sc["latent_image"][0]]["inputs"]["model"]),
+                      rectifier_source(api, sc["model"])))
+    if name == "rectifier_reconstruct":  # each model runs both halves of its round trip
+        assert sorted(pairs) == [("plain", "plain"), ("recon", "recon")], pairs
+    else:  # inverted without the edit, sampled back with it (and without, to compare)
+        assert sorted(pairs) == [("recon", "edit"), ("recon", "recon")], pairs
+
+
+def test_edit_workflow_continues_from_a_saved_reconstruction_rectifier():
+    api = json.loads((WORKFLOWS / "rectifier_edit.json").read_text())
+    train = [v for v in api.values() if v["class_type"] == "SIE_TrainRectifier"]
+    assert [t["inputs"]["mode"] for t in train] == ["edit"]  # no 5,000-step reconstruction training in the graph
+    loader = api[train[0]["inputs"]["rectifier"][0]]
+    assert loader["class_type"] == "SIE_LoadRectifier"
+    saved = [v["inputs"]["filename_prefix"] for v in json.loads((WORKFLOWS / "rectifier_reconstruct.json").read_text())
+             .values() if v["class_type"] == "SIE_SaveRectifier"]
+    assert loader["inputs"]["rectifier_name"] == f"{saved[0]}_00001.safetensors"  # what rectifier_reconstruct saves
+    ui = json.loads((WORKFLOWS.parent / "rectifier_edit.json").read_text())
+    note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert "GPU" in note and "min" in note and "rectifier_reconstruct" in note

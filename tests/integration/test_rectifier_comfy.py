@@ -317,3 +317,106 @@ def test_bad_rectifier_inputs_are_named(result):
         assert text.startswith(f"input '{inputs.get(key, key)}'"), (key, text)
     assert "pixel-space" in result["errors"]["rectifier_pixel"], result["errors"]
     assert "multiples of 8" in result["errors"]["images"] and "at least 64" in result["errors"]["images_small"]
+
+
+# --------------------------------------------------------------------------------------
+# The paper's path through the nodes: DDIM Inversion, then SamplerCustom (add_noise off, euler, the inversion's
+# sigmas) with the rectified MODEL, as the workflows wire it; a small rectifier (ResNet blocks 1-1-1-1, width 8)
+# with a perturbed A head (Delta != 0).  That this path lowers the reconstruction error of a held-out image with a
+# trained rectifier is shown on the CLI (tests/test_rectifier_quality.py): a trained rectifier on a random-weight
+# SD 1.5 would mean little and costs an hour of CPU here.
+PATH_SCRIPT = textwrap.dedent("""
+    import copy, time
+    from pathlib import Path
+    import numpy as np
+    from PIL import Image
+    import comfy.sd, comfy.sample, comfy.samplers
+    from sie_pack.nodes.comfy_views import ComfySD
+    from sie_pack.nodes.rectifier import TrainedRectifier, unet_parameters
+    from sie_pack.core.rectifier import (RectifierInfo, new_rectifier, rectified, invert_and_sample, ddim_invert,
+                                         ddim_sample)
+    N = pack.NODE_CLASS_MAPPINGS
+    STEPS = int(sys.argv[3])
+    out, timing = {}, {}
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    def rel(p, q):
+        return float((p - q).abs().max() / q.abs().max())
+
+    def sample_back(m, inv):
+        lat, sigmas = inv
+        return comfy.sample.sample_custom(m, torch.zeros_like(lat["samples"]), 1.0,
+                                          comfy.samplers.sampler_object("euler"), sigmas, pos, pos, lat["samples"],
+                                          disable_pbar=True, seed=0)
+
+    photo = torch.from_numpy(np.asarray(Image.open(Path(sys.argv[1]) / "core/sinddm/data/coffee_250x200.png")
+                                        .convert("RGB")).copy()).float() / 255  # [200, 250, 3]
+    held = torch.nn.functional.interpolate(photo[40:160, 130:250].permute(2, 0, 1)[None], size=(64, 64),
+                                           mode="area").permute(0, 2, 3, 1)  # [1, 64, 64, 3]
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=True, output_clip=True)
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        with torch.inference_mode(False), torch.no_grad():
+            small = new_rectifier(unet_parameters(model), channels=4, estimate_clip=4.0, encoder_layers=(1, 1, 1, 1),
+                                  width=8)
+            bumped = copy.deepcopy(small)
+            g = torch.Generator().manual_seed(5)
+            for br in bumped.branches:
+                br.head_a.weight.copy_(torch.randn(br.head_a.weight.shape, generator=g) * 0.05)
+                br.head_a.bias.copy_(torch.randn(br.head_a.bias.shape, generator=g) * 0.05)
+        bumped_r = TrainedRectifier(bumped, RectifierInfo("ldm"))
+        encoded = {"samples": vae.encode(held)}
+        log("loaded")
+
+        # (1) the node path computes core's invert_and_sample (the CLI's maths) on the same MODEL
+        m_rect = N["SIE_ApplyRectifier"]().run(model, bumped_r, held, 1.0, vae)[0]
+        t0 = time.perf_counter()
+        inv_rect = N["SIE_DDIMInversion"]().run(m_rect, pos, encoded, STEPS)
+        timing["inversion_node_rectified"] = round(time.perf_counter() - t0, 1)
+        node_rect = model.model.process_latent_in(sample_back(m_rect, inv_rect))
+        calls = dict(m_rect.model_options["model_function_wrapper"].rule.calls)
+        inv_plain = N["SIE_DDIMInversion"]().run(model, pos, encoded, STEPS)
+        node_plain = model.model.process_latent_in(sample_back(model, inv_plain))
+        log("node path done")
+        with torch.inference_mode(False), torch.no_grad():
+            sd = ComfySD(model, None, vae)
+            x0 = sd.encode(held.movedim(-1, 1))
+            c = pos[0][0]
+            ab = sd.alphas_cumprod
+            plain_eps = lambda x, t: sd.eps(x, t, c)
+            with rectified(sd, bumped, x0, cond=c) as r:
+                x_T, core_rect = invert_and_sample(r, r, x0, ab, STEPS)
+            core_plain = ddim_sample(plain_eps, ddim_invert(plain_eps, x0, ab, STEPS), ab, STEPS)
+        log("core path done")
+        out["node_path"] = {
+            "x_T_rel": rel(model.model.process_latent_in(inv_rect[0]["samples"]) * float(ab[999]) ** 0.5, x_T),
+            "sigmas": [len(inv_rect[1]), float(inv_rect[1][-1]), bool((inv_rect[1][:-1] > inv_rect[1][1:]).all())],
+            "rect_rel": rel(node_rect, core_rect), "plain_rel": rel(node_plain, core_plain),
+            "rect_vs_plain": rel(core_rect, core_plain), "calls": calls}
+        log(json.dumps(out["node_path"]))
+
+    out["timing_s"] = timing
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def paper_path(tmp_path_factory):
+    r = run_in_comfyui(PATH_SCRIPT, str(random_sd15()), "2", timeout=3000,
+                       tmp_dir=tmp_path_factory.mktemp("rectifier_path"))
+    print("rectifier path results:", json.dumps(r))
+    return r
+
+
+def test_node_inversion_and_sampling_back_compute_the_clis_path(paper_path):
+    """DDIM Inversion (through ComfyUI's sampling: the rectified MODEL's rule runs during the inversion too) and
+    SamplerCustom with euler over its sigmas compute core.rectifier.invert_and_sample (the CLI's default path) on
+    the same MODEL: rectified both ways, and plain both ways."""
+    p = paper_path["node_path"]
+    assert p["sigmas"] == [3, 0.0, True], p  # 2 steps high to low, then 0
+    assert p["x_T_rel"] < 1e-3 and p["rect_rel"] < 1e-3 and p["plain_rel"] < 1e-3, p
+    assert p["rect_vs_plain"] > 1e-2, p  # the rectifier acts
+    assert p["calls"] == {"base": 4, "modulated": 4}, p  # 2 inversion + 2 sampling calls, cfg 1: one chunk each
