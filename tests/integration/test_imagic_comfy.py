@@ -150,3 +150,85 @@ def test_a_lora_trained_outside_comfyui_loads_in_comfyui_identically(tmp_path):
     assert r["keys"] == 282  # every conv and linear weight of the SD 1.5 UNet
     assert r["effect"] > 1e-3  # the adapters change the prediction...
     assert r["diff"] < 1e-5, r  # ...identically in both back ends
+
+
+FP16 = textwrap.dedent("""
+    import os, tempfile
+    from pathlib import Path
+    import comfy.sd, folder_paths, nodes as comfy_nodes
+    import sie_pack.nodes.comfy_bridge as bridge
+    from sie_pack.core.imagic.artifact import Trained
+    from sie_pack.core.lora import diff_state_dict
+    from sie_pack.core.seam import DeltaFunction
+    from sie_pack.nodes.comfy_bridge import ComfySD
+    N = pack.NODE_CLASS_MAPPINGS
+    folder = tempfile.mkdtemp()
+    for name in ("loras", "sie_trained"):
+        folder_paths.add_model_folder_path(name, folder, is_default=True)
+    bridge.save_dir = lambda name: Path(folder)  # Save Trained writes here, not into the ComfyUI install
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([150, 700])
+
+    def eps_of(model, cond, fns=None):
+        with torch.inference_mode(False), torch.no_grad():
+            sd = ComfySD(model)
+            if fns is None:
+                return sd.eps(x, t, cond.expand(2, -1, -1))
+            with sd.adapted(fns) as view:
+                return view.eps(x, t, cond.expand(2, -1, -1))
+
+    out = {}
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=True, output_clip=True)
+        target = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
+        cond = target[0][0].float()
+        image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+        _, _, lora, _ = N["SIE_FineTune"]().run(model, vae, image, target, "lora", 2, 1e-3, 4, 0)
+        with torch.inference_mode(False):
+            params = ComfySD(model).unet_parameters()
+            # a full fine-tune's layout (.diff / .diff_b) on every parameter of three parts of the UNet
+            names = [k for k in params if k.startswith(("input_blocks.1.", "middle_block.", "out."))]
+            deltas = {k: torch.randn(params[k].shape, generator=g) * 1e-3 for k in names}
+        full = Trained(diff_state_dict(deltas), "full", cond.cpu(), {})
+        base = eps_of(model, cond)
+        for kind, trained in (("lora", lora), ("full", full)):
+            files = {p: N["SIE_SaveTrained"]().run(trained, kind, p)["ui"]["text"][0] for p in ("fp32", "fp16")}
+            native = {p: comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, f, 1.0)[0]
+                      for p, f in files.items()}
+            e = {p: eps_of(m, cond) for p, m in native.items()}
+            ours = eps_of(N["SIE_LoadTrained"]().run(model, files["fp16"], 1.0)[0], cond)
+            r = {"sizes": {p: os.path.getsize(os.path.join(folder, f)) for p, f in files.items()},
+                 "effect": float((e["fp32"] - base).abs().max()), "fp16_vs_fp32": float((e["fp16"] - e["fp32"]).abs().max()),
+                 "load_trained_vs_native": float((ours - e["fp16"]).abs().max()), "keys": len(trained.delta)}
+            if kind == "full":  # independent of ComfyUI's loader: the deltas, rounded to float16, as weight functions
+                rounded = eps_of(model, cond, {k: DeltaFunction(v.half().float()) for k, v in deltas.items()})
+                r["native_fp16_vs_weight_functions"] = float((e["fp16"] - rounded).abs().max())
+                r["params"] = sum(v.numel() for v in deltas.values())
+            out[kind] = r
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_fp16_saved_edits_load_in_comfyuis_lora_loader(tmp_path):
+    """Save Trained's precision fp16: the LoRA and the full-fine-tune (.diff) layouts, written in float16, load in
+    ComfyUI's own LoraLoaderModelOnly and in Load Trained, and predict like the float32 file to within float16's
+    rounding of what the delta changes; the .diff file halves.
+
+    Tolerances: the trained LoRA changes eps coherently while float16's rounding errors (each within 2^-11 of its
+    entry) are independent, so the difference stays under 2^-11 of the change (measured 2.4e-5 of it).  The full
+    delta here is random (N(0, 1e-3), 102 M entries): its change of eps is itself a sum of independent terms, so
+    the rounding error is about its rms, 2^-11 / sqrt(3) = 2.8e-4 of the change (measured 2.1e-4); allowed 2^-10."""
+    r = run_in_comfyui(FP16, str(random_sd15()), timeout=1800, tmp_dir=tmp_path)
+    for kind in ("lora", "full"):
+        k = r[kind]
+        print(kind, k)
+        assert k["effect"] > 1e-4, k
+        assert k["load_trained_vs_native"] == 0.0, k  # Load Trained patches as ComfyUI's loader does
+    assert r["lora"]["fp16_vs_fp32"] <= 2.0 ** -11 * r["lora"]["effect"], r["lora"]
+    full = r["full"]
+    assert full["fp16_vs_fp32"] <= 2.0 ** -10 * full["effect"], full
+    ratio = full["sizes"]["fp16"] / full["sizes"]["fp32"]
+    assert abs(ratio - 0.5) < 0.01, full  # e_opt (77 x 768 float32) is the only part that stays
+    # every key of the float16 .diff file was applied: ComfyUI's patched model equals the same rounded deltas applied
+    # independently, to float32 arithmetic
+    assert full["native_fp16_vs_weight_functions"] <= 1e-5 * full["effect"], full
