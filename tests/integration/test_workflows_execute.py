@@ -15,7 +15,8 @@ CLIP steps instead of 100, and the text-styled training image starts the finest 
 t = 4 (one guided step); Imagic at 64x64 with 2 steps per
 stage and 2 etas, on the random SD 1.5 file; the rectifier at 64x64 with 2 training steps of batch 2 per mode
 and 2 sampling steps (a rectified sampling step costs 4-7 plain ones on a CPU: a base pass, then a pass in
-which each of the 43 modulated convolutions builds per-sample kernels).
+which each of the 43 modulated convolutions builds per-sample kernels), 2 DDIM inversion steps, and rectifier_edit's
+Load Rectifier reading a small random rectifier made for the random SD 1.5.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ SINE_SMALL = {"CheckpointLoaderSimple": {"ckpt_name": "random_sd15.safetensors"}
 LAYER_SMALL = {**SINE_SMALL, "SIE_OptimizeEmbedding": {"steps": 2}, "SIE_LoadSAM": {"sam_name": SAM_FILE},
                # a random SAM's masks are noise: the box prompt alone, dilated, keeps object and background non-empty
                "SIE_SAMSegment": {"prompt": '{"points": [], "box": [16, 16, 48, 48]}', "dilate": 2}}
+RECTIFIER_FILE = "random_rectifier_sd15.safetensors"
 RECTIFIER_SMALL = {"CheckpointLoaderSimple": {"ckpt_name": "random_sd15.safetensors"},
                    "ImageScale": {"width": 64, "height": 64}, "EmptyLatentImage": {"width": 64, "height": 64},
-                   "SIE_TrainRectifier": {"steps": 2, "batch": 2}, "KSampler": {"steps": 2}}
+                   "SIE_TrainRectifier": {"steps": 2, "batch": 2}, "KSampler": {"steps": 2},
+                   "SIE_DDIMInversion": {"steps": 2}, "SIE_LoadRectifier": {"rectifier_name": RECTIFIER_FILE}}
 # workflow -> {node class: {input: value}}; then the expected SaveImage outputs {filename_prefix: (count, W, H)}
 OVERRIDES = {
     "sinddm_random_samples": {**SINDDM_TRAIN, "SIE_SinDDMSample": {"count": 1}},
@@ -99,9 +102,10 @@ EXPECTED = {
     "layerdiffusion_reference_background": {"layerdiffusion/reference_background": (1, 64, 64),
                                             "layerdiffusion/reference_background_finetune_loss": (1, 640, 320)},
     "rectifier_reconstruct": {"rectifier/recon_rectified": (1, 64, 64), "rectifier/recon_plain": (1, 64, 64),
-                              "rectifier/recon_loss": (1, 640, 320)},
-    "rectifier_edit": {"rectifier/edit": (1, 64, 64), "rectifier/edit_sdedit": (1, 64, 64),
-                       "rectifier/recon_loss": (1, 640, 320), "rectifier/edit_loss": (1, 640, 960)},
+                              "rectifier/recon_loss": (1, 640, 320), "rectifier/held_out": (1, 64, 64)},
+    "rectifier_edit": {"rectifier/edit": (1, 64, 64), "rectifier/edit_reconstruction": (1, 64, 64),
+                       "rectifier/edit_sdedit": (1, 64, 64), "rectifier/edit_loss": (1, 640, 960),
+                       "rectifier/held_out": (1, 64, 64)},
 }
 
 
@@ -141,6 +145,29 @@ def random_sam() -> Path:
     return path
 
 
+def random_rectifier() -> Path:
+    """A small random rectifier (Delta != 0) for the random SD 1.5, as rectifier_edit's Load Rectifier reads it; made
+    once from the checkpoint's UNet shapes (its header) and cached."""
+    import torch
+    from safetensors import safe_open
+
+    from core.rectifier import RectifierInfo, new_rectifier, save_rectifier
+
+    ckpt = random_sd15()
+    path = ckpt.parent / RECTIFIER_FILE
+    if not path.exists():
+        prefix = "model.diffusion_model."
+        with safe_open(str(ckpt), "pt") as f:
+            params = {k[len(prefix):]: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()
+                      if k.startswith(prefix)}
+        r = new_rectifier(params, 4, encoder_layers=(1, 1, 1, 1), width=8, estimate_clip=4.0)
+        with torch.no_grad():
+            for b in r.branches:
+                b.head_a.bias.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+        save_rectifier(r, RectifierInfo("ldm", "recon", steps=0), path)
+    return path
+
+
 def apply_overrides(prompt: dict, overrides: dict) -> dict:
     out = json.loads(json.dumps(prompt))
     for node in out.values():
@@ -152,7 +179,8 @@ def apply_overrides(prompt: dict, overrides: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def server():
-    models = {"checkpoints": [random_sd15()], "open_clip": [random_open_clip()], "sams": [random_sam()]}
+    models = {"checkpoints": [random_sd15()], "open_clip": [random_open_clip()], "sams": [random_sam()],
+              "single_image_edit/rectifier": [random_rectifier()]}
     with ComfyServer(models=models) as srv:
         client = ComfyClient(srv.url)
         for image in ("coffee_250x200.png", "coffee_128x100.png"):
