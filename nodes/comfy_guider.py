@@ -7,7 +7,8 @@ once per run.  At each model evaluation it hands :meth:`combine` a :class:`Guide
 
 * ``index``: the step of the run, from ``sample_sigmas`` (:class:`core.guidance.StepClock`,
   restarted every run; a warning, once per run, when the sampler evaluates more than once
-  per step);
+  per step).  Only rules by step index need one evaluation per step: a guider whose rule
+  depends on t alone passes ``step_rule=False`` and takes any sampler silently;
 * ``t``: the integer DDPM timestep the UNet sees (``model_sampling.timestep``);
 * ``predict(view, conds)``: x0 predictions of one view for named conds (a batched
   ``calc_cond_batch`` call with the view active and its features in the options);
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.guidance import MultiEvaluationError, StepClock
+from ..core.guidance import MultiEvaluationError, StepClock, step_index
 from ..core.seam import ViewSpec
 from .comfy_views import install_views, with_features
 
@@ -107,11 +108,14 @@ def view_guider_class():
         any names (``positive``, ``negative``, ``positive_alt``...)."""
 
         def __init__(self, model_patcher, specs: Sequence[ViewSpec] = (), what: str = "this guider",
-                     strict_steps: bool = False):
+                     strict_steps: bool = False, step_rule: bool = True):
+            """``step_rule``: the rule uses the step index (one evaluation per step wanted: a warning,
+            or with ``strict_steps`` a refusal, for samplers that evaluate more often); False: the
+            rule depends on t alone, every sampler is fine and ``index`` is informative only."""
             clone, self.viewset = install_views(model_patcher, list(specs))
             super().__init__(clone)
-            self.what, self.strict_steps = what, strict_steps
-            self.clock = StepClock(what, strict=strict_steps)
+            self.what, self.strict_steps, self.step_rule = what, strict_steps and step_rule, step_rule
+            self.clock = StepClock(what, strict=self.strict_steps)
 
         def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
             bad = sampler_problem(sampler) if self.strict_steps else None
@@ -125,7 +129,12 @@ def view_guider_class():
             to = model_options.get("transformer_options", {})
             sigmas = to.get("sample_sigmas")
             try:
-                index = self.clock(sigmas, timestep[0]) if sigmas is not None else 0
+                if sigmas is None:
+                    index = 0
+                elif self.step_rule:
+                    index = self.clock(sigmas, timestep[0])
+                else:
+                    index = step_index(sigmas, timestep[0])
             except MultiEvaluationError:
                 raise multi_evaluation_error(self.what, "this sampler evaluated twice within one step") from None
             t = int(self.inner_model.model_sampling.timestep(timestep[:1])[0].round())

@@ -6,8 +6,11 @@
 * ``SIE_ModelGuidance``: a GUIDER for SamplerCustomAdvanced mixing the pretrained and the
   fine-tuned predictions by eq. 3 for t > K and plain CFG on the pretrained model for
   t <= K; the fine-tuned pass runs only where eq. 3 needs it, with F(v) only on it, and
-  no fine-tuned unconditional pass.  Optional extra fine-tuned MODELs with their own
-  weights give the multi-model form (official ``DDIMSingleSampler``).
+  no fine-tuned unconditional pass.  Eq. 3 depends on t alone, so any sampler works (heun,
+  dpmpp_sde... evaluate several times per step; each evaluation gets eq. 3 at its own t).
+  Extra fine-tuned MODELs give the multi-model form (official ``DDIMMultiSampler``): a second
+  one on the node (the node's K), and any number chained through ``SIE_SineAddModel``, each
+  with its own weight b_i and its own K_i.
 
 Both MODELs are views of one loaded model (``nodes.comfy_views``): one load per run.
 """
@@ -16,11 +19,14 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from ..core.guidance import model_guidance, model_guidance_active
 from ..core.sine.positional import MODEL_CHANNELS, PositionalMap
 from .common import CATEGORY_ROOT, NodeInputError, parse_numbers
 
 CATEGORY = f"{CATEGORY_ROOT}/sine"
+MODELS = "SIE_SINE_MODELS"  # a chain of fine-tuned models for multi-model guidance (tuple of GuideModel)
 
 
 class SinePositionalPatch:
@@ -94,7 +100,7 @@ def _model_guider_class():
     class ModelGuider(view_guider_class()):
         """SINE eq. 3 on views: view 0 the pretrained MODEL, views 1.. the fine-tuned ones."""
 
-        def __init__(self, model, finetuned: list, weights: list[float], w: float, K: int):
+        def __init__(self, model, finetuned: list, weights: list[float], w: float, Ks: list[int]):
             from .comfy_views import view_spec_from_patched
 
             specs = []
@@ -106,20 +112,27 @@ def _model_guider_class():
 
                     spec = ViewSpec(spec.weight_functions, Features(input_map=maps[0].map))
                 specs.append(spec)
-            super().__init__(model, specs, what="SINE: Model-Based Guidance", strict_steps=True)
-            self.weights, self.K = list(weights), int(K)
+            # eq. 3 depends on t alone: no step-index rule, every sampler is fine
+            super().__init__(model, specs, what="SINE: Model-Based Guidance", step_rule=False)
+            self.weights, self.Ks = list(weights), [int(k) for k in Ks]
+            self.K = self.Ks[0]
             self.set_cfg(w)
-            self.calls = {"finetuned": 0}
+            self.calls = {"finetuned": 0, "models": [0] * len(self.weights), "evaluations": 0}
 
         def combine(self, s):
             c, u = s.predict(0, ["positive", "negative"])
+            self.calls["evaluations"] += 1
             fts = []
-            if model_guidance_active(s.t, self.K):
-                for i in range(len(self.weights)):
+            for i, k in enumerate(self.Ks):  # each fine-tuned model only where its eq. 3 term is on (t > K_i)
+                if model_guidance_active(s.t, k):
                     fts.append(s.predict(i + 1, [f"finetune_positive_{i}"])[0])
+                    self.calls["models"][i] += 1
+                else:
+                    fts.append(None)
+            if any(f is not None for f in fts):
                 self.calls["finetuned"] += 1
-            mixed = model_guidance(u, c, fts, self.weights[:len(fts)], 1.0, s.t, self.K) if fts else c
-            return s.cfg(mixed, u, self.cfg)
+                c = model_guidance(u, c, fts, self.weights, 1.0, s.t, self.Ks)
+            return s.cfg(c, u, self.cfg)
 
     return ModelGuider
 
@@ -130,13 +143,17 @@ class ModelGuidance:
     FUNCTION = "run"
     RETURN_TYPES = ("GUIDER",)
     RETURN_NAMES = ("guider",)
-    OUTPUT_TOOLTIPS = ("A GUIDER for SamplerCustomAdvanced (any sampler that evaluates the model once per step: "
-                       "euler, ddim, dpmpp_2m, ...).",)
+    OUTPUT_TOOLTIPS = ("A GUIDER for SamplerCustomAdvanced, with any sampler (eq. 3 depends only on t, so "
+                       "samplers that evaluate several times per step, heun or dpmpp_sde, are fine too).",)
     DESCRIPTION = ("SINE eq. 3: for t > K, w (v e(z_t, c) + (1 - v) e^(z_t, c^)) + (1 - w) e(z_t); for t <= K plain "
                    "CFG on the pretrained model. e is the pretrained MODEL at the target text c, e^ the fine-tuned MODEL "
                    "at the fine-tune text c^ (with F(v) if it carries the positional map). Paper: v = 0.7, K = 400. "
                    "The fine-tuned model runs only for t > K and never unconditionally. Both MODELs must come from "
-                   "the same checkpoint (the fine-tuned one a patched clone, e.g. from Fine-Tune or Load LoRA).")
+                   "the same checkpoint (the fine-tuned one a patched clone, e.g. from Fine-Tune or Load LoRA). "
+                   "Several fine-tuned models (official multi-model guidance, e.g. content + style): a second one "
+                   "here, and any number chained through SINE: Add Fine-Tuned Model into more_models, each with its "
+                   "own weight b_i and K_i: u + w((1 - sum b_i) c + sum b_i c^_i - u) over the models with t > K_i. "
+                   "The first model gets 1 - v - the others' weights.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -162,13 +179,71 @@ class ModelGuidance:
             "finetune_positive_2": ("CONDITIONING", {"tooltip": "The second model's fine-tune text."}),
             "weight_2": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                    "tooltip": "The second model's weight b_2 (taken out of 1 - v; the first "
-                                              "fine-tuned model gets 1 - v - b_2)."}),
+                                              "fine-tuned model gets 1 - v - b_2). It uses the node's K."}),
+            "more_models": (MODELS, {"tooltip": "Any number of further fine-tuned models, each with its own weight "
+                                                "and K, from a chain of SINE: Add Fine-Tuned Model nodes (their "
+                                                "weights are also taken out of 1 - v)."}),
         }}
 
     def run(self, model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
-            finetuned_model_2=None, finetune_positive_2=None, weight_2=0.0):
+            finetuned_model_2=None, finetune_positive_2=None, weight_2=0.0, more_models=None):
         return (model_guider(model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
-                             finetuned_model_2, finetune_positive_2, weight_2),)
+                             finetuned_model_2, finetune_positive_2, weight_2, more_models),)
+
+
+
+@dataclass(frozen=True)
+class GuideModel:
+    """One fine-tuned model of multi-model guidance: MODEL, its c^, its weight b and its K."""
+
+    model: object
+    conditioning: object
+    weight: float
+    K: int
+
+
+class AddFineTunedModel:
+    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SineAddModel", "SINE: Add Fine-Tuned Model", ()
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (MODELS,)
+    RETURN_NAMES = ("models",)
+    OUTPUT_TOOLTIPS = ("The chain so far plus this model: connect to more_models of Model-Based Guidance (or of the "
+                       "next Add Fine-Tuned Model).",)
+    DESCRIPTION = ("Adds one fine-tuned model to SINE's multi-model guidance (the official DDIMMultiSampler, e.g. the "
+                   "paper's style transfer with a content and a style model): its prediction at its own c^ enters "
+                   "eq. 3 with weight b for t > K, its own K (official range_t_min per model). Chain as many as "
+                   "needed.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "finetuned_model": ("MODEL", {"tooltip": "A fine-tuned MODEL (a patched clone of the pretrained one; "
+                                                     "through SINE: Positional Map if it was trained on patches)."}),
+            "finetune_positive": ("CONDITIONING", {"tooltip": "Its fine-tune text c^ (through its fine-tuned CLIP "
+                                                              "when it has one)."}),
+            "weight": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
+                                 "tooltip": "Its weight b in eq. 3 (official multi-model example: 0.4 and 0.5)."}),
+            "K": ("INT", {"default": 400, "min": 0, "max": 999, "tooltip": "It guides for timesteps t > K "
+                                                                          "(official example: 400)."}),
+        }, "optional": {
+            "models": (MODELS, {"tooltip": "The chain so far (from another Add Fine-Tuned Model)."}),
+        }}
+
+    def run(self, finetuned_model, finetune_positive, weight, K, models=None):
+        if not hasattr(finetuned_model, "is_clone"):
+            raise NodeInputError("finetuned_model", f"expected a MODEL, got {type(finetuned_model).__name__}",
+                                 "connect a MODEL")
+        if not isinstance(finetune_positive, list):
+            raise NodeInputError("finetune_positive", "expected a CONDITIONING", "connect CLIP Text Encode")
+        if not 0.0 <= float(weight) <= 1.0:
+            raise NodeInputError("weight", f"weight = {weight} is outside [0, 1]", "use 0..1")
+        if not 0 <= int(K) <= 999:
+            raise NodeInputError("K", f"K = {K} is outside [0, 999] (SD's timesteps)", "use 0..999 (paper: 400)")
+        if models is not None and not (isinstance(models, tuple) and all(isinstance(m, GuideModel) for m in models)):
+            raise NodeInputError("models", "expected the output of SINE: Add Fine-Tuned Model",
+                                 "connect another Add Fine-Tuned Model, or nothing")
+        return ((*(models or ()), GuideModel(finetuned_model, finetune_positive, float(weight), int(K))),)
 
 
 def check_finetuned(model, finetuned, name: str) -> None:
@@ -193,13 +268,13 @@ def check_guidance_values(v: float, K: int, cfg: float) -> None:
 
 
 def model_guider(model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
-                 finetuned_model_2=None, finetune_positive_2=None, weight_2=0.0):
+                 finetuned_model_2=None, finetune_positive_2=None, weight_2=0.0, more_models=None):
     """The SINE GUIDER (eq. 3) after checking every input."""
     if not hasattr(model, "is_clone"):
         raise NodeInputError("model", f"expected a MODEL, got {type(model).__name__}", "connect a MODEL")
     check_finetuned(model, finetuned_model, "finetuned_model")
     check_guidance_values(v, K, cfg)
-    finetuned, conds, weights = [finetuned_model], [finetune_positive], [1.0 - float(v)]
+    finetuned, conds, weights, Ks = [finetuned_model], [finetune_positive], [1.0 - float(v)], [int(K)]
     if finetuned_model_2 is not None:
         if finetune_positive_2 is None:
             raise NodeInputError("finetune_positive_2", "a second fine-tuned MODEL needs its fine-tune text",
@@ -207,13 +282,31 @@ def model_guider(model, finetuned_model, positive, finetune_positive, negative, 
         check_finetuned(model, finetuned_model_2, "finetuned_model_2")
         if not 0.0 <= float(weight_2) <= 1.0:
             raise NodeInputError("weight_2", f"weight_2 = {weight_2} is outside [0, 1]", "use 0..1 - v")
-        weights = [1.0 - float(v) - float(weight_2), float(weight_2)]
-        if weights[0] < 0:
+        weights[0] -= float(weight_2)
+        if weights[0] < -1e-9:
             raise NodeInputError("weight_2", f"v + weight_2 = {float(v) + float(weight_2):.2f} exceeds 1",
                                  "lower weight_2 or v: the fine-tuned models share 1 - v")
+        weights[0] = max(weights[0], 0.0)
         finetuned.append(finetuned_model_2)
         conds.append(finetune_positive_2)
-    guider = _model_guider_class()(model, finetuned, weights, float(cfg), int(K))
+        weights.append(float(weight_2))
+        Ks.append(int(K))
+    if more_models is not None:
+        if not (isinstance(more_models, tuple) and all(isinstance(m, GuideModel) for m in more_models)):
+            raise NodeInputError("more_models", "expected the output of SINE: Add Fine-Tuned Model",
+                                 "connect a chain of Add Fine-Tuned Model nodes, or nothing")
+        for m in more_models:
+            check_finetuned(model, m.model, "more_models")
+            finetuned.append(m.model)
+            conds.append(m.conditioning)
+            weights.append(m.weight)
+            Ks.append(m.K)
+        weights[0] -= sum(m.weight for m in more_models)
+        if weights[0] < -1e-9:
+            raise NodeInputError("more_models", f"v + the other models' weights = {1.0 - weights[0]:.2f} exceeds 1",
+                                 "lower the chained weights (or weight_2, or v): the fine-tuned models share 1 - v")
+        weights[0] = max(weights[0], 0.0)
+    guider = _model_guider_class()(model, finetuned, weights, float(cfg), Ks)
     named = {"positive": positive, "negative": negative}
     named.update({f"finetune_positive_{i}": c for i, c in enumerate(conds)})
     guider.inner_set_conds(named)
@@ -230,8 +323,7 @@ class GuidanceSweep:
                        "from the same noise; decode with VAE Decode.", "The (K, v) of each latent, in order.")
     DESCRIPTION = ("Samples SINE model-based guidance (eq. 3) once per pair of K and v from one noise, as the paper's "
                    "Figs. 7, 8 and 19-21, so the trade-off between fidelity to the image (low v, low K) and to the "
-                   "edit text can be picked by eye. Uses ComfyUI's samplers (one evaluation per step: euler, ddim, "
-                   "dpmpp_2m...).")
+                   "edit text can be picked by eye. Uses ComfyUI's samplers (any of them: eq. 3 depends only on t).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -253,13 +345,17 @@ class GuidanceSweep:
             "steps": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "Sampling steps (official: DDIM 100)."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Guidance scale w."}),
-            "sampler_name": (_sampler_names(), {"default": "ddim", "tooltip": "ComfyUI sampler (one evaluation "
-                                                                              "per step)."}),
+            "sampler_name": (_sampler_names(), {"default": "ddim", "tooltip": "ComfyUI sampler (any; the "
+                                                                              "paper: DDIM)."}),
             "scheduler": (_scheduler_names(), {"default": "ddim_uniform", "tooltip": "ComfyUI scheduler."}),
+        }, "optional": {
+            "more_models": (MODELS, {"tooltip": "Further fine-tuned models (SINE: Add Fine-Tuned Model chain) with "
+                                                "their own weights and K, the same in every pair; the swept K and v "
+                                                "are the first model's."}),
         }}
 
     def run(self, model, finetuned_model, positive, finetune_positive, negative, latent_image, K_values, v_values,
-            seed, steps, cfg, sampler_name, scheduler):
+            seed, steps, cfg, sampler_name, scheduler, more_models=None):
         from . import comfy_bridge as bridge
 
         Ks = parse_numbers(K_values, "K_values", int, 0, 999, "200, 400, 600")
@@ -275,7 +371,8 @@ class GuidanceSweep:
         progress = bridge.Progress(total)
         outs = []
         for n, (k, v) in enumerate(pairs):
-            guider = model_guider(model, finetuned_model, positive, finetune_positive, negative, cfg, v, k)
+            guider = model_guider(model, finetuned_model, positive, finetune_positive, negative, cfg, v, k,
+                                  more_models=more_models)
 
             def callback(step, x0, x, count, n=n):
                 progress(n * int(steps) + step + 1, total)
@@ -298,4 +395,4 @@ def _scheduler_names():
     return scheduler_names()
 
 
-NODES = [PositionalMapNode, ModelGuidance, GuidanceSweep]
+NODES = [PositionalMapNode, ModelGuidance, GuidanceSweep, AddFineTunedModel]

@@ -74,3 +74,23 @@ def test_guidance_sweep_and_recipe_check_their_values():
     recipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", True, True, 1.0, 0.1, 0.0)[0]
     assert recipe.patches and recipe.train_text_encoder and recipe.pooled_x0_weight == 1.0
     assert named(lambda: N["SIE_SaveSine"]().run("not trained", "sine")) == "trained"
+
+
+def test_add_fine_tuned_model_chains_and_checks_its_inputs():
+    base, same = fake_model(SD15), fake_model(SD15)
+    add = N["SIE_SineAddModel"]().run
+    one = add(same, [["c1"]], 0.2, 300)[0]
+    two = add(same, [["c2"]], 0.1, 600, one)[0]
+    assert [(m.weight, m.K) for m in two] == [(0.2, 300), (0.1, 600)] and len(one) == 1  # the chain is not mutated
+    assert named(lambda: add("not a model", [], 0.2, 300)) == "finetuned_model"
+    assert named(lambda: add(same, "text", 0.2, 300)) == "finetune_positive"
+    assert named(lambda: add(same, [], 1.2, 300)) == "weight"
+    assert named(lambda: add(same, [], 0.2, 1000)) == "K"
+    assert named(lambda: add(same, [], 0.2, 300, "x")) == "models"
+    run = N["SIE_ModelGuidance"]().run
+    assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 400, None, None, 0.0, "x")) == "more_models"
+    assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 400, None, None, 0.0,
+                             add(fake_model(SD15, "other"), [], 0.1, 300)[0])) == "more_models"
+    # v = 0.7 leaves 0.3 to share: 0.2 + 0.1 chained is all of it, more is refused
+    assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 400, None, None, 0.0,
+                             add(same, [], 0.2, 300, two)[0])) == "more_models"
