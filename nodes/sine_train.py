@@ -6,9 +6,12 @@
   (paper: 10,000 steps), optionally the text encoder too (the official code), which makes the
   node's ``clip`` output the adapted CLIP.
 * ``SIE_SaveSine`` writes the result as a ``sie.sine`` file (delta in ComfyUI's LoRA layout, UNet
-  and text encoder; the fine-tune prompt; whether the model needs the positional map).
+  and text encoder; the fine-tune prompt; the conditioning c^ training used; whether the model
+  needs the positional map).
 * ``SIE_LoadSine`` applies such a file to a MODEL and CLIP, adds F(v) when the file says so (a
-  patch-trained model can then never be sampled without its map) and encodes the fine-tune prompt.
+  patch-trained model can then never be sampled without its map) and returns c^ as training used
+  it: the stored conditioning, or, when the text encoder was trained, the stored prompt through
+  the loaded CLIP (the text training encoded at every step).
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ class SineRecipe:
     whole_fraction: float = 0.0
     pooled_x0_weight: float = 0.0
     train_text_encoder: bool = False
-    text_learning_rate: float = 0.0  # 0: the UNet's
+    text_learning_rate: float = 0.0  # 0: the UNet's when text_mode == the UNet's mode, else text_mode's default
     method: str = "sine"
+    text_mode: str = "full"  # full: every text-model parameter (official code); lora: adapters
 
 
 @dataclass
@@ -70,8 +74,9 @@ class SineRecipeNode:
     def INPUT_TYPES(cls):
         return {"required": {
             "prompt": ("STRING", {"default": "a photo of a sks dog", "tooltip": "The fine-tune prompt c^ ('a photo / "
-                                  "painting of a sks <class>'). Encoded each step when the text encoder is trained; "
-                                  "otherwise the fine-tune node's conditioning is used and this is only recorded."}),
+                                  "painting of a sks <class>'). Encoded each step when the text encoder is trained "
+                                  "(the fine-tune node's conditioning is then not used); otherwise training uses "
+                                  "the fine-tune node's conditioning, which Save SINE records as c^."}),
             "patches": ("BOOLEAN", {"default": False, "tooltip": "Patch-based fine-tuning with F(v) (paper Sec. 3.3; "
                                     "10,000 steps): edits at any resolution and aspect ratio."}),
             "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train CLIP's text encoder (the "
@@ -84,14 +89,25 @@ class SineRecipeNode:
                                          "tooltip": "With patches: share of steps on the whole image (official "
                                                     "code: 0; its diffusers port: 0.1)."}),
             "text_learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": 1e-8,
-                                             "tooltip": "Text encoder learning rate (0: the UNet's)."}),
+                                             "tooltip": "Text encoder learning rate. 0: the UNet's when "
+                                                        "text_encoder_mode equals the fine-tune node's mode (one "
+                                                        "rate, as the official code), else 1e-6 for full (the "
+                                                        "official rate) and 1e-4 for lora."}),
+        }, "optional": {
+            "text_encoder_mode": (["full", "lora"], {"default": "full", "tooltip": "With train_text_encoder: full "
+                                  "trains every parameter of the text model, the token embedding (the rare token's "
+                                  "row) included, as the official code (AdamW, lr 1e-6); lora puts adapters on its "
+                                  "layers (our cheaper option)."}),
         }}
 
-    def run(self, prompt, patches, train_text_encoder, pooled_x0_weight, whole_fraction, text_learning_rate):
+    def run(self, prompt, patches, train_text_encoder, pooled_x0_weight, whole_fraction, text_learning_rate,
+            text_encoder_mode="full"):
         if not str(prompt).strip():
             raise NodeInputError("prompt", "the fine-tune prompt is empty", "write e.g. 'a photo of a sks dog'")
+        if text_encoder_mode not in ("full", "lora"):
+            raise NodeInputError("text_encoder_mode", f"unknown mode {text_encoder_mode!r}", "use full or lora")
         return (SineRecipe(str(prompt), bool(patches), float(whole_fraction), float(pooled_x0_weight),
-                           bool(train_text_encoder), float(text_learning_rate)),)
+                           bool(train_text_encoder), float(text_learning_rate), text_mode=str(text_encoder_mode)),)
 
 
 def check_recipe(recipe) -> SineRecipe:
@@ -129,11 +145,25 @@ def sine_finetune(model, clip, vae, image, cond: torch.Tensor, mode: str, steps:
                                 pooled_x0_weight=recipe.pooled_x0_weight, seed=int(seed),
                                 gradient_checkpointing=device.type == "cuda",
                                 train_text_encoder=recipe.train_text_encoder,
-                                text_lr=recipe.text_learning_rate or None)
+                                text_lr=recipe.text_learning_rate or None, text_mode=recipe.text_mode)
     sd = bridge.ComfySD(model, clip, vae)
     x = image_to_bchw(image, "image", min_side=8)[:1]
+    if not recipe.train_text_encoder and clip is not None:
+        check_conditioning_text(clip, cond, recipe.prompt)
     return finetune_sine(sd, x, cond, config, on_step=progress, should_stop=progress.should_stop,
                          prompt=recipe.prompt if recipe.train_text_encoder else None)
+
+
+def check_conditioning_text(clip, cond: torch.Tensor, prompt: str) -> None:
+    """Log when the conditioning training will use is not the recipe's prompt through ``clip`` (the file
+    records the conditioning, so an edit still gets exactly the trained c^; the prompt is then a label)."""
+    with torch.no_grad():
+        own = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float().cpu()
+    c = cond.detach().float().cpu().reshape(-1, *cond.shape[-2:])[0]
+    if c.shape != own.shape or float((own - c).abs().max()) > 1e-3 * float(own.abs().max()):
+        log.warning("SINE fine-tune: the conditioning input is not the recipe's prompt %r through this CLIP; "
+                    "training uses the conditioning, and Save SINE records it as c^ (the prompt is only a label)",
+                    prompt)
 
 
 def default_lr(mode: str) -> float:
@@ -190,8 +220,9 @@ class LoadSine:
     RETURN_NAMES = ("finetuned_model", "finetuned_clip", "finetune_positive", "prompt")
     OUTPUT_TOOLTIPS = ("A clone of the MODEL with the saved delta (and F(v) when it was trained on patches).",
                        "The CLIP with the saved text-encoder delta (the input CLIP when none was trained).",
-                       "The saved fine-tune prompt c^, encoded by finetuned_clip: finetune_positive of Model-Based "
-                       "Guidance.", "The saved fine-tune prompt.")
+                       "c^ exactly as training used it: the stored conditioning, or, when the text encoder was "
+                       "trained, the saved prompt through finetuned_clip. finetune_positive of Model-Based Guidance.",
+                       "The saved fine-tune prompt (a label when the text encoder was not trained).")
     DESCRIPTION = ("Loads a file written by SINE: Save Fine-Tuned Model onto the same SD 1.x MODEL and CLIP, so an "
                    "edit can be resampled without training. The positional map is applied when the file says the "
                    "model was trained on patches.")
@@ -216,7 +247,13 @@ class LoadSine:
         except (FileNotFoundError, ArtifactError) as e:
             raise NodeInputError("sine_name", str(e), "pick a file written by SINE: Save Fine-Tuned Model") from None
         m, c = apply_sine(model, clip, result, float(strength))
-        cond = c.encode_from_tokens_scheduled(c.tokenize(prompt))
+        if result.c_hat is not None and not result.text_delta:  # the conditioning training used, as recorded
+            cond = [[result.c_hat.clone(), {}]]
+        else:  # the prompt, through the trained text encoder (what training encoded at every step)
+            if result.c_hat is None:
+                log.warning("%s records no c^ (written before c^ was saved): re-encoding its prompt %r", sine_name,
+                            prompt)
+            cond = c.encode_from_tokens_scheduled(c.tokenize(prompt))
         return (m, c, cond, prompt)
 
 

@@ -1,6 +1,8 @@
 """SINE fine-tuning through the shared fine-tune node on a real ComfyUI MODEL and CLIP (random-weight SD 1.5):
-inputs untouched, the text encoder trained when the recipe asks, save -> load gives the same guided sample,
-the positional map follows the file, eq. 3 with a full (diff) fine-tune, and bad inputs named.
+inputs untouched, the text encoder trained when the recipe asks (in full: every text-model parameter, the token
+and position embeddings included, and the trained CLIP gives the c^ training ended with), save -> load gives the
+same guided sample and the c^ training used (also when the recipe's prompt names another text), the positional
+map follows the file, eq. 3 with a full (diff) fine-tune, and bad inputs named.
 
 Runs in ComfyUI's Python; skipped without COMFYUI_DIR.
 """
@@ -91,6 +93,38 @@ SCRIPT = textwrap.dedent("""
         out["reload_no_map"] = not positional_patches(m2)
         out["inputs_unchanged_after_load"] = state(model, clip) == before
 
+        # the text encoder in full (the official code), at a visible rate: every text-model parameter moves, the
+        # rare token's row and the position table included, and the output CLIP encodes the prompt as training
+        # ended (ComfyUI reads the position table directly: the trained one must reach it both ways)
+        frecipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", False, True, 0.0, 0.0, 1e-3, "full")[0]
+        _, _, ftrained, fclip = N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 2, 1e-3, 4, 0, frecipe, clip)
+        fdeltas = ftrained.result.text_deltas
+        n_text = sum(1 for k, _ in clip.cond_stage_model.named_parameters()
+                     if k.startswith("clip_l.transformer.text_model."))
+        out["full_text"] = {"keys": len(fdeltas), "text_params": n_text,
+                            "token": float(fdeltas["text_model.embeddings.token_embedding.weight"].abs().max()),
+                            "position": float(fdeltas["text_model.embeddings.position_embedding.weight"].abs().max()),
+                            "c_hat_vs_clip": rel(enc(fclip, "a photo of a sks dog")[0][0], ftrained.result.c_hat),
+                            "c_hat_moved": rel(ftrained.result.c_hat, ft_c[0][0])}
+        N["SIE_SaveSine"]().run(ftrained, "sine/fulltext")
+        ffile = [f for f in sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*.safetensors"))
+                 if "fulltext" in f][0]
+        _, fc2, fcond2, _ = N["SIE_LoadSine"]().run(model, clip, ffile, 1.0)
+        out["full_text"]["reload_cond"] = rel(fcond2[0][0], ftrained.result.c_hat)
+        out["inputs_unchanged_after_full_text"] = state(model, clip) == before
+
+        # the recipe's prompt names one text, the conditioning another: Load SINE gives back the conditioning
+        # training used, not the recipe's text re-encoded
+        other = enc(clip, "a painting of a sks teapot")
+        mrecipe = N["SIE_SineRecipe"]().run("a painting of a sks teapot", False, False, 0.0, 0.0, 0.0)[0]
+        _, _, mtrained, _ = N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0, mrecipe, clip)
+        N["SIE_SaveSine"]().run(mtrained, "sine/mismatch")
+        mfile = [f for f in sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*.safetensors"))
+                 if "mismatch" in f][0]
+        _, _, mcond, mprompt = N["SIE_LoadSine"]().run(model, clip, mfile, 1.0)
+        out["mismatch"] = {"prompt": mprompt, "vs_trained": rel(mcond[0][0], ft_c[0][0]),
+                           "vs_recipe_text": rel(mcond[0][0], other[0][0])}
+
         # LoRA on patches (one step on a 512 crop): the output MODEL and the reloaded one carry F(v)
         precipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", True, False, 1.0, 0.0, 0.0)[0]
         pft, _, ptrained, pclip = N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0,
@@ -133,8 +167,6 @@ SCRIPT = textwrap.dedent("""
         errors = {
             "v": error(lambda: N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 1.5, 400)),
             "K": error(lambda: N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 0.7, 1000)),
-            "sampler": error(lambda: run(N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 0.7, 400)[0],
-                                         2, sampler="heun")),
             "finetuned_model": error(lambda: N["SIE_ModelGuidance"]().run(
                 model, comfy.sd.load_checkpoint_guess_config(sys.argv[2])[0], pos, ft_c, neg, 5.0, 0.7, 400)),
             "clip": error(lambda: N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0, recipe, None)),
@@ -167,6 +199,21 @@ def test_saved_sine_model_reloads_to_the_same_guided_sample(result):
     assert result["prompt"] == "a photo of a sks dog" and len(result["files"]) == 1, result
     assert result["reload_cond"] < 1e-5 and result["reload_sample"] < 1e-5, result
     assert result["reload_no_map"], result
+
+
+def test_text_encoder_in_full_trains_every_parameter_and_gives_the_trained_c_hat(result):
+    r = result["full_text"]
+    assert r["keys"] == r["text_params"], r  # every parameter of the text model
+    assert r["token"] > 1e-4 and r["position"] > 1e-4, r  # the embeddings moved (lr 1e-3)
+    assert r["c_hat_moved"] > 1e-4, r
+    assert r["c_hat_vs_clip"] < 1e-5 and r["reload_cond"] < 1e-5, r
+    assert result["inputs_unchanged_after_full_text"], result
+
+
+def test_load_sine_gives_back_the_conditioning_training_used(result):
+    r = result["mismatch"]
+    assert r["prompt"] == "a painting of a sks teapot", r
+    assert r["vs_trained"] < 1e-6 and r["vs_recipe_text"] > 1e-2, r
 
 
 def test_positional_map_follows_the_model_through_save_and_load(result):
