@@ -563,6 +563,12 @@ def imagic() -> Graph:
 SINE_NOTE = ("SINE (Zhang et al., CVPR 2023): fine-tune SD on ONE image, then edit it with model-based guidance "
              "(eq. 3): for t > K the fine-tuned model's prediction at the fine-tune prompt c^ is mixed into the "
              "pretrained model's, w (v e(z_t, c) + (1 - v) e^(z_t, c^)) + (1 - w) e(z_t); plain CFG for t <= K.\n\n")
+SINE_FILES = ("\n\nFiles: an SD 1.x checkpoint in ComfyUI/models/checkpoints (v1-5-pruned-emaonly.safetensors here); the "
+              "photo in ComfyUI/input (coffee_250x200.png here, bundled with the pack in core/sinddm/data (CC0), or "
+              "your own). Save SINE writes the fine-tune to ComfyUI/models/single_image_edit/sine (reload it with "
+              "SINE: Load Fine-Tuned Model, which also gives back the c^ training used); images go to "
+              "ComfyUI/output/sine. The fine-tune prompt is typed once, in the 'Fine-tune prompt' node: the recipe, "
+              "the conditioning training uses and the guider's c^ all read it.")
 
 
 def sine_inputs(g: Graph, image: str = "coffee_250x200.png"):
@@ -575,17 +581,20 @@ def sine_inputs(g: Graph, image: str = "coffee_250x200.png"):
 
 def sine_finetune(g: Graph, ckpt: Node, image: Node, prompt: str, patches: bool, steps: int, title: str,
                   prefix: str) -> tuple[Node, Node]:
-    """Recipe -> shared fine-tune node -> the fine-tune prompt through the node's CLIP output."""
-    c_hat = g.add("CLIPTextEncode", title=f"c^ ({title})", clip=ckpt.out(1), text=prompt)
-    recipe = g.add("SIE_SineRecipe", title=f"Recipe ({title})", prompt=prompt, patches=patches,
-                   train_text_encoder=False, pooled_x0_weight=0.0, whole_fraction=0.0, text_learning_rate=0.0)
+    """Recipe -> shared fine-tune node -> the fine-tune prompt through the node's CLIP output.  The prompt is
+    one PrimitiveString read by the recipe and both text encodes: one source of truth for c^."""
+    text = g.add("PrimitiveString", title=f"Fine-tune prompt ({title})", value=prompt)
+    c_hat = g.add("CLIPTextEncode", title=f"c^ ({title})", clip=ckpt.out(1), text=text.out(0))
+    recipe = g.add("SIE_SineRecipe", title=f"Recipe ({title})", prompt=text.out(0), patches=patches,
+                   train_text_encoder=False, pooled_x0_weight=0.0, whole_fraction=0.0, text_learning_rate=0.0,
+                   text_encoder_mode="full")
     ft = g.add("SIE_FineTune", title=f"Fine-tune ({title})", model=ckpt.out(0), vae=ckpt.out(2), image=image.out(0),
                conditioning=c_hat.out(0), mode="lora", steps=steps, learning_rate=0.0, rank=8, seed=0,
                recipe=recipe.out(0), clip=ckpt.out(1))
     g.add("SaveImage", title=f"Loss ({title})", images=ft.out(1), filename_prefix=f"{prefix}_loss")
     g.add("SIE_SaveSine", trained=ft.out(2), filename_prefix=prefix)
     # c^ through the fine-tuned CLIP (the input CLIP unless the recipe trains the text encoder)
-    c_hat_ft = g.add("CLIPTextEncode", title=f"c^, tuned CLIP ({title})", clip=ft.out(3), text=prompt)
+    c_hat_ft = g.add("CLIPTextEncode", title=f"c^, tuned CLIP ({title})", clip=ft.out(3), text=text.out(0))
     return ft, c_hat_ft
 
 
@@ -606,8 +615,9 @@ def sine_edit() -> Graph:
            "steps (lora here; the paper's full fine-tune: mode full, AdamW lr 1e-6), then DDIM 100 steps, cfg 7.5, "
            "v 0.7, K 400 at 512x512. The sweep renders a K x v grid from one noise (Figs. 7, 8, 19-21) so you can "
            "pick the trade-off by eye. Save SINE keeps the fine-tune (LoRA + prompt) for SINE: Load Fine-Tuned "
-           "Model.\n\nThe official code also trains the text encoder: turn train_text_encoder on in the recipe "
-           "(the fine-tune node's clip output then carries it). Needs an SD 1.x checkpoint in models/checkpoints.")
+           "Model.\n\nThe official code also trains the text encoder, every parameter of it: turn "
+           "train_text_encoder on in the recipe (text_encoder_mode full, lr 1e-6; the fine-tune node's clip output "
+           "then carries it)." + SINE_FILES)
     ckpt, image = sine_inputs(g)
     g.stage("1. Fine-tune on the photo", columns=2)
     ft, c_hat = sine_finetune(g, ckpt, image, "a photo of a sks cup", False, 800, "whole image", "sine/edit")
@@ -635,7 +645,7 @@ def sine_any_resolution() -> Graph:
            "resized to 1024x1024 (sides 10-100%, resized to 512), each with its positional map F(v). The fine-tuned "
            "MODEL carries F(v) of the whole grid, resized to any latent size, so the edit can be rendered at other "
            "resolutions and aspect ratios than the 512x512 source: here 1024x768 and 1024x512 (width x height; the "
-           "paper's Figs. 4 and 13-18). The pretrained branch sees no map, as in the official code.")
+           "paper's Figs. 4 and 13-18). The pretrained branch sees no map, as in the official code." + SINE_FILES)
     ckpt, image = sine_inputs(g)
     g.stage("1. Fine-tune on patches", columns=2)
     ft, c_hat = sine_finetune(g, ckpt, image, "a photo of a sks cup", True, 10000, "patches", "sine/patches")
@@ -652,17 +662,34 @@ def sine_any_resolution() -> Graph:
 
 def sine_multi_model() -> Graph:
     g = Graph("sine_multi_model")
-    g.note(SINE_NOTE + "This graph: multi-model guidance (official DDIMSingleSampler, its style-transfer script): two "
-           "fine-tuned models, e.g. one on a content photo and one on a style painting, each with its own weight. "
-           "The official example gives the fine-tuned models 0.4 and 0.5 (range_t_min 400): here v = 0.1 for the "
-           "pretrained model, weight_2 = 0.5 for the second model, so the first gets 1 - v - weight_2 = 0.4. "
-           "Load your own second image (a painting) in the style branch.")
+    g.note(SINE_NOTE + "This graph: multi-model guidance (official DDIMMultiSampler, its style-transfer script, the "
+           "paper's Fig. 11c): two fine-tuned models, one on the content photo ('a photo of a sks cup') and one on "
+           "a painting ('a painting in the sks style'), each with its own weight. The official example gives the "
+           "fine-tuned models 0.4 and 0.5 (range_t_min 400): here v = 0.1 for the pretrained model, weight_2 = 0.5 "
+           "for the second model, so the first gets 1 - v - weight_2 = 0.4, both for t > K = 400. More models, each "
+           "with its own weight and K: chain SINE: Add Fine-Tuned Model nodes into more_models.\n\nThe style "
+           "painting is generated in the graph by the pretrained model (an expressionist oil painting: no image "
+           "file needed); to use your own painting, put it in ComfyUI/input and feed a Load Image node into the "
+           "style fine-tune's ImageScale instead." + SINE_FILES)
     ckpt, image = sine_inputs(g)
-    g.stage("1. Fine-tune two models", columns=2)
-    ft1, c1 = sine_finetune(g, ckpt, image, "a photo of a sks cup", False, 800, "content", "sine/content")
-    style = g.add("LoadImage", title="Style image", image="coffee_128x100.png")
+    g.stage("Style painting, generated", columns=2)
+    painting = g.add("CLIPTextEncode", title="Painting text", clip=ckpt.out(1),
+                     text="an expressionist oil painting of a landscape, thick impasto brush strokes, swirling "
+                          "blue and yellow sky, canvas texture")
+    no_text = g.add("CLIPTextEncode", title="Negative (empty)", clip=ckpt.out(1), text="")
+    style_guider = g.add("CFGGuider", model=ckpt.out(0), positive=painting.out(0), negative=no_text.out(0), cfg=7.5)
+    noise = g.add("RandomNoise", noise_seed=7)
+    sampler = g.add("KSamplerSelect", sampler_name="ddim")
+    sigmas = g.add("BasicScheduler", model=ckpt.out(0), scheduler="ddim_uniform", steps=50, denoise=1.0)
+    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    style_latent = g.add("SamplerCustomAdvanced", noise=noise.out(0), guider=style_guider.out(0),
+                         sampler=sampler.out(0), sigmas=sigmas.out(0), latent_image=empty.out(0))
+    style = g.add("VAEDecode", title="Style painting", samples=style_latent.out(0), vae=ckpt.out(2))
+    g.add("SaveImage", title="Style painting", images=style.out(0), filename_prefix="sine/style_painting")
     style_scaled = g.add("ImageScale", image=style.out(0), upscale_method="lanczos", width=512, height=512,
                          crop="center")
+    g.stage("1. Fine-tune two models", columns=2)
+    ft1, c1 = sine_finetune(g, ckpt, image, "a photo of a sks cup", False, 800, "content", "sine/content")
     ft2, c2 = sine_finetune(g, ckpt, style_scaled, "a painting in the sks style", False, 800, "style", "sine/style")
     g.stage("2. Mix both into the pretrained model", columns=3)
     target = g.add("CLIPTextEncode", title="Target text c", clip=ckpt.out(1), text="a painting of a cup of coffee")
