@@ -164,7 +164,7 @@ def tiny_open_clip(device):
     """A random-weight OpenCLIP with ViT-B-32's tokenizer and a 32x32, 2-layer image tower (``--tiny``)."""
     import open_clip
 
-    from core.sinddm.clip_guidance import OpenCLIP
+    from core.clip_model import OpenCLIP
 
     model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2,
                                                          head_width=32),
@@ -177,7 +177,7 @@ def vit_b32(device):
     """OpenCLIP ViT-B-32 with random weights (no download)."""
     import open_clip
 
-    from core.sinddm.clip_guidance import OpenCLIP
+    from core.clip_model import OpenCLIP
 
     model = open_clip.create_model("ViT-B-32", pretrained=None, device=device).eval().requires_grad_(False)
     return OpenCLIP(model, open_clip.get_tokenizer("ViT-B-32"), "ViT-B-32", 224)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .artifact_io import ArtifactError, image_format
+from .artifact_io import FORMAT_NAMES, ArtifactError, describe_format, image_format, sniff_file
 from .sd.checkpoint import CheckpointError
 from .seeds import SEED_MAX
 
@@ -151,3 +151,33 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+CHECKPOINT_FIX = "give an SD 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors) or a diffusers SD 1.x folder"
+
+
+def check_checkpoint(path: str, config_dir: str | None) -> None:
+    """Header-only check of --checkpoint (and the configs of --config-dir) before anything is loaded."""
+    from .sd.checkpoint import inspect_checkpoint, require_sd1
+    from .sd.loader import CONFIG_DIR, read_config
+
+    p = Path(path)
+    if not p.exists():
+        raise CLIError("--checkpoint", f"{path}: file not found", CHECKPOINT_FIX)
+    if p.is_dir():
+        return  # a diffusers folder: its loader names what is missing
+    with checking("--config-dir", "give a folder with unet/, vae/ and text_encoder/ config.json files"):
+        configs = {c: read_config(c, Path(config_dir) if config_dir else CONFIG_DIR)
+                   for c in ("unet", "vae", "text_encoder")}
+    try:
+        info = inspect_checkpoint(p)
+    except CheckpointError as e:
+        what = sniff_file(p)  # a text file or an image says so, instead of "header length 8675467939940627818"
+        raise CLIError("--checkpoint", f"{p.name}: {what}, not a checkpoint" if what else str(e),
+                       CHECKPOINT_FIX) from None
+    tag = info.metadata.get("format")
+    if tag in FORMAT_NAMES:  # one of the pack's own trained files (a SinDDM model, an Imagic edit)
+        raise CLIError("--checkpoint", f"{p.name}: this is {describe_format(tag)}, not a checkpoint",
+                       CHECKPOINT_FIX)
+    with checking("--checkpoint"):  # the message names what the file is and what the pack needs
+        require_sd1(info, context_dim=configs["unet"]["cross_attention_dim"])

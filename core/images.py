@@ -32,4 +32,23 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-__all__ = ["pil_to_tensor", "tensor_to_pil"]
+
+def square(img: Image.Image, size: int, resample: int = Image.LANCZOS) -> Image.Image:
+    """Shorter side resized to ``size`` (``resample``: Lanczos for pictures, a box filter for masks),
+    centre-cropped to size x size."""
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image(image, size: int) -> torch.Tensor:
+    """An RGB image (a path or a PIL image) resized (shorter side) and centre-cropped to size x size
+    -> [1, 3, S, S] in [0, 1]: how every command line reads its photos."""
+    img = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
+    return pil_to_tensor(square(img, size))[None]
+
+
+__all__ = ["load_image", "pil_to_tensor", "square", "tensor_to_pil"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 CATEGORY_ROOT = "single_image_edit"
+OPEN_CLIP = "SIE_OPEN_CLIP"  # an OpenCLIP model (core.clip_model.OpenCLIP): Load OpenCLIP gives it, SinDDM and the rectifier use it
 
 
 class NodeInputError(ValueError):

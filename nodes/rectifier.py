@@ -47,8 +47,7 @@ from ..core.resources import IMAGIC_ACT_BYTES_PER_LATENT_PIXEL, ResourceError
 from ..core.resources import check_fits as check_memory_fits
 from ..core.seam import Features, ViewSpec
 from . import comfy_bridge as bridge
-from .common import CATEGORY_ROOT, NodeInputError, bchw_to_image, check_positive, image_to_bchw, save_output
-from .sinddm import OPEN_CLIP
+from .common import CATEGORY_ROOT, OPEN_CLIP, NodeInputError, bchw_to_image, check_positive, image_to_bchw, save_output
 
 log = logging.getLogger("comfyui-single-image-edit")
 

@@ -27,7 +27,7 @@ from .common import CATEGORY_ROOT, NodeInputError, bchw_to_image, check_positive
 log = logging.getLogger("comfyui-single-image-edit")
 
 CATEGORY = f"{CATEGORY_ROOT}/sinddm"
-SINDDM, GUIDANCE, OPEN_CLIP = "SIE_SINDDM", "SIE_SINDDM_GUIDANCE", "SIE_OPEN_CLIP"
+SINDDM, GUIDANCE = "SIE_SINDDM", "SIE_SINDDM_GUIDANCE"
 SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True}
 
 

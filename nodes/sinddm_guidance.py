@@ -16,8 +16,8 @@ from ..core.sinddm.guidance import ROIGuidance
 from ..core.sinddm.pyramid import capped_size
 from ..core.sinddm.sample import resolve_scale
 from . import comfy_bridge as bridge
-from .common import CATEGORY_ROOT, NodeInputError, bchw_to_image, check_positive, image_to_bchw, mask_to_b1hw
-from .sinddm import CATEGORY, GUIDANCE, OPEN_CLIP, SINDDM, _guidance_in, _guidance_list, _seed, check_sample_memory
+from .common import CATEGORY_ROOT, OPEN_CLIP, NodeInputError, bchw_to_image, check_positive, image_to_bchw, mask_to_b1hw
+from .sinddm import CATEGORY, GUIDANCE, SINDDM, _guidance_in, _guidance_list, _seed, check_sample_memory
 
 
 class SinDDMGuideROI:
@@ -104,7 +104,7 @@ class LoadOpenCLIP:
         }}
 
     def run(self, clip_name, arch):
-        from ..core.sinddm.clip_guidance import load_open_clip
+        from ..core.clip_model import load_open_clip
 
         try:
             path = bridge.model_path("open_clip", clip_name)

@@ -556,7 +556,7 @@ def _tiny_clip():
     open_clip = pytest.importorskip("open_clip")
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from core.sinddm.clip_guidance import OpenCLIP
+    from core.clip_model import OpenCLIP
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -570,8 +570,8 @@ def test_cli_sd_edit_training_compares_with_the_decoded_originals(cli_data, tmp_
     latents through the VAE decoder, as x0_hat is rendered and as the node does, not the image files: the VAE's own
     reconstruction error is then no part of the image direction dI."""
     import core.rectifier.clip_direction as cd
-    import core.sinddm.clip_guidance as cg
-    from core.imagic.pipeline import load_image
+    import core.clip_model as cg
+    from core.images import load_image
     from core.rectifier.__main__ import image_paths, main
     from core.rectifier.train import draw
     from core.sd.loader import load_sd15

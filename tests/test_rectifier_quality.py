@@ -43,7 +43,7 @@ from core.rectifier import (  # noqa: E402
 from core.rectifier.clip_direction import DirectionalCLIP  # noqa: E402
 from core.rectifier.metrics import reconstruction_report  # noqa: E402
 from core.rectifier.train import objective  # noqa: E402
-from core.sinddm.clip_guidance import OpenCLIP  # noqa: E402
+from core.clip_model import OpenCLIP  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS = 10  # DDIM inversion and sampling steps

@@ -264,7 +264,7 @@ def _tiny_clip():
     open_clip = pytest.importorskip("open_clip")
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from core.sinddm.clip_guidance import OpenCLIP
+    from core.clip_model import OpenCLIP
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

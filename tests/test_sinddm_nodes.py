@@ -161,7 +161,8 @@ def test_clip_guidance_steers_samples(tiny_clip, node_model):
     """Guidance raises the CLIP score it ascends (same seed, strength 0 as the control) and
     edits inside its fill mask; the last 3 steps of the finest scale are unguided."""
     from core.sinddm import SinDDM, sample
-    from core.sinddm.clip_guidance import CLIPGuidance, clip_loss, load_open_clip
+    from core.clip_model import load_open_clip
+    from core.sinddm.clip_guidance import CLIPGuidance, clip_loss
 
     clip = load_open_clip(tiny_clip, "sie-tiny-clip")
 
@@ -190,7 +191,7 @@ def test_clip_guidance_steers_samples(tiny_clip, node_model):
 
 
 def test_text_guide_node_validation(tiny_clip, node_model):
-    from core.sinddm.clip_guidance import load_open_clip
+    from core.clip_model import load_open_clip
 
     clip = load_open_clip(tiny_clip, "sie-tiny-clip")
     node = N["SIE_SinDDMGuideText"]()
@@ -232,7 +233,8 @@ def test_clip_guidance_is_reproducible_from_its_seed(tiny_clip, node_model, one_
     """Augmentations and template choices come from the guidance's own generator: the global RNG
     neither changes the result nor is changed by it."""
     from core.sinddm import SinDDM, sample
-    from core.sinddm.clip_guidance import CLIPGuidance, augment_views, load_open_clip
+    from core.clip_model import load_open_clip
+    from core.sinddm.clip_guidance import CLIPGuidance, augment_views
 
     clip = load_open_clip(tiny_clip, "sie-tiny-clip")
     model = SinDDM(node_model.net, node_model.pyramid, node_model.schedule)
@@ -255,7 +257,8 @@ def test_clip_guidance_is_reproducible_from_its_seed(tiny_clip, node_model, one_
 
 def test_text_in_region_edits_only_the_region(tiny_clip, node_model, one_thread):
     from core.sinddm import SinDDM, edit_training_image, sample
-    from core.sinddm.clip_guidance import CLIPRegionGuidance, load_open_clip
+    from core.clip_model import load_open_clip
+    from core.sinddm.clip_guidance import CLIPRegionGuidance
 
     clip = load_open_clip(tiny_clip, "sie-tiny-clip")
     model = SinDDM(node_model.net, node_model.pyramid, node_model.schedule)
@@ -293,7 +296,7 @@ def test_text_in_region_edits_only_the_region(tiny_clip, node_model, one_thread)
 
 
 def test_text_region_and_edit_training_image_nodes(tiny_clip, node_model, one_thread):
-    from core.sinddm.clip_guidance import load_open_clip
+    from core.clip_model import load_open_clip
 
     clip = load_open_clip(tiny_clip, "sie-tiny-clip")
     region = N["SIE_SinDDMGuideTextRegion"]()

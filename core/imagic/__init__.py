@@ -10,7 +10,8 @@ from ..lora import LoRAConfig
 from .embedding import EmbeddingConfig, EmbeddingResult, optimize_embedding
 from .finetune import DEFAULT_LR, FineTuneConfig, FineTuneResult, finetune
 from .interpolate import interpolate
-from .pipeline import ImagicEdit, edit, load_image, save_edit
+from ..images import load_image
+from .pipeline import ImagicEdit, edit, save_edit
 
 __all__ = ["DEFAULT_LR", "EmbeddingConfig", "EmbeddingResult", "FineTuneConfig", "FineTuneResult", "ImagicEdit",
            "LoRAConfig", "edit", "finetune", "interpolate", "load_image", "optimize_embedding", "save_edit"]

@@ -18,15 +18,13 @@ from pathlib import Path
 import torch
 
 from .. import cli
-from ..artifact_io import FORMAT_NAMES, atomic_write_image, describe_format, sniff_file
+from ..artifact_io import atomic_write_image
 from ..images import tensor_to_pil
 from ..lora import LoRAConfig
 from .embedding import EmbeddingConfig
 from .finetune import FineTuneConfig
-from .pipeline import edit, load_image, save_edit
-
-CHECKPOINT_FIX = "give an SD 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors) or a diffusers SD 1.x folder"
-
+from ..images import load_image
+from .pipeline import edit, save_edit
 
 def parse_etas(text: str) -> list[float]:
     try:
@@ -36,33 +34,6 @@ def parse_etas(text: str) -> list[float]:
     if not etas:
         raise cli.CLIError("--etas", "no eta given", "write e.g. --etas 0.7,0.8,0.9")
     return etas
-
-
-def check_checkpoint(path: str, config_dir: str | None) -> None:
-    """Header-only check of --checkpoint (and the configs of --config-dir) before anything is loaded."""
-    from ..sd.checkpoint import CheckpointError, inspect_checkpoint, require_sd1
-    from ..sd.loader import CONFIG_DIR, read_config
-
-    p = Path(path)
-    if not p.exists():
-        raise cli.CLIError("--checkpoint", f"{path}: file not found", CHECKPOINT_FIX)
-    if p.is_dir():
-        return  # a diffusers folder: its loader names what is missing
-    with cli.checking("--config-dir", "give a folder with unet/, vae/ and text_encoder/ config.json files"):
-        configs = {c: read_config(c, Path(config_dir) if config_dir else CONFIG_DIR)
-                   for c in ("unet", "vae", "text_encoder")}
-    try:
-        info = inspect_checkpoint(p)
-    except CheckpointError as e:
-        what = sniff_file(p)  # a text file or an image says so, instead of "header length 8675467939940627818"
-        raise cli.CLIError("--checkpoint", f"{p.name}: {what}, not a checkpoint" if what else str(e),
-                           CHECKPOINT_FIX) from None
-    tag = info.metadata.get("format")
-    if tag in FORMAT_NAMES:  # one of the pack's own trained files (a SinDDM model, an Imagic edit)
-        raise cli.CLIError("--checkpoint", f"{p.name}: this is {describe_format(tag)}, not a checkpoint",
-                           CHECKPOINT_FIX)
-    with cli.checking("--checkpoint"):  # the message names what the file is and what the pack needs
-        require_sd1(info, context_dim=configs["unet"]["cross_attention_dim"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.save_delta:
         cli.make_folder(Path(a.save_delta).parent, "--save-delta")
     device = cli.device(a.device)
-    check_checkpoint(a.checkpoint, a.config_dir)
+    cli.check_checkpoint(a.checkpoint, a.config_dir)
 
     from ..sd.loader import load_sd15
 

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from ..images import pil_to_tensor
 from ..sampling import ddim_sample
 from ..seam import LatentDiffusion
 from .artifact import Trained, save_trained
@@ -39,19 +37,6 @@ class ImagicEdit:
         with model.adapted(self.tuned.weight_functions()) as tuned:
             latent = ddim_sample(tuned, e, uncond, shape=shape, steps=steps, guidance=guidance, seed=seed)
         return model.decode(latent)
-
-
-def load_image(image: str | Path | Image.Image, size: int) -> torch.Tensor:
-    """RGB image (a path or a PIL image) resized (shorter side) and centre-cropped to size x size
-    -> [1, 3, S, S] in [0, 1]."""
-    img = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.LANCZOS)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return pil_to_tensor(img)[None]
 
 
 def edit(model: LatentDiffusion, image: torch.Tensor, prompt: str, emb_config: EmbeddingConfig,

@@ -191,7 +191,6 @@ def make_masks(a, sources: dict, emb_config, ft_config, device):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..imagic.__main__ import check_checkpoint
     from ..lora import LoRAConfig
 
     ap = parser()
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.make_folder(Path(a.save_delta).parent, "--save-delta")
     device = cli.device(a.device)
     sources = mask_sources(a, image, reference)
-    check_checkpoint(a.checkpoint, a.config_dir)
+    cli.check_checkpoint(a.checkpoint, a.config_dir)
     mask_image, mask_reference, mask_target = make_masks(a, sources, emb_config, ft_config, device)  # SAM here
 
     from dataclasses import replace

@@ -26,13 +26,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..images import pil_to_tensor
+from ..images import load_image, pil_to_tensor, square
 from ..seam import LatentDiffusion
 from .embedding import LayerEmbeddingConfig, LayerEmbeddings, optimize_layers
 from .finetune import LayeredFineTuneConfig, LayeredFineTuneResult, finetune_layered
 from .guidance import GuidanceConfig, iterative_sample
 from .interpolate import ALPHA, interpolate_layers
 from .masks import background_mask, latent_mask
+
+__all__ = ["LayerDiffusionEdit", "edit", "load_image", "load_mask", "prepare_masks"]
 
 
 @dataclass
@@ -51,23 +53,6 @@ class LayerDiffusionEdit:
         with model.adapted(self.tuned.weight_functions()) as tuned:
             latent = iterative_sample(tuned, self.layers.e_a, self.e_opt, uncond, shape, config, seed, trace=trace)
         return model.decode(latent)
-
-
-def square(img: Image.Image, size: int, resample: int = Image.LANCZOS) -> Image.Image:
-    """Shorter side resized to ``size``, centre-cropped to size x size (the geometry of
-    :func:`core.imagic.pipeline.load_image`; masks use the same with a box filter)."""
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def load_image(image: str | Path | Image.Image, size: int) -> torch.Tensor:
-    """An RGB image (path or PIL) -> [1, 3, S, S] in [0, 1]."""
-    img = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
-    return pil_to_tensor(square(img, size))[None]
 
 
 def load_mask(mask: str | Path | Image.Image, size: int) -> torch.Tensor:

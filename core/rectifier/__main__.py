@@ -176,7 +176,7 @@ def _size(a, model, kind) -> int:
 
 
 def train_command(ap, a) -> None:
-    from ..imagic.pipeline import load_image
+    from ..images import load_image
     from .artifact import RectifierInfo, check_fits, load_rectifier, save_rectifier
     from .distributed import setup, teardown
     from .train import TrainConfig, train_rectifier
@@ -222,7 +222,7 @@ def train_command(ap, a) -> None:
         cond = model.encode_text([a.prompt]) if kind == "sd" else None
         clip = to_image = None
         if a.mode == "edit":
-            from ..sinddm.clip_guidance import load_open_clip
+            from ..clip_model import load_open_clip
             from .clip_direction import DirectionalCLIP
 
             with cli.checking("--clip"):
@@ -256,7 +256,7 @@ def train_command(ap, a) -> None:
 def edit_command(ap, a) -> None:
     from ..artifact_io import atomic_write_image
     from ..images import tensor_to_pil
-    from ..imagic.pipeline import load_image
+    from ..images import load_image
     from .artifact import check_fits, load_rectifier
     from .metrics import reconstruction_report
     from .sample import ddim_invert, ddim_sample, ddpm_sample, rectified

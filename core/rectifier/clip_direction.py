@@ -21,7 +21,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..sinddm.clip_guidance import CLIP_MEAN, CLIP_STD, TEMPLATES_HR, OpenCLIP
+from ..clip_model import CLIP_MEAN, CLIP_STD, OpenCLIP
+
+# Prompt phrasings averaged into each text direction (our own sharp wording; the paper does not give them)
+TEMPLATES_HR = [
+    "{}.", "a photo of {}.", "a picture of {}.", "an image of {}.", "a high quality photo of {}.",
+    "a detailed photo of {}.", "a sharp photo of {}.", "a beautiful photo of {}.", "a close-up photo of {}.",
+    "a good photo of {}.", "a rendering of {}.", "a photograph showing {}.", "a clear picture of {}.",
+    "a nice image of {}.",
+]
 
 
 def clip_input(clip: OpenCLIP, x01: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,7 @@ class Rectifier(nn.Module):
     def __init__(self, config: RectifierConfig):
         super().__init__()
         self.config = config
-        from ..sinddm.model import private_rng
+        from ..seeds import private_rng
 
         with private_rng(config.seed):  # deterministic init, the process's RNG untouched
             self.encoder = Encoder(2 * config.channels, config.encoder_layers, config.encoder_norm)

@@ -48,31 +48,17 @@ mostly enlarged, where the two agree).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..fit import ShouldStop, poll
+from ..clip_model import CLIP_MEAN, CLIP_STD, OpenCLIP
 from ..seeds import derive_seed
 from .guidance import Guidance
-from .model import private_rng
 from .pyramid import resize_to
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Our own phrasings (sharp wording); SinDDM's guidance no longer uses them (it uses the official sets
-# below).  core.rectifier.clip_direction imports TEMPLATES_HR as its default set.
-TEMPLATES_HR = [
-    "{}.", "a photo of {}.", "a picture of {}.", "an image of {}.", "a high quality photo of {}.",
-    "a detailed photo of {}.", "a sharp photo of {}.", "a beautiful photo of {}.", "a close-up photo of {}.",
-    "a good photo of {}.", "a rendering of {}.", "a photograph showing {}.", "a clear picture of {}.",
-    "a nice image of {}.",
-]
 
 # The official template sets of SinDDM's CLIP guidance, facts of the method: the prompt patterns of
 # ``get_augmentations_template('hr')`` and ``('lr')`` in fallenshock/SinDDM's text2live_util/util.py
@@ -93,59 +79,6 @@ T2L_TEMPLATES_LR = (
     "a blurry image of {}.", "pixelated image of {}.", "a pixelated image of {}.", "the {}.", "a {}.", "{}.",
     "{}", "{}!", "{}...",
 )
-
-
-@dataclass
-class OpenCLIP:
-    """An OpenCLIP model with its tokenizer (the SIE_OPEN_CLIP object)."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    arch: str
-    image_size: int = 224
-
-    def encode_text(self, texts: list[str], device) -> torch.Tensor:
-        tokens = self.tokenizer(texts).to(device)
-        return self.model.encode_text(tokens).float()
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] already normalised."""
-        return self.model.encode_image(images).float()
-
-
-def load_open_clip(path: str | os.PathLike, arch: str = "ViT-B-32", device="cpu") -> OpenCLIP:
-    """Build OpenCLIP architecture ``arch`` and load its weights from a local file.
-
-    safetensors files load directly; .bin/.pt/.pth checkpoints (OpenCLIP's release
-    format) are read with ``torch.load(weights_only=True)``, which refuses arbitrary
-    pickled objects.  Nothing is downloaded.
-    """
-    import open_clip
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"OpenCLIP checkpoint not found: {path}")
-    if arch not in open_clip.list_models():
-        raise ValueError(f"arch: unknown OpenCLIP architecture {arch!r} (see open_clip.list_models())")
-    with private_rng():  # the random initial weights are replaced below; leave the process RNG alone
-        model = open_clip.create_model(arch, pretrained=None, device="cpu")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "state_dict" in sd:
-            sd = sd["state_dict"]
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path.name} does not match OpenCLIP architecture {arch}: {str(e).splitlines()[0]}") from None
-    model = model.to(device).eval().requires_grad_(False)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    return OpenCLIP(model, open_clip.get_tokenizer(arch), arch, size)
 
 
 # --------------------------------------------------------------------------------------

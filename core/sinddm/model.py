@@ -11,12 +11,12 @@ default width w = 160 the network has 1,106,772 parameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..seeds import private_rng
 
 EMB_DIM = 32  # width of each sinusoidal embedding and of the conditioning vector
 
@@ -87,21 +87,6 @@ class SinDDMNet(nn.Module):
         for block in self.blocks:
             h = block(h, cond)
         return self.final_conv(h)
-
-
-@contextmanager
-def private_rng(seed: int = 0) -> Iterator[None]:
-    """Run a block on a private copy of torch's CPU random stream, seeded ``seed``.
-
-    Modules draw their initial weights from the process-wide CPU generator; inside this
-    block that generator starts from the state ``torch.Generator().manual_seed(seed)``
-    has, and its previous state is restored afterwards, so building a network here gives
-    the weights a global ``manual_seed(seed)`` would give without changing what the rest
-    of the process draws next (a node never moves ComfyUI's RNG).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.random.set_rng_state(torch.Generator().manual_seed(int(seed)).get_state())
-        yield
 
 
 def seeded_net(config: NetConfig, seed: int) -> SinDDMNet:

@@ -82,8 +82,7 @@ def _load(a, device):
 
 def finetune_command(ap, a) -> None:
     from ..images import pil_to_tensor
-    from ..imagic.__main__ import check_checkpoint
-    from ..imagic.pipeline import load_image
+    from ..images import load_image
     from ..lora import LoRAConfig
     from .artifact import save_sine
     from .finetune import SineFineTuneConfig, finetune_sine
@@ -103,7 +102,7 @@ def finetune_command(ap, a) -> None:
                                     gradient_checkpointing=device.type == "cuda",
                                     train_text_encoder=a.train_text_encoder, text_mode=a.text_mode,
                                     text_lr=a.text_lr)
-    check_checkpoint(a.checkpoint, a.config_dir)
+    cli.check_checkpoint(a.checkpoint, a.config_dir)
     model = _load(a, device)
     img = pil_to_tensor(image)[None] if a.patches else load_image(image, a.size)
     every = max(1, config.total_steps // 10)
@@ -122,7 +121,6 @@ def finetune_command(ap, a) -> None:
 def edit_command(ap, a) -> None:
     from ..artifact_io import atomic_write_image
     from ..images import tensor_to_pil
-    from ..imagic.__main__ import check_checkpoint
     from .artifact import load_sine
     from .edit import edit
 
@@ -139,7 +137,7 @@ def edit_command(ap, a) -> None:
     if not finetune_prompt and tuned.c_hat is None:
         raise cli.CLIError("--finetune-prompt", f"{Path(a.tuned).name} stores no fine-tune prompt",
                            'give it, e.g. --finetune-prompt "a photo of a sks dog"')
-    check_checkpoint(a.checkpoint, a.config_dir)
+    cli.check_checkpoint(a.checkpoint, a.config_dir)
     model = _load(a, device)
     c, u = (model.encode_text([p]) for p in (a.target, ""))
     if a.finetune_prompt is None and tuned.c_hat is not None:  # exactly the c^ training used

@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
     from sie_pack.core.rectifier import (LayerSpec, Rectifier, RectifierConfig, RectifierInfo, modulation_functions,
                                          new_rectifier, rectified)
     from sie_pack.core.seam import Features, ViewSpec
-    from sie_pack.core.sinddm.clip_guidance import load_open_clip
+    from sie_pack.core.clip_model import load_open_clip
     N = pack.NODE_CLASS_MAPPINGS
     out, timing = {}, {}
     tmp = tempfile.mkdtemp()
