@@ -452,6 +452,14 @@ def text_adapted(clip, weight_functions: Mapping[str, WeightFunction]) -> Iterat
         if leaf == "weight" and hasattr(fn, "output_delta"):
             clone.patcher.add_object_patch(f"{path}.forward", _OutputDispatch(owner, viewset, canonical))
         clone.patcher.add_weight_wrapper(key, _WeightDispatch(viewset, canonical if fn is not None else None, True))
+    # every other ComfyUI op of the text encoder (e.g. the text projection) computes with a per-call copy too:
+    # a float32 CLIP loaded inside the prompt's inference mode would otherwise hand autograd its inference
+    # tensors as they are (a float16 CLIP is cast, which copies)
+    wrapped = set(keys.values())
+    for key, _ in clip.cond_stage_model.named_parameters():
+        path, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+        if key not in wrapped and leaf in ("weight", "bias") and hasattr(modules.get(path), "weight_function"):
+            clone.patcher.add_weight_wrapper(key, _WeightDispatch(viewset, None, True))
     position = "text_model.embeddings.position_embedding.weight"
     if position in weight_functions:  # read directly by ComfyUI's CLIP: applied on the token embeddings
         token_path = TEXT_KEY_PREFIX + "text_model.embeddings.token_embedding"
