@@ -106,7 +106,8 @@ def guided_step(model, size: int = 64, steps: int = 6, loras=None, guidance: flo
     base predictions (empty and target prompt, one batch) plus the view's prediction."""
     import torch
 
-    from core.guidance import cfg, model_guidance
+    from core.guidance import cfg
+    from core.sine.guidance import model_guidance
     from core.sampling import ddim_loop
     from core.seam import ViewSpec
 

@@ -22,7 +22,7 @@ import logging
 
 log = logging.getLogger("comfyui-single-image-edit")
 
-NODE_MODULES = ("sinddm", "sinddm_guidance", "imagic", "sine", "sine_train", "sam", "layerdiffusion", "rectifier")
+NODE_MODULES = ("sinddm", "sinddm_guidance", "training", "imagic", "sine", "sine_train", "sam", "layerdiffusion", "rectifier")
 
 # import name -> what to pip install
 PIP_NAMES = {"open_clip": "open_clip_torch", "segment_anything": "segment-anything", "diffusers": "diffusers"}

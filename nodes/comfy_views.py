@@ -48,6 +48,22 @@ class InputMapPatch:
         return self
 
 
+class FixedInputMap:
+    """``input_block_patch``: h + input_map(h, None) after input block 0, at every call (a feature the
+    MODEL always carries, e.g. SINE's F(v) of the whole grid resized to h)."""
+
+    def __init__(self, input_map):
+        self.map = input_map
+
+    def __call__(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        if transformer_options.get("block") != ("input", 0):
+            return h
+        return h + self.map(h, None).to(h.dtype)
+
+    def to(self, *args, **kwargs) -> "FixedInputMap":  # ComfyUI moves model patches with the model
+        return self
+
+
 def with_features(model_options: dict, features: Features | None) -> dict:
     """A copy of ``model_options`` whose transformer options carry ``features`` and the input-map patch."""
     opts = dict(model_options)

@@ -3,15 +3,16 @@
 The method's stages run through the pack's shared nodes, so Imagic, SINE and LayerDiffusion keep one
 optimiser and one fine-tune node:
 
-* stage 1 (eq. 2): *Optimize Text Embedding* with ``conditioning_b`` (T_b) and ``mask`` (the input
-  image's object mask) optimises e_a and e_b jointly under the mask (:func:`layered_embeddings`; by
+* stage 1 (eq. 2): *Optimize Text Embedding* (:mod:`nodes.training`) with ``conditioning_b`` (T_b) and
+  ``mask`` (the input image's object mask) optimises e_a and e_b jointly under the mask
+  (:class:`core.layerdiffusion.recipe.LayerRecipe`, routing in :mod:`core.layerdiffusion.routing`; by
   default one prediction with [e_a, e_b] under M, as eq. 2 is written; the ``separate_reference``
   reading also takes its ``reference_image`` and ``reference_mask``); its first output is e^_a;
 * eq. 3: ComfyUI's own *ConditioningAverage* (to = e^_a, from = e^_b, strength = alpha) computes
   exactly alpha e^_a + (1 - alpha) e^_b (checked bit for bit in core.layerdiffusion.interpolate);
 * stage 2 (eqs. 4-6): *Fine-Tune Model* with ``mask`` (the photo's object mask), ``reference_image``
   and ``reference_mask`` (M_r) at e_opt, and ``target_mask`` (the object mask of O_t) when the recipe
-  takes M_t from the target as the paper does (:func:`layered_finetune`);
+  takes M_t from the target as the paper does (the same recipe);
 * stage 3 (eq. 8): ``SIE_IterativeGuidance``, a GUIDER alternating e^_a and e_opt by step index.
 
 ``SIE_LayerRecipe`` carries the choices the paper leaves open (which image each loss uses, how
@@ -20,44 +21,17 @@ optimiser and one fine-tune node:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-from ..core.layerdiffusion import (
-    OBJECT,
-    LayeredFineTuneConfig,
-    LayerEmbeddingConfig,
-    finetune_layered,
-    latent_mask,
-    optimize_layers,
-    start_parity_for,
-)
+from ..core.layerdiffusion import start_parity_for
+from ..core.layerdiffusion.guidance import OBJECT, alternating_choice
 from ..core.layerdiffusion.embedding import READINGS
 from ..core.layerdiffusion.finetune import OBJECT_MASKS
-from ..core.layerdiffusion.masks import REDUCTIONS, RULES, background_mask
-from ..core.lora import LoRAConfig
-from .common import CATEGORY_ROOT, NodeInputError, image_to_bchw
+from ..core.layerdiffusion.masks import REDUCTIONS, RULES
+from ..core.layerdiffusion.recipe import LayerRecipe
+from .common import CATEGORY_ROOT, NodeInputError
+from .training import register_default_recipe
 
 CATEGORY = f"{CATEGORY_ROOT}/layerdiffusion"
 NOT_LAYERDIFFUSE = "(LayerDiffusion, Li et al. 2023: layered editing; not the LayerDiffuse transparency project.)"
-
-
-@dataclass(frozen=True)
-class LayerRecipe:
-    lambda_obj: float = 2.0
-    lambda_bg: float = 1.0
-    object_source: str = "image"
-    background_source: str = "reference"
-    reading: str = "concat"  # eq. 2 as written
-    reduction: str = "image"
-    mask_rule: str = "area"
-    object_mask: str = "image"  # M_t: the object mask of the image L_obj noises, or "target" (O_t's; the paper)
-    method: str = "layerdiffusion"
-
-    @property
-    def stage1_needs_reference(self) -> bool:
-        return LayerEmbeddingConfig(reading=self.reading).needs_reference
 
 
 class LayerRecipeNode:
@@ -115,119 +89,10 @@ class LayerRecipeNode:
                             reduction, mask_rule, object_mask),)
 
 
-def is_layer_recipe(recipe) -> bool:
-    return isinstance(recipe, LayerRecipe)
-
-
-def _mask(mask, name: str, image: torch.Tensor, latent_hw, rule: str, allow_empty: bool = False) -> torch.Tensor:
-    """A ComfyUI MASK ([B, H, W] or [H, W]) for ``image`` [1, 3, H, W] on the latent grid [1, 1, h, w]."""
-    if not isinstance(mask, torch.Tensor):
-        raise NodeInputError(name, f"expected a MASK, got {type(mask).__name__}", "connect a MASK (e.g. from "
-                             "Segment (SAM points / box))")
-    m = mask.float()
-    if m.ndim == 3:
-        m = m[:1]
-    try:
-        return latent_mask(m, latent_hw, tuple(image.shape[-2:]), name, rule, allow_empty)
-    except ValueError as e:
-        raise NodeInputError(name, str(e).removeprefix(f"{name}: "), "segment the same image (same size), with the "
-                             "object inside it") from None
-
-
-def _reference(reference_image, x: torch.Tensor, why: str) -> torch.Tensor:
-    """The reference IMAGE as [1, 3, H, W], the size of the image ``x``; errors name reference_image."""
-    if reference_image is None:
-        raise NodeInputError("reference_image", why, "connect the reference (background) image, the same size as "
-                             "the image")
-    ref = image_to_bchw(reference_image, "reference_image", min_side=8)[:1]
-    if ref.shape[-2:] != x.shape[-2:]:
-        raise NodeInputError("reference_image", f"it is {ref.shape[-1]}x{ref.shape[-2]} but the image is "
-                             f"{x.shape[-1]}x{x.shape[-2]}", "scale both to the same size (Upscale Image)")
-    return ref
-
-
-def _check_background(m: torch.Tensor, name: str, fix: str) -> None:
-    try:
-        background_mask(m, name)
-    except ValueError as e:
-        raise NodeInputError(name, str(e).removeprefix(f"{name}: "), fix) from None
-
-
-def layered_embeddings(sd, image, e_a: torch.Tensor, e_b: torch.Tensor, mask, steps: int, lr: float, seed: int,
-                       recipe: LayerRecipe, progress, device: torch.device, reference_image=None,
-                       reference_mask=None):
-    """Stage 1 for the shared optimiser node: (e^_a, e^_b, losses).  The reference image and its object
-    mask are used by the ``separate_reference`` reading only (e_b on the reference's background)."""
-    x = image_to_bchw(image, "image", min_side=8)[:1]
-    config = LayerEmbeddingConfig(steps=int(steps), lr=float(lr), reading=recipe.reading,
-                                  reduction=recipe.reduction, seed=int(seed),
-                                  gradient_checkpointing=device.type == "cuda")
-    ref = None
-    if config.needs_reference:
-        why = f"the {recipe.reading} reading trains e_b on the reference image's background"
-        ref = _reference(reference_image, x, why)
-        if reference_mask is None:
-            raise NodeInputError("reference_mask", why + ", outside its object mask",
-                                 "connect the reference's object mask (an all-black mask for a pure background)")
-    latent = sd.encode(x).clone()
-    hw = tuple(latent.shape[-2:])
-    m = _mask(mask, "mask", x, hw, recipe.mask_rule)
-    if recipe.reading == "separate":
-        _check_background(m, "mask", "the object mask must leave some background (e_b is trained on it)")
-    ref_latent = m_ref = None
-    if ref is not None:
-        ref_latent = sd.encode(ref).clone()
-        m_ref = _mask(reference_mask, "reference_mask", ref, hw, recipe.mask_rule, allow_empty=True)
-        _check_background(m_ref, "reference_mask", "the reference must show some background outside its mask "
-                          "(e_b is trained on it)")
-    return optimize_layers(sd, latent, e_a.to(latent.device), e_b.to(latent.device), m, config, ref_latent, m_ref,
-                           on_step=progress, should_stop=progress.should_stop)
-
-
-def layered_finetune(sd, image, e_opt: torch.Tensor, mask, reference_image, reference_mask, mode: str, steps: int,
-                     lr: float, rank: int, seed: int, recipe: LayerRecipe, progress, device: torch.device,
-                     target_mask=None):
-    """Stage 2 for the shared fine-tune node: a :class:`core.layerdiffusion.LayeredFineTuneResult`.
-
-    M_t is the object mask of the image L_obj noises (``mask`` or ``reference_mask``), or, with the
-    recipe's ``object_mask`` "target", ``target_mask`` (the object mask of O_t, the paper's M_t);
-    M_r the object mask of the image L_bg noises."""
-    config = LayeredFineTuneConfig(mode=mode, steps=int(steps), lr=float(lr) or None,
-                                   lora=LoRAConfig(rank=int(rank), alpha=float(rank)), lambda_obj=recipe.lambda_obj,
-                                   lambda_bg=recipe.lambda_bg, object_source=recipe.object_source,
-                                   background_source=recipe.background_source, object_mask=recipe.object_mask,
-                                   reduction=recipe.reduction, seed=int(seed),
-                                   gradient_checkpointing=device.type == "cuda")
-    x = image_to_bchw(image, "image", min_side=8)[:1]
-    uses = (recipe.background_source,) if config.needs_target else (recipe.object_source, recipe.background_source)
-    if mask is None and "image" in uses:
-        raise NodeInputError("mask", "a LayerDiffusion fine-tune needs the image's object mask",
-                             "connect the input image's object mask (Segment (SAM points / box))")
-    if config.needs_target and target_mask is None:
-        raise NodeInputError("target_mask", "the recipe's object_mask 'target' takes M_t from the target image O_t",
-                             "connect the SAM mask of O_t (the image SD generates from the target text), or set "
-                             "the recipe's object_mask to image")
-    ref = None
-    if config.needs_reference:
-        ref = _reference(reference_image, x, "the recipe computes a loss on the reference image (or set both "
-                                             "sources to image)")
-    latent = sd.encode(x).clone()
-    ref_latent = sd.encode(ref).clone() if ref is not None else None
-    hw = tuple(latent.shape[-2:])
-    masks = {"image": ("mask", mask, x)}
-    if ref is not None:
-        if reference_mask is None:
-            raise NodeInputError("reference_mask", "the recipe computes a loss on the reference image, which needs "
-                                 "its object mask M_r", "connect it (an all-black mask for a pure background)")
-        masks["reference"] = ("reference_mask", reference_mask, ref)
-    img_t = masks[recipe.object_source][2]
-    name_t, m_t = ("target_mask", target_mask) if config.needs_target else masks[recipe.object_source][:2]
-    name_r, m_r, img_r = masks[recipe.background_source]
-    mask_t = _mask(m_t, name_t, img_t, hw, recipe.mask_rule)
-    mask_r = _mask(m_r, name_r, img_r, hw, recipe.mask_rule, allow_empty=True)
-    _check_background(mask_r, name_r, "the background loss needs some background outside the mask")
-    return finetune_layered(sd, latent, ref_latent, e_opt.to(latent.device), mask_t, mask_r, config,
-                            on_step=progress, should_stop=progress.should_stop)
+# the shared training nodes run LayerDiffusion's recipe, with its defaults, when none is connected but its
+# inputs are (saved graphs without a recipe node)
+register_default_recipe(LayerRecipe, {"embedding": ("conditioning_b", "mask"),
+                                      "finetune": ("mask", "reference_image", "target_mask")})
 
 
 # --------------------------------------------------------------------------------------
@@ -249,8 +114,6 @@ def _iterative_guider_class():
         def combine(self, s):
             sigmas = s.model_options.get("transformer_options", {}).get("sample_sigmas")
             steps = len(sigmas) - 1 if sigmas is not None else 0
-            from ..core.guidance import alternating_choice
-
             k = alternating_choice(s.index, start_parity_for(steps, self.start_parity))
             self.trace.append(k)
             name = "object_positive" if k == OBJECT else "positive"

@@ -36,16 +36,15 @@ from ..core.rectifier import (
     check_fits,
     load_encoder_weights,
     load_rectifier,
-    modulation_functions,
     new_rectifier,
     save_rectifier,
     train_rectifier,
 )
-from ..core.rectifier.sample import ESTIMATES
+from ..core.rectifier.rule import ESTIMATES, Trajectory, modulation, rectified_call
 from ..core.rectifier.train import MODES
 from ..core.resources import IMAGIC_ACT_BYTES_PER_LATENT_PIXEL, ResourceError
 from ..core.resources import check_fits as check_memory_fits
-from ..core.seam import Features, ViewSpec
+from ..core.seam import ViewSpec
 from . import comfy_bridge as bridge
 from .common import CATEGORY_ROOT, OPEN_CLIP, NodeInputError, bchw_to_image, check_positive, image_to_bchw, save_output
 
@@ -153,7 +152,7 @@ def text_context(conditioning, model) -> tuple[torch.Tensor, str]:
     width = int(model.model.model_config.unet_config.get("context_dim") or 768)
     if conditioning is None:
         return torch.zeros(1, 77, width), "zero text context"
-    from .imagic import cond_tensor
+    from .training import cond_tensor
 
     cond, _ = cond_tensor(conditioning, model)
     return cond, "conditioning input"
@@ -353,16 +352,16 @@ class TrainRectifier:
 # --------------------------------------------------------------------------------------
 class RectifierRule:
     """Per denoiser call (:class:`nodes.comfy_views.DenoiserCall`): the rectified model's denoised
-    output, eq. 2.  P_t is the unmodulated pass (``estimate="base"``) or the previous call's
-    modulated output of the same trajectory (``"modulated"``: the same conditioning chunks, a lower
-    sigma, the same shape; otherwise a base pass); Delta = R(x_0, P_t, t); the modulated pass runs
-    theta (1 + strength Delta).  Strength 0 is the unmodulated pass alone."""
+    output, eq. 2, by :func:`core.rectifier.rule.rectified_call` (the standalone samplers' rule too).
+    P_t is the unmodulated pass (``estimate="base"``) or the previous call's modulated output of the
+    same trajectory (``"modulated"``: the same conditioning chunks, a lower sigma, the same shape;
+    otherwise a base pass).  Strength 0 is the unmodulated pass alone."""
 
     def __init__(self, net: Rectifier, reference: torch.Tensor, strength: float, estimate: str = "base"):
         self.source, self.reference = net, reference  # shared, never changed; reference [R, 4, h, w] model space
         self.strength, self.estimate = float(strength), estimate
         self.net: Rectifier | None = None  # this rule's own copy, on the device of the calls
-        self.previous: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.trajectory = Trajectory() if estimate == "modulated" else None  # P_t per conditioning chunk
         self.calls = {"base": 0, "modulated": 0}
 
     def to(self, *args, **kwargs) -> "RectifierRule":
@@ -405,19 +404,16 @@ class RectifierRule:
     def __call__(self, call) -> torch.Tensor:
         if self.strength == 0.0:
             return call.run()
-        key = tuple(call.cond_or_uncond)
-        prev = self.previous.get(key) if self.estimate == "modulated" else None
-        if prev is not None and prev[0].shape == call.x.shape and bool((call.sigma.to(prev[1]) < prev[1]).all()):
-            p_t = prev[0]
-        else:
-            p_t = call.run()
+
+        def base_estimate() -> torch.Tensor:
             self.calls["base"] += 1
-        net = self.network(call.x.device)
-        deltas = net(self.x0_for(call), p_t.to(torch.float32), call.t.to(call.x.device))
-        out = call.run(1, Features(modulation=modulation_functions(deltas, self.strength)))
+            return call.run().to(torch.float32)
+
+        net, x0, t = self.network(call.x.device), self.x0_for(call), call.t.to(call.x.device)
+        out, _ = rectified_call(base_estimate, lambda p_t: call.run(1, modulation(net, x0, p_t, t, self.strength)),
+                                self.trajectory, tuple(call.cond_or_uncond), call.x, call.sigma,
+                                lambda o: o.to(torch.float32))
         self.calls["modulated"] += 1
-        if self.estimate == "modulated":
-            self.previous[key] = (out.detach(), call.sigma.detach().clone())
         return out
 
 
@@ -555,7 +551,7 @@ class DDIMInversion:
                                  "connect VAE Encode")
         check_positive(steps, "steps")
         from ..core.rectifier.sample import inversion_schedule
-        from .imagic import cond_tensor
+        from .training import cond_tensor
 
         cond_tensor(positive, model, "positive")  # a CONDITIONING that fits the MODEL, or named
         ms = model.get_model_object("model_sampling")

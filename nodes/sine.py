@@ -21,34 +21,28 @@ import torch
 
 from dataclasses import dataclass
 
-from ..core.guidance import model_guidance, model_guidance_active
+from ..core.sine.guidance import model_guidance, model_guidance_active
 from ..core.sine.positional import MODEL_CHANNELS, PositionalMap
 from .common import CATEGORY_ROOT, NodeInputError, parse_numbers
+from .comfy_views import FixedInputMap
 
 CATEGORY = f"{CATEGORY_ROOT}/sine"
 MODELS = "SIE_SINE_MODELS"  # a chain of fine-tuned models for multi-model guidance (tuple of GuideModel)
 
 
-class SinePositionalPatch:
+class SinePositionalPatch(FixedInputMap):
     """``input_block_patch`` adding F(v) (the whole grid resized to h) after input block 0."""
 
     def __init__(self, mode: str = "bilinear", channels: int = MODEL_CHANNELS):
+        super().__init__(PositionalMap(channels=channels, mode=mode))
         self.mode, self.channels = mode, channels
-        self.map = PositionalMap(channels=channels, mode=mode)
-
-    def __call__(self, h, transformer_options):
-        if transformer_options.get("block") != ("input", 0):
-            return h
-        return h + self.map(h, None).to(h.dtype)
-
-    def to(self, *args, **kwargs) -> "SinePositionalPatch":  # ComfyUI moves model patches with the model
-        return self
 
 
-def positional_patches(model) -> list[SinePositionalPatch]:
+def positional_patches(model) -> list[FixedInputMap]:
     """The F(v) patches a MODEL carries."""
     patches = model.model_options.get("transformer_options", {}).get("patches", {})
-    return [p for p in patches.get("input_block_patch", []) if isinstance(p, SinePositionalPatch)]
+    return [p for p in patches.get("input_block_patch", [])
+            if isinstance(p, FixedInputMap) and isinstance(p.map, PositionalMap)]
 
 
 def model_channels(model) -> int:

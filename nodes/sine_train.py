@@ -1,8 +1,8 @@
-"""SINE fine-tuning through the shared fine-tune node, and the SINE model file (save / load).
+"""SINE's fine-tune recipe node and the SINE model file (save / load).
 
-* ``SIE_SineRecipe`` builds a :class:`SineRecipe`; connected to the ``recipe`` input of the one
-  fine-tune node (``SIE_FineTune``), it turns that node into SINE's fine-tuner
-  (:func:`core.sine.finetune_sine`): whole image (paper: 800 steps) or patches with F(v)
+* ``SIE_SineRecipe`` builds a :class:`core.sine.recipe.SineRecipe`; connected to the ``recipe`` input of
+  the shared fine-tune node (``SIE_FineTune``, :mod:`nodes.training`), it turns that node into SINE's
+  fine-tuner (:func:`core.sine.finetune_sine`): whole image (paper: 800 steps) or patches with F(v)
   (paper: 10,000 steps), optionally the text encoder too (the official code), which makes the
   node's ``clip`` output the adapted CLIP.
 * ``SIE_SaveSine`` writes the result as a ``sie.sine`` file (delta in ComfyUI's LoRA layout, UNet
@@ -17,43 +17,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
-import torch
 
 from ..core.artifact_io import ArtifactError
-from ..core.sine import SineFineTuneConfig, SineFineTuneResult, finetune_sine, load_sine, save_sine
-from ..core.sine.finetune import DEFAULT_LR as SINE_LR
+from ..core.recipes import FineTuneOutcome
+from ..core.sine import SineFineTuneResult, load_sine, save_sine
+from ..core.sine.positional import PositionalMap
+from ..core.sine.recipe import SineRecipe, SineTrained
 from . import comfy_bridge as bridge
 from .common import CATEGORY_ROOT, NodeInputError, save_output
+from .training import apply_outcome, check_clip, check_model
 
 log = logging.getLogger("comfyui-single-image-edit")
 
 CATEGORY = f"{CATEGORY_ROOT}/sine"
 RECIPE = "SIE_RECIPE"
 FOLDER = "sie_sine"
-
-
-@dataclass(frozen=True)
-class SineRecipe:
-    """How the shared fine-tune node trains for SINE (everything the Imagic recipe does not have)."""
-
-    prompt: str = "a photo of a sks dog"
-    patches: bool = False
-    whole_fraction: float = 0.0
-    pooled_x0_weight: float = 0.0
-    train_text_encoder: bool = False
-    text_learning_rate: float = 0.0  # 0: the UNet's when text_mode == the UNet's mode, else text_mode's default
-    method: str = "sine"
-    text_mode: str = "full"  # full: every text-model parameter (official code); lora: adapters
-
-
-@dataclass
-class SineTrained:
-    """The ``trained`` output of a SINE fine-tune: the result and the prompt it was tuned at."""
-
-    result: SineFineTuneResult
-    prompt: str
 
 
 class SineRecipeNode:
@@ -110,80 +88,15 @@ class SineRecipeNode:
                            bool(train_text_encoder), float(text_learning_rate), text_mode=str(text_encoder_mode)),)
 
 
-def check_recipe(recipe) -> SineRecipe:
-    if not isinstance(recipe, SineRecipe):
-        raise NodeInputError("recipe", f"expected a fine-tune recipe, got {type(recipe).__name__}",
-                             "connect SINE: Fine-Tune Recipe (or leave it empty for Imagic)")
-    return recipe
-
-
-def check_clip(clip, name: str = "clip"):
-    if clip is None:
-        return None
-    if not hasattr(clip, "cond_stage_model") or not hasattr(clip, "clone"):
-        raise NodeInputError(name, f"expected a CLIP, got {type(clip).__name__}", "connect the checkpoint's CLIP")
-    from .comfy_views import text_keys
-
-    if not text_keys(clip):
-        raise NodeInputError(name, "this is not an SD 1.x CLIP (no clip_l text encoder)",
-                             "connect the CLIP of the same SD 1.x checkpoint")
-    return clip
-
-
-def sine_finetune(model, clip, vae, image, cond: torch.Tensor, mode: str, steps: int, lr: float, rank: int, seed: int,
-                  recipe: SineRecipe, progress, device: torch.device):
-    """Run :func:`core.sine.finetune_sine` for the shared fine-tune node; returns (result, losses title)."""
-    from ..core.lora import LoRAConfig
-    from .common import image_to_bchw
-
-    if recipe.train_text_encoder and clip is None:
-        raise NodeInputError("clip", "the recipe trains the text encoder, but no CLIP is connected",
-                             "connect the checkpoint's CLIP to Fine-Tune Model, or turn train_text_encoder off")
-    config = SineFineTuneConfig(mode=mode, steps=int(steps), lr=float(lr) or None,
-                                lora=LoRAConfig(rank=int(rank), alpha=float(rank)), patches=recipe.patches,
-                                whole_fraction=recipe.whole_fraction if recipe.patches else None,
-                                pooled_x0_weight=recipe.pooled_x0_weight, seed=int(seed),
-                                gradient_checkpointing=device.type == "cuda",
-                                train_text_encoder=recipe.train_text_encoder,
-                                text_lr=recipe.text_learning_rate or None, text_mode=recipe.text_mode)
-    sd = bridge.ComfySD(model, clip, vae)
-    x = image_to_bchw(image, "image", min_side=8)[:1]
-    if not recipe.train_text_encoder and clip is not None:
-        check_conditioning_text(clip, cond, recipe.prompt)
-    return finetune_sine(sd, x, cond, config, on_step=progress, should_stop=progress.should_stop,
-                         prompt=recipe.prompt if recipe.train_text_encoder else None)
-
-
-def check_conditioning_text(clip, cond: torch.Tensor, prompt: str) -> None:
-    """Log when the conditioning training will use is not the recipe's prompt through ``clip`` (the file
-    records the conditioning, so an edit still gets exactly the trained c^; the prompt is then a label)."""
-    with torch.no_grad():
-        own = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float().cpu()
-    c = cond.detach().float().cpu().reshape(-1, *cond.shape[-2:])[0]
-    if c.shape != own.shape or float((own - c).abs().max()) > 1e-3 * float(own.abs().max()):
-        log.warning("SINE fine-tune: the conditioning input is not the recipe's prompt %r through this CLIP; "
-                    "training uses the conditioning, and Save SINE records it as c^ (the prompt is only a label)",
-                    prompt)
-
-
-def default_lr(mode: str) -> float:
-    return SINE_LR[mode]
-
-
 # --------------------------------------------------------------------------------------
 def apply_sine(model, clip, result: SineFineTuneResult, strength: float = 1.0):
     """(MODEL, CLIP) with the SINE delta applied (text delta on the CLIP when there is one) and,
-    for a patch-trained model, F(v) on the MODEL."""
-    from .sine import SinePositionalPatch
-
-    delta = result.file_delta
+    for a patch-trained model, F(v) on the MODEL (what Fine-Tune Model's outputs carry)."""
     if result.text_delta and clip is None:
         raise NodeInputError("clip", "this SINE model also trained the text encoder", "connect the CLIP")
-    m, c = bridge.apply_delta_with_clip(model, clip if result.text_delta else None, delta, strength)
-    if result.positional:
-        m = m.clone() if m is model else m
-        m.set_model_input_block_patch(SinePositionalPatch("bilinear", result.channels))
-    return m, (c if result.text_delta else clip)
+    input_map = PositionalMap(result.channels, mode="bilinear") if result.positional else None
+    return apply_outcome(model, clip, FineTuneOutcome(result.file_delta, [], 0.0, "", None,
+                                                      bool(result.text_delta), input_map), strength)
 
 
 class SaveSine:
@@ -238,8 +151,6 @@ class LoadSine:
         }}
 
     def run(self, model, clip, sine_name, strength):
-        from .imagic import check_model
-
         check_model(model)
         check_clip(clip)
         try:

@@ -6,9 +6,10 @@ or inside a function):
   never imports another method's package: what two methods share lives in the engine
   (core/*.py, core/sd);
 * no import cycle among core's modules at module level;
-* a node module never imports another method's node module, except the pairs listed in
-  NODE_EXCEPTIONS, which the recipe restructuring (issue 20, item 1) removes; the list may
-  only shrink.
+* a node module never imports another method's node module (NODE_EXCEPTIONS is empty and stays so);
+* the shared training nodes (nodes/training.py) import no method: they only call the recipe;
+* each paper's equations are defined in its own package, once (EQUATIONS), and the engine's
+  guidance module keeps only what every method shares.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("imagic", "sine", "sinddm", "layerdiffusion", "rectifier")
 
-# node module -> node modules of other methods it still imports (the shared training nodes live in
-# nodes/imagic.py and call into SINE's and LayerDiffusion's node helpers; the rectifier borrows cond_tensor)
-NODE_EXCEPTIONS = {
-    ("imagic", "layerdiffusion"), ("imagic", "sine_train"), ("sine_train", "imagic"), ("rectifier", "imagic"),
+# node module -> node modules of other methods it imports: none since the shared training nodes moved to
+# nodes/training.py and call recipes (issue 20); the set may only stay empty
+NODE_EXCEPTIONS: set[tuple[str, str]] = set()
+
+# an equation's function -> the one module that defines it (no other module of the pack defines that name)
+EQUATIONS = {
+    "model_guidance": "core.sine.guidance",  # SINE eq. 3, single and multi-model
+    "model_guidance_active": "core.sine.guidance",
+    "alternating_choice": "core.layerdiffusion.guidance",  # LayerDiffusion eq. 8's step rule
+    "rectified_call": "core.rectifier.rule",  # the rectifier's eqs. 1-2 per call
+    "modulation": "core.rectifier.rule",
 }
 
 
@@ -137,3 +145,66 @@ def test_the_checks_see_a_borrowing(tmp_path, monkeypatch):
         assert method_of("core.sinddm.model") == "sinddm" and method_of(module_name(fake)) == "sine"
     finally:
         fake.unlink()
+
+
+def test_the_shared_training_nodes_import_no_method():
+    path = ROOT / "nodes" / "training.py"
+    bad = sorted(n for n in imports(path) if method_of(n) or (n.startswith("nodes.") and n.split(".")[1] in
+                 {"imagic", "sine", "sine_train", "sinddm", "sinddm_guidance", "layerdiffusion", "rectifier", "sam"}))
+    assert not bad, f"nodes/training.py imports a method: {bad}"
+
+
+def defined_functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+def test_each_equation_is_defined_once_in_its_papers_package():
+    where: dict[str, list[str]] = {}
+    for folder in ("core", "nodes"):
+        for path in py_files(folder):
+            for name in defined_functions(path) & set(EQUATIONS):
+                where.setdefault(name, []).append(module_name(path))
+    wrong = {name: found for name, found in where.items() if found != [EQUATIONS[name]]}
+    assert not wrong, f"equations defined elsewhere or twice: {wrong}"
+    assert set(where) == set(EQUATIONS), f"not found: {set(EQUATIONS) - set(where)}"
+
+
+def layer_of(name: str) -> str | None:
+    """The layer of core/ARCHITECTURE.md's picture a module belongs to (None: a package name alone)."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        return None
+    if parts[0] == "core":
+        if parts[1] in ("sd", "pixel"):
+            return "backends"
+        if parts[1] in METHODS:
+            return "methods"
+        return "client" if parts[1] == "client" else "engine"
+    if parts[1] in ("comfy_bridge", "comfy_views", "comfy_guider", "common"):
+        return "bridge"
+    return "training" if parts[1] == "training" else "method_nodes"
+
+
+def test_the_architecture_picture_is_every_import_between_layers():
+    text = (ROOT / "core" / "ARCHITECTURE.md").read_text()
+    block = text.split("```mermaid", 1)[1].split("```", 1)[0]
+    drawn = set()
+    for line in block.splitlines():
+        if "-->" in line:
+            a, b = (side.strip().split("[")[0].strip() for side in line.split("-->"))
+            drawn.add((a, b))
+    actual: dict[tuple[str, str], str] = {}
+    for folder in ("core", "nodes"):
+        for path in py_files(folder):
+            if path.name == "__init__.py" and path.parent.name == "nodes":
+                continue  # the registry imports every node module by name
+            mine = layer_of(module_name(path))
+            for name in imports(path):
+                other = layer_of(name)
+                if other and mine and other != mine:
+                    actual.setdefault((mine, other), f"{module_name(path)} imports {name}")
+    undrawn = {edge: why for edge, why in actual.items() if edge not in drawn}
+    assert not undrawn, f"imports between layers the picture does not draw: {undrawn}"
+    unused = drawn - set(actual)
+    assert not unused, f"arrows in the picture with no import behind them: {sorted(unused)}"

@@ -125,8 +125,10 @@ def test_damaged_sinddm_contents_are_an_artifact_error(files, tmp_path):
 # ------------------------------------------------------------------------------- Imagic's file
 def test_imagic_writer_and_reader_are_shared_by_nodes_and_cli(files, tmp_path):
     imagic_nodes = sys.modules[PACK.__name__ + ".nodes.imagic"]
-    assert imagic_nodes.save_trained.__module__.endswith("core.imagic.artifact")
-    assert imagic_nodes.load_trained.__module__.endswith("core.imagic.artifact")
+    # one writer and one reader (the engine's, as Imagic's and LayerDiffusion's stage 2 both write this file)
+    assert imagic_nodes.save_trained.__module__.endswith("core.trained")
+    assert imagic_nodes.load_trained.__module__.endswith("core.trained")
+    assert save_trained.__module__ == "core.trained" and load_trained.__module__ == "core.trained"
     from core.imagic.pipeline import save_edit
 
     delta = lora_delta()

@@ -99,6 +99,46 @@ def test_ddim_loop_matches_diffusers(eta):
     assert not torch.allclose(y, x_ref)
 
 
+@pytest.mark.parametrize("who", ["sd", "rectifier"])
+def test_the_one_ddim_loop_takes_the_spacing_and_matches_diffusers(who):
+    """core.sampling.ddim_loop is the one DDIM loop: SD's settings (leading, offset 1, alpha_bar_0 past the last
+    step: Imagic, SINE, LayerDiffusion) and the rectifier's (trailing, alpha_bar = 1 past the last step:
+    core.rectifier.sample.ddim_sample) each give diffusers' DDIMScheduler samples in that configuration."""
+    from core.rectifier.sample import ddim_sample as rectifier_ddim
+    from core.sampling import ddim_loop
+
+    x_ref = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    model = lambda x, t: torch.tanh(x) * (float(t) / 1000.0) + 0.1  # noqa: E731
+    s = sd_ddim() if who == "sd" else diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    s.set_timesteps(10)
+    x = x_ref.clone()
+    for t in s.timesteps:
+        x = s.step(model(x, t), t, x).prev_sample
+    ab = D.sd_alphas_cumprod()
+    if who == "sd":
+        y = ddim_loop(lambda x, t, i: model(x, t[0]), x_ref, ab, 10)
+    else:
+        y = rectifier_ddim(lambda x, t: model(x, t[0]), x_ref, ab, 10)
+    torch.testing.assert_close(y, x, atol=ATOL * 10, rtol=1e-5)
+    assert not torch.allclose(y, x_ref)
+
+
+def test_the_rectifiers_inversion_retraces_its_sampling():
+    """With an eps that does not depend on x, DDIM inversion then sampling over the same timesteps is exact: the
+    inversion starts where sampling ends (alpha_bar = 1) and visits the same levels."""
+    from core.rectifier.sample import ddim_invert, ddim_sample
+
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    const = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    eps = lambda x, t: const * (1 + float(t[0]) / 1000.0)  # noqa: E731
+    ab = D.sd_alphas_cumprod()
+    x_T = ddim_invert(eps, x0, ab, 7)
+    assert (x_T - x0).abs().max() > 0.5
+    torch.testing.assert_close(ddim_sample(eps, x_T, ab, 7), x0, atol=1e-5, rtol=1e-5)
+
+
 def test_ddpm_loop_matches_diffusers():
     """DDPM ancestral sampling on a strided schedule (20 of 1000 steps, "fixed small"
     variance), diffusers and core drawing the same noise at every step."""

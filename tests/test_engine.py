@@ -11,7 +11,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from core.guidance import StepClock, alternating_choice, cfg, model_guidance, step_index  # noqa: E402
+from core.guidance import StepClock, cfg, step_index  # noqa: E402
+from core.layerdiffusion.guidance import alternating_choice  # noqa: E402
+from core.sine.guidance import model_guidance  # noqa: E402
 from core.lora import LoRAConfig, make_loras  # noqa: E402
 from core.pixel import DiffusersPixel, save_pixel_folder, save_pixel_unet  # noqa: E402
 from core.sampling import ddim_loop  # noqa: E402

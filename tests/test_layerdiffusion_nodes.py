@@ -88,7 +88,7 @@ def test_fine_tune_steps_default_to_the_recipes(monkeypatch):
 
     monkeypatch.setattr(bridge, "Progress", progress)
     monkeypatch.setattr(bridge, "torch_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(sys.modules[PACK.__name__ + ".nodes.imagic"], "check_memory", lambda *a, **k: None)
+    monkeypatch.setattr(sys.modules[PACK.__name__ + ".nodes.training"], "check_memory", lambda *a, **k: None)
     steps = N["SIE_FineTune"].INPUT_TYPES()["required"]["steps"]
     assert steps[0] == "INT" and steps[1]["default"] == 0 and steps[1]["min"] == 0
     model, image = fake_model(SD15), torch.rand(1, 64, 64, 3)
@@ -102,8 +102,11 @@ def test_fine_tune_steps_default_to_the_recipes(monkeypatch):
         return e.value.args[0]
 
     assert seen(0, None) == 1000 and seen(0, sine) == 800 and seen(0, sine_patches) == 10_000
-    assert seen(0, layer) == 250 and seen(0, None, mask=torch.ones(1, 64, 64)) == 250  # a mask alone: LayerDiffusion
-    assert seen(1000, layer) == 1000 and seen(37, None) == 37 and seen(800, sine_patches) == 800  # as saved
+    # LayerDiffusion's inputs (refused before any work when one it needs is missing), with or without its recipe
+    ld = {"mask": torch.ones(1, 64, 64), "reference_image": image, "reference_mask": torch.zeros(1, 64, 64)}
+    assert seen(0, layer, **ld) == 250 and seen(0, None, **ld) == 250
+    assert named(lambda: seen(0, layer)) == "mask"
+    assert seen(1000, layer, **ld) == 1000 and seen(37, None) == 37 and seen(800, sine_patches) == 800  # as saved
     assert named(lambda: N["SIE_FineTune"]().run(model, None, image, cond, "lora", -1, 0.0, 8, 0)) == "steps"
 
 

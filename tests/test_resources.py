@@ -15,7 +15,7 @@ from helpers import load_pack
 PACK = load_pack()
 N = PACK.NODE_CLASS_MAPPINGS
 NodeInputError = sys.modules[PACK.__name__ + ".nodes.common"].NodeInputError
-imagic_nodes = sys.modules[PACK.__name__ + ".nodes.imagic"]
+training_nodes = sys.modules[PACK.__name__ + ".nodes.training"]  # the shared training nodes and their checks
 PACK_R = sys.modules[PACK.__name__ + ".core.resources"]  # the nodes' copy of core.resources
 GIB = R.GIB
 
@@ -120,7 +120,7 @@ def fake_sd15():
 
 def test_imagic_guard_names_mode_or_image():
     model, image = fake_sd15(), torch.rand(1, 512, 512, 3)
-    check = imagic_nodes.check_memory
+    check = training_nodes.check_memory
     free = 8 * GIB
     check(model, image, "embedding", torch.device("cpu"), False, free=free)
     check(model, image, "lora", torch.device("cpu"), False, free=free)
@@ -128,4 +128,4 @@ def test_imagic_guard_names_mode_or_image():
         check(model, image, "full", torch.device("cpu"), False, free=free)
     with pytest.raises(NodeInputError, match=r"input 'image'.*GiB.*smaller image"):
         check(model, torch.rand(1, 4096, 4096, 3), "lora", torch.device("cpu"), False, free=free)
-    assert imagic_nodes.unet_param_count(object()) == R.SD15_UNET_PARAMS
+    assert training_nodes.unet_param_count(object()) == R.SD15_UNET_PARAMS

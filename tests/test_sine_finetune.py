@@ -269,7 +269,7 @@ def test_edit_step_is_eq3_from_separate_model_calls_and_counts_the_finetuned_pas
     fine-tuned model alone, with F(v) of the whole grid), to 1e-5; the fine-tuned model runs exactly once per
     step with t > K and never otherwise."""
     from core.diffusion import timesteps
-    from core.guidance import model_guidance
+    from core.sine.guidance import model_guidance
     from core.sampling import ddim_loop
 
     u = tiny_model.encode_text([""])
@@ -314,7 +314,7 @@ def test_edit_step_is_eq3_from_separate_model_calls_and_counts_the_finetuned_pas
         with torch.no_grad():
             ref = separate(x, tt, i)
         assert float((e - ref).abs().max() / ref.abs().max()) < 1e-5, int(tt[0])
-    # and the rule itself: core.guidance.model_guidance is the same formula
+    # and the rule itself: core.sine.guidance.model_guidance is the same formula
     gen = torch.Generator().manual_seed(0)
     a, b, e = (torch.randn(2, 3, generator=gen) for _ in range(3))
     torch.testing.assert_close(model_guidance(a, b, [e], [1 - v], w, 500, K), a + w * (v * b + (1 - v) * e - a))
@@ -479,7 +479,7 @@ def test_text_encoder_learning_rates_follow_the_text_mode():
 def test_multi_model_guidance_has_one_K_per_model():
     """Official DDIMMultiSampler: e = u + w((1 - sum_A b_i) c + sum_A b_i c^_i - u) over the models A active at t
     (here t > K_i), plain CFG when none is; any number of models."""
-    from core.guidance import model_guidance
+    from core.sine.guidance import model_guidance
 
     gen = torch.Generator().manual_seed(1)
     u, c, e1, e2, e3 = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(5))

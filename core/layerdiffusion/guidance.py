@@ -15,7 +15,7 @@ step index i (0 = the first update, from pure noise) is the paper's t = S - i, a
 "i has the parity of S".  :func:`start_parity_for` returns that (``start_parity`` None): for the
 default 50 steps the first step uses e^_a, and for any S the last step (t = 1) uses e_opt, the
 embedding the model was fine-tuned at.  ``start_parity`` 0 or 1 overrides it: the steps whose
-index has that parity use e^_a (:func:`core.guidance.alternating_choice`).
+index has that parity use e^_a (:func:`alternating_choice`).
 
 **Classifier-free guidance inside each D(.)** (the paper does not say): yes.  D(. | y) is "the
 diffusion process of a pre-trained model" conditioned on y, which for Stable Diffusion is CFG
@@ -35,11 +35,21 @@ from dataclasses import dataclass
 import torch
 
 from ..fit import OnStep
-from ..guidance import alternating_choice, cfg
+from ..guidance import cfg
 from ..sampling import EpsRule, ddim_loop
 from ..seam import Denoiser
 
 OBJECT, OPT = 0, 1  # alternating_choice's answers: e^_a, e_opt
+
+
+def alternating_choice(index: int, start_parity: int = 0) -> int:
+    """Eq. 8 by step index: OBJECT (use e^_a) on steps whose index has the starting parity, OPT
+    (use e_opt) on the others.  ``start_parity`` 0: the first step (index 0) uses e^_a, as
+    ``t % 2 == 0`` would on an even first timestep (the literal ``t % 2`` on SD's DDIM timesteps
+    981, 961, ..., 1 is always odd and never alternates)."""
+    if start_parity not in (0, 1):
+        raise ValueError(f"start_parity must be 0 or 1, got {start_parity}")
+    return OBJECT if (int(index) - start_parity) % 2 == 0 else OPT
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .embedding import LayerEmbeddingConfig, LayerEmbeddings, optimize_layers
 from .finetune import LayeredFineTuneConfig, LayeredFineTuneResult, finetune_layered
 from .guidance import GuidanceConfig, iterative_sample
 from .interpolate import ALPHA, interpolate_layers
-from .masks import background_mask, latent_mask
+from .routing import CLI_NAMES, stage1_masks, stage2_masks
 
 __all__ = ["LayerDiffusionEdit", "edit", "load_image", "load_mask", "prepare_masks"]
 
@@ -68,36 +68,16 @@ def prepare_masks(mask_image: torch.Tensor, mask_reference: torch.Tensor | None,
                   rule: str = "area", mask_target: torch.Tensor | None = None,
                   target_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor | None]:
     """The latent masks every term needs, checked before any work: {"M": stage 1's object mask of the
-    image, "M_ref": the reference's object mask (None without one), "M_t", "M_r": stage 2}.
+    image, "M_ref": the reference's object mask (None without one), "M_t", "M_r": stage 2}
+    (:mod:`.routing`, the nodes' routing too, with the CLI's names).
 
     ValueErrors name the mask ("mask_image", "mask_reference", "mask_target"): a wrong size, an empty
     object mask, no background left where a background term needs one, a mask a setting needs missing.
     """
-    m_img = latent_mask(mask_image, latent_hw, image_hw, "mask_image", rule)
-    if emb_config.reading == "separate":
-        background_mask(m_img, "mask_image (stage 1 trains e_b on the background)")
-    if mask_reference is None:
-        if ft_config.needs_reference:
-            raise ValueError("mask_reference: missing; the fine-tuning computes a term on the reference image")
-        if emb_config.needs_reference:
-            raise ValueError(f"mask_reference: missing; the {emb_config.reading} reading trains e_b on the "
-                             "reference image's background")
-        m_ref = None
-    else:
-        m_ref = latent_mask(mask_reference, latent_hw, reference_hw, "mask_reference", rule, allow_empty=True)
-        if emb_config.needs_reference:
-            background_mask(m_ref, "mask_reference (stage 1 trains e_b on the reference's background)")
-    by_source = {"image": m_img, "reference": m_ref}
-    if ft_config.needs_target:
-        if mask_target is None:
-            raise ValueError("mask_target: missing; object_mask 'target' takes M_t from the target image O_t")
-        m_t = latent_mask(mask_target, latent_hw, target_hw, "mask_target", rule)
-    else:
-        m_t = by_source[ft_config.object_source]
-        if ft_config.object_source == "reference" and not bool(m_t.any()):
-            raise ValueError("mask_reference: the mask is empty at the latent resolution, and L_obj uses it")
-    m_r = by_source[ft_config.background_source]
-    background_mask(m_r, "mask_image" if ft_config.background_source == "image" else "mask_reference")
+    m_img, m_ref = stage1_masks(mask_image, mask_reference, latent_hw, emb_config, image_hw, reference_hw, rule,
+                                CLI_NAMES)
+    m_t, m_r = stage2_masks(mask_image, mask_reference, mask_target, latent_hw, ft_config, image_hw, reference_hw,
+                            target_hw, rule, CLI_NAMES)
     return {"M": m_img, "M_ref": m_ref, "M_t": m_t, "M_r": m_r}
 
 

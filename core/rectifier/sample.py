@@ -1,15 +1,9 @@
 """The rectified denoiser and its samplers (Hou et al. 2024, eqs. 1-2; "Inference"; image-to-image).
 
-:class:`Rectified` is the modulated model of eq. 2 as an epsilon function: at every call
-
-1. P_t = x_0 estimate of the **unmodulated** model (eq. 1 writes eps^theta; ``estimate="base"``,
-   the default: one extra denoiser pass per call), or the x_0 estimate the modulated model
-   made at the previous call of the trajectory (``estimate="modulated"``: no extra pass; the
-   first call of a trajectory uses the base model, and so does any call whose t is not below
-   the previous call's: an inversion, which runs t upwards, or a new run);
-2. {A_l, C_l} = R(x_0, P_t, t) (:mod:`.hypernet`);
-3. eps_hat = the denoiser with theta_l * (1 + s A_l C_l) in every modulated layer
-   (:mod:`.modulation`, through the engine's per-call modulation of a view).
+:class:`Rectified` is the modulated model of eq. 2 as an epsilon function: every call runs
+:func:`.rule.rectified_call` (P_t from the base model or, with ``estimate="modulated"``, from the
+previous call of the trajectory; {A_l, C_l} = R(x_0, P_t, t); the modulated pass), the rule the
+Apply Rectifier node runs too.
 
 x_0, the original image in model space (pixels in [-1, 1], SD latents), is given at every
 step, as in the paper.
@@ -38,14 +32,14 @@ from contextlib import contextmanager
 
 import torch
 
-from ..diffusion import ddim_step, ddpm_step, predict_x0, q_sample, timesteps
+from ..diffusion import ddpm_step, predict_x0, q_sample, timesteps
 from ..fit import OnStep, ShouldStop, poll
-from ..seam import Denoiser, Features, ViewSpec
+from ..sampling import ddim_invert_loop, ddim_loop
+from ..seam import Denoiser, ViewSpec
 from .hypernet import Rectifier
-from .modulation import modulation_functions
+from .rule import ESTIMATES, Trajectory, modulation, rectified_call
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B,C,h,w], t [B] long) -> eps
-ESTIMATES = ("base", "modulated")
 
 
 class Rectified:
@@ -57,9 +51,18 @@ class Rectified:
             raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
         self.base, self.modulated, self.rectifier = base, modulated, rectifier
         self.x0, self.strength, self.estimate, self.cond = x0, float(strength), estimate, cond
-        self.previous: torch.Tensor | None = None  # estimate="modulated": the last call's x_0 estimate
-        self.previous_t: torch.Tensor | None = None  # ... and its timesteps [B]
+        self.trajectory = Trajectory() if estimate == "modulated" else None
         self.base_calls = 0
+
+    @property
+    def previous(self) -> torch.Tensor | None:
+        """estimate="modulated": the last call's x_0 estimate (None at the start of a trajectory)."""
+        return self.trajectory.last[None][0] if self.trajectory and None in self.trajectory.last else None
+
+    @property
+    def previous_t(self) -> torch.Tensor | None:
+        """... and its timesteps [B]."""
+        return self.trajectory.last[None][1] if self.trajectory and None in self.trajectory.last else None
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -76,7 +79,8 @@ class Rectified:
         """Start a new trajectory (``estimate="modulated"`` forgets the previous estimate).  Every sampler
         and :func:`ddim_invert` calls it first (:func:`start_trajectory`), so an inversion's last estimate
         never feeds the first step of the sampling that follows it."""
-        self.previous = self.previous_t = None
+        if self.trajectory is not None:
+            self.trajectory.reset()
 
     def base_estimate(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """P_t[eps^theta(x_t)]: the unmodulated model's x_0 estimate (no gradient)."""
@@ -96,27 +100,14 @@ class Rectified:
     def eps_with(self, x_t: torch.Tensor, t: torch.Tensor, estimate: torch.Tensor,
                  cond: torch.Tensor | None = None) -> torch.Tensor:
         """eps_hat with R fed the given P_t (differentiable w.r.t. R's parameters)."""
-        deltas = self.rectifier(self.x0_for(x_t), estimate, t)
-        fns = modulation_functions(deltas, self.strength)
-        return self.modulated.eps(x_t, t, cond, Features(modulation=fns))
-
-    def follows(self, x_t: torch.Tensor, t: torch.Tensor) -> bool:
-        """True when this call continues the trajectory of the previous one (``estimate="modulated"``):
-        the same batch shape and a strictly lower t for every sample (sampling runs t downwards; an
-        inversion, which runs it upwards, or a new trajectory starting again at a high t, does not)."""
-        return (self.previous is not None and self.previous_t is not None and self.previous.shape == x_t.shape
-                and self.previous_t.shape == t.shape and bool((t.to(self.previous_t.device) < self.previous_t).all()))
+        return self.modulated.eps(x_t, t, cond, modulation(self.rectifier, self.x0_for(x_t), estimate, t,
+                                                           self.strength))
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.cond if cond is None else cond
-        if self.estimate == "modulated" and self.follows(x_t, t):
-            p = self.previous
-        else:
-            p = self.base_estimate(x_t, t, cond)
-        e = self.eps_with(x_t, t, p, cond)
-        if self.estimate == "modulated":
-            a = self._ab(x_t.device)[t.long()]
-            self.previous, self.previous_t = predict_x0(x_t, e.detach(), a), t.detach().clone()
+        a = self._ab(x_t.device)[t.long()]
+        e, _ = rectified_call(lambda: self.base_estimate(x_t, t, cond), lambda p: self.eps_with(x_t, t, p, cond),
+                              self.trajectory, None, x_t, t, lambda out: predict_x0(x_t, out, a))
         return e
 
     __call__ = eps
@@ -190,40 +181,25 @@ def ddpm_sample(eps_fn: EpsFn, alphas_cumprod: torch.Tensor, shape: tuple[int, .
     return x
 
 
+TRAILING = {"spacing": "trailing", "steps_offset": 0, "final_alpha_bar": 1.0}  # the DDIM loops' settings here
+
+
 @torch.no_grad()
 def ddim_invert(eps_fn: EpsFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int = 50) -> torch.Tensor:
-    """Deterministic DDIM inversion x_0 -> x_T over the reversed ``steps`` schedule (eta = 0)."""
-    ab = alphas_cumprod.double()
-    ts = _schedule(ab, steps)[::-1]  # ascending
+    """Deterministic DDIM inversion x_0 -> x_T over the reversed ``steps`` schedule (eta = 0): the engine's
+    :func:`core.sampling.ddim_invert_loop` with trailing timesteps."""
     start_trajectory(eps_fn)
-    x = x0.float()
-    prev = -1
-    for t in ts:
-        # eps of the level being moved to, on the current x: the usual approximation of eps(x_t, t)
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = eps_fn(x, tt).float()
-        x = ddim_step(x, eps, _alpha(ab, prev, x), _alpha(ab, t, x)).float()
-        prev = t
-    return x
+    return ddim_invert_loop(lambda x, t, i: eps_fn(x, t), x0, alphas_cumprod.double(), steps, **TRAILING)
 
 
 @torch.no_grad()
 def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int = 50,
                 clip_x0: float | None = None) -> torch.Tensor:
-    """Deterministic DDIM sampling x_T -> x_0 over ``steps`` timesteps (eta = 0)."""
-    ab = alphas_cumprod.double()
-    ts = _schedule(ab, steps)
+    """Deterministic DDIM sampling x_T -> x_0 over ``steps`` timesteps (eta = 0): the engine's
+    :func:`core.sampling.ddim_loop` with trailing timesteps and alpha_bar = 1 past the last step."""
     start_trajectory(eps_fn)
-    x = x_T.float()
-    for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = eps_fn(x, tt).float()
-        x0 = predict_x0(x, eps, _alpha(ab, t, x))
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-        x = ddim_step(x, eps, _alpha(ab, t, x), _alpha(ab, t_prev, x), x0=x0).float()
-    return x
+    return ddim_loop(lambda x, t, i: eps_fn(x, t), x_T, alphas_cumprod.double(), steps, clip_x0=clip_x0,
+                     **TRAILING)
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Each step the pretrained model (view 0) predicts at the empty and the target prompt (one batched
 call); for t > K the fine-tuned view also predicts at the fine-tune prompt, and
-:func:`core.guidance.model_guidance` mixes it in with weight 1 - v (paper: K = 400, v = 0.7).
+:func:`core.sine.guidance.model_guidance` mixes it in with weight 1 - v (paper: K = 400, v = 0.7).
 For t <= K the fine-tuned model is not evaluated at all (plain CFG on the base).  A model trained
 with patches gets F(v) of the whole grid resized to the latent (``crop_box`` None), so any latent
 size and aspect ratio works.
@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from ..fit import OnStep
-from ..guidance import model_guidance, model_guidance_active
 from ..sampling import ddim_loop
 from ..seam import Features, LatentDiffusion, ViewSpec
 from .finetune import SineFineTuneResult
+from .guidance import model_guidance, model_guidance_active
 from .positional import PositionalMap
 
 
