@@ -1,0 +1,123 @@
+"""The shared training nodes only call the recipe (issue 20): a sixth method's recipe, written here against
+core.recipes alone, runs in Optimize Text Embedding and Fine-Tune Model with no change to any node module,
+and the nodes hand it exactly their inputs and turn its outcome into ComfyUI types.
+
+ComfyUI is not needed: the few bridge calls the nodes make (the seam over the MODEL, progress, the LoRA
+loading) are replaced by recording stand-ins; the real ones run in tests/integration.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_sine_nodes import SD15, fake_model
+
+from helpers import load_pack
+
+PACK = load_pack()
+N = PACK.NODE_CLASS_MAPPINGS
+training = sys.modules[PACK.__name__ + ".nodes.training"]
+recipes = sys.modules[PACK.__name__ + ".core.recipes"]
+NodeInputError = sys.modules[PACK.__name__ + ".nodes.common"].NodeInputError
+
+
+@dataclass(frozen=True)
+class ToyRecipe:
+    """A sixth method: reads a mask in its fine-tune stage, trains 77 steps by default, at 256 px."""
+
+    seen: list = field(default_factory=list, compare=False)
+    method: str = "toy"
+
+    @property
+    def title(self) -> str:
+        return "Toy: Recipe"
+
+    def inputs(self, stage):
+        return frozenset({"mask"}) if stage == "finetune" else frozenset()
+
+    def check(self, stage, connected):
+        if stage == "finetune" and connected.get("mask") is None:
+            raise recipes.RecipeInputError("mask", "the toy needs a mask", "connect one")
+
+    def default_steps(self, stage):
+        return 77
+
+    def trains_at(self, image_hw):
+        return (256, 256)
+
+    def optimize_embedding(self, r):
+        self.seen.append(("embedding", r))
+        return recipes.EmbeddingOutcome(r.cond * 2, [1.0, 0.5], 0.1, "toy embedding loss")
+
+    def finetune(self, r):
+        self.seen.append(("finetune", r))
+        delta = {"diffusion_model.out.2.weight.diff": torch.ones(3)}
+        return recipes.FineTuneOutcome(delta, [1.0, 0.25], 0.1, "toy fine-tuning loss", trained="toy file",
+                                       input_map=lambda h, box: h * 0)
+
+
+@pytest.fixture
+def bridged(monkeypatch):
+    bridge = sys.modules[PACK.__name__ + ".nodes.comfy_bridge"]
+    calls = {"memory": [], "applied": []}
+    monkeypatch.setattr(bridge, "ComfySD", lambda model, clip=None, vae=None: SimpleNamespace(
+        context_dim=768, model=model, clip=clip, vae=vae))
+    monkeypatch.setattr(bridge, "Progress", lambda steps: SimpleNamespace(steps=steps, should_stop=lambda: False))
+    monkeypatch.setattr(bridge, "torch_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(bridge, "free_memory", lambda: None)
+
+    def apply(model, clip, delta, strength):
+        calls["applied"].append((clip, sorted(delta), strength))
+        patched = fake_model(SD15, "patched")
+        patched.set_model_input_block_patch = lambda p: calls.setdefault("input_map", p)
+        return patched, clip
+
+    monkeypatch.setattr(bridge, "apply_delta_with_clip", apply)
+    monkeypatch.setattr(training, "check_memory", lambda model, image, *a, **k: calls["memory"].append(
+        tuple(image.shape)))
+    return calls
+
+
+def test_a_sixth_methods_recipe_runs_in_the_shared_nodes(bridged):
+    model, image = fake_model(SD15), torch.rand(2, 64, 48, 3)
+    cond = [[torch.randn(1, 77, 768), {"pooled_output": None}]]
+    mask = torch.zeros(1, 64, 48)
+    toy = ToyRecipe()
+    out_model, curve, trained, clip = N["SIE_FineTune"]().run(model, "vae", image, cond, "full", 0, 0.0, 4, 7, toy,
+                                                              None, mask)
+    stage, r = toy.seen[-1]
+    assert stage == "finetune" and r.steps == 77 and r.lr is None and r.mode == "full" and r.rank == 4
+    assert r.seed == 7 and tuple(r.image.shape) == (1, 3, 64, 48) and torch.equal(r.image[0], image[0].permute(2, 0, 1))
+    assert torch.equal(r.cond, cond[0][0]) and r.extra["mask"] is mask and r.model.vae == "vae"
+    assert not r.text_encoder and r.model.clip is None  # the toy does not read "clip"
+    assert bridged["memory"] == [(1, 256, 256, 3)]  # the recipe's training size
+    assert bridged["applied"] == [(None, ["diffusion_model.out.2.weight.diff"], 1.0)]
+    assert bridged["input_map"].map is not None and trained == "toy file" and clip is None
+    assert out_model.family == "patched" and curve.shape[-1] == 3 and curve.ndim == 4
+
+    e, _, e_b = N["SIE_OptimizeEmbedding"]().run(model, "vae", image, cond, 3, 1e-3, 0, None, None, toy)
+    assert torch.equal(e[0][0], cond[0][0] * 2) and e[0][1] == cond[0][1] and e_b == []
+    assert toy.seen[-1][0] == "embedding" and toy.seen[-1][1].lr == 1e-3 and toy.seen[-1][1].steps == 3
+
+
+def test_the_shared_nodes_refuse_what_a_recipe_does_not_read_or_lacks(bridged):
+    model, image, cond = fake_model(SD15), torch.rand(1, 64, 64, 3), [[torch.randn(1, 77, 768), {}]]
+
+    def named(call) -> str:
+        with pytest.raises(NodeInputError) as e:
+            call()
+        return e.value.input_name
+
+    toy = ToyRecipe()
+    fine_tune = N["SIE_FineTune"]().run
+    assert named(lambda: fine_tune(model, None, image, cond, "lora", 1, 0.0, 4, 0, toy)) == "mask"  # check()
+    assert named(lambda: fine_tune(model, None, image, cond, "lora", 1, 0.0, 4, 0, toy, None, torch.ones(1, 64, 64),
+                                   image)) == "reference_image"  # not in inputs("finetune")
+    assert named(lambda: N["SIE_OptimizeEmbedding"]().run(model, None, image, cond, 1, 1e-3, 0, None,
+                                                           torch.ones(1, 64, 64), toy)) == "mask"
+    assert named(lambda: fine_tune(model, None, image, cond, "lora", 1, 0.0, 4, 0, object())) == "recipe"
+    assert toy.seen == [] and bridged["applied"] == []  # refused before any work
