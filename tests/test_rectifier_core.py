@@ -41,6 +41,7 @@ from core.rectifier.modulation import delta_conv, delta_conv_loop, dense_delta  
 from core.rectifier.sample import inversion_schedule  # noqa: E402
 from core.seam import DeltaFunction, Features  # noqa: E402
 from tiny_sd import tiny_sd_model  # noqa: E402
+from tiny_clip import random_open_clip_file, tiny_open_clip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(encoder_layers=(1, 1, 1, 1), width=8)
@@ -511,20 +512,7 @@ def _pids_with(token: str) -> list[int]:
 # ---------------------------------------------------------------- CLI edit training, end to end ----------------------
 def small_open_clip() -> Path:
     """A random-weight OpenCLIP ViT-S-32 in safetensors (the smallest registered ViT), made once and cached."""
-    open_clip = pytest.importorskip("open_clip")
-    from safetensors.torch import save_file
-
-    cache = Path(os.environ.get("SIE_TEST_CACHE", Path.home() / ".cache" / "comfyui-single-image-edit"))
-    path = cache / "random_open_clip_vit_s32.safetensors"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = open_clip.create_model("ViT-S-32", pretrained=None)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.rename(path)
-    return path
+    return random_open_clip_file("ViT-S-32", "random_open_clip_vit_s32.safetensors")
 
 
 @pytest.mark.slow
@@ -553,16 +541,7 @@ def test_cli_edit_training_runs_end_to_end(cli_data, tmp_path):
 
 def _tiny_clip():
     """A random two-layer OpenCLIP (32 px) for CLIP-loss plumbing tests."""
-    open_clip = pytest.importorskip("open_clip")
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    from core.clip_model import OpenCLIP
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.model.CLIP(32, CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
-                                     CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
-    return OpenCLIP(model.eval().requires_grad_(False), open_clip.get_tokenizer("ViT-B-32"), "tiny", 32)
+    return tiny_open_clip()
 
 
 def test_cli_sd_edit_training_compares_with_the_decoded_originals(cli_data, tmp_path, monkeypatch, one_thread):

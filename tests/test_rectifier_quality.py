@@ -29,6 +29,7 @@ open_clip = pytest.importorskip("open_clip")
 
 from pixel_data import real_crops  # noqa: E402
 from tiny_pixel_ddpm import trained_tiny_ddpm  # noqa: E402
+from tiny_clip import tiny_open_clip  # noqa: E402
 
 from core.diffusion import predict_x0, q_sample  # noqa: E402
 from core.rectifier import (  # noqa: E402
@@ -136,13 +137,7 @@ def test_cli_edit_reconstructs_held_out_images_closer_than_the_plain_model(setup
 
 
 def tiny_clip() -> OpenCLIP:
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.model.CLIP(32, CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
-                                     CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
-    return OpenCLIP(model.eval().requires_grad_(False), open_clip.get_tokenizer("ViT-B-32"), "tiny", 32)
+    return tiny_open_clip()
 
 
 def probe(model, r, clip: DirectionalCLIP, x0: torch.Tensor) -> tuple[float, float]:

@@ -42,6 +42,7 @@ from core.sinddm.pyramid import upsample
 from core.sinddm.sample import _Sampler
 from core.sinddm.schedule import MultiScaleSchedule
 from helpers import ROOT
+from tiny_clip import tiny_open_clip
 
 REF = load_reference(OUT)
 CPU = torch.device("cpu")
@@ -261,16 +262,7 @@ def test_augmentation_draws_follow_torchvisions_rules():
 
 # ------------------------------------------------------------------------------ one generator per sample
 def _tiny_clip():
-    open_clip = pytest.importorskip("open_clip")
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    from core.clip_model import OpenCLIP
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.model.CLIP(32, CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
-                                     CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    return OpenCLIP(model.eval().requires_grad_(False), open_clip.get_tokenizer("ViT-B-32"), "tiny", 32)
+    return tiny_open_clip(width=32, layers=1, head_width=16)
 
 
 def test_guided_result_k_depends_on_seed_plus_k_not_on_count(one_thread):

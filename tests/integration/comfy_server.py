@@ -74,13 +74,39 @@ _spec = importlib.util.spec_from_file_location("sie_pack", sys.argv[1] + "/__ini
 pack = importlib.util.module_from_spec(_spec)
 sys.modules["sie_pack"] = pack
 _spec.loader.exec_module(pack)
+
+
+def rel(p, q):  # the largest difference relative to the largest value of q
+    return float((p - q).abs().max() / q.abs().max())
+
+
+def enc(clip, text):  # what CLIP Text Encode gives
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def digest(module):  # a module's weights, hashed
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def error(call):  # the node-input error a call raises, as the user reads it ("no error" if none)
+    from sie_pack.nodes.common import NodeInputError
+    try:
+        call()
+        return "no error"
+    except NodeInputError as e:
+        return str(e)
 """
 
 
 def run_in_comfyui(script: str, *args: str, timeout: float = 900, tmp_dir: Path | None = None) -> dict:
     """Run ``script`` with ComfyUI's Python (cwd and PYTHONPATH = COMFYUI_DIR; ``sys.argv[1]`` is this
     repository, then ``args``; :data:`PRELUDE` runs first) and return the JSON it prints on a line starting
-    with ``RESULT ``."""
+    with ``RESULT ``; the prelude also defines the helpers the scripts share: ``rel``, ``enc``, ``digest``,
+    ``error``)."""
     root = comfyui_dir()
     folder = Path(tmp_dir or tempfile.mkdtemp(prefix="sie_script_"))
     path = folder / "check.py"

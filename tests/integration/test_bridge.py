@@ -54,7 +54,6 @@ SCRIPT = textwrap.dedent("""
         ea, eb = a.eps(x, t, cb), b.eps(x, t, cb)
         la, lb = a.encode(img), b.encode(img)
         da, db = a.decode(lb), b.decode(lb)
-    rel = lambda p, q: float((p - q).abs().max() / q.abs().max())
     out.update(cond=rel(ca, cb), eps=rel(ea, eb), latent=rel(la, lb), image=float((da - db).abs().max()),
                schedule=float((a.alphas_cumprod - b.alphas_cumprod).abs().max()),
                shapes=[list(ea.shape), list(la.shape), list(da.shape)], eps_scale=float(eb.abs().mean()))

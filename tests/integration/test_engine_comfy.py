@@ -140,8 +140,7 @@ SCRIPT = textwrap.dedent("""
             for _ in range(n):
                 base.eps(x, t, c); tuned.eps(x, t, c)
             timing["alternating_pair"] = (time.perf_counter() - t0) / n
-        rel = lambda p, q: float((p - q).abs().max() / q.abs().max())
-        out["views"] = {"lora": rel(inside[0], e_lora), "base": rel(inside[1], e_base), "lora2": rel(inside[2], e_lora),
+            out["views"] = {"lora": rel(inside[0], e_lora), "base": rel(inside[1], e_base), "lora2": rel(inside[2], e_lora),
                         "loads": len(loads), "clip_loaded_after": clip_loaded(), "effect": rel(e_lora, e_base)}
         sdm = ComfySD(model)
         sdm.eps(x, t, c)

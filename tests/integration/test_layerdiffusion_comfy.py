@@ -22,22 +22,14 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
 
 SCRIPT = textwrap.dedent("""
-    import hashlib, os, pickle, tempfile
-    from pathlib import Path
+    import os, pickle, tempfile
     import comfy.sd, comfy.samplers, comfy.sample, comfy.model_management as mm
     import nodes as comfy_nodes
     import sie_pack.nodes.comfy_bridge as bridge
-    from sie_pack.nodes.common import NodeInputError
     from sie_pack.core.layerdiffusion import schedule
     N = pack.NODE_CLASS_MAPPINGS
     out = {}
     tmp = tempfile.mkdtemp()
-
-    def digest(module):
-        h = hashlib.sha256()
-        for k, v in sorted(module.state_dict().items()):
-            h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
 
     def run(guider, steps, sampler="euler", scheduler="normal", seed=3):
         latent = torch.zeros(1, 4, 8, 8)
@@ -46,15 +38,6 @@ SCRIPT = textwrap.dedent("""
                                                  scheduler, steps)
         return guider.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, seed=seed)
 
-    def error(call):
-        try:
-            call()
-            return "no error"
-        except NodeInputError as e:
-            return str(e)
-
-    rel = lambda p, q: float((p - q).abs().max() / q.abs().max())
-    enc = lambda c, text: c.encode_from_tokens_scheduled(c.tokenize(text))
     with torch.inference_mode():
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=True, output_clip=True)
         t_a, t_b, neg = enc(clip, "a dog jumping"), enc(clip, "in a forest"), enc(clip, "")

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
 
 SCRIPT = textwrap.dedent("""
-    import copy, hashlib, math, os, tempfile, time
+    import copy, math, os, tempfile, time
     from pathlib import Path
     import comfy.sd, comfy.sample, comfy.model_management as mm
     from safetensors.torch import save_file
@@ -50,15 +50,12 @@ SCRIPT = textwrap.dedent("""
     bridge.save_dir = lambda name: Path(tmp)  # keep the ComfyUI checkout clean
     bridge.model_path = lambda name, file_name: os.path.join(tmp, file_name)
 
-    def digest(model):
+    def unet_digest(model):  # as loaded (ComfyUI patches a loaded clone's weights in place)
         mm.load_models_gpu([model])
-        h = hashlib.sha256()
-        for k, v in sorted(model.model.diffusion_model.state_dict().items()):
-            h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return digest(model.model.diffusion_model)
 
     def state(model):
-        return {"unet": digest(model), "patches": len(model.patches), "object_patches": len(model.object_patches),
+        return {"unet": unet_digest(model), "patches": len(model.patches), "object_patches": len(model.object_patches),
                 "wrappers": len(getattr(model, "weight_wrapper_patches", {})), "options": repr(model.model_options)}
 
     def sample(m, seed=1, steps=2, sampler="ddpm", cfg=1.0, latent=None, noise=None, denoise=1.0):
@@ -70,15 +67,6 @@ SCRIPT = textwrap.dedent("""
     def timed(key, fn):
         t0 = time.perf_counter(); r = fn(); timing[key] = round(time.perf_counter() - t0, 2); return r
 
-    def error(call):
-        try:
-            call()
-            return "no error"
-        except NodeInputError as e:
-            return str(e)
-
-    rel = lambda p, q: float((p - q).abs().max() / q.abs().max())
-    enc = lambda c, text: c.encode_from_tokens_scheduled(c.tokenize(text))
     with torch.inference_mode():
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=True, output_clip=True)
         pos, neg = enc(clip, ""), enc(clip, "a blurry photo")
@@ -342,9 +330,6 @@ PATH_SCRIPT = textwrap.dedent("""
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", file=sys.stderr, flush=True)
-
-    def rel(p, q):
-        return float((p - q).abs().max() / q.abs().max())
 
     def sample_back(m, inv):
         lat, sigmas = inv

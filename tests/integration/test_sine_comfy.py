@@ -52,7 +52,6 @@ SCRIPT = textwrap.dedent("""
                 l.up.data.normal_(std=0.2, generator=g)
             return apply_delta(model, lora_state_dict(loras))
 
-    rel = lambda p, q: float((p - q).abs().max() / q.abs().max())
 
     def probe(m, pos, points):
         # x0 of a plain CFGGuider on m at cfg 1 (its conditional prediction) at each recorded (x, sigma)

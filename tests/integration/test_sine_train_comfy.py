@@ -21,23 +21,16 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
 
 SETUP = """
-    import gc, hashlib, os, tempfile
+    import gc, os, tempfile
     from pathlib import Path
     import comfy.sd, comfy.samplers, comfy.sample, comfy.model_management as mm
     import sie_pack.nodes.comfy_bridge as bridge
-    from sie_pack.nodes.common import NodeInputError
     from sie_pack.nodes.sine import positional_patches
     N = pack.NODE_CLASS_MAPPINGS
     out = {}
     tmp = tempfile.mkdtemp()
     bridge.save_dir = lambda name: Path(tmp)  # keep the ComfyUI checkout clean
     bridge.model_path = lambda name, file_name: os.path.join(tmp, file_name)
-
-    def digest(module):
-        h = hashlib.sha256()
-        for k, v in sorted(module.state_dict().items()):
-            h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
 
     def state(model, clip):  # as the inputs themselves compute (ComfyUI patches a loaded clone's weights in place)
         mm.load_models_gpu([model, clip.patcher])
@@ -55,15 +48,6 @@ SETUP = """
         g = comfy.samplers.CFGGuider(m); g.set_conds(pos, neg); g.set_cfg(w)
         return run(g, steps)
 
-    def error(call):
-        try:
-            call()
-            return "no error"
-        except NodeInputError as e:
-            return str(e)
-
-    rel = lambda p, q: float((p - q).abs().max() / q.abs().max())
-    enc = lambda c, text: c.encode_from_tokens_scheduled(c.tokenize(text))
     with torch.inference_mode():
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=True, output_clip=True)
         pos, neg = enc(clip, "a photo of a dog in the snow"), enc(clip, "")

@@ -30,6 +30,7 @@ import pytest
 from comfy_server import REPO, ComfyServer, skip_reason
 from core.client import ComfyClient
 from test_bridge import random_sd15
+from tiny_clip import random_open_clip_file
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
@@ -111,20 +112,7 @@ EXPECTED = {
 
 def random_open_clip() -> Path:
     """A random-weight OpenCLIP ViT-B-32 in safetensors, made once and cached."""
-    open_clip = pytest.importorskip("open_clip")
-    import torch
-    from safetensors.torch import save_file
-
-    cache = Path(os.environ.get("SIE_TEST_CACHE", Path.home() / ".cache" / "comfyui-single-image-edit"))
-    path = cache / CLIP_FILE
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        model = open_clip.create_model("ViT-B-32", pretrained=None)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.rename(path)
-    return path
+    return random_open_clip_file("ViT-B-32", CLIP_FILE)
 
 
 def random_sam() -> Path:
