@@ -69,6 +69,16 @@ def input_error(e: RecipeInputError) -> NodeInputError:
     return NodeInputError(e.name, e.problem, e.fix)
 
 
+def preflight(recipe: Recipe, stage: str, optional: Mapping[str, object], **passed) -> None:
+    """Before any work: refuse a connected optional input the stage does not read, and an input it needs and
+    lacks (``passed``: inputs every recipe may read, such as the CLIP, which are never refused as unused)."""
+    try:
+        check_unused(recipe, stage, optional)
+        recipe.check(stage, {**optional, **passed})
+    except RecipeInputError as e:
+        raise input_error(e) from None
+
+
 # --------------------------------------------------------------------------------------
 # Input checks shared by the training nodes (and the rectifier's)
 # --------------------------------------------------------------------------------------
@@ -234,11 +244,7 @@ class OptimizeEmbedding:
         optional = {"conditioning_b": conditioning_b, "mask": mask, "reference_image": reference_image,
                     "reference_mask": reference_mask}
         recipe = recipe_for(recipe, "embedding", optional)
-        try:
-            check_unused(recipe, "embedding", optional)
-            recipe.check("embedding", optional)
-        except RecipeInputError as e:
-            raise input_error(e) from None
+        preflight(recipe, "embedding", optional)
         x = image_to_bchw(image, "image", min_side=8)[:1]
         check_memory(model, torch.zeros(1, *recipe.trains_at(tuple(x.shape[-2:])), 3), "embedding", device,
                      device.type == "cuda")
@@ -327,11 +333,7 @@ class FineTune:
                     "target_mask": target_mask}
         recipe = recipe_for(recipe, "finetune", optional)
         steps = steps_for(steps, recipe, "finetune")
-        try:
-            check_unused(recipe, "finetune", optional)
-            recipe.check("finetune", {**optional, "clip": clip})
-        except RecipeInputError as e:
-            raise input_error(e) from None
+        preflight(recipe, "finetune", optional, clip=clip)
         text = "clip" in recipe.inputs("finetune")  # the recipe may train the text encoder
         if text:
             check_clip(clip)
