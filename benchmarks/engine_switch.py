@@ -163,6 +163,8 @@ def main() -> None:
 
     import torch
 
+    if importlib.util.find_spec("comfy_api") is None:  # no ComfyUI: the tests' stand-in of its typed node API
+        sys.path.append(str(ROOT / "tests" / "standin"))
     spec_ = importlib.util.spec_from_file_location("sie_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
     pack = importlib.util.module_from_spec(spec_)
     sys.modules["sie_pack"] = pack

@@ -1,17 +1,21 @@
 """ComfyUI node classes of the pack, collected into the classic registration mappings.
 
-Each node module under this package exports ``NODES``: a list of classic (V1) node
-classes that carry three extra class attributes,
+Each node module under this package exports ``NODES``: a list of node classes on ComfyUI's
+typed node API (``comfy_api.latest.io.ComfyNode``: ``define_schema`` gives the node id,
+display name, category, description, inputs and outputs; the classmethod ``execute``
+computes).  A class may add ``REQUIRES``: the optional Python packages (import names)
+the node needs.
 
-* ``NODE_ID``      the registered id (``SIE_...``),
-* ``DISPLAY_NAME`` the name shown in the node menu,
-* ``REQUIRES``     the optional Python packages (import names) the node needs.
+The classes are registered through the classic ``NODE_CLASS_MAPPINGS``, which both
+supported ComfyUI versions read for typed nodes too (and which ComfyUI prefers over a
+``comfy_entrypoint`` when a pack has both): one registration path for every version.
 
 A node whose optional package is missing is left out, with one log line per missing
 package naming it and the nodes it disables; a node module that fails to import is
 logged and skipped.  Neither ever makes the pack fail to import.  Importing this
-package imports torch and the node modules, and nothing else: no ComfyUI module, no
-network, no files written.
+package imports torch, ComfyUI's ``comfy_api`` and the node modules, and nothing else:
+no network, no files written.  A ComfyUI without ``comfy_api.latest`` (older than the
+supported range) gets one error line saying to update it.
 """
 
 from __future__ import annotations
@@ -35,8 +39,20 @@ def _available(package: str) -> bool:
         return False
 
 
+def _has_typed_api() -> bool:
+    try:
+        importlib.import_module("comfy_api.latest")
+    except ImportError:
+        return False
+    return True
+
+
 def collect(modules: tuple[str, ...] = NODE_MODULES, available=_available) -> tuple[dict, dict]:
     """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) for the nodes whose packages are present."""
+    if not _has_typed_api():
+        log.error("comfyui-single-image-edit: this ComfyUI has no typed node API (comfy_api.latest); the pack's nodes "
+                  "need ComfyUI 0.3.64 or newer: update ComfyUI")
+        return {}, {}
     classes: dict[str, type] = {}
     names: dict[str, str] = {}
     missing: dict[str, list[str]] = {}
@@ -48,13 +64,14 @@ def collect(modules: tuple[str, ...] = NODE_MODULES, available=_available) -> tu
                       mod_name, type(e).__name__, e)
             continue
         for cls in mod.NODES:
+            schema = cls.define_schema()
             lacking = [p for p in getattr(cls, "REQUIRES", ()) if not available(p)]
             if lacking:
                 for p in lacking:
-                    missing.setdefault(p, []).append(cls.NODE_ID)
+                    missing.setdefault(p, []).append(schema.node_id)
                 continue
-            classes[cls.NODE_ID] = cls
-            names[cls.NODE_ID] = cls.DISPLAY_NAME
+            classes[schema.node_id] = cls
+            names[schema.node_id] = schema.display_name
     for package, node_ids in sorted(missing.items()):
         log.warning(
             "comfyui-single-image-edit: optional package '%s' is not installed (pip install %s); disabled nodes: %s",

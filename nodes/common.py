@@ -1,4 +1,4 @@
-"""Conversions and checks shared by the node classes (no ComfyUI imports here).
+"""Conversions and checks shared by the node classes (of ComfyUI, only the typed node API's ``io``).
 
 ComfyUI's IMAGE is [B, H, W, C] float in [0, 1]; MASK is [B, H, W] (sometimes [H, W]);
 core works on [B, C, H, W].  Every check raises :class:`NodeInputError`, whose message
@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from comfy_api.latest import io
 
 CATEGORY_ROOT = "single_image_edit"
 OPEN_CLIP = "SIE_OPEN_CLIP"  # an OpenCLIP model (core.clip_model.OpenCLIP): Load OpenCLIP gives it, SinDDM and the rectifier use it
@@ -96,9 +98,9 @@ def safe_prefix(prefix: str, name: str = "filename_prefix") -> str:
     return p
 
 
-def save_output(root: Path, filename_prefix: str, write, what: str) -> dict:
+def save_output(root: Path, filename_prefix: str, write, what: str) -> io.NodeOutput:
     """The body of a saver node: a fresh ``<prefix>_NNNNN.safetensors`` under ``root``, written by
-    ``write(path)``; returns the node's ``{"ui": {"text": [relative name]}}``.
+    ``write(path)``; returns the node's output, whose UI message is ``{"text": [relative name]}``.
 
     The name is claimed atomically first (:func:`next_free_path`), so two saves running at
     once never pick the same name; ``write`` must replace the placeholder atomically (a
@@ -114,7 +116,7 @@ def save_output(root: Path, filename_prefix: str, write, what: str) -> dict:
         path.unlink(missing_ok=True)  # the placeholder, or whatever a failed write left there
         raise
     logging.getLogger("comfyui-single-image-edit").info("saved %s to %s", what, path)
-    return {"ui": {"text": [path.relative_to(root).as_posix()]}}
+    return io.NodeOutput(ui={"text": [path.relative_to(root).as_posix()]})
 
 
 def next_free_path(root: Path, prefix: str, suffix: str) -> Path:

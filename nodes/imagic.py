@@ -13,6 +13,8 @@ import logging
 
 import torch
 
+from comfy_api.latest import io
+
 from ..core.artifact_io import ArtifactError
 from ..core.imagic import interpolate
 from ..core.imagic.artifact import Trained, load_trained, save_trained
@@ -30,29 +32,32 @@ register_default_recipe(ImagicRecipe)  # the shared training nodes run Imagic wh
 
 
 # --------------------------------------------------------------------------------------
-class InterpolateConditioning:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_InterpolateConditioning", "Imagic: Interpolate Conditioning", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("CONDITIONING",)
-    RETURN_NAMES = ("conditioning",)
-    OUTPUT_TOOLTIPS = ("eta * target + (1 - eta) * optimized.",)
-    DESCRIPTION = ("Imagic stage 3 (eq. 3): e = eta * e_tgt + (1 - eta) * e_opt. eta = 0 reproduces the image, 1 is "
-                   "the target text; the paper uses 0.6-0.8 on Imagen, SD needs about 0.9-1.2, so eta may exceed 1 "
-                   "(core ConditioningAverage stops at 1). The pooled output, if any, is mixed the same way.")
+class InterpolateConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_InterpolateConditioning", display_name="Imagic: Interpolate Conditioning",
+            category=CATEGORY,
+            description="Imagic stage 3 (eq. 3): e = eta * e_tgt + (1 - eta) * e_opt. eta = 0 reproduces the "
+                        "image, 1 is the target text; the paper uses 0.6-0.8 on Imagen, SD needs about 0.9-1.2, "
+                        "so eta may exceed 1 (core ConditioningAverage stops at 1). The pooled output, if any, "
+                        "is mixed the same way.",
+            inputs=[
+                io.Conditioning.Input("target", tooltip="e_tgt: the encoded target text."),
+                io.Conditioning.Input("optimized",
+                                      tooltip="e_opt from Imagic: Optimize Text Embedding (only its first entry "
+                                              "is used)."),
+                io.Float.Input("eta", default=0.9, min=-1.0, max=3.0, step=0.01,
+                               tooltip="Edit strength eta (SD: ~0.9-1.2)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="conditioning", tooltip="eta * target + (1 - eta) * optimized."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "target": ("CONDITIONING", {"tooltip": "e_tgt: the encoded target text."}),
-            "optimized": ("CONDITIONING", {"tooltip": "e_opt from Imagic: Optimize Text Embedding (only its first "
-                                                   "entry is used)."}),
-            "eta": ("FLOAT", {"default": 0.9, "min": -1.0, "max": 3.0, "step": 0.01,
-                              "tooltip": "Edit strength eta (SD: ~0.9-1.2)."}),
-        }}
-
-    def run(self, target, optimized, eta):
-        return (interpolate_conditioning(target, optimized, float(eta)),)
+    def execute(cls, target, optimized, eta):
+        return io.NodeOutput(interpolate_conditioning(target, optimized, float(eta)))
 
 
 def interpolate_conditioning(target, optimized, eta: float):
@@ -78,37 +83,42 @@ def parse_etas(text: str) -> list[float]:
     return parse_numbers(text, "etas", example="0.7, 0.8, 0.9, 1.0")
 
 
-class EtaSweep:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_EtaSweep", "Imagic: Eta Sweep", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latents",)
-    OUTPUT_TOOLTIPS = ("One latent per eta (same seed and noise), in the order given; decode with VAE Decode.",)
-    DESCRIPTION = ("Samples the fine-tuned model once per eta with the same seed and noise, so the edit strength "
-                   "can be picked by eye (the paper's users choose eta per image). Uses ComfyUI's samplers; "
-                   "DDIM is the paper's choice.")
+class EtaSweep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_EtaSweep", display_name="Imagic: Eta Sweep", category=CATEGORY,
+            description="Samples the fine-tuned model once per eta with the same seed and noise, so the edit "
+                        "strength can be picked by eye (the paper's users choose eta per image). Uses ComfyUI's "
+                        "samplers; DDIM is the paper's choice.",
+            inputs=[
+                io.Model.Input("model", tooltip="The fine-tuned MODEL."),
+                io.Conditioning.Input("target", tooltip="e_tgt."),
+                io.Conditioning.Input("optimized", tooltip="e_opt."),
+                io.Conditioning.Input("negative", tooltip="Negative / unconditional text (usually empty)."),
+                io.Latent.Input("latent_image",
+                                tooltip="Size of the output (e.g. Empty Latent Image 512x512); only the first "
+                                        "latent of a batch is used."),
+                io.String.Input("etas", default="0.7, 0.8, 0.9, 1.0, 1.1", tooltip="Comma-separated eta values."),
+                io.Int.Input("seed", **SEED, tooltip="One seed for every eta."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (SD ports: 7.5)."),
+                io.Combo.Input("sampler_name", options=bridge.sampler_names(), default="ddim",
+                               tooltip="ComfyUI sampler."),
+                io.Combo.Input("scheduler", options=bridge.scheduler_names(), default="ddim_uniform",
+                               tooltip="ComfyUI scheduler."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latents",
+                                 tooltip="One latent per eta (same seed and noise), in the order given; decode "
+                                         "with VAE Decode."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The fine-tuned MODEL."}),
-            "target": ("CONDITIONING", {"tooltip": "e_tgt."}),
-            "optimized": ("CONDITIONING", {"tooltip": "e_opt."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative / unconditional text (usually empty)."}),
-            "latent_image": ("LATENT", {"tooltip": "Size of the output (e.g. Empty Latent Image 512x512); only "
-                                                   "the first latent of a batch is used."}),
-            "etas": ("STRING", {"default": "0.7, 0.8, 0.9, 1.0, 1.1", "tooltip": "Comma-separated eta values."}),
-            "seed": ("INT", {**SEED, "tooltip": "One seed for every eta."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "Sampling steps."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance scale (SD ports: 7.5)."}),
-            "sampler_name": (bridge.sampler_names(), {"default": "ddim", "tooltip": "ComfyUI sampler."}),
-            "scheduler": (bridge.scheduler_names(), {"default": "ddim_uniform", "tooltip": "ComfyUI scheduler."}),
-        }}
-
-    def run(self, model, target, optimized, negative, latent_image, etas, seed, steps, cfg, sampler_name,
-            scheduler):
+    def execute(cls, model, target, optimized, negative, latent_image, etas, seed, steps, cfg, sampler_name,
+                scheduler):
         values = parse_etas(etas)
         check_positive(steps, "steps")
         if not isinstance(latent_image, dict) or "samples" not in latent_image:
@@ -124,36 +134,35 @@ class EtaSweep:
             positive = interpolate_conditioning(target, optimized, eta)
             outs.append(bridge.ksample(model, positive, negative, first, int(seed), int(steps), float(cfg),
                                        sampler_name, scheduler, noise=noise, callback=callback))
-        return ({"samples": torch.cat(outs)},)
+        return io.NodeOutput({"samples": torch.cat(outs)})
 
 
 # --------------------------------------------------------------------------------------
-class SaveTrained:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SaveTrained", "Save Trained (LoRA / delta + embedding)", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-    DESCRIPTION = ("Saves a fine-tuning result to models/single_image_edit/trained as .safetensors (atomic write, "
-                   "never overwriting): the weight delta in ComfyUI's LoRA layout (so the native Load LoRA nodes "
-                   "read it; the folder is registered with them) and the embedding e_opt it was tuned at. "
-                   "precision fp16 stores the delta in half the space (a full SD 1.5 fine-tune: 1.7 GB instead of "
-                   "3.4 GB).")
+class SaveTrained(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_SaveTrained", display_name="Save Trained (LoRA / delta + embedding)", category=CATEGORY,
+            description="Saves a fine-tuning result to models/single_image_edit/trained as .safetensors (atomic "
+                        "write, never overwriting): the weight delta in ComfyUI's LoRA layout (so the native "
+                        "Load LoRA nodes read it; the folder is registered with them) and the embedding e_opt it "
+                        "was tuned at. precision fp16 stores the delta in half the space (a full SD 1.5 "
+                        "fine-tune: 1.7 GB instead of 3.4 GB).",
+            inputs=[
+                io.Custom(TRAINED).Input("trained", tooltip="From Imagic: Fine-Tune Model."),
+                io.String.Input("filename_prefix", default="imagic",
+                                tooltip="File name prefix (may contain sub-folders); a counter is appended."),
+                io.Combo.Input("precision", options=["fp32", "fp16"], optional=True, default="fp32",
+                               tooltip="How the weight delta is stored. fp32: as trained. fp16: half the file (a "
+                                       "full fine-tune of SD 1.5: 1.7 GB, not 3.4 GB); each entry keeps 11 "
+                                       "significant bits, finer than the fp16 weights ComfyUI usually samples "
+                                       "with. e_opt stays fp32."),
+            ],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "trained": (TRAINED, {"tooltip": "From Imagic: Fine-Tune Model."}),
-            "filename_prefix": ("STRING", {"default": "imagic", "tooltip": "File name prefix (may contain sub-"
-                                                                           "folders); a counter is appended."}),
-        }, "optional": {
-            "precision": (["fp32", "fp16"], {"default": "fp32", "tooltip": "How the weight delta is stored. fp32: "
-                          "as trained. fp16: half the file (a full fine-tune of SD 1.5: 1.7 GB, not 3.4 GB); each "
-                          "entry keeps 11 significant bits, finer than the fp16 weights ComfyUI usually samples "
-                          "with. e_opt stays fp32."}),
-        }}
-
-    def run(self, trained, filename_prefix, precision="fp32"):
+    def execute(cls, trained, filename_prefix, precision="fp32"):
         if not isinstance(trained, Trained):
             raise NodeInputError("trained", f"this is not an Imagic fine-tune ({type(trained).__name__})",
                                  "save a SINE fine-tune with SINE: Save Fine-Tuned Model")
@@ -169,26 +178,29 @@ class SaveTrained:
         return save_output(bridge.save_dir("sie_trained"), filename_prefix, write, "trained delta")
 
 
-class LoadTrained:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadTrained", "Load Trained (LoRA / delta + embedding)", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("MODEL", "CONDITIONING")
-    RETURN_NAMES = ("model", "e_opt")
-    OUTPUT_TOOLTIPS = ("A clone of the MODEL with the saved delta applied.", "The saved embedding e_opt.")
-    DESCRIPTION = ("Loads a file written by Save Trained: applies its delta to the MODEL (as ComfyUI's Load LoRA "
-                   "would) and returns its embedding as CONDITIONING, so an edit can be resampled without training.")
+class LoadTrained(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_LoadTrained", display_name="Load Trained (LoRA / delta + embedding)", category=CATEGORY,
+            description="Loads a file written by Save Trained: applies its delta to the MODEL (as ComfyUI's Load "
+                        "LoRA would) and returns its embedding as CONDITIONING, so an edit can be resampled "
+                        "without training.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD 1.x MODEL the delta was trained on."),
+                io.Combo.Input("trained_name", options=bridge.list_models("sie_trained"),
+                               tooltip="A file from Save Trained."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the delta (1 = as trained)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A clone of the MODEL with the saved delta applied."),
+                io.Conditioning.Output(display_name="e_opt", tooltip="The saved embedding e_opt."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The SD 1.x MODEL the delta was trained on."}),
-            "trained_name": (bridge.list_models("sie_trained"), {"tooltip": "A file from Save Trained."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "Scale of the delta (1 = as trained)."}),
-        }}
-
-    def run(self, model, trained_name, strength):
+    def execute(cls, model, trained_name, strength):
         check_model(model)
         try:
             trained = load_trained(bridge.model_path("sie_trained", trained_name))
@@ -198,7 +210,7 @@ class LoadTrained:
         if trained.embedding is None:
             raise NodeInputError("trained_name", "the file holds no embedding",
                                  "load plain LoRAs with ComfyUI's LoraLoaderModelOnly")
-        return (bridge.apply_delta(model, trained.delta, float(strength)), [[trained.embedding.clone(), {}]])
+        return io.NodeOutput(bridge.apply_delta(model, trained.delta, float(strength)), [[trained.embedding.clone(), {}]])
 
 
 NODES = [InterpolateConditioning, EtaSweep, SaveTrained, LoadTrained]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from comfy_api.latest import io
+
 from ..core.artifact_io import ArtifactError
 from ..core.images import pil_to_tensor
 from ..core.plot import loss_curve
@@ -197,75 +199,83 @@ def loss_image(result, mode: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-class TrainRectifier:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_TrainRectifier", "Train Rectifier", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = (RECTIFIER, "IMAGE")
-    RETURN_NAMES = ("rectifier", "loss")
-    OUTPUT_TOOLTIPS = ("The trained rectifier (a new object; a connected rectifier input is never changed), for "
-                       "Apply Rectifier, Save Rectifier, or further training.",
-                       "The loss per step (edit mode: the weighted total, then the CLIP and L1 terms).")
-    DESCRIPTION = ("High-Fidelity rectifier (Hou, Wei, Chen, AAAI 2024): trains the hypernetwork R(x_0, P_t, t) that "
-                   "modulates the frozen SD UNet's middle and output-block convolutions, theta (1 + Delta), at every "
-                   "step. recon: eq. 3, the usual noise-prediction loss of the rectified model on the training "
-                   "images (Adam lr 1e-3 x 0.9 every 5,000 steps, weight decay 1e-5). edit: Alg. 1, directional CLIP "
-                   "loss (source -> target text) + L1 to the original on x0_hat from each step of the original "
-                   "trajectory (lr 1e-3 x 0.9 every 10 steps); continue from a reconstruction rectifier through "
-                   "the 'rectifier' input, as the paper does. The paper uses about 100 images per attribute.")
+class TrainRectifier(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_TrainRectifier", display_name="Train Rectifier", category=CATEGORY,
+            description="High-Fidelity rectifier (Hou, Wei, Chen, AAAI 2024): trains the hypernetwork R(x_0, "
+                        "P_t, t) that modulates the frozen SD UNet's middle and output-block convolutions, theta "
+                        "(1 + Delta), at every step. recon: eq. 3, the usual noise-prediction loss of the "
+                        "rectified model on the training images (Adam lr 1e-3 x 0.9 every 5,000 steps, weight "
+                        "decay 1e-5). edit: Alg. 1, directional CLIP loss (source -> target text) + L1 to the "
+                        "original on x0_hat from each step of the original trajectory (lr 1e-3 x 0.9 every 10 "
+                        "steps); continue from a reconstruction rectifier through the 'rectifier' input, as the "
+                        "paper does. The paper uses about 100 images per attribute.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x MODEL; frozen (not modified)."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint: encodes the training images once (and "
+                                            "decodes x0_hat for CLIP in edit mode)."),
+                io.Image.Input("images",
+                               tooltip="The training set, a batch of images of one domain (the paper: about 100 "
+                                       "per attribute), at least 64 px, sides multiples of 8 (SD 1.x: 512x512)."),
+                io.Combo.Input("mode", options=list(MODES), default="recon",
+                               tooltip="recon: reconstruction training (eq. 3). edit: editing training (Alg. 1), "
+                                       "needs open_clip and target_text; continue from a recon rectifier."),
+                io.Int.Input("steps", default=5000, min=1, max=1000000,
+                             tooltip="Adam steps. The paper gives no count, only the schedules: recon lr x 0.9 "
+                                     "every 5,000 steps (the default is one such interval), edit lr x 0.9 every "
+                                     "10 steps (a few hundred steps)."),
+                io.Float.Input("lr", default=1e-3, min=1e-7, max=1.0, step=1e-4, round=1e-7,
+                               tooltip="Adam learning rate at the start (paper: 0.001 in both modes)."),
+                io.Int.Input("seed", **SEED,
+                             tooltip="Seed of a new rectifier's initial weights and of the images, timesteps and "
+                                     "noise drawn at each step."),
+                io.Custom(OPEN_CLIP).Input("open_clip", optional=True,
+                                           tooltip="Edit mode: a CLIP model from Load OpenCLIP for the "
+                                                   "directional CLIP loss (eq. 4)."),
+                io.String.Input("source_text", optional=True, default="face",
+                                tooltip="Edit mode: what the images show now (t_src, e.g. 'face')."),
+                io.String.Input("target_text", optional=True, default="",
+                                tooltip="Edit mode: what they should show (t_tar, e.g. 'smiling face')."),
+                io.Custom(RECTIFIER).Input("rectifier", optional=True,
+                                           tooltip="Continue training this rectifier (a copy of it; e.g. the edit "
+                                                   "training continues from the reconstruction rectifier, as the "
+                                                   "paper does: connect Load Rectifier). Empty: a new one with "
+                                                   "Delta = 0 (the plain model), also in edit mode, which then "
+                                                   "starts without any reconstruction training (the log says so)."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="The text condition the UNet sees while training (use the same at "
+                                              "sampling, e.g. an encoded empty prompt). Empty: a zero text "
+                                              "context [1, 77, 768]. Only the first entry is used."),
+                io.Int.Input("batch", optional=True, default=8, min=1, max=256,
+                             tooltip="Images (with their own t and noise) per step."),
+                io.Combo.Input("estimate", options=list(ESTIMATES), optional=True, default="base",
+                               tooltip="R's input P_t: base = the unmodulated model's x_0 estimate (eq. 1); "
+                                       "modulated = the rectified model's own (one extra modulated pass, no "
+                                       "gradient)."),
+                io.Combo.Input("encoder_weights", options=["none"] + bridge.list_models(ENCODER_FOLDER),
+                               optional=True, default="none",
+                               tooltip="A new rectifier's encoder: none = a randomly initialised ResNet-34 "
+                                       "(GroupNorm); or torchvision's ImageNet ResNet-34 weights from "
+                                       "models/single_image_edit/rectifier_encoders (resnet34-b627a593.pth or a "
+                                       ".safetensors of it; BatchNorm with ImageNet's statistics). Ignored when a "
+                                       "rectifier is connected (it keeps its own)."),
+            ],
+            outputs=[
+                io.Custom(RECTIFIER).Output(display_name="rectifier",
+                                            tooltip="The trained rectifier (a new object; a connected rectifier "
+                                                    "input is never changed), for Apply Rectifier, Save "
+                                                    "Rectifier, or further training."),
+                io.Image.Output(display_name="loss",
+                                tooltip="The loss per step (edit mode: the weighted total, then the CLIP and L1 "
+                                        "terms)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD 1.x MODEL; frozen (not modified)."}),
-            "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint: encodes the training images once (and "
-                                       "decodes x0_hat for CLIP in edit mode)."}),
-            "images": ("IMAGE", {"tooltip": "The training set, a batch of images of one domain (the paper: about "
-                                            "100 per attribute), at least 64 px, sides multiples of 8 (SD 1.x: "
-                                            "512x512)."}),
-            "mode": (list(MODES), {"default": "recon", "tooltip": "recon: reconstruction training (eq. 3). edit: "
-                                                                  "editing training (Alg. 1), needs open_clip and "
-                                                                  "target_text; continue from a recon rectifier."}),
-            "steps": ("INT", {"default": 5000, "min": 1, "max": 1000000,
-                              "tooltip": "Adam steps. The paper gives no count, only the schedules: recon lr x 0.9 "
-                                         "every 5,000 steps (the default is one such interval), edit lr x 0.9 every "
-                                         "10 steps (a few hundred steps)."}),
-            "lr": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-4, "round": 1e-7,
-                             "tooltip": "Adam learning rate at the start (paper: 0.001 in both modes)."}),
-            "seed": ("INT", {**SEED, "tooltip": "Seed of a new rectifier's initial weights and of the images, "
-                                                "timesteps and noise drawn at each step."}),
-        }, "optional": {
-            "open_clip": (OPEN_CLIP, {"tooltip": "Edit mode: a CLIP model from Load OpenCLIP for the directional "
-                                                 "CLIP loss (eq. 4)."}),
-            "source_text": ("STRING", {"default": "face", "tooltip": "Edit mode: what the images show now (t_src, "
-                                                                     "e.g. 'face')."}),
-            "target_text": ("STRING", {"default": "", "tooltip": "Edit mode: what they should show (t_tar, e.g. "
-                                                                 "'smiling face')."}),
-            "rectifier": (RECTIFIER, {"tooltip": "Continue training this rectifier (a copy of it; e.g. the edit "
-                                                 "training continues from the reconstruction rectifier, as the paper "
-                                                 "does: connect Load Rectifier). Empty: a new one with Delta = 0 "
-                                                 "(the plain model), also in edit mode, which then starts without "
-                                                 "any reconstruction training (the log says so)."}),
-            "conditioning": ("CONDITIONING", {"tooltip": "The text condition the UNet sees while training (use the "
-                                                         "same at sampling, e.g. an encoded empty prompt). Empty: a "
-                                                         "zero text context [1, 77, 768]. Only the first entry is "
-                                                         "used."}),
-            "batch": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Images (with their own t and noise) "
-                                                                             "per step."}),
-            "estimate": (list(ESTIMATES), {"default": "base", "tooltip": "R's input P_t: base = the unmodulated "
-                                                                         "model's x_0 estimate (eq. 1); modulated = "
-                                                                         "the rectified model's own (one extra "
-                                                                         "modulated pass, no gradient)."}),
-            "encoder_weights": (["none"] + bridge.list_models(ENCODER_FOLDER), {
-                "default": "none", "tooltip": "A new rectifier's encoder: none = a randomly initialised ResNet-34 "
-                                              "(GroupNorm); or torchvision's ImageNet ResNet-34 weights from "
-                                              "models/single_image_edit/rectifier_encoders (resnet34-b627a593.pth "
-                                              "or a .safetensors of it; BatchNorm with ImageNet's statistics). "
-                                              "Ignored when a rectifier is connected (it keeps its own)."}),
-        }}
-
-    def run(self, model, vae, images, mode, steps, lr, seed, open_clip=None, source_text="face", target_text="",
-            rectifier=None, conditioning=None, batch=8, estimate="base", encoder_weights="none"):
+    def execute(cls, model, vae, images, mode, steps, lr, seed, open_clip=None, source_text="face", target_text="",
+                rectifier=None, conditioning=None, batch=8, estimate="base", encoder_weights="none"):
         check_sd_model(model)
         if mode not in MODES:
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use recon or edit")
@@ -346,7 +356,7 @@ class TrainRectifier:
                              list(previous.history) + [entry])
         log.info("Rectifier %s training (%d images, batch %d): loss %.4f -> %.4f in %.1f s", mode, x.shape[0],
                  batch, result.losses[0], result.losses[-1], result.seconds)
-        return (TrainedRectifier(net, info), loss_image(result, mode))
+        return io.NodeOutput(TrainedRectifier(net, info), loss_image(result, mode))
 
 
 # --------------------------------------------------------------------------------------
@@ -417,46 +427,47 @@ class RectifierRule:
         return out
 
 
-class ApplyRectifier:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_ApplyRectifier", "Apply Rectifier", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("A clone of the MODEL whose every denoiser call is rectified (the input MODEL is "
-                       "unchanged); sample it with any ComfyUI sampler.",)
-    DESCRIPTION = ("The rectifier modulator (Hou et al. 2024, eq. 2): at every denoiser call the unmodulated model's "
-                   "x_0 estimate P_t and the reference image x_0 go through the rectifier, whose offsets Delta "
-                   "modulate the middle and output-block convolutions, theta (1 + strength Delta), for a second "
-                   "pass. The paper's path ('N inversion and denoising steps'): DDIM Inversion of the VAE-encoded "
-                   "image, then SamplerCustom (add_noise off, euler = DDIM, cfg 1, the inversion's sigmas) with this "
-                   "MODEL; to reconstruct, this MODEL also inverts (one model for both halves of the round trip), to "
-                   "edit, a MODEL without the edit does (the reconstruction-rectified or the plain one). Any other "
-                   "sampler works too: DDPM from pure noise (KSampler ddpm, denoise 1.0) or SDEdit (denoise < 1, the "
-                   "paper's image-to-image translation). Costs one extra UNet pass per call (none with estimate = "
-                   "modulated).")
+class ApplyRectifier(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_ApplyRectifier", display_name="Apply Rectifier", category=CATEGORY,
+            description="The rectifier modulator (Hou et al. 2024, eq. 2): at every denoiser call the "
+                        "unmodulated model's x_0 estimate P_t and the reference image x_0 go through the "
+                        "rectifier, whose offsets Delta modulate the middle and output-block convolutions, theta "
+                        "(1 + strength Delta), for a second pass. The paper's path ('N inversion and denoising "
+                        "steps'): DDIM Inversion of the VAE-encoded image, then SamplerCustom (add_noise off, "
+                        "euler = DDIM, cfg 1, the inversion's sigmas) with this MODEL; to reconstruct, this "
+                        "MODEL also inverts (one model for both halves of the round trip), to edit, a MODEL "
+                        "without the edit does (the reconstruction-rectified or the plain one). Any other "
+                        "sampler works too: DDPM from pure noise (KSampler ddpm, denoise 1.0) or SDEdit (denoise "
+                        "< 1, the paper's image-to-image translation). Costs one extra UNet pass per call (none "
+                        "with estimate = modulated).",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD 1.x MODEL the rectifier was trained on (not modified)."),
+                io.Custom(RECTIFIER).Input("rectifier", tooltip="From Train Rectifier or Load Rectifier."),
+                io.Image.Input("image",
+                               tooltip="The reference x_0 (the image to reconstruct or edit): one image for every "
+                                       "latent, or one per latent of the sampled batch. Resized to the latent "
+                                       "size when it differs."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=STRENGTH_MAX, step=0.05,
+                               tooltip="Scale s of Delta: theta (1 + s Delta). 1 = as trained, 0 = the plain "
+                                       "model."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE: encodes the reference image once."),
+                io.Combo.Input("estimate", options=list(ESTIMATES), optional=True, default="base",
+                               tooltip="P_t: base = an unmodulated pass per call (eq. 1, as trained by default); "
+                                       "modulated = the previous call's rectified estimate (no extra pass; the "
+                                       "first call of a run uses the base)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model",
+                                tooltip="A clone of the MODEL whose every denoiser call is rectified (the input "
+                                        "MODEL is unchanged); sample it with any ComfyUI sampler."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The SD 1.x MODEL the rectifier was trained on (not modified)."}),
-            "rectifier": (RECTIFIER, {"tooltip": "From Train Rectifier or Load Rectifier."}),
-            "image": ("IMAGE", {"tooltip": "The reference x_0 (the image to reconstruct or edit): one image for "
-                                           "every latent, or one per latent of the sampled batch. Resized to the "
-                                           "latent size when it differs."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": STRENGTH_MAX, "step": 0.05,
-                                   "tooltip": "Scale s of Delta: theta (1 + s Delta). 1 = as trained, 0 = the plain "
-                                              "model."}),
-            "vae": ("VAE", {"tooltip": "The checkpoint's VAE: encodes the reference image once."}),
-        }, "optional": {
-            "estimate": (list(ESTIMATES), {"default": "base", "tooltip": "P_t: base = an unmodulated pass per call "
-                                                                         "(eq. 1, as trained by default); "
-                                                                         "modulated = the previous call's rectified "
-                                                                         "estimate (no extra pass; the first call "
-                                                                         "of a run uses the base)."}),
-        }}
-
-    def run(self, model, rectifier, image, strength, vae, estimate="base"):
+    def execute(cls, model, rectifier, image, strength, vae, estimate="base"):
         check_sd_model(model)
         rect = check_rectifier(rectifier, model)
         if not 0.0 <= float(strength) <= STRENGTH_MAX:
@@ -476,7 +487,7 @@ class ApplyRectifier:
         except ValueError as e:
             raise NodeInputError("model", str(e), "apply one rectifier per MODEL (connect the MODEL before the "
                                                   "first Apply Rectifier)") from None
-        return (out,)
+        return io.NodeOutput(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -507,43 +518,47 @@ def ddim_inversion_sampler(alphas_cumprod: torch.Tensor, sigmas: torch.Tensor, s
     return invert
 
 
-class DDIMInversion:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_DDIMInversion", "DDIM Inversion", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("LATENT", "SIGMAS")
-    RETURN_NAMES = ("noisy_latent", "sigmas")
-    OUTPUT_TOOLTIPS = ("x_T: the image's latent inverted to the first timestep of the schedule, in ComfyUI's "
-                       "convention. Sample it with SamplerCustom, add_noise off, sampler euler (= DDIM, eta 0), "
-                       "cfg 1, these sigmas.",
-                       "The sampling schedule that retraces the inversion (the same timesteps, high to low, then "
-                       "0): connect it to SamplerCustom's sigmas.")
-    DESCRIPTION = ("Deterministic DDIM inversion (eta 0) of a VAE-encoded image, the High-Fidelity rectifier's "
-                   "path for reconstruction and editing (Hou et al. 2024: 'N inversion and denoising steps', "
-                   "Table 1): invert here, then sample back with SamplerCustom (add_noise off, euler = DDIM, cfg 1, "
-                   "these sigmas). The inversion runs through ComfyUI's sampling with the MODEL as connected (LoRAs "
-                   "and Apply Rectifier included). Which model inverts: to reconstruct, the rectified MODEL itself "
-                   "(Apply Rectifier with a reconstruction rectifier): a DDIM round trip is faithful when one model "
-                   "runs both halves, and the rectifier makes that model better on the image; to edit, a model "
-                   "without the edit (that reconstruction-rectified MODEL, or the plain one), since an edit "
-                   "rectifier inverting would let its own sampling undo the edit. Same maths as python -m "
-                   "core.rectifier edit (trailing timesteps 999, ...; the eps of the level moved to).")
+class DDIMInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_DDIMInversion", display_name="DDIM Inversion", category=CATEGORY,
+            description="Deterministic DDIM inversion (eta 0) of a VAE-encoded image, the High-Fidelity "
+                        "rectifier's path for reconstruction and editing (Hou et al. 2024: 'N inversion and "
+                        "denoising steps', Table 1): invert here, then sample back with SamplerCustom (add_noise "
+                        "off, euler = DDIM, cfg 1, these sigmas). The inversion runs through ComfyUI's sampling "
+                        "with the MODEL as connected (LoRAs and Apply Rectifier included). Which model inverts: "
+                        "to reconstruct, the rectified MODEL itself (Apply Rectifier with a reconstruction "
+                        "rectifier): a DDIM round trip is faithful when one model runs both halves, and the "
+                        "rectifier makes that model better on the image; to edit, a model without the edit (that "
+                        "reconstruction-rectified MODEL, or the plain one), since an edit rectifier inverting "
+                        "would let its own sampling undo the edit. Same maths as python -m core.rectifier edit "
+                        "(trailing timesteps 999, ...; the eps of the level moved to).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model that inverts: the reconstruction-rectified MODEL (Apply "
+                                                "Rectifier) to reconstruct, or a model without the edit (that one, or the "
+                                                "checkpoint's) to edit."),
+                io.Conditioning.Input("positive",
+                                      tooltip="The text condition of the inversion (cfg 1); use the same at "
+                                              "sampling and the one the rectifier was trained under (e.g. an "
+                                              "empty prompt)."),
+                io.Latent.Input("latent", tooltip="The image to invert, from VAE Encode."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="Inversion steps; sampling back takes the same (the paper's Table 1: 50)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="noisy_latent",
+                                 tooltip="x_T: the image's latent inverted to the first timestep of the schedule, "
+                                         "in ComfyUI's convention. Sample it with SamplerCustom, add_noise off, "
+                                         "sampler euler (= DDIM, eta 0), cfg 1, these sigmas."),
+                io.Sigmas.Output(display_name="sigmas",
+                                 tooltip="The sampling schedule that retraces the inversion (the same timesteps, "
+                                         "high to low, then 0): connect it to SamplerCustom's sigmas."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model that inverts: the reconstruction-rectified MODEL (Apply "
-                                           "Rectifier) to reconstruct, or a model without the edit (that one, or "
-                                           "the checkpoint's) to edit."}),
-            "positive": ("CONDITIONING", {"tooltip": "The text condition of the inversion (cfg 1); use the same at "
-                                                     "sampling and the one the rectifier was trained under (e.g. an "
-                                                     "empty prompt)."}),
-            "latent": ("LATENT", {"tooltip": "The image to invert, from VAE Encode."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
-                              "tooltip": "Inversion steps; sampling back takes the same (the paper's Table 1: 50)."}),
-        }}
-
-    def run(self, model, positive, latent, steps):
+    def execute(cls, model, positive, latent, steps):
         check_sd_model(model)
         if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor) or \
                 latent["samples"].ndim != 4:
@@ -565,31 +580,29 @@ class DDIMInversion:
                                           positive, latent["samples"], cfg=1.0)
         out = {k: v for k, v in latent.items() if k != "noise_mask"}
         out["samples"] = x_T.to("cpu", torch.float32)
-        return (out, torch.cat([sig[ts].float(), torch.zeros(1)]))
+        return io.NodeOutput(out, torch.cat([sig[ts].float(), torch.zeros(1)]))
 
 
 # --------------------------------------------------------------------------------------
-class SaveRectifier:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SaveRectifier", "Save Rectifier", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-    DESCRIPTION = ("Saves a rectifier to models/single_image_edit/rectifier as .safetensors (written atomically, "
-                   "never overwriting): its weights, architecture and modulated layers, training mode, texts and "
-                   "history. Load it with Load Rectifier instead of training again.")
+class SaveRectifier(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_SaveRectifier", display_name="Save Rectifier", category=CATEGORY,
+            description="Saves a rectifier to models/single_image_edit/rectifier as .safetensors (written "
+                        "atomically, never overwriting): its weights, architecture and modulated layers, "
+                        "training mode, texts and history. Load it with Load Rectifier instead of training again.",
+            inputs=[
+                io.Custom(RECTIFIER).Input("rectifier", tooltip="The rectifier to save."),
+                io.String.Input("filename_prefix", default="rectifier",
+                                tooltip="File name prefix inside models/single_image_edit/rectifier (may contain "
+                                        "sub-folders); a counter is appended."),
+            ],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "rectifier": (RECTIFIER, {"tooltip": "The rectifier to save."}),
-            "filename_prefix": ("STRING", {"default": "rectifier", "tooltip": "File name prefix inside "
-                                                                              "models/single_image_edit/rectifier "
-                                                                              "(may contain sub-folders); a counter "
-                                                                              "is appended."}),
-        }}
-
-    def run(self, rectifier, filename_prefix):
+    def execute(cls, rectifier, filename_prefix):
         if not isinstance(rectifier, TrainedRectifier):
             raise NodeInputError("rectifier", f"expected a rectifier, got {type(rectifier).__name__}",
                                  "connect Train Rectifier or Load Rectifier")
@@ -597,24 +610,26 @@ class SaveRectifier:
                            lambda path: save_rectifier(rectifier.net, rectifier.info, path), "rectifier")
 
 
-class LoadRectifier:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadRectifier", "Load Rectifier", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = (RECTIFIER, "STRING")
-    RETURN_NAMES = ("rectifier", "info")
-    OUTPUT_TOOLTIPS = ("The saved rectifier, for Apply Rectifier or further training.",
-                       "A one-line summary: mode, steps, modulated layers, texts.")
-    DESCRIPTION = "Loads a rectifier saved by Save Rectifier from models/single_image_edit/rectifier."
+class LoadRectifier(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_LoadRectifier", display_name="Load Rectifier", category=CATEGORY,
+            description="Loads a rectifier saved by Save Rectifier from models/single_image_edit/rectifier.",
+            inputs=[
+                io.Combo.Input("rectifier_name", options=bridge.list_models(FOLDER),
+                               tooltip="A .safetensors file written by Save Rectifier."),
+            ],
+            outputs=[
+                io.Custom(RECTIFIER).Output(display_name="rectifier",
+                                            tooltip="The saved rectifier, for Apply Rectifier or further training."),
+                io.String.Output(display_name="info",
+                                 tooltip="A one-line summary: mode, steps, modulated layers, texts."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "rectifier_name": (bridge.list_models(FOLDER), {"tooltip": "A .safetensors file written by Save "
-                                                                       "Rectifier."}),
-        }}
-
-    def run(self, rectifier_name):
+    def execute(cls, rectifier_name):
         try:
             path = bridge.model_path(FOLDER, rectifier_name)
             with torch.inference_mode(False):  # ordinary tensors: the rectifier may be trained further
@@ -622,7 +637,7 @@ class LoadRectifier:
         except (FileNotFoundError, ArtifactError) as e:
             raise NodeInputError("rectifier_name", str(e), "pick a file saved by Save Rectifier") from None
         out = TrainedRectifier(net, info)
-        return (out, out.describe())
+        return io.NodeOutput(out, out.describe())
 
 
 NODES = [TrainRectifier, ApplyRectifier, SaveRectifier, LoadRectifier, DDIMInversion]

@@ -15,6 +15,8 @@ import re
 
 import torch
 
+from comfy_api.latest import io
+
 from ..core.artifact_io import ArtifactError
 from ..core.images import pil_to_tensor
 from ..core.plot import loss_curve
@@ -31,13 +33,15 @@ SINDDM, GUIDANCE = "SIE_SINDDM", "SIE_SINDDM_GUIDANCE"
 SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True}
 
 
-def _seed(tooltip: str) -> tuple:
-    return ("INT", {**SEED, "tooltip": tooltip})
+def _seed(name: str, tooltip: str) -> io.Int.Input:
+    return io.Int.Input(name, **SEED, tooltip=tooltip)
 
 
-def _guidance_in() -> tuple:
-    return (GUIDANCE, {"tooltip": "Optional guidance from other SinDDM Guide nodes; this node adds its own to the "
-                                  "chain, so several regions, or regions plus text, act on one sample."})
+def _guidance_in(name: str, optional: bool = False) -> io.Input:
+    return io.Custom(GUIDANCE).Input(name, optional=optional,
+                                     tooltip="Optional guidance from other SinDDM Guide nodes; this node adds its own "
+                                             "to the chain, so several regions, or regions plus text, act on one "
+                                             "sample.")
 
 
 def check_sample_memory(model: SinDDM, size: tuple[int, int], count: int, device, size_input: str,
@@ -57,43 +61,45 @@ def check_sample_memory(model: SinDDM, size: tuple[int, int], count: int, device
 
 
 # --------------------------------------------------------------------------------------
-class SinDDMTrain:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMTrain", "SinDDM Train (single image)", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = (SINDDM, "IMAGE")
-    RETURN_NAMES = ("model", "loss_curve")
-    OUTPUT_TOOLTIPS = ("The trained SinDDM model (EMA weights), for SinDDM Sample / Harmonize / Save.",
-                       "The training loss (L1 on the noise) per step.")
-    DESCRIPTION = ("Trains a SinDDM model (Kulikov et al., ICML 2023) on one image: a 1.1 M-parameter "
-                   "fully-convolutional denoiser conditioned on the noise level and the pyramid scale. The paper "
-                   "trains 120,000 steps (about 7 h on an A6000; far less on recent GPUs). On a CPU use a few "
-                   "thousand steps, a smaller width and batch: results are rough but show the method. The image "
-                   "is capped at 50,000 pixels and split into 3-6 scales.")
+class SinDDMTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_SinDDMTrain", display_name="SinDDM Train (single image)", category=CATEGORY,
+            description="Trains a SinDDM model (Kulikov et al., ICML 2023) on one image: a 1.1 M-parameter "
+                        "fully-convolutional denoiser conditioned on the noise level and the pyramid scale. The "
+                        "paper trains 120,000 steps (about 7 h on an A6000; far less on recent GPUs). On a CPU "
+                        "use a few thousand steps, a smaller width and batch: results are rough but show the "
+                        "method. The image is capped at 50,000 pixels and split into 3-6 scales.",
+            inputs=[
+                io.Image.Input("image",
+                               tooltip="The training image; only the first image of a batch is used. At least 32 "
+                                       "px per side; larger images are downscaled to 50,000 pixels."),
+                io.Int.Input("steps", default=120000, min=1, max=1000000, step=100,
+                             tooltip="Training steps (paper: 120,000). LR milestones and EMA are scaled to it."),
+                io.Int.Input("batch_size", default=32, min=1, max=256,
+                             tooltip="Noisy copies of the image per step (paper: 32)."),
+                io.Int.Input("width", default=160, min=8, max=512, step=8,
+                             tooltip="Network width (paper: 160, 1.1 M parameters). 64 trains ~6x faster."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1e-1, step=1e-4, round=1e-6,
+                               tooltip="Adam learning rate (paper: 0.001)."),
+                _seed("seed", "Seed for scales, timesteps and noise drawn during training."),
+                io.Int.Input("preview_every", default=1000, min=0, max=1000000,
+                             tooltip="Show a coarse-scale sample on the node every N steps (0: off)."),
+                io.Combo.Input("precision", options=["auto", "fp32", "bf16"], default="auto",
+                               tooltip="auto: bf16 autocast where the device runs it natively (recent GPUs, CPUs "
+                                       "with AVX512-BF16), else fp32. Weights stay fp32."),
+            ],
+            outputs=[
+                io.Custom(SINDDM).Output(display_name="model",
+                                         tooltip="The trained SinDDM model (EMA weights), for SinDDM Sample / "
+                                                 "Harmonize / Save."),
+                io.Image.Output(display_name="loss_curve", tooltip="The training loss (L1 on the noise) per step."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "The training image; only the first image of a batch is used. At least "
-                                           "32 px per side; larger images are downscaled to 50,000 pixels."}),
-            "steps": ("INT", {"default": 120000, "min": 1, "max": 1000000, "step": 100,
-                              "tooltip": "Training steps (paper: 120,000). LR milestones and EMA are scaled to it."}),
-            "batch_size": ("INT", {"default": 32, "min": 1, "max": 256,
-                                   "tooltip": "Noisy copies of the image per step (paper: 32)."}),
-            "width": ("INT", {"default": 160, "min": 8, "max": 512, "step": 8,
-                              "tooltip": "Network width (paper: 160, 1.1 M parameters). 64 trains ~6x faster."}),
-            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1e-1, "step": 1e-4, "round": 1e-6,
-                                        "tooltip": "Adam learning rate (paper: 0.001)."}),
-            "seed": _seed("Seed for scales, timesteps and noise drawn during training."),
-            "preview_every": ("INT", {"default": 1000, "min": 0, "max": 1000000,
-                                      "tooltip": "Show a coarse-scale sample on the node every N steps (0: off)."}),
-            "precision": (["auto", "fp32", "bf16"], {"default": "auto",
-                                                     "tooltip": "auto: bf16 autocast where the device runs it "
-                                                                "natively (recent GPUs, CPUs with AVX512-BF16), "
-                                                                "else fp32. Weights stay fp32."}),
-        }}
-
-    def run(self, image, steps, batch_size, width, learning_rate, seed, preview_every, precision):
+    def execute(cls, image, steps, batch_size, width, learning_rate, seed, preview_every, precision):
         x = image_to_bchw(image, "image", min_side=MIN_INPUT_SIDE)[:1]
         check_positive(steps, "steps")
         check_positive(batch_size, "batch_size")
@@ -129,7 +135,7 @@ class SinDDMTrain:
         model = SinDDM.create(result.net, pyramid, result.info())
         log.info("SinDDM trained: %s (final loss %.4f, %.1f s)", model.describe(), result.losses[-1], result.seconds)
         curve = pil_to_tensor(loss_curve(result.losses, title="SinDDM training loss"))[None]
-        return (model, bchw_to_image(curve))
+        return io.NodeOutput(model, bchw_to_image(curve))
 
 
 # --------------------------------------------------------------------------------------
@@ -148,38 +154,41 @@ def _parse_start_steps(text: str, n: int) -> list[int] | None:
     return values
 
 
-class SinDDMSample:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SinDDMSample", "SinDDM Sample", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("The samples, a batch of 'count' images.",)
-    DESCRIPTION = ("Draws random samples from a SinDDM model, coarse to fine (paper Alg. 2), at any size: set "
-                   "width/height in pixels, or leave them at 0 and use the scale multipliers. Sample k uses seed + k. "
-                   "Connect SinDDM Guide nodes to constrain regions or steer content/style with text.")
+class SinDDMSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_SinDDMSample", display_name="SinDDM Sample", category=CATEGORY,
+            description="Draws random samples from a SinDDM model, coarse to fine (paper Alg. 2), at any size: "
+                        "set width/height in pixels, or leave them at 0 and use the scale multipliers. Sample k "
+                        "uses seed + k. Connect SinDDM Guide nodes to constrain regions or steer content/style "
+                        "with text.",
+            inputs=[
+                io.Custom(SINDDM).Input("model",
+                                        tooltip="A trained SinDDM model (SinDDM Train or Load SinDDM Model)."),
+                io.Int.Input("count", default=4, min=1, max=64, tooltip="Number of samples."),
+                _seed("seed", "Seed of the first sample; sample k uses seed + k."),
+                io.Float.Input("width_scale", default=1.0, min=0.1, max=16.0, step=0.05,
+                               tooltip="Output width as a multiple of the training width (when width is 0)."),
+                io.Float.Input("height_scale", default=1.0, min=0.1, max=16.0, step=0.05,
+                               tooltip="Output height as a multiple of the training height (when height is 0)."),
+                io.Int.Input("width", default=0, min=0, max=8192, step=1,
+                             tooltip="Output width in pixels; 0 uses width_scale."),
+                io.Int.Input("height", default=0, min=0, max=8192, step=1,
+                             tooltip="Output height in pixels; 0 uses height_scale."),
+                io.String.Input("start_steps", default="", multiline=False,
+                                tooltip="Optional: the noise step at which each finer scale starts "
+                                        "(comma-separated, one per scale above the coarsest; the official "
+                                        "--sample_t_list). Empty: the model's own T[s]."),
+                _guidance_in("guidance", optional=True),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="The samples, a batch of 'count' images."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": (SINDDM, {"tooltip": "A trained SinDDM model (SinDDM Train or Load SinDDM Model)."}),
-            "count": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Number of samples."}),
-            "seed": _seed("Seed of the first sample; sample k uses seed + k."),
-            "width_scale": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 16.0, "step": 0.05,
-                                      "tooltip": "Output width as a multiple of the training width (when width is 0)."}),
-            "height_scale": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 16.0, "step": 0.05,
-                                       "tooltip": "Output height as a multiple of the training height (when height is 0)."}),
-            "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
-                              "tooltip": "Output width in pixels; 0 uses width_scale."}),
-            "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
-                               "tooltip": "Output height in pixels; 0 uses height_scale."}),
-            "start_steps": ("STRING", {"default": "", "multiline": False,
-                                       "tooltip": "Optional: the noise step at which each finer scale starts "
-                                                  "(comma-separated, one per scale above the coarsest; the "
-                                                  "official --sample_t_list). Empty: the model's own T[s]."}),
-        }, "optional": {"guidance": _guidance_in()}}
-
-    def run(self, model, count, seed, width_scale, height_scale, width, height, start_steps, guidance=None):
+    def execute(cls, model, count, seed, width_scale, height_scale, width, height, start_steps, guidance=None):
         check_positive(count, "count")
         th, tw = model.training_size
         h = int(height) if height > 0 else th * float(height_scale)
@@ -199,7 +208,7 @@ class SinDDMSample:
             out = sample(model, count=int(count), seed=int(seed), scale_mul=mul, size=size,
                          guidance=_guidance_list(guidance), start_steps=steps, device=device,
                          on_step=progress, should_stop=progress.should_stop)
-        return (bchw_to_image(out),)
+        return io.NodeOutput(bchw_to_image(out))
 
 
 def _guidance_list(chain) -> list:
@@ -211,55 +220,55 @@ def _guidance_list(chain) -> list:
 
 
 # --------------------------------------------------------------------------------------
-class SaveSinDDM:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SaveSinDDM", "Save SinDDM Model", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-    DESCRIPTION = ("Saves a trained SinDDM model as .safetensors in models/single_image_edit/sinddm (weights, "
-                   "pyramid and settings in one file; written atomically, never overwriting). Load it later with "
-                   "Load SinDDM Model instead of training again.")
+class SaveSinDDM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_SaveSinDDM", display_name="Save SinDDM Model", category=CATEGORY,
+            description="Saves a trained SinDDM model as .safetensors in models/single_image_edit/sinddm "
+                        "(weights, pyramid and settings in one file; written atomically, never overwriting). "
+                        "Load it later with Load SinDDM Model instead of training again.",
+            inputs=[
+                io.Custom(SINDDM).Input("model", tooltip="The model to save."),
+                io.String.Input("filename_prefix", default="sinddm",
+                                tooltip="File name prefix inside models/single_image_edit/sinddm (may contain "
+                                        "sub-folders); a counter is appended (prefix_00001.safetensors)."),
+            ],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": (SINDDM, {"tooltip": "The model to save."}),
-            "filename_prefix": ("STRING", {"default": "sinddm",
-                                           "tooltip": "File name prefix inside models/single_image_edit/sinddm "
-                                                      "(may contain sub-folders); a counter is appended "
-                                                      "(prefix_00001.safetensors)."}),
-        }}
-
-    def run(self, model, filename_prefix):
+    def execute(cls, model, filename_prefix):
         return save_output(bridge.save_dir("sie_sinddm"), filename_prefix, lambda path: save(model, path),
                            "SinDDM model")
 
 
-class LoadSinDDM:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadSinDDM", "Load SinDDM Model", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = (SINDDM, "STRING")
-    RETURN_NAMES = ("model", "info")
-    OUTPUT_TOOLTIPS = ("The saved SinDDM model.", "A one-line summary: scales, sizes, start steps, training steps.")
-    DESCRIPTION = "Loads a SinDDM model saved by Save SinDDM Model from models/single_image_edit/sinddm."
+class LoadSinDDM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_LoadSinDDM", display_name="Load SinDDM Model", category=CATEGORY,
+            description="Loads a SinDDM model saved by Save SinDDM Model from models/single_image_edit/sinddm.",
+            inputs=[
+                io.Combo.Input("model_name", options=bridge.list_models("sie_sinddm"),
+                               tooltip="A .safetensors file written by Save SinDDM Model."),
+            ],
+            outputs=[
+                io.Custom(SINDDM).Output(display_name="model", tooltip="The saved SinDDM model."),
+                io.String.Output(display_name="info",
+                                 tooltip="A one-line summary: scales, sizes, start steps, training steps."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model_name": (bridge.list_models("sie_sinddm"), {"tooltip": "A .safetensors file written by "
-                                                                         "Save SinDDM Model."}),
-        }}
-
-    def run(self, model_name):
+    def execute(cls, model_name):
         try:
             path = bridge.model_path("sie_sinddm", model_name)
             with torch.inference_mode(False):
                 model = load(path)
         except (FileNotFoundError, ArtifactError) as e:
             raise NodeInputError("model_name", str(e), "pick a file saved by Save SinDDM Model") from None
-        return (model, model.describe())
+        return io.NodeOutput(model, model.describe())
 
 
 

@@ -21,6 +21,8 @@ import torch
 
 from dataclasses import dataclass
 
+from comfy_api.latest import io
+
 from ..core.sine.guidance import model_guidance, model_guidance_active
 from ..core.sine.positional import MODEL_CHANNELS, PositionalMap
 from .common import CATEGORY_ROOT, NodeInputError, parse_numbers
@@ -49,27 +51,30 @@ def model_channels(model) -> int:
     return int(model.model.model_config.unet_config.get("model_channels") or MODEL_CHANNELS)
 
 
-class PositionalMapNode:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_PositionalMap", "SINE: Positional Map F(v)", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("A clone of the MODEL whose first input block gets F(v) (the input MODEL is unchanged).",)
-    DESCRIPTION = ("SINE (Sec. 3.3): a model fine-tuned on patches learned where each patch sits through the "
-                   "positional map F(v) added after the UNet's first block. Sample such a model only with the map: "
-                   "the whole 128x128 grid is resized to the latent size, so any resolution and aspect ratio works.")
+class PositionalMapNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_PositionalMap", display_name="SINE: Positional Map F(v)", category=CATEGORY,
+            description="SINE (Sec. 3.3): a model fine-tuned on patches learned where each patch sits through "
+                        "the positional map F(v) added after the UNet's first block. Sample such a model only "
+                        "with the map: the whole 128x128 grid is resized to the latent size, so any resolution "
+                        "and aspect ratio works.",
+            inputs=[
+                io.Model.Input("model", tooltip="The patch-trained (fine-tuned) SD 1.x MODEL."),
+                io.Combo.Input("mode", options=["bilinear", "nearest"], default="bilinear",
+                               tooltip="How the grid is resized to the latent size (the official code: bilinear, "
+                                       "align_corners=True)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model",
+                                tooltip="A clone of the MODEL whose first input block gets F(v) (the input MODEL "
+                                        "is unchanged)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The patch-trained (fine-tuned) SD 1.x MODEL."}),
-            "mode": (["bilinear", "nearest"], {"default": "bilinear",
-                                               "tooltip": "How the grid is resized to the latent size (the official "
-                                                          "code: bilinear, align_corners=True)."}),
-        }}
-
-    def run(self, model, mode):
+    def execute(cls, model, mode):
         if not hasattr(model, "clone") or not hasattr(model, "model_options"):
             raise NodeInputError("model", f"expected a MODEL, got {type(model).__name__}", "connect a MODEL")
         from .comfy_bridge import sd1_problem
@@ -85,7 +90,7 @@ class PositionalMapNode:
                                  "connect the MODEL before the first SINE: Positional Map node")
         out = model.clone()
         out.set_model_input_block_patch(SinePositionalPatch(mode, model_channels(model)))
-        return (out,)
+        return io.NodeOutput(out)
 
 
 def _model_guider_class():
@@ -131,58 +136,64 @@ def _model_guider_class():
     return ModelGuider
 
 
-class ModelGuidance:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_ModelGuidance", "SINE: Model-Based Guidance", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("GUIDER",)
-    RETURN_NAMES = ("guider",)
-    OUTPUT_TOOLTIPS = ("A GUIDER for SamplerCustomAdvanced, with any sampler (eq. 3 depends only on t, so "
-                       "samplers that evaluate several times per step, heun or dpmpp_sde, are fine too).",)
-    DESCRIPTION = ("SINE eq. 3: for t > K, w (v e(z_t, c) + (1 - v) e^(z_t, c^)) + (1 - w) e(z_t); for t <= K plain "
-                   "CFG on the pretrained model. e is the pretrained MODEL at the target text c, e^ the fine-tuned MODEL "
-                   "at the fine-tune text c^ (with F(v) if it carries the positional map). Paper: v = 0.7, K = 400. "
-                   "The fine-tuned model runs only for t > K and never unconditionally. Both MODELs must come from "
-                   "the same checkpoint (the fine-tuned one a patched clone, e.g. from Fine-Tune or Load LoRA). "
-                   "Several fine-tuned models (official multi-model guidance, e.g. content + style): a second one "
-                   "here, and any number chained through SINE: Add Fine-Tuned Model into more_models, each with its "
-                   "own weight b_i and K_i: u + w((1 - sum b_i) c + sum b_i c^_i - u) over the models with t > K_i. "
-                   "The first model gets 1 - v - the others' weights.")
+class ModelGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_ModelGuidance", display_name="SINE: Model-Based Guidance", category=CATEGORY,
+            description="SINE eq. 3: for t > K, w (v e(z_t, c) + (1 - v) e^(z_t, c^)) + (1 - w) e(z_t); for t <= "
+                        "K plain CFG on the pretrained model. e is the pretrained MODEL at the target text c, e^ "
+                        "the fine-tuned MODEL at the fine-tune text c^ (with F(v) if it carries the positional "
+                        "map). Paper: v = 0.7, K = 400. The fine-tuned model runs only for t > K and never "
+                        "unconditionally. Both MODELs must come from the same checkpoint (the fine-tuned one a "
+                        "patched clone, e.g. from Fine-Tune or Load LoRA). Several fine-tuned models (official "
+                        "multi-model guidance, e.g. content + style): a second one here, and any number chained "
+                        "through SINE: Add Fine-Tuned Model into more_models, each with its own weight b_i and "
+                        "K_i: u + w((1 - sum b_i) c + sum b_i c^_i - u) over the models with t > K_i. The first "
+                        "model gets 1 - v - the others' weights.",
+            inputs=[
+                io.Model.Input("model", tooltip="The pretrained SD 1.x MODEL."),
+                io.Model.Input("finetuned_model",
+                               tooltip="The fine-tuned MODEL (a patched clone of the pretrained one); through "
+                                       "SINE: Positional Map if it was trained on patches."),
+                io.Conditioning.Input("positive", tooltip="The target text c, through the pretrained CLIP."),
+                io.Conditioning.Input("finetune_positive",
+                                      tooltip="The fine-tune text c^ (e.g. 'a photo of a sks dog'), through the "
+                                              "fine-tuned CLIP when there is one."),
+                io.Conditioning.Input("negative", tooltip="The unconditional / negative text (usually empty)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance scale w (official scripts: 7.5-10)."),
+                io.Float.Input("v", default=0.7, min=0.0, max=1.0, step=0.01,
+                               tooltip="Weight of the pretrained prediction for t > K (paper: 0.7); the "
+                                       "fine-tuned models share 1 - v."),
+                io.Int.Input("K", default=400, min=0, max=999,
+                             tooltip="Model-based guidance for timesteps t > K (paper: 400; 0: every step but t = "
+                                     "0, 999: never, i.e. plain CFG)."),
+                io.Model.Input("finetuned_model_2", optional=True,
+                               tooltip="A second fine-tuned MODEL (multi-model guidance, e.g. content and style)."),
+                io.Conditioning.Input("finetune_positive_2", optional=True,
+                                      tooltip="The second model's fine-tune text."),
+                io.Float.Input("weight_2", optional=True, default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The second model's weight b_2 (taken out of 1 - v; the first fine-tuned "
+                                       "model gets 1 - v - b_2). It uses the node's K."),
+                io.Custom(MODELS).Input("more_models", optional=True,
+                                        tooltip="Any number of further fine-tuned models, each with its own "
+                                                "weight and K, from a chain of SINE: Add Fine-Tuned Model nodes "
+                                                "(their weights are also taken out of 1 - v)."),
+            ],
+            outputs=[
+                io.Guider.Output(display_name="guider",
+                                 tooltip="A GUIDER for SamplerCustomAdvanced, with any sampler (eq. 3 depends "
+                                         "only on t, so samplers that evaluate several times per step, heun or "
+                                         "dpmpp_sde, are fine too)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The pretrained SD 1.x MODEL."}),
-            "finetuned_model": ("MODEL", {"tooltip": "The fine-tuned MODEL (a patched clone of the pretrained one); "
-                                                     "through SINE: Positional Map if it was trained on patches."}),
-            "positive": ("CONDITIONING", {"tooltip": "The target text c, through the pretrained CLIP."}),
-            "finetune_positive": ("CONDITIONING", {"tooltip": "The fine-tune text c^ (e.g. 'a photo of a sks dog'), "
-                                                              "through the fine-tuned CLIP when there is one."}),
-            "negative": ("CONDITIONING", {"tooltip": "The unconditional / negative text (usually empty)."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Guidance scale w (official scripts: 7.5-10)."}),
-            "v": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01,
-                            "tooltip": "Weight of the pretrained prediction for t > K (paper: 0.7); the fine-tuned "
-                                       "models share 1 - v."}),
-            "K": ("INT", {"default": 400, "min": 0, "max": 999, "tooltip": "Model-based guidance for timesteps "
-                                                                          "t > K (paper: 400; 0: every step but "
-                                                                          "t = 0, 999: never, i.e. plain CFG)."}),
-        }, "optional": {
-            "finetuned_model_2": ("MODEL", {"tooltip": "A second fine-tuned MODEL (multi-model guidance, e.g. "
-                                                       "content and style)."}),
-            "finetune_positive_2": ("CONDITIONING", {"tooltip": "The second model's fine-tune text."}),
-            "weight_2": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                   "tooltip": "The second model's weight b_2 (taken out of 1 - v; the first "
-                                              "fine-tuned model gets 1 - v - b_2). It uses the node's K."}),
-            "more_models": (MODELS, {"tooltip": "Any number of further fine-tuned models, each with its own weight "
-                                                "and K, from a chain of SINE: Add Fine-Tuned Model nodes (their "
-                                                "weights are also taken out of 1 - v)."}),
-        }}
-
-    def run(self, model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
-            finetuned_model_2=None, finetune_positive_2=None, weight_2=0.0, more_models=None):
-        return (model_guider(model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
-                             finetuned_model_2, finetune_positive_2, weight_2, more_models),)
+    def execute(cls, model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
+                finetuned_model_2=None, finetune_positive_2=None, weight_2=0.0, more_models=None):
+        return io.NodeOutput(model_guider(model, finetuned_model, positive, finetune_positive, negative, cfg, v, K,
+                                              finetuned_model_2, finetune_positive_2, weight_2, more_models))
 
 
 
@@ -196,35 +207,38 @@ class GuideModel:
     K: int
 
 
-class AddFineTunedModel:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SineAddModel", "SINE: Add Fine-Tuned Model", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = (MODELS,)
-    RETURN_NAMES = ("models",)
-    OUTPUT_TOOLTIPS = ("The chain so far plus this model: connect to more_models of Model-Based Guidance (or of the "
-                       "next Add Fine-Tuned Model).",)
-    DESCRIPTION = ("Adds one fine-tuned model to SINE's multi-model guidance (the official DDIMMultiSampler, e.g. the "
-                   "paper's style transfer with a content and a style model): its prediction at its own c^ enters "
-                   "eq. 3 with weight b for t > K, its own K (official range_t_min per model). Chain as many as "
-                   "needed.")
+class AddFineTunedModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_SineAddModel", display_name="SINE: Add Fine-Tuned Model", category=CATEGORY,
+            description="Adds one fine-tuned model to SINE's multi-model guidance (the official "
+                        "DDIMMultiSampler, e.g. the paper's style transfer with a content and a style model): "
+                        "its prediction at its own c^ enters eq. 3 with weight b for t > K, its own K (official "
+                        "range_t_min per model). Chain as many as needed.",
+            inputs=[
+                io.Model.Input("finetuned_model",
+                               tooltip="A fine-tuned MODEL (a patched clone of the pretrained one; through SINE: "
+                                       "Positional Map if it was trained on patches)."),
+                io.Conditioning.Input("finetune_positive",
+                                      tooltip="Its fine-tune text c^ (through its fine-tuned CLIP when it has "
+                                              "one)."),
+                io.Float.Input("weight", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Its weight b in eq. 3 (official multi-model example: 0.4 and 0.5)."),
+                io.Int.Input("K", default=400, min=0, max=999,
+                             tooltip="It guides for timesteps t > K (official example: 400)."),
+                io.Custom(MODELS).Input("models", optional=True,
+                                        tooltip="The chain so far (from another Add Fine-Tuned Model)."),
+            ],
+            outputs=[
+                io.Custom(MODELS).Output(display_name="models",
+                                         tooltip="The chain so far plus this model: connect to more_models of "
+                                                 "Model-Based Guidance (or of the next Add Fine-Tuned Model)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "finetuned_model": ("MODEL", {"tooltip": "A fine-tuned MODEL (a patched clone of the pretrained one; "
-                                                     "through SINE: Positional Map if it was trained on patches)."}),
-            "finetune_positive": ("CONDITIONING", {"tooltip": "Its fine-tune text c^ (through its fine-tuned CLIP "
-                                                              "when it has one)."}),
-            "weight": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
-                                 "tooltip": "Its weight b in eq. 3 (official multi-model example: 0.4 and 0.5)."}),
-            "K": ("INT", {"default": 400, "min": 0, "max": 999, "tooltip": "It guides for timesteps t > K "
-                                                                          "(official example: 400)."}),
-        }, "optional": {
-            "models": (MODELS, {"tooltip": "The chain so far (from another Add Fine-Tuned Model)."}),
-        }}
-
-    def run(self, finetuned_model, finetune_positive, weight, K, models=None):
+    def execute(cls, finetuned_model, finetune_positive, weight, K, models=None):
         if not hasattr(finetuned_model, "is_clone"):
             raise NodeInputError("finetuned_model", f"expected a MODEL, got {type(finetuned_model).__name__}",
                                  "connect a MODEL")
@@ -237,7 +251,7 @@ class AddFineTunedModel:
         if models is not None and not (isinstance(models, tuple) and all(isinstance(m, GuideModel) for m in models)):
             raise NodeInputError("models", "expected the output of SINE: Add Fine-Tuned Model",
                                  "connect another Add Fine-Tuned Model, or nothing")
-        return ((*(models or ()), GuideModel(finetuned_model, finetune_positive, float(weight), int(K))),)
+        return io.NodeOutput((*(models or ()), GuideModel(finetuned_model, finetune_positive, float(weight), int(K))))
 
 
 def check_finetuned(model, finetuned, name: str) -> None:
@@ -307,49 +321,56 @@ def model_guider(model, finetuned_model, positive, finetune_positive, negative, 
     return guider
 
 
-class GuidanceSweep:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_GuidanceSweep", "SINE: Guidance Sweep (K x v)", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("LATENT", "STRING")
-    RETURN_NAMES = ("latents", "labels")
-    OUTPUT_TOOLTIPS = ("One latent per (K, v), K-major (row by row: the first K with every v, then the next K), all "
-                       "from the same noise; decode with VAE Decode.", "The (K, v) of each latent, in order.")
-    DESCRIPTION = ("Samples SINE model-based guidance (eq. 3) once per pair of K and v from one noise, as the paper's "
-                   "Figs. 7, 8 and 19-21, so the trade-off between fidelity to the image (low v, low K) and to the "
-                   "edit text can be picked by eye. Uses ComfyUI's samplers (any of them: eq. 3 depends only on t).")
+class GuidanceSweep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_GuidanceSweep", display_name="SINE: Guidance Sweep (K x v)", category=CATEGORY,
+            description="Samples SINE model-based guidance (eq. 3) once per pair of K and v from one noise, as "
+                        "the paper's Figs. 7, 8 and 19-21, so the trade-off between fidelity to the image (low "
+                        "v, low K) and to the edit text can be picked by eye. Uses ComfyUI's samplers (any of "
+                        "them: eq. 3 depends only on t).",
+            inputs=[
+                io.Model.Input("model", tooltip="The pretrained SD 1.x MODEL."),
+                io.Model.Input("finetuned_model",
+                               tooltip="The fine-tuned MODEL (through SINE: Positional Map if it was trained on "
+                                       "patches)."),
+                io.Conditioning.Input("positive", tooltip="The target text c (pretrained CLIP)."),
+                io.Conditioning.Input("finetune_positive",
+                                      tooltip="The fine-tune text c^ (fine-tuned CLIP if any)."),
+                io.Conditioning.Input("negative", tooltip="The unconditional / negative text (usually empty)."),
+                io.Latent.Input("latent_image",
+                                tooltip="Size of the outputs (Empty Latent Image; any size); only the first "
+                                        "latent of a batch is used."),
+                io.String.Input("K_values", default="200, 400, 600",
+                                tooltip="Comma-separated K (0..999): model-based guidance for t > K."),
+                io.String.Input("v_values", default="0.5, 0.6, 0.7, 0.8",
+                                tooltip="Comma-separated v (0..1): the pretrained weight for t > K."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="One seed (one noise) for every pair."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (official: DDIM 100)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance scale w."),
+                io.Combo.Input("sampler_name", options=_sampler_names(), default="ddim",
+                               tooltip="ComfyUI sampler (any; the paper: DDIM)."),
+                io.Combo.Input("scheduler", options=_scheduler_names(), default="ddim_uniform",
+                               tooltip="ComfyUI scheduler."),
+                io.Custom(MODELS).Input("more_models", optional=True,
+                                        tooltip="Further fine-tuned models (SINE: Add Fine-Tuned Model chain) "
+                                                "with their own weights and K, the same in every pair; the swept "
+                                                "K and v are the first model's."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latents",
+                                 tooltip="One latent per (K, v), K-major (row by row: the first K with every v, "
+                                         "then the next K), all from the same noise; decode with VAE Decode."),
+                io.String.Output(display_name="labels", tooltip="The (K, v) of each latent, in order."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The pretrained SD 1.x MODEL."}),
-            "finetuned_model": ("MODEL", {"tooltip": "The fine-tuned MODEL (through SINE: Positional Map if it was "
-                                                     "trained on patches)."}),
-            "positive": ("CONDITIONING", {"tooltip": "The target text c (pretrained CLIP)."}),
-            "finetune_positive": ("CONDITIONING", {"tooltip": "The fine-tune text c^ (fine-tuned CLIP if any)."}),
-            "negative": ("CONDITIONING", {"tooltip": "The unconditional / negative text (usually empty)."}),
-            "latent_image": ("LATENT", {"tooltip": "Size of the outputs (Empty Latent Image; any size); only the "
-                                                   "first latent of a batch is used."}),
-            "K_values": ("STRING", {"default": "200, 400, 600", "tooltip": "Comma-separated K (0..999): model-based "
-                                                                          "guidance for t > K."}),
-            "v_values": ("STRING", {"default": "0.5, 0.6, 0.7, 0.8", "tooltip": "Comma-separated v (0..1): the "
-                                                                               "pretrained weight for t > K."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "One seed (one noise) for every pair."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "Sampling steps (official: DDIM 100)."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Guidance scale w."}),
-            "sampler_name": (_sampler_names(), {"default": "ddim", "tooltip": "ComfyUI sampler (any; the "
-                                                                              "paper: DDIM)."}),
-            "scheduler": (_scheduler_names(), {"default": "ddim_uniform", "tooltip": "ComfyUI scheduler."}),
-        }, "optional": {
-            "more_models": (MODELS, {"tooltip": "Further fine-tuned models (SINE: Add Fine-Tuned Model chain) with "
-                                                "their own weights and K, the same in every pair; the swept K and v "
-                                                "are the first model's."}),
-        }}
-
-    def run(self, model, finetuned_model, positive, finetune_positive, negative, latent_image, K_values, v_values,
-            seed, steps, cfg, sampler_name, scheduler, more_models=None):
+    def execute(cls, model, finetuned_model, positive, finetune_positive, negative, latent_image, K_values, v_values,
+                seed, steps, cfg, sampler_name, scheduler, more_models=None):
         from . import comfy_bridge as bridge
 
         Ks = parse_numbers(K_values, "K_values", int, 0, 999, "200, 400, 600")
@@ -374,7 +395,7 @@ class GuidanceSweep:
             outs.append(bridge.guider_sample(guider, first, int(seed), int(steps), sampler_name, scheduler, noise,
                                              callback))
         labels = "\n".join(f"{i}: K={k} v={v:g}" for i, (k, v) in enumerate(pairs))
-        return ({"samples": torch.cat(outs)}, labels)
+        return io.NodeOutput({"samples": torch.cat(outs)}, labels)
 
 
 def _sampler_names():

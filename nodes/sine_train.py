@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 
+from comfy_api.latest import io
+
 from ..core.artifact_io import ArtifactError
 from ..core.recipes import FineTuneOutcome
 from ..core.sine import SineFineTuneResult, load_sine, save_sine
@@ -34,58 +36,62 @@ RECIPE = "SIE_RECIPE"
 FOLDER = "sie_sine"
 
 
-class SineRecipeNode:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SineRecipe", "SINE: Fine-Tune Recipe", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = (RECIPE,)
-    RETURN_NAMES = ("recipe",)
-    OUTPUT_TOOLTIPS = ("Connect to the 'recipe' input of Fine-Tune Model: it then fine-tunes the SINE way.",)
-    DESCRIPTION = ("SINE (Zhang et al., CVPR 2023) fine-tuning settings for the shared Fine-Tune Model node. Paper: "
-                   "AdamW lr 1e-6 on the full UNet, batch 1, 800 steps on the whole image or 10,000 on patches. "
-                   "Patches: random crops of the image resized to 1024x1024 (sides 10-100%, resized to 512), each "
-                   "with its positional map F(v); sample the result only through SINE: Positional Map (Save SINE "
-                   "records it). The official code also trains the text encoder and, with patches, adds a pooled "
-                   "x0 L1 term (weight 1.0); both are off here by default (the paper does not describe them).")
+class SineRecipeNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_SineRecipe", display_name="SINE: Fine-Tune Recipe", category=CATEGORY,
+            description="SINE (Zhang et al., CVPR 2023) fine-tuning settings for the shared Fine-Tune Model "
+                        "node. Paper: AdamW lr 1e-6 on the full UNet, batch 1, 800 steps on the whole image or "
+                        "10,000 on patches. Patches: random crops of the image resized to 1024x1024 (sides "
+                        "10-100%, resized to 512), each with its positional map F(v); sample the result only "
+                        "through SINE: Positional Map (Save SINE records it). The official code also trains the "
+                        "text encoder and, with patches, adds a pooled x0 L1 term (weight 1.0); both are off "
+                        "here by default (the paper does not describe them).",
+            inputs=[
+                io.String.Input("prompt", default="a photo of a sks dog",
+                                tooltip="The fine-tune prompt c^ ('a photo / painting of a sks <class>'). Encoded "
+                                        "each step when the text encoder is trained (the fine-tune node's "
+                                        "conditioning is then not used); otherwise training uses the fine-tune "
+                                        "node's conditioning, which Save SINE records as c^."),
+                io.Boolean.Input("patches", default=False,
+                                 tooltip="Patch-based fine-tuning with F(v) (paper Sec. 3.3; 10,000 steps): edits "
+                                         "at any resolution and aspect ratio."),
+                io.Boolean.Input("train_text_encoder", default=False,
+                                 tooltip="Also train CLIP's text encoder (the official code; the paper does not "
+                                         "say). Needs the fine-tune node's clip input; its clip output is then "
+                                         "the adapted CLIP."),
+                io.Float.Input("pooled_x0_weight", default=0.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of (t/T)^2 L1(avgpool(x0^), avgpool(z0)) (official patch config: "
+                                       "1.0; the paper: 0)."),
+                io.Float.Input("whole_fraction", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="With patches: share of steps on the whole image (official code: 0; its "
+                                       "diffusers port: 0.1)."),
+                io.Float.Input("text_learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-8,
+                               tooltip="Text encoder learning rate. 0: the UNet's when text_encoder_mode equals "
+                                       "the fine-tune node's mode (one rate, as the official code), else 1e-6 for "
+                                       "full (the official rate) and 1e-4 for lora."),
+                io.Combo.Input("text_encoder_mode", options=["full", "lora"], optional=True, default="full",
+                               tooltip="With train_text_encoder: full trains every parameter of the text model, "
+                                       "the token embedding (the rare token's row) included, as the official code "
+                                       "(AdamW, lr 1e-6); lora puts adapters on its layers (our cheaper option)."),
+            ],
+            outputs=[
+                io.Custom(RECIPE).Output(display_name="recipe",
+                                         tooltip="Connect to the 'recipe' input of Fine-Tune Model: it then "
+                                                 "fine-tunes the SINE way."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "prompt": ("STRING", {"default": "a photo of a sks dog", "tooltip": "The fine-tune prompt c^ ('a photo / "
-                                  "painting of a sks <class>'). Encoded each step when the text encoder is trained "
-                                  "(the fine-tune node's conditioning is then not used); otherwise training uses "
-                                  "the fine-tune node's conditioning, which Save SINE records as c^."}),
-            "patches": ("BOOLEAN", {"default": False, "tooltip": "Patch-based fine-tuning with F(v) (paper Sec. 3.3; "
-                                    "10,000 steps): edits at any resolution and aspect ratio."}),
-            "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train CLIP's text encoder (the "
-                                               "official code; the paper does not say). Needs the fine-tune node's "
-                                               "clip input; its clip output is then the adapted CLIP."}),
-            "pooled_x0_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
-                                           "tooltip": "Weight of (t/T)^2 L1(avgpool(x0^), avgpool(z0)) (official "
-                                                      "patch config: 1.0; the paper: 0)."}),
-            "whole_fraction": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                                         "tooltip": "With patches: share of steps on the whole image (official "
-                                                    "code: 0; its diffusers port: 0.1)."}),
-            "text_learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": 1e-8,
-                                             "tooltip": "Text encoder learning rate. 0: the UNet's when "
-                                                        "text_encoder_mode equals the fine-tune node's mode (one "
-                                                        "rate, as the official code), else 1e-6 for full (the "
-                                                        "official rate) and 1e-4 for lora."}),
-        }, "optional": {
-            "text_encoder_mode": (["full", "lora"], {"default": "full", "tooltip": "With train_text_encoder: full "
-                                  "trains every parameter of the text model, the token embedding (the rare token's "
-                                  "row) included, as the official code (AdamW, lr 1e-6); lora puts adapters on its "
-                                  "layers (our cheaper option)."}),
-        }}
-
-    def run(self, prompt, patches, train_text_encoder, pooled_x0_weight, whole_fraction, text_learning_rate,
-            text_encoder_mode="full"):
+    def execute(cls, prompt, patches, train_text_encoder, pooled_x0_weight, whole_fraction, text_learning_rate,
+                text_encoder_mode="full"):
         if not str(prompt).strip():
             raise NodeInputError("prompt", "the fine-tune prompt is empty", "write e.g. 'a photo of a sks dog'")
         if text_encoder_mode not in ("full", "lora"):
             raise NodeInputError("text_encoder_mode", f"unknown mode {text_encoder_mode!r}", "use full or lora")
-        return (SineRecipe(str(prompt), bool(patches), float(whole_fraction), float(pooled_x0_weight),
-                           bool(train_text_encoder), float(text_learning_rate), text_mode=str(text_encoder_mode)),)
+        return io.NodeOutput(SineRecipe(str(prompt), bool(patches), float(whole_fraction), float(pooled_x0_weight),
+                                            bool(train_text_encoder), float(text_learning_rate), text_mode=str(text_encoder_mode)))
 
 
 # --------------------------------------------------------------------------------------
@@ -99,25 +105,27 @@ def apply_sine(model, clip, result: SineFineTuneResult, strength: float = 1.0):
                                                       bool(result.text_delta), input_map), strength)
 
 
-class SaveSine:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_SaveSine", "SINE: Save Fine-Tuned Model", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-    DESCRIPTION = ("Saves a SINE fine-tune to models/single_image_edit/sine as .safetensors (atomic, never "
-                   "overwriting): the UNet (and text-encoder) delta in ComfyUI's LoRA layout, the fine-tune prompt, "
-                   "and whether the model was trained on patches (then SINE: Load Fine-Tuned Model adds F(v)).")
+class SaveSine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_SaveSine", display_name="SINE: Save Fine-Tuned Model", category=CATEGORY,
+            description="Saves a SINE fine-tune to models/single_image_edit/sine as .safetensors (atomic, never "
+                        "overwriting): the UNet (and text-encoder) delta in ComfyUI's LoRA layout, the fine-tune "
+                        "prompt, and whether the model was trained on patches (then SINE: Load Fine-Tuned Model "
+                        "adds F(v)).",
+            inputs=[
+                io.Custom("SIE_TRAINED").Input("trained",
+                                               tooltip="The trained output of Fine-Tune Model run with a SINE "
+                                                       "recipe."),
+                io.String.Input("filename_prefix", default="sine",
+                                tooltip="File name prefix (may contain sub-folders); a counter is appended."),
+            ],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "trained": ("SIE_TRAINED", {"tooltip": "The trained output of Fine-Tune Model run with a SINE recipe."}),
-            "filename_prefix": ("STRING", {"default": "sine", "tooltip": "File name prefix (may contain sub-"
-                                                                         "folders); a counter is appended."}),
-        }}
-
-    def run(self, trained, filename_prefix):
+    def execute(cls, trained, filename_prefix):
         if not isinstance(trained, SineTrained):
             raise NodeInputError("trained", "this is not a SINE fine-tune (no SINE recipe was connected)",
                                  "save Imagic results with Save Trained")
@@ -125,32 +133,42 @@ class SaveSine:
                            lambda path: save_sine(trained.result, trained.prompt, path), "SINE model")
 
 
-class LoadSine:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_LoadSine", "SINE: Load Fine-Tuned Model", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("MODEL", "CLIP", "CONDITIONING", "STRING")
-    RETURN_NAMES = ("finetuned_model", "finetuned_clip", "finetune_positive", "prompt")
-    OUTPUT_TOOLTIPS = ("A clone of the MODEL with the saved delta (and F(v) when it was trained on patches).",
-                       "The CLIP with the saved text-encoder delta (the input CLIP when none was trained).",
-                       "c^ exactly as training used it: the stored conditioning, or, when the text encoder was "
-                       "trained, the saved prompt through finetuned_clip. finetune_positive of Model-Based Guidance.",
-                       "The saved fine-tune prompt (a label when the text encoder was not trained).")
-    DESCRIPTION = ("Loads a file written by SINE: Save Fine-Tuned Model onto the same SD 1.x MODEL and CLIP, so an "
-                   "edit can be resampled without training. The positional map is applied when the file says the "
-                   "model was trained on patches.")
+class LoadSine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_LoadSine", display_name="SINE: Load Fine-Tuned Model", category=CATEGORY,
+            description="Loads a file written by SINE: Save Fine-Tuned Model onto the same SD 1.x MODEL and "
+                        "CLIP, so an edit can be resampled without training. The positional map is applied when "
+                        "the file says the model was trained on patches.",
+            inputs=[
+                io.Model.Input("model",
+                               tooltip="The pretrained SD 1.x MODEL the file was trained on (not modified)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP (not modified)."),
+                io.Combo.Input("sine_name", options=bridge.list_models(FOLDER),
+                               tooltip="A file from SINE: Save Fine-Tuned Model."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the delta (1 = as trained)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="finetuned_model",
+                                tooltip="A clone of the MODEL with the saved delta (and F(v) when it was trained "
+                                        "on patches)."),
+                io.Clip.Output(display_name="finetuned_clip",
+                               tooltip="The CLIP with the saved text-encoder delta (the input CLIP when none was "
+                                       "trained)."),
+                io.Conditioning.Output(display_name="finetune_positive",
+                                       tooltip="c^ exactly as training used it: the stored conditioning, or, when "
+                                               "the text encoder was trained, the saved prompt through "
+                                               "finetuned_clip. finetune_positive of Model-Based Guidance."),
+                io.String.Output(display_name="prompt",
+                                 tooltip="The saved fine-tune prompt (a label when the text encoder was not "
+                                         "trained)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The pretrained SD 1.x MODEL the file was trained on (not modified)."}),
-            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (not modified)."}),
-            "sine_name": (bridge.list_models(FOLDER), {"tooltip": "A file from SINE: Save Fine-Tuned Model."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "Scale of the delta (1 = as trained)."}),
-        }}
-
-    def run(self, model, clip, sine_name, strength):
+    def execute(cls, model, clip, sine_name, strength):
         check_model(model)
         check_clip(clip)
         try:
@@ -165,7 +183,7 @@ class LoadSine:
                 log.warning("%s records no c^ (written before c^ was saved): re-encoding its prompt %r", sine_name,
                             prompt)
             cond = c.encode_from_tokens_scheduled(c.tokenize(prompt))
-        return (m, c, cond, prompt)
+        return io.NodeOutput(m, c, cond, prompt)
 
 
 NODES = [SineRecipeNode, SaveSine, LoadSine]

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from comfy_api.latest import io
+
 from ..core.images import pil_to_tensor
 from ..core.plot import loss_curve
 from ..core.recipes import FineTuneOutcome, Recipe, RecipeInputError, StageRequest, check_unused
@@ -191,53 +193,64 @@ def stage_extra(model, **inputs) -> tuple[dict, dict]:
 
 
 # --------------------------------------------------------------------------------------
-class OptimizeEmbedding:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_OptimizeEmbedding", "Optimize Text Embedding", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("CONDITIONING", "IMAGE", "CONDITIONING")
-    RETURN_NAMES = ("e_opt / ê_a", "loss_curve", "ê_b")
-    OUTPUT_TOOLTIPS = ("The optimised embedding (same layout as the input conditioning). Imagic (no conditioning_b): "
-                       "e_opt. LayerDiffusion (with conditioning_b and mask): ê_a, the optimised object embedding "
-                       "(for ConditioningAverage's conditioning_to and Iterative Guidance's object_positive).",
-                       "The loss per step.",
-                       "LayerDiffusion: ê_b, the optimised background embedding (empty without conditioning_b).")
-    DESCRIPTION = ("One optimiser node for the pack's methods, the model frozen. Imagic stage 1 (Kawar et al., CVPR "
-                   "2023): optimises the target text's embedding so that it reconstructs the image (eq. 2); SD ports: "
-                   "500 steps at lr 0.001 (the paper: 100 steps on Imagen). With conditioning_b and mask, "
-                   "LayerDiffusion stage 1 (eq. 2 of Li et al. 2023): the object text's e_a and the background "
-                   "text's e_b optimised jointly under the image's object mask (paper: Adam lr 1e-3, 500 steps).")
+class OptimizeEmbedding(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_OptimizeEmbedding", display_name="Optimize Text Embedding", category=CATEGORY,
+            description="One optimiser node for the pack's methods, the model frozen. Imagic stage 1 (Kawar et "
+                        "al., CVPR 2023): optimises the target text's embedding so that it reconstructs the "
+                        "image (eq. 2); SD ports: 500 steps at lr 0.001 (the paper: 100 steps on Imagen). With "
+                        "conditioning_b and mask, LayerDiffusion stage 1 (eq. 2 of Li et al. 2023): the object "
+                        "text's e_a and the background text's e_b optimised jointly under the image's object "
+                        "mask (paper: Adam lr 1e-3, 500 steps).",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x MODEL (frozen here)."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image once."),
+                io.Image.Input("image",
+                               tooltip="The image to edit; only the first image of a batch is used (SD 1.x works "
+                                       "best at 512x512)."),
+                io.Conditioning.Input("conditioning",
+                                      tooltip="The target text, encoded (CLIP Text Encode): e_tgt. Only the first "
+                                              "conditioning entry is used."),
+                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Adam steps (SD ports: 500)."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6,
+                               tooltip="Adam learning rate (paper and ports: 0.001)."),
+                io.Int.Input("seed", **SEED, tooltip="Seed of the timesteps and noise drawn at each step."),
+                io.Conditioning.Input("conditioning_b", optional=True,
+                                      tooltip="LayerDiffusion: the background text T_b, encoded; conditioning is "
+                                              "then the object text T_a."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="LayerDiffusion: the image's object mask M (e.g. Segment (SAM points / "
+                                      "box)); same size as the image."),
+                io.Custom("SIE_RECIPE").Input("recipe", optional=True,
+                                              tooltip="LayerDiffusion: Recipe (how [e_a, e_b] enters the UNet, "
+                                                      "the mask rule); empty: its defaults."),
+                io.Image.Input("reference_image", optional=True,
+                               tooltip="LayerDiffusion, the recipe's separate_reference reading only: the "
+                                       "reference (background) image e_b is trained on (same size as the image); "
+                                       "other readings ignore it."),
+                io.Mask.Input("reference_mask", optional=True,
+                              tooltip="LayerDiffusion, separate_reference reading only: the reference's object "
+                                      "mask (all black for a pure background); e_b is trained outside it."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="e_opt / ê_a",
+                                       tooltip="The optimised embedding (same layout as the input conditioning). "
+                                               "Imagic (no conditioning_b): e_opt. LayerDiffusion (with "
+                                               "conditioning_b and mask): ê_a, the optimised object embedding "
+                                               "(for ConditioningAverage's conditioning_to and Iterative "
+                                               "Guidance's object_positive)."),
+                io.Image.Output(display_name="loss_curve", tooltip="The loss per step."),
+                io.Conditioning.Output(display_name="ê_b",
+                                       tooltip="LayerDiffusion: ê_b, the optimised background embedding (empty "
+                                               "without conditioning_b)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD 1.x MODEL (frozen here)."}),
-            "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint; encodes the image once."}),
-            "image": ("IMAGE", {"tooltip": "The image to edit; only the first image of a batch is used (SD 1.x "
-                                          "works best at 512x512)."}),
-            "conditioning": ("CONDITIONING", {"tooltip": "The target text, encoded (CLIP Text Encode): e_tgt. Only the "
-                                                      "first conditioning entry is used."}),
-            "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Adam steps (SD ports: 500)."}),
-            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
-                                        "tooltip": "Adam learning rate (paper and ports: 0.001)."}),
-            "seed": ("INT", {**SEED, "tooltip": "Seed of the timesteps and noise drawn at each step."}),
-        }, "optional": {
-            "conditioning_b": ("CONDITIONING", {"tooltip": "LayerDiffusion: the background text T_b, encoded; "
-                                                        "conditioning is then the object text T_a."}),
-            "mask": ("MASK", {"tooltip": "LayerDiffusion: the image's object mask M (e.g. Segment (SAM points / "
-                                         "box)); same size as the image."}),
-            "recipe": ("SIE_RECIPE", {"tooltip": "LayerDiffusion: Recipe (how [e_a, e_b] enters the UNet, the mask "
-                                                 "rule); empty: its defaults."}),
-            "reference_image": ("IMAGE", {"tooltip": "LayerDiffusion, the recipe's separate_reference reading only: "
-                                                     "the reference (background) image e_b is trained on (same size "
-                                                     "as the image); other readings ignore it."}),
-            "reference_mask": ("MASK", {"tooltip": "LayerDiffusion, separate_reference reading only: the reference's "
-                                                   "object mask (all black for a pure background); e_b is trained "
-                                                   "outside it."}),
-        }}
-
-    def run(self, model, vae, image, conditioning, steps, learning_rate, seed, conditioning_b=None, mask=None,
-            recipe=None, reference_image=None, reference_mask=None):
+    def execute(cls, model, vae, image, conditioning, steps, learning_rate, seed, conditioning_b=None, mask=None,
+                recipe=None, reference_image=None, reference_mask=None):
         check_model(model)
         check_positive(steps, "steps")
         device = torch.device(bridge.torch_device())
@@ -263,67 +276,85 @@ class OptimizeEmbedding:
             bridge.free_memory()
         log.info("%s: loss %.4f -> %.4f in %.1f s", out.title, out.losses[0], out.losses[-1], out.seconds)
         e_b = [[out.e_b.cpu(), options.get("conditioning_b", {})]] if out.e_b is not None else []
-        return ([[out.e.cpu(), opts]], curve(out.losses, out.title), e_b)
+        return io.NodeOutput([[out.e.cpu(), opts]], curve(out.losses, out.title), e_b)
 
 
-class FineTune:
-    NODE_ID, DISPLAY_NAME, REQUIRES = "SIE_FineTune", "Fine-Tune Model", ()
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    RETURN_TYPES = ("MODEL", "IMAGE", TRAINED, "CLIP")
-    RETURN_NAMES = ("model", "loss_curve", "trained", "clip")
-    OUTPUT_TOOLTIPS = ("A clone of the input MODEL with the trained weights applied as patches (the input MODEL "
-                       "is unchanged); with a SINE patch recipe it also carries the positional map F(v).",
-                       "The loss per step.",
-                       "The trained delta and e_opt (Imagic: Save Trained) or the SINE fine-tune (SINE: Save).",
-                       "With a recipe that trains the text encoder: a clone of the CLIP with the trained text "
-                       "encoder (encode the fine-tune prompt with it); otherwise the clip input as given.")
-    DESCRIPTION = ("One fine-tune node for the pack's methods (Imagic, SINE, LayerDiffusion). Without a recipe, Imagic stage 2: fine-tunes the model "
-                   "to reconstruct the image at the frozen e_opt (eq. 2); SD ports: 1000 steps. With SINE: Fine-Tune "
-                   "Recipe, SINE's fine-tuning at the fine-tune prompt (paper: 800 steps on the whole image, 10,000 "
-                   "on patches). lora (default): low-rank adapters on every conv/linear weight, little memory, lr "
-                   "1e-4. full: the whole UNet (Imagic lr 2e-6, SINE 1e-6; about 14 GB of optimiser state for SD "
-                   "1.5). With LayerDiffusion: Recipe (or a mask), LayerDiffusion stage 2 at e_opt: lambda_1 L_obj under the "
-                   "mask + lambda_2 L_bg under 1 - reference_mask (paper: lr 2e-6 full, 250 steps). The output "
-                   "MODEL is a native patched clone: use it with KSampler or the pack's guiders. steps 0 (the "
-                   "default) trains the recipe's step count; a number set on the node is used as it is.")
+class FineTune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SIE_FineTune", display_name="Fine-Tune Model", category=CATEGORY,
+            description="One fine-tune node for the pack's methods (Imagic, SINE, LayerDiffusion). Without a "
+                        "recipe, Imagic stage 2: fine-tunes the model to reconstruct the image at the frozen "
+                        "e_opt (eq. 2); SD ports: 1000 steps. With SINE: Fine-Tune Recipe, SINE's fine-tuning at "
+                        "the fine-tune prompt (paper: 800 steps on the whole image, 10,000 on patches). lora "
+                        "(default): low-rank adapters on every conv/linear weight, little memory, lr 1e-4. full: "
+                        "the whole UNet (Imagic lr 2e-6, SINE 1e-6; about 14 GB of optimiser state for SD 1.5). "
+                        "With LayerDiffusion: Recipe (or a mask), LayerDiffusion stage 2 at e_opt: lambda_1 "
+                        "L_obj under the mask + lambda_2 L_bg under 1 - reference_mask (paper: lr 2e-6 full, 250 "
+                        "steps). The output MODEL is a native patched clone: use it with KSampler or the pack's "
+                        "guiders. steps 0 (the default) trains the recipe's step count; a number set on the node "
+                        "is used as it is.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x MODEL (not modified)."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint."),
+                io.Image.Input("image",
+                               tooltip="The image to edit (the same as for the embedding); only the first image "
+                                       "of a batch is used."),
+                io.Conditioning.Input("conditioning",
+                                      tooltip="e_opt from Imagic: Optimize Text Embedding (only its first entry "
+                                              "is used)."),
+                io.Combo.Input("mode", options=["lora", "full"], default="lora",
+                               tooltip="lora: adapters (small, fast); full: every UNet weight (the paper's; large "
+                                       "memory)."),
+                io.Int.Input("steps", default=0, min=0, max=100000,
+                             tooltip="Adam steps. 0 = the recipe's default: Imagic (no recipe) 1,000 (SD ports), "
+                                     "SINE 800 on the whole image or 10,000 with patches, LayerDiffusion 250 (the "
+                                     "papers)."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-8,
+                               tooltip=f"0 = the mode's default ({DEFAULT_LR['lora']} for lora, "
+                                       f"{DEFAULT_LR['full']} for full)."),
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (lora mode); alpha = rank."),
+                io.Int.Input("seed", **SEED, tooltip="Seed of the adapters' initialisation, timesteps and noise."),
+                io.Custom("SIE_RECIPE").Input("recipe", optional=True,
+                                              tooltip="A method's training recipe (SINE: Fine-Tune Recipe); "
+                                                      "empty: Imagic. With SINE, conditioning is the encoded "
+                                                      "fine-tune prompt."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The checkpoint's CLIP: needed when the recipe trains the text encoder; "
+                                      "passed through to the clip output otherwise."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="LayerDiffusion: the object mask M_t of the image (same size)."),
+                io.Image.Input("reference_image", optional=True,
+                               tooltip="LayerDiffusion: the reference (background) image O_r, the same size as "
+                                       "the image."),
+                io.Mask.Input("reference_mask", optional=True,
+                              tooltip="LayerDiffusion: the reference's object mask M_r (all black for a pure "
+                                      "background)."),
+                io.Mask.Input("target_mask", optional=True,
+                              tooltip="LayerDiffusion, with the recipe's object_mask 'target' (the paper's M_t): "
+                                      "the object mask of the target image O_t that SD generates from the target "
+                                      "text (same size as the image)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model",
+                                tooltip="A clone of the input MODEL with the trained weights applied as patches "
+                                        "(the input MODEL is unchanged); with a SINE patch recipe it also carries "
+                                        "the positional map F(v)."),
+                io.Image.Output(display_name="loss_curve", tooltip="The loss per step."),
+                io.Custom(TRAINED).Output(display_name="trained",
+                                          tooltip="The trained delta and e_opt (Imagic: Save Trained) or the SINE "
+                                                  "fine-tune (SINE: Save)."),
+                io.Clip.Output(display_name="clip",
+                               tooltip="With a recipe that trains the text encoder: a clone of the CLIP with the "
+                                       "trained text encoder (encode the fine-tune prompt with it); otherwise the "
+                                       "clip input as given."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD 1.x MODEL (not modified)."}),
-            "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint."}),
-            "image": ("IMAGE", {"tooltip": "The image to edit (the same as for the embedding); only the first "
-                                          "image of a batch is used."}),
-            "conditioning": ("CONDITIONING", {"tooltip": "e_opt from Imagic: Optimize Text Embedding (only its first "
-                                                      "entry is used)."}),
-            "mode": (["lora", "full"], {"default": "lora", "tooltip": "lora: adapters (small, fast); full: every "
-                                                                     "UNet weight (the paper's; large memory)."}),
-            "steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Adam steps. 0 = the recipe's "
-                              "default: Imagic (no recipe) 1,000 (SD ports), SINE 800 on the whole image or 10,000 "
-                              "with patches, LayerDiffusion 250 (the papers)."}),
-            "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": 1e-8,
-                                        "tooltip": f"0 = the mode's default ({DEFAULT_LR['lora']} for lora, "
-                                                   f"{DEFAULT_LR['full']} for full)."}),
-            "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank (lora mode); alpha = rank."}),
-            "seed": ("INT", {**SEED, "tooltip": "Seed of the adapters' initialisation, timesteps and noise."}),
-        }, "optional": {
-            "recipe": ("SIE_RECIPE", {"tooltip": "A method's training recipe (SINE: Fine-Tune Recipe); empty: "
-                                                 "Imagic. With SINE, conditioning is the encoded fine-tune prompt."}),
-            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP: needed when the recipe trains the text encoder; "
-                                         "passed through to the clip output otherwise."}),
-            "mask": ("MASK", {"tooltip": "LayerDiffusion: the object mask M_t of the image (same size)."}),
-            "reference_image": ("IMAGE", {"tooltip": "LayerDiffusion: the reference (background) image O_r, the "
-                                                     "same size as the image."}),
-            "reference_mask": ("MASK", {"tooltip": "LayerDiffusion: the reference's object mask M_r (all black for "
-                                                   "a pure background)."}),
-            "target_mask": ("MASK", {"tooltip": "LayerDiffusion, with the recipe's object_mask 'target' (the "
-                                                "paper's M_t): the object mask of the target image O_t that SD "
-                                                "generates from the target text (same size as the image)."}),
-        }}
-
-    def run(self, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe=None, clip=None,
-            mask=None, reference_image=None, reference_mask=None, target_mask=None):
+    def execute(cls, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe=None, clip=None,
+                mask=None, reference_image=None, reference_mask=None, target_mask=None):
         check_model(model)
         check_positive(rank, "rank")
         if mode not in MODES:
@@ -356,7 +387,7 @@ class FineTune:
         log.info("%s: loss %.4f -> %.4f in %.1f s", out.summary or out.title, out.losses[0], out.losses[-1],
                  out.seconds)
         out_model, out_clip = apply_outcome(model, clip, out)
-        return (out_model, curve(out.losses, out.title), out.trained, out_clip)
+        return io.NodeOutput(out_model, curve(out.losses, out.title), out.trained, out_clip)
 
 
 NODES = [OptimizeEmbedding, FineTune]

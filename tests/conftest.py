@@ -13,6 +13,13 @@ for p in (ROOT, ROOT / "tests", ROOT / "tests" / "integration"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+# The nodes declare themselves with ComfyUI's typed node API (comfy_api.latest.io), which only a ComfyUI
+# checkout provides: without one, tests/standin gives the part of it the nodes use (its docstring says how
+# the integration tier checks it against the real one).
+from helpers import use_comfy_api_standin  # noqa: E402
+
+use_comfy_api_standin()
+
 # No test may reach a model hub: fail fast instead of hanging on the closed network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

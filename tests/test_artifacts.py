@@ -156,7 +156,7 @@ def fake_sd15():
 ])
 def test_load_trained_node_turns_file_errors_into_input_errors(files, kind, words):
     with pytest.raises(NodeInputError) as info:
-        N["SIE_LoadTrained"]().run(fake_sd15(), str(files[kind]), 1.0)
+        N["SIE_LoadTrained"].execute(fake_sd15(), str(files[kind]), 1.0)
     assert info.value.input_name == "trained_name"
     for word in [files[kind].name, "Fix: pick a file written by Save Trained", *words]:
         assert word in str(info.value)
@@ -170,7 +170,7 @@ def test_load_trained_node_turns_file_errors_into_input_errors(files, kind, word
 ])
 def test_load_sinddm_node_turns_file_errors_into_input_errors(files, kind, words):
     with pytest.raises(NodeInputError) as info:
-        N["SIE_LoadSinDDM"]().run(str(files[kind]))
+        N["SIE_LoadSinDDM"].execute(str(files[kind]))
     assert info.value.input_name == "model_name"
     for word in [files[kind].name, "Fix: pick a file saved by Save SinDDM Model", *words]:
         assert word in str(info.value)
@@ -190,7 +190,7 @@ def test_two_saves_at_once_get_two_names_and_both_complete(tmp_path):
 
         try:
             start.wait()
-            results[k] = common.save_output(tmp_path, "edits/cat", write, "test")["ui"]["text"][0]
+            results[k] = common.save_output(tmp_path, "edits/cat", write, "test").ui["text"][0]
         except BaseException as e:  # noqa: B036 - reported below
             errors.append(e)
 
@@ -233,7 +233,7 @@ def test_a_failed_save_leaves_no_file_and_frees_the_name(tmp_path):
         common.save_output(tmp_path, "cat", write, "test")
     assert list(tmp_path.iterdir()) == []
     ok = common.save_output(tmp_path, "cat", lambda p: atomic_save_safetensors({"x": torch.ones(1)}, p), "test")
-    assert ok["ui"]["text"] == ["cat_00001.safetensors"]
+    assert ok.ui["text"] == ["cat_00001.safetensors"]
 
 
 def test_atomic_image_write(tmp_path, monkeypatch):

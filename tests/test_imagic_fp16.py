@@ -138,16 +138,16 @@ def test_save_trained_node_precision_input(tuned, tmp_path, monkeypatch):
     monkeypatch.setattr(bridge, "save_dir", lambda name: tmp_path)
     full, _, cond = tuned
     trained = imagic.Trained(full.delta, "full", cond)
-    node = pack.NODE_CLASS_MAPPINGS["SIE_SaveTrained"]()
+    node = pack.NODE_CLASS_MAPPINGS["SIE_SaveTrained"]
     spec = node.INPUT_TYPES()["optional"]["precision"]
-    assert spec[0] == ["fp32", "fp16"] and spec[1]["default"] == "fp32"  # saved workflows keep fp32
-    old = node.run(trained, "edit")["ui"]["text"][0]  # a workflow saved before the input existed
-    new = node.run(trained, "edit", "fp16")["ui"]["text"][0]
+    assert spec[0] == "COMBO" and spec[1]["options"] == ["fp32", "fp16"] and spec[1]["default"] == "fp32"  # saved workflows keep fp32
+    old = node.execute(trained, "edit").ui["text"][0]  # a workflow saved before the input existed
+    new = node.execute(trained, "edit", "fp16").ui["text"][0]
     assert set(dtypes(tmp_path / old).values()) == {"F32"}
     assert dtypes(tmp_path / new)["diffusion_model.out.2.diff"] == "F16"
     big = imagic.Trained({"diffusion_model.out.2.diff": torch.tensor([7e4])}, "full", cond)
     with pytest.raises(node_error, match="input 'precision'.*fp32"):
-        node.run(big, "big", "fp16")
+        node.execute(big, "big", "fp16")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([old, new])  # nothing left by the failure
 
 

@@ -27,16 +27,16 @@ def cond(value: float, width: int = 768, pooled: bool = True):
 
 
 def test_interpolation_node_is_eq3_including_eta_above_one():
-    node = PACK.NODE_CLASS_MAPPINGS["SIE_InterpolateConditioning"]()
+    node = PACK.NODE_CLASS_MAPPINGS["SIE_InterpolateConditioning"]
     for eta in (0.0, 0.7, 1.0, 1.3):
-        (out,) = node.run(cond(2.0), cond(1.0), eta)
+        (out,) = node.execute(cond(2.0), cond(1.0), eta)
         assert out[0][0].unique().item() == pytest.approx(eta * 2.0 + (1 - eta) * 1.0)
         assert out[0][1]["pooled_output"].unique().item() == pytest.approx(eta * 2.0 + (1 - eta) * 1.0)
     target = cond(2.0)
-    node.run(target, cond(1.0), 0.5)
+    node.execute(target, cond(1.0), 0.5)
     assert target[0][0].unique().item() == 2.0  # inputs are not modified
     with pytest.raises(NodeInputError, match="optimized"):
-        node.run(cond(1.0), cond(1.0, width=1024), 0.5)
+        node.execute(cond(1.0), cond(1.0, width=1024), 0.5)
 
 
 def test_core_conditioning_average_cannot_extrapolate():

@@ -24,12 +24,12 @@ def named(call) -> str:
 
 
 def test_recipe_and_guider_inputs_are_checked():
-    assert named(lambda: N["SIE_LayerRecipe"]().run(0.0, 0.0, "image", "reference", "separate", "image",
+    assert named(lambda: N["SIE_LayerRecipe"].execute(0.0, 0.0, "image", "reference", "separate", "image",
                                                     "area")) == "lambda_obj"
-    recipe = N["SIE_LayerRecipe"]().run(3.0, 1.0, "image", "image", "concat", "mask", "nearest")[0]
+    recipe = N["SIE_LayerRecipe"].execute(3.0, 1.0, "image", "image", "concat", "mask", "nearest")[0]
     assert recipe.lambda_obj == 3.0 and recipe.background_source == "image" and recipe.reading == "concat"
     model = fake_model(SD15)
-    guide = N["SIE_IterativeGuidance"]().run
+    guide = N["SIE_IterativeGuidance"].execute
     assert named(lambda: guide(model, cond, cond, cond, 7.5, "sometimes")) == "start_parity"
     assert named(lambda: guide(model, cond, cond, cond, -1.0, "auto")) == "cfg"
     assert named(lambda: guide(model, [], cond, cond, 7.5, "auto")) == "object_positive"
@@ -38,11 +38,11 @@ def test_recipe_and_guider_inputs_are_checked():
 
 def test_shared_optimiser_needs_both_layered_inputs():
     model, image = fake_model(SD15), torch.rand(1, 64, 64, 3)
-    opt = N["SIE_OptimizeEmbedding"]().run
+    opt = N["SIE_OptimizeEmbedding"].execute
     assert named(lambda: opt(model, None, image, cond, 1, 1e-3, 0, None, torch.ones(1, 64, 64))) == "conditioning_b"
     assert named(lambda: opt(model, None, image, cond, 1, 1e-3, 0, cond, None)) == "mask"
     assert named(lambda: opt(model, None, image, cond, 1, 1e-3, 0, cond, torch.ones(1, 64, 64), "x")) == "recipe"
-    sine_recipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", False, False, 0.0, 0.0, 0.0)[0]
+    sine_recipe = N["SIE_SineRecipe"].execute("a photo of a sks dog", False, False, 0.0, 0.0, 0.0)[0]
     assert named(lambda: opt(model, None, image, cond, 1, 1e-3, 0, None, None, sine_recipe)) == "recipe"
 
 
@@ -52,25 +52,25 @@ def test_recipe_defaults_to_eq2_and_offers_the_papers_M_t():
     the other readings stay; object_mask 'target' (M_t from O_t, the paper) is offered next to 'image'."""
     spec = N["SIE_LayerRecipe"].INPUT_TYPES()
     reading = spec["required"]["reading"]
-    assert reading[1]["default"] == "concat" and set(reading[0]) == {"concat", "separate", "separate_reference",
+    assert reading[1]["default"] == "concat" and set(reading[1]["options"]) == {"concat", "separate", "separate_reference",
                                                                      "shared"}
-    assert spec["optional"]["object_mask"][0] == ["image", "target"]
+    assert spec["optional"]["object_mask"][1]["options"] == ["image", "target"]
     assert spec["optional"]["object_mask"][1]["default"] == "image"
     LayerRecipe = sys.modules[PACK.__name__ + ".nodes.layerdiffusion"].LayerRecipe
     assert LayerRecipe().reading == "concat" and LayerRecipe().object_mask == "image"
-    old = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "separate", "image", "area")[0]  # saved graphs
+    old = N["SIE_LayerRecipe"].execute(2.0, 1.0, "image", "reference", "separate", "image", "area")[0]  # saved graphs
     assert old.reading == "separate" and old.object_mask == "image"
-    paper = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "concat", "image", "area", "target")[0]
+    paper = N["SIE_LayerRecipe"].execute(2.0, 1.0, "image", "reference", "concat", "image", "area", "target")[0]
     assert paper.object_mask == "target"
-    assert named(lambda: N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "concat", "image", "area",
+    assert named(lambda: N["SIE_LayerRecipe"].execute(2.0, 1.0, "image", "reference", "concat", "image", "area",
                                                     "O_t")) == "object_mask"
 
 
 def test_optimiser_outputs_are_named_for_what_they_carry():
     """Imagic's e_opt or LayerDiffusion's e^_a in the first output, e^_b in the third; types and order kept."""
     cls = N["SIE_OptimizeEmbedding"]
-    assert cls.RETURN_TYPES == ("CONDITIONING", "IMAGE", "CONDITIONING")
-    assert cls.RETURN_NAMES == ("e_opt / ê_a", "loss_curve", "ê_b")
+    assert list(cls.RETURN_TYPES) == ["CONDITIONING", "IMAGE", "CONDITIONING"]
+    assert list(cls.RETURN_NAMES) == ["e_opt / ê_a", "loss_curve", "ê_b"]
     assert "Imagic" in cls.OUTPUT_TOOLTIPS[0] and "ê_a" in cls.OUTPUT_TOOLTIPS[0] and "ê_b" in cls.OUTPUT_TOOLTIPS[2]
 
 
@@ -92,13 +92,13 @@ def test_fine_tune_steps_default_to_the_recipes(monkeypatch):
     steps = N["SIE_FineTune"].INPUT_TYPES()["required"]["steps"]
     assert steps[0] == "INT" and steps[1]["default"] == 0 and steps[1]["min"] == 0
     model, image = fake_model(SD15), torch.rand(1, 64, 64, 3)
-    sine = N["SIE_SineRecipe"]().run("a photo of a sks dog", False, False, 0.0, 0.0, 0.0)[0]
-    sine_patches = N["SIE_SineRecipe"]().run("a photo of a sks dog", True, False, 0.0, 0.0, 0.0)[0]
-    layer = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "concat", "image", "area")[0]
+    sine = N["SIE_SineRecipe"].execute("a photo of a sks dog", False, False, 0.0, 0.0, 0.0)[0]
+    sine_patches = N["SIE_SineRecipe"].execute("a photo of a sks dog", True, False, 0.0, 0.0, 0.0)[0]
+    layer = N["SIE_LayerRecipe"].execute(2.0, 1.0, "image", "reference", "concat", "image", "area")[0]
 
     def seen(n, recipe, **kw) -> int:
         with pytest.raises(StepsSeen) as e:
-            N["SIE_FineTune"]().run(model, None, image, cond, "lora", n, 0.0, 8, 0, recipe, None, **kw)
+            N["SIE_FineTune"].execute(model, None, image, cond, "lora", n, 0.0, 8, 0, recipe, None, **kw)
         return e.value.args[0]
 
     assert seen(0, None) == 1000 and seen(0, sine) == 800 and seen(0, sine_patches) == 10_000
@@ -107,12 +107,12 @@ def test_fine_tune_steps_default_to_the_recipes(monkeypatch):
     assert seen(0, layer, **ld) == 250 and seen(0, None, **ld) == 250
     assert named(lambda: seen(0, layer)) == "mask"
     assert seen(1000, layer, **ld) == 1000 and seen(37, None) == 37 and seen(800, sine_patches) == 800  # as saved
-    assert named(lambda: N["SIE_FineTune"]().run(model, None, image, cond, "lora", -1, 0.0, 8, 0)) == "steps"
+    assert named(lambda: N["SIE_FineTune"].execute(model, None, image, cond, "lora", -1, 0.0, 8, 0)) == "steps"
 
 
 def test_the_optimiser_refuses_reference_inputs_outside_layerdiffusion():
     model, image = fake_model(SD15), torch.rand(1, 64, 64, 3)
-    opt = N["SIE_OptimizeEmbedding"]().run
+    opt = N["SIE_OptimizeEmbedding"].execute
     assert named(lambda: opt(model, None, image, cond, 1, 1e-3, 0, None, None, None, image)) == "reference_image"
     assert named(lambda: opt(model, None, image, cond, 1, 1e-3, 0, None, None, None, None,
                              torch.zeros(1, 64, 64))) == "reference_mask"

@@ -37,9 +37,13 @@ def test_node_schema(node_id, cls):
     assert PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id].strip()
     assert cls.CATEGORY.startswith("single_image_edit/")
     assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 20
+    # the typed node API: a schema, and execute as a classmethod (ComfyUI calls it through FUNCTION)
+    schema = cls.define_schema()
+    assert schema.node_id == node_id and schema.display_name == PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id]
     assert callable(getattr(cls, cls.FUNCTION, None)), f"FUNCTION {cls.FUNCTION!r} missing"
-    assert isinstance(cls.RETURN_TYPES, tuple)
-    names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
+    assert inspect.ismethod(cls.execute) and cls.execute.__self__ is cls, "execute must be a classmethod"
+    assert not hasattr(cls, "run"), "the classic entry point is gone: execute computes"
+    names = cls.RETURN_NAMES
     assert len(names) == len(cls.RETURN_TYPES) and len(set(names)) == len(names)
     if hasattr(cls, "OUTPUT_TOOLTIPS"):
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
@@ -48,18 +52,19 @@ def test_node_schema(node_id, cls):
 
     spec = cls.INPUT_TYPES()
     assert set(spec) <= {"required", "optional", "hidden"}
-    params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    params = inspect.signature(cls.execute).parameters
     for section in ("required", "optional"):
         for name, decl in spec.get(section, {}).items():
             assert isinstance(decl, tuple) and 1 <= len(decl) <= 2, (name, decl)
             typ, opts = decl[0], (decl[1] if len(decl) > 1 else {})
             assert opts.get("tooltip", "").strip(), f"{node_id}.{name} has no tooltip"
-            assert name in params, f"{node_id}.{cls.FUNCTION} does not accept {name!r}"
+            assert name in params, f"{node_id}.execute does not accept {name!r}"
             if section == "optional":
                 assert params[name].default is not inspect.Parameter.empty, f"optional {name!r} needs a default"
-            if isinstance(typ, list):  # COMBO
-                if typ and "default" in opts:
-                    assert opts["default"] in typ
+            if typ == "COMBO":  # the typed API's combo: its choices in "options"
+                assert isinstance(opts["options"], list)
+                if opts["options"] and "default" in opts:
+                    assert opts["default"] in opts["options"]
             elif typ in ("INT", "FLOAT"):
                 assert opts["min"] <= opts["default"] <= opts["max"], (name, opts)
             elif typ in ("STRING", "BOOLEAN"):
@@ -68,7 +73,7 @@ def test_node_schema(node_id, cls):
                 assert isinstance(typ, str) and typ.isupper(), (name, typ)
     for name, p in params.items():
         if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD and p.default is inspect.Parameter.empty:
-            assert name in spec.get("required", {}), f"{node_id}.{cls.FUNCTION} needs {name!r} but it is no input"
+            assert name in spec.get("required", {}), f"{node_id}.execute needs {name!r} but it is no input"
 
 
 def current_snapshot() -> dict[str, list[str]]:

@@ -60,13 +60,13 @@ def test_node_ids_categories_and_input_order():
                                       "estimate", "encoder_weights"]
     assert spec["required"]["steps"][1]["default"] == 5000 and spec["required"]["lr"][1]["default"] == 1e-3
     assert spec["optional"]["batch"][1]["default"] == 8 and spec["optional"]["open_clip"][0] == "SIE_OPEN_CLIP"
-    assert N["SIE_TrainRectifier"].RETURN_TYPES == ("SIE_RECTIFIER", "IMAGE")
-    assert N["SIE_TrainRectifier"].RETURN_NAMES == ("rectifier", "loss")
+    assert N["SIE_TrainRectifier"].RETURN_TYPES == ["SIE_RECTIFIER", "IMAGE"]
+    assert N["SIE_TrainRectifier"].RETURN_NAMES == ["rectifier", "loss"]
     spec = N["SIE_ApplyRectifier"].INPUT_TYPES()
     assert list(spec["required"]) == ["model", "rectifier", "image", "strength", "vae"]
-    assert list(spec["optional"]) == ["estimate"] and N["SIE_ApplyRectifier"].RETURN_TYPES == ("MODEL",)
+    assert list(spec["optional"]) == ["estimate"] and N["SIE_ApplyRectifier"].RETURN_TYPES == ["MODEL"]
     assert list(N["SIE_SaveRectifier"].INPUT_TYPES()["required"]) == ["rectifier", "filename_prefix"]
-    assert N["SIE_SaveRectifier"].OUTPUT_NODE and N["SIE_SaveRectifier"].RETURN_TYPES == ()
+    assert N["SIE_SaveRectifier"].OUTPUT_NODE and N["SIE_SaveRectifier"].RETURN_TYPES == []
     assert list(N["SIE_LoadRectifier"].INPUT_TYPES()["required"]) == ["rectifier_name"]
     assert PACK.NODE_DISPLAY_NAME_MAPPINGS["SIE_ApplyRectifier"] == "Apply Rectifier"
     for node_id in IDS:  # every input and output explained
@@ -78,7 +78,7 @@ def test_node_ids_categories_and_input_order():
 
 
 def test_train_rectifier_names_each_bad_input():
-    run = N["SIE_TrainRectifier"]().run
+    run = N["SIE_TrainRectifier"].execute
     model, image = sd_model(), torch.rand(2, 64, 64, 3)
     clip = SimpleNamespace(model=torch.nn.Linear(1, 1), encode_image=lambda x: x)
     assert named(lambda: run(fake_model(SDXL), None, image, "recon", 1, 1e-3, 0)) == "model"
@@ -118,7 +118,7 @@ def test_training_memory_check_blames_batch_or_images():
 
 
 def test_apply_rectifier_names_each_bad_input():
-    run = N["SIE_ApplyRectifier"]().run
+    run = N["SIE_ApplyRectifier"].execute
     model, rect, image = sd_model(), tiny_rectifier(), torch.rand(1, 64, 64, 3)
     assert named(lambda: run(fake_model(SDXL), rect, image, 1.0, None)) == "model"
     assert named(lambda: run(model, "rectifier", image, 1.0, None)) == "rectifier"
@@ -258,15 +258,15 @@ def test_save_and_load_round_trip_and_refusals(tmp_path, monkeypatch):
     monkeypatch.setattr(bridge, "save_dir", lambda name: tmp_path)
     rect = bumped_rectifier()
     rect.info.history.append({"mode": "recon", "steps": 3})
-    ui = N["SIE_SaveRectifier"]().run(rect, "faces/recon")
-    assert ui["ui"]["text"] == ["faces/recon_00001.safetensors"]
+    ui = N["SIE_SaveRectifier"].execute(rect, "faces/recon")
+    assert ui.ui["text"] == ["faces/recon_00001.safetensors"]
     path = tmp_path / "faces" / "recon_00001.safetensors"
-    loaded, info = N["SIE_LoadRectifier"]().run(str(path))
+    loaded, info = N["SIE_LoadRectifier"].execute(str(path))
     assert info.startswith("recon rectifier, 0 steps, 1 modulated layers")
     assert all(torch.equal(a, b) for a, b in zip(rect.net.state_dict().values(), loaded.net.state_dict().values()))
     assert loaded.info.history == rect.info.history and loaded.net.layer_names == (LAYER,)
     assert not any(p.is_inference() for p in loaded.net.parameters())
-    assert named(lambda: N["SIE_SaveRectifier"]().run("not a rectifier", "x")) == "rectifier"
+    assert named(lambda: N["SIE_SaveRectifier"].execute("not a rectifier", "x")) == "rectifier"
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(path.read_bytes()[:300])
     from safetensors.torch import save_file
@@ -275,7 +275,7 @@ def test_save_and_load_round_trip_and_refusals(tmp_path, monkeypatch):
     save_file({"x": torch.zeros(1)}, str(sine), {"format": "sie.sine", "version": "1"})
     for bad in (truncated, sine, tmp_path / "missing.safetensors"):
         with pytest.raises(NodeInputError) as e:
-            N["SIE_LoadRectifier"]().run(str(bad))
+            N["SIE_LoadRectifier"].execute(str(bad))
         assert e.value.input_name == "rectifier_name" and bad.name in str(e.value)
 
 
@@ -288,10 +288,10 @@ def test_loss_image_has_one_chart_per_term_in_edit_mode():
 # --------------------------------------------------------------------------------------
 def test_ddim_inversion_node_schema_and_bad_inputs():
     cls = N["SIE_DDIMInversion"]
-    assert cls.CATEGORY == "single_image_edit/rectifier" and cls.RETURN_TYPES == ("LATENT", "SIGMAS")
+    assert cls.CATEGORY == "single_image_edit/rectifier" and list(cls.RETURN_TYPES) == ["LATENT", "SIGMAS"]
     assert list(cls.INPUT_TYPES()["required"]) == ["model", "positive", "latent", "steps"]
     assert "SamplerCustom" in cls.DESCRIPTION and "undo the edit" in cls.DESCRIPTION  # which model inverts, why
-    run = cls().run
+    run = cls.execute
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     assert named(lambda: run(fake_model(SDXL), [], latent, 10)) == "model"
     assert named(lambda: run(sd_model(), [], {"samples": torch.zeros(4, 8, 8)}, 10)) == "latent"
@@ -303,7 +303,7 @@ def test_ddim_inversion_node_schema_and_bad_inputs():
 def test_train_rectifier_edit_without_a_rectifier_says_it_starts_from_delta_zero(caplog):
     spec = N["SIE_TrainRectifier"].INPUT_TYPES()["optional"]
     assert "Delta = 0" in spec["rectifier"][1]["tooltip"] and "edit mode" in spec["rectifier"][1]["tooltip"]
-    run = N["SIE_TrainRectifier"]().run
+    run = N["SIE_TrainRectifier"].execute
     clip = SimpleNamespace(model=torch.nn.Linear(1, 1), encode_image=lambda x: x)
     caplog.set_level("WARNING", logger="comfyui-single-image-edit")
     with pytest.raises(Exception):  # no ComfyUI here: the run stops after the checks and the log line
@@ -323,7 +323,7 @@ def test_train_rectifier_loads_imagenet_encoder_weights(tmp_path):
     from torchvision.models import resnet34
 
     spec = N["SIE_TrainRectifier"].INPUT_TYPES()["optional"]["encoder_weights"]
-    assert spec[0][0] == "none" and spec[1]["default"] == "none"
+    assert spec[1]["options"][0] == "none" and spec[1]["default"] == "none"
     assert list(N["SIE_TrainRectifier"].INPUT_TYPES()["optional"])[-1] == "encoder_weights"  # appended
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)

@@ -83,13 +83,13 @@ def tiny_model():
 
 
 def test_sample_node_refuses_what_cannot_fit(tiny_model, four_gib):
-    node = N["SIE_SinDDMSample"]()
+    node = N["SIE_SinDDMSample"]
     with pytest.raises(NodeInputError, match=r"input 'count'.*GiB.*Fix: lower count to \d+"):
-        node.run(tiny_model, count=10**6, seed=0, width_scale=1.0, height_scale=1.0, width=0, height=0, start_steps="")
+        node.execute(tiny_model, count=10**6, seed=0, width_scale=1.0, height_scale=1.0, width=0, height=0, start_steps="")
     with pytest.raises(NodeInputError, match=r"input 'width'.*100000x100000 px.*GiB.*smaller size"):
-        node.run(tiny_model, count=1, seed=0, width_scale=1.0, height_scale=1.0, width=100000, height=100000,
+        node.execute(tiny_model, count=1, seed=0, width_scale=1.0, height_scale=1.0, width=100000, height=100000,
                  start_steps="")
-    (out,) = node.run(tiny_model, count=1, seed=0, width_scale=1.0, height_scale=1.0, width=0, height=0,
+    (out,) = node.execute(tiny_model, count=1, seed=0, width_scale=1.0, height_scale=1.0, width=0, height=0,
                       start_steps="")
     assert out.shape[0] == 1
 
@@ -97,19 +97,19 @@ def test_sample_node_refuses_what_cannot_fit(tiny_model, four_gib):
 def test_inject_and_edit_nodes_refuse_huge_counts(tiny_model, four_gib):
     image = torch.rand(1, 40, 48, 3)
     with pytest.raises(NodeInputError, match=r"input 'count'.*GiB"):
-        N["SIE_SinDDMInject"]().run(tiny_model, image, "style_transfer", 0, 10**6, 0, True)
+        N["SIE_SinDDMInject"].execute(tiny_model, image, "style_transfer", 0, 10**6, 0, True)
     with pytest.raises(NodeInputError, match=r"input 'count'.*GiB"):
-        N["SIE_SinDDMEditTrainingImage"]().run(tiny_model, (), "training_image", 0, 10**6, 0)
+        N["SIE_SinDDMEditTrainingImage"].execute(tiny_model, (), "training_image", 0, 10**6, 0)
 
 
 def test_train_node_refuses_what_cannot_fit(monkeypatch):
     set_free(monkeypatch, GIB // 4)
     image = torch.rand(1, 100, 128, 3)
     with pytest.raises(NodeInputError, match=r"input 'batch_size'.*GiB"):
-        N["SIE_SinDDMTrain"]().run(image, 1, 256, 160, 1e-3, 0, 0, "fp32")
+        N["SIE_SinDDMTrain"].execute(image, 1, 256, 160, 1e-3, 0, 0, "fp32")
     set_free(monkeypatch, GIB // 1000)
     with pytest.raises(NodeInputError, match=r"input 'width'.*GiB"):
-        N["SIE_SinDDMTrain"]().run(image, 1, 1, 512, 1e-3, 0, 0, "fp32")
+        N["SIE_SinDDMTrain"].execute(image, 1, 1, 512, 1e-3, 0, 0, "fp32")
 
 
 def fake_sd15():

@@ -118,7 +118,7 @@ def test_other_state_dicts_are_named(keys, what):
 @pytest.mark.slow
 def test_pth_and_safetensors_load_the_same_model_and_segment(vit_b):
     state, pth, sft = vit_b
-    loaded = NODES.LoadSAM().run(str(pth))[0]  # outside ComfyUI the node takes a full path
+    loaded = NODES.LoadSAM.execute(str(pth))[0]  # outside ComfyUI the node takes a full path
     assert loaded.variant == "vit_b" and not loaded.model.training
     from_sft = SAM.load_sam(sft)
     assert not from_sft.training
@@ -148,7 +148,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
         SAM.load_sam(path)
     assert not marker.exists()
     with pytest.raises(NodeInputError) as e:
-        NODES.LoadSAM().run(str(path))
+        NODES.LoadSAM.execute(str(path))
     assert e.value.input_name == "sam_name" and not marker.exists()
     # the control: an unrestricted unpickle does run the payload
     torch.load(path, weights_only=False)["payload"].close()
@@ -190,7 +190,7 @@ def test_files_that_are_not_sam_are_refused(tmp_path):
         SAM.load_sam(tmp_path / "missing.pth")
     for bad in (str(plain), str(tmp_path / "missing.pth")):
         with pytest.raises(NodeInputError) as e:
-            NODES.LoadSAM().run(bad)
+            NODES.LoadSAM.execute(bad)
         assert e.value.input_name == "sam_name"
 
 
@@ -366,7 +366,7 @@ def test_segment_node_masks_each_image_of_a_batch(tiny):
     sam = NODES.SAMModel(tiny, "tiny", "tiny")
     batch = torch.stack([image(seed=1), image(seed=2)])
     prompt = json.dumps({"points": [[20, 12, 1], [40, 30, 0]], "box": None})
-    (mask,) = NODES.SAMSegment().run(sam, batch, prompt, 1, False)
+    (mask,) = NODES.SAMSegment.execute(sam, batch, prompt, 1, False)
     assert mask.shape == (2, 40, 56) and mask.dtype == torch.float32 and mask.device.type == "cpu"
     for i in range(2):
         want = SAM.segment(tiny, batch[i], [(20, 12), (40, 30)], [1, 0], None, dilate=1)
@@ -376,7 +376,7 @@ def test_segment_node_masks_each_image_of_a_batch(tiny):
 
 def test_segment_node_names_bad_inputs(tiny):
     sam = NODES.SAMModel(tiny, "tiny", "tiny")
-    run = NODES.SAMSegment().run
+    run = NODES.SAMSegment.execute
     img = image()[None]
     assert named(lambda: run("not a sam", img, '{"points": [[1, 1, 1]]}', 0, False)) == "sam"
     assert named(lambda: run(sam, torch.rand(1, 40, 56, 4), '{"points": [[1, 1, 1]]}', 0, False)) == "image"
@@ -388,7 +388,7 @@ def test_segment_node_names_bad_inputs(tiny):
 
 def test_node_schema():
     for cls in NODES.NODES:
-        assert cls.NODE_ID.startswith("SIE_") and cls.REQUIRES == ("segment_anything",)
+        assert cls.define_schema().node_id.startswith("SIE_") and cls.REQUIRES == ("segment_anything",)
         assert cls.CATEGORY == "single_image_edit/layerdiffusion"
         for name, decl in cls.INPUT_TYPES()["required"].items():
             assert decl[1]["tooltip"].strip(), name

@@ -30,7 +30,7 @@ def comfy_image(path=ROOT / "core/sinddm/data/coffee_128x100.png") -> torch.Tens
 
 @pytest.fixture(scope="module")
 def node_model():
-    model, curve = N["SIE_SinDDMTrain"]().run(comfy_image(), steps=60, batch_size=2, width=16,
+    model, curve = N["SIE_SinDDMTrain"].execute(comfy_image(), steps=60, batch_size=2, width=16,
                                                learning_rate=1e-3, seed=0, preview_every=30, precision="fp32")
     assert curve.ndim == 4 and curve.shape[-1] == 3
     return model
@@ -40,25 +40,25 @@ def test_train_node_runs_under_inference_mode():
     """ComfyUI runs every node inside torch.inference_mode(); training must still work."""
     with torch.inference_mode():
         image = comfy_image()
-        model, _ = N["SIE_SinDDMTrain"]().run(image, steps=5, batch_size=1, width=8, learning_rate=1e-3, seed=0,
+        model, _ = N["SIE_SinDDMTrain"].execute(image, steps=5, batch_size=1, width=8, learning_rate=1e-3, seed=0,
                                               preview_every=0, precision="fp32")
-        (out,) = N["SIE_SinDDMSample"]().run(model, 1, 0, 1.0, 1.0, 0, 0, "")
+        (out,) = N["SIE_SinDDMSample"].execute(model, 1, 0, 1.0, 1.0, 0, 0, "")
     assert out.shape == (1, 100, 128, 3)
 
 
 def test_sample_node_sizes(node_model):
-    node = N["SIE_SinDDMSample"]()
-    (a,) = node.run(node_model, count=2, seed=0, width_scale=1.5, height_scale=1.0, width=0, height=0, start_steps="")
+    node = N["SIE_SinDDMSample"]
+    (a,) = node.execute(node_model, count=2, seed=0, width_scale=1.5, height_scale=1.0, width=0, height=0, start_steps="")
     assert a.shape == (2, 100, 192, 3) and 0 <= a.min() and a.max() <= 1
-    (b,) = node.run(node_model, count=1, seed=0, width_scale=1.0, height_scale=1.0, width=150, height=90,
+    (b,) = node.execute(node_model, count=1, seed=0, width_scale=1.0, height_scale=1.0, width=150, height=90,
                     start_steps="20, 10")
     assert b.shape == (1, 90, 150, 3)
     with pytest.raises(NodeInputError, match="start_steps"):
-        node.run(node_model, 1, 0, 1.0, 1.0, 0, 0, "20")
+        node.execute(node_model, 1, 0, 1.0, 1.0, 0, 0, "20")
     with pytest.raises(NodeInputError, match="start_steps"):
-        node.run(node_model, 1, 0, 1.0, 1.0, 0, 0, "a, b")
+        node.execute(node_model, 1, 0, 1.0, 1.0, 0, 0, "a, b")
     with pytest.raises(NodeInputError, match="width_scale"):
-        node.run(node_model, 1, 0, 0.1, 0.1, 0, 0, "")
+        node.execute(node_model, 1, 0, 0.1, 0.1, 0, 0, "")
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -73,60 +73,60 @@ def test_train_node_bad_input(bad, match):
                 precision="fp32")
     args.update(bad)
     with pytest.raises(NodeInputError, match=match) as e:
-        N["SIE_SinDDMTrain"]().run(**args)
+        N["SIE_SinDDMTrain"].execute(**args)
     assert "input '" in str(e.value)
 
 
 def test_roi_node_checks_mask_size_and_chains(node_model):
-    node = N["SIE_SinDDMGuideROI"]()
+    node = N["SIE_SinDDMGuideROI"]
     img = comfy_image()
     with pytest.raises(NodeInputError, match="mask") as e:
-        node.run(img, 0.8, 0, 0, mask=torch.ones(1, 50, 50))
+        node.execute(img, 0.8, 0, 0, mask=torch.ones(1, 50, 50))
     assert "resize the mask" in str(e.value)
-    (one,) = node.run(img, 0.8, 0, 0)
-    (two,) = node.run(img[:, 10:60, 20:90], 0.8, 100, 30, mask=torch.ones(1, 50, 70), guidance=one)
+    (one,) = node.execute(img, 0.8, 0, 0)
+    (two,) = node.execute(img[:, 10:60, 20:90], 0.8, 100, 30, mask=torch.ones(1, 50, 70), guidance=one)
     assert len(one) == 1 and len(two) == 2  # the input chain is not mutated
-    (out,) = N["SIE_SinDDMSample"]().run(node_model, 1, 0, 2.0, 1.0, 0, 0, "", guidance=two)
+    (out,) = N["SIE_SinDDMSample"].execute(node_model, 1, 0, 2.0, 1.0, 0, 0, "", guidance=two)
     assert out.shape == (1, 100, 256, 3)
 
 
 def test_inject_node(node_model):
-    node = N["SIE_SinDDMInject"]()
+    node = N["SIE_SinDDMInject"]
     img = comfy_image()
     mask = torch.zeros(1, 100, 128)
     mask[:, 30:50, 40:70] = 1
-    (h,) = node.run(node_model, img, "harmonization", 0, 2, 0, True, mask=mask)
+    (h,) = node.execute(node_model, img, "harmonization", 0, 2, 0, True, mask=mask)
     assert h.shape == (2, 100, 128, 3)
-    (s,) = node.run(node_model, img, "style_transfer", 3, 1, 0, False)
+    (s,) = node.execute(node_model, img, "style_transfer", 3, 1, 0, False)
     assert s.shape == (1, 100, 128, 3)
     with pytest.raises(NodeInputError, match="mask"):
-        node.run(node_model, img, "harmonization", 0, 1, 0, True)
+        node.execute(node_model, img, "harmonization", 0, 1, 0, True)
     with pytest.raises(NodeInputError, match="mask"):
-        node.run(node_model, img, "harmonization", 0, 1, 0, True, mask=torch.zeros(1, 100, 128))
+        node.execute(node_model, img, "harmonization", 0, 1, 0, True, mask=torch.zeros(1, 100, 128))
     with pytest.raises(NodeInputError, match="mask"):
-        node.run(node_model, img, "harmonization", 0, 1, 0, True, mask=torch.ones(1, 10, 10))
+        node.execute(node_model, img, "harmonization", 0, 1, 0, True, mask=torch.ones(1, 10, 10))
 
 
 def test_save_and_load_nodes(node_model, tmp_path, monkeypatch):
     monkeypatch.setattr(bridge, "save_dir", lambda name: tmp_path)
     monkeypatch.setattr(bridge, "model_path", lambda name, f: str(tmp_path / f))
-    saver = N["SIE_SaveSinDDM"]()
-    first = saver.run(node_model, "sinddm/test")["ui"]["text"][0]
-    second = saver.run(node_model, "sinddm/test")["ui"]["text"][0]
+    saver = N["SIE_SaveSinDDM"]
+    first = saver.execute(node_model, "sinddm/test").ui["text"][0]
+    second = saver.execute(node_model, "sinddm/test").ui["text"][0]
     assert (first, second) == ("sinddm/test_00001.safetensors", "sinddm/test_00002.safetensors")
     assert sorted(p.name for p in (tmp_path / "sinddm").iterdir()) == ["test_00001.safetensors",
                                                                        "test_00002.safetensors"]
-    loaded, info = N["SIE_LoadSinDDM"]().run(first)
+    loaded, info = N["SIE_LoadSinDDM"].execute(first)
     assert "3 scales" in info
-    sampler = N["SIE_SinDDMSample"]()
-    a = sampler.run(loaded, 1, 5, 1.0, 1.0, 0, 0, "")[0]
-    b = sampler.run(node_model, 1, 5, 1.0, 1.0, 0, 0, "")[0]
+    sampler = N["SIE_SinDDMSample"]
+    a = sampler.execute(loaded, 1, 5, 1.0, 1.0, 0, 0, "")[0]
+    b = sampler.execute(node_model, 1, 5, 1.0, 1.0, 0, 0, "")[0]
     assert torch.equal(a, b)
     for bad in ("", "/abs/path", "../escape"):
         with pytest.raises(NodeInputError, match="filename_prefix"):
-            saver.run(node_model, bad)
+            saver.execute(node_model, bad)
     with pytest.raises(NodeInputError, match="model_name"):
-        N["SIE_LoadSinDDM"]().run("missing.safetensors")
+        N["SIE_LoadSinDDM"].execute("missing.safetensors")
 
 
 # ------------------------------------------------------------------------------ CLIP guidance
@@ -151,10 +151,10 @@ def tiny_clip(tmp_path_factory):
 def test_open_clip_loader_node(tiny_clip, monkeypatch):
     monkeypatch.setattr(bridge, "model_path", lambda name, f: str(tiny_clip.parent / f))
     with torch.inference_mode():  # as inside ComfyUI
-        (clip,) = N["SIE_LoadOpenCLIP"]().run(tiny_clip.name, "sie-tiny-clip")
+        (clip,) = N["SIE_LoadOpenCLIP"].execute(tiny_clip.name, "sie-tiny-clip")
     assert clip.image_size == 32 and not any(p.is_inference() for p in clip.model.parameters())
     with pytest.raises(NodeInputError, match="arch"):
-        N["SIE_LoadOpenCLIP"]().run(tiny_clip.name, "ViT-B-32")
+        N["SIE_LoadOpenCLIP"].execute(tiny_clip.name, "ViT-B-32")
 
 
 def test_clip_guidance_steers_samples(tiny_clip, node_model):
@@ -194,12 +194,12 @@ def test_text_guide_node_validation(tiny_clip, node_model):
     from core.clip_model import load_open_clip
 
     clip = load_open_clip(tiny_clip, "sie-tiny-clip")
-    node = N["SIE_SinDDMGuideText"]()
+    node = N["SIE_SinDDMGuideText"]
     with pytest.raises(NodeInputError, match="text"):
-        node.run(clip, "   ", "content", 0.3, 0.3, 0)
-    (chain,) = node.run(clip, "apple", "content", 0.3, 0.3, 0)
+        node.execute(clip, "   ", "content", 0.3, 0.3, 0)
+    (chain,) = node.execute(clip, "apple", "content", 0.3, 0.3, 0)
     with pytest.raises(NodeInputError, match="guidance"):
-        node.run(clip, "pear", "style", 0.3, 0.3, 0, guidance=chain)
+        node.execute(clip, "pear", "style", 0.3, 0.3, 0, guidance=chain)
 
 
 def test_thresholded_grad_keeps_the_top_fraction():
@@ -299,35 +299,35 @@ def test_text_region_and_edit_training_image_nodes(tiny_clip, node_model, one_th
     from core.clip_model import load_open_clip
 
     clip = load_open_clip(tiny_clip, "sie-tiny-clip")
-    region = N["SIE_SinDDMGuideTextRegion"]()
+    region = N["SIE_SinDDMGuideTextRegion"]
     mask = torch.zeros(1, 100, 128)
     mask[:, 20:60, 30:90] = 1
     with pytest.raises(NodeInputError, match="text"):
-        region.run(clip, " ", mask, 0.1, 2, 3, 0)
+        region.execute(clip, " ", mask, 0.1, 2, 3, 0)
     with pytest.raises(NodeInputError, match="mask"):
-        region.run(clip, "apple", torch.zeros(1, 100, 128), 0.1, 2, 3, 0)
-    (roi,) = N["SIE_SinDDMGuideROI"]().run(comfy_image(), 0.8, 0, 0)
-    (chain,) = region.run(clip, "apple", mask, 0.1, 2, 3, 0, guidance=roi)
+        region.execute(clip, "apple", torch.zeros(1, 100, 128), 0.1, 2, 3, 0)
+    (roi,) = N["SIE_SinDDMGuideROI"].execute(comfy_image(), 0.8, 0, 0)
+    (chain,) = region.execute(clip, "apple", mask, 0.1, 2, 3, 0, guidance=roi)
     assert len(chain) == 2
-    edit = N["SIE_SinDDMEditTrainingImage"]()
-    (a,) = edit.run(node_model, chain, "training_image", 0, 2, 0)
+    edit = N["SIE_SinDDMEditTrainingImage"]
+    (a,) = edit.execute(node_model, chain, "training_image", 0, 2, 0)
     assert a.shape == (2, 100, 128, 3)
-    (style,) = N["SIE_SinDDMGuideText"]().run(clip, "Van Gogh", "style", 0.3, 1.0, 0)
-    (b,) = edit.run(node_model, style, "coarser_scale", 5, 1, 0)
+    (style,) = N["SIE_SinDDMGuideText"].execute(clip, "Van Gogh", "style", 0.3, 1.0, 0)
+    (b,) = edit.execute(node_model, style, "coarser_scale", 5, 1, 0)
     assert b.shape == (1, 100, 128, 3)
     with pytest.raises(NodeInputError, match="start"):
-        edit.run(node_model, style, "noise", 0, 1, 0)
+        edit.execute(node_model, style, "noise", 0, 1, 0)
 
 
 def test_inject_node_scale(node_model, one_thread):
-    node = N["SIE_SinDDMInject"]()
+    node = N["SIE_SinDDMInject"]
     img = comfy_image()
-    (s,) = node.run(node_model, img, "style_transfer", 3, 1, 0, True, scale=-2)
+    (s,) = node.execute(node_model, img, "style_transfer", 3, 1, 0, True, scale=-2)
     assert s.shape == (1, 100, 128, 3)
-    (first,) = node.run(node_model, img, "style_transfer", 3, 1, 0, True, scale=0)
+    (first,) = node.execute(node_model, img, "style_transfer", 3, 1, 0, True, scale=0)
     assert not torch.equal(first, s)
     with pytest.raises(NodeInputError, match="scale"):
-        node.run(node_model, img, "style_transfer", 3, 1, 0, True, scale=7)
+        node.execute(node_model, img, "style_transfer", 3, 1, 0, True, scale=7)
 
 
 def test_nodes_leave_the_global_rng_alone(tiny_clip, tmp_path, monkeypatch, one_thread):
@@ -337,17 +337,17 @@ def test_nodes_leave_the_global_rng_alone(tiny_clip, tmp_path, monkeypatch, one_
                         else str(tmp_path / f))
     before = torch.random.get_rng_state()
     img = comfy_image()
-    model, _ = N["SIE_SinDDMTrain"]().run(img, steps=3, batch_size=1, width=8, learning_rate=1e-3, seed=0,
+    model, _ = N["SIE_SinDDMTrain"].execute(img, steps=3, batch_size=1, width=8, learning_rate=1e-3, seed=0,
                                           preview_every=2, precision="fp32")
-    N["SIE_SinDDMSample"]().run(model, 1, 0, 1.0, 1.0, 0, 0, "2, 2")
-    (clip,) = N["SIE_LoadOpenCLIP"]().run(tiny_clip.name, "sie-tiny-clip")
-    (text,) = N["SIE_SinDDMGuideText"]().run(clip, "apple", "content", 0.3, 0.3, 0)
-    N["SIE_SinDDMSample"]().run(model, 1, 0, 1.0, 1.0, 0, 0, "2, 4", guidance=text)
+    N["SIE_SinDDMSample"].execute(model, 1, 0, 1.0, 1.0, 0, 0, "2, 2")
+    (clip,) = N["SIE_LoadOpenCLIP"].execute(tiny_clip.name, "sie-tiny-clip")
+    (text,) = N["SIE_SinDDMGuideText"].execute(clip, "apple", "content", 0.3, 0.3, 0)
+    N["SIE_SinDDMSample"].execute(model, 1, 0, 1.0, 1.0, 0, 0, "2, 4", guidance=text)
     mask = torch.zeros(1, 100, 128)
     mask[:, 20:60, 30:90] = 1
-    (region,) = N["SIE_SinDDMGuideTextRegion"]().run(clip, "apple", mask, 0.1, 2, 3, 0)
-    N["SIE_SinDDMEditTrainingImage"]().run(model, region, "training_image", 0, 1, 0)
-    N["SIE_SinDDMInject"]().run(model, img, "style_transfer", 2, 1, 0, True, scale=-2)
-    name = N["SIE_SaveSinDDM"]().run(model, "rng")["ui"]["text"][0]
-    N["SIE_LoadSinDDM"]().run(name)
+    (region,) = N["SIE_SinDDMGuideTextRegion"].execute(clip, "apple", mask, 0.1, 2, 3, 0)
+    N["SIE_SinDDMEditTrainingImage"].execute(model, region, "training_image", 0, 1, 0)
+    N["SIE_SinDDMInject"].execute(model, img, "style_transfer", 2, 1, 0, True, scale=-2)
+    name = N["SIE_SaveSinDDM"].execute(model, "rng").ui["text"][0]
+    N["SIE_LoadSinDDM"].execute(name)
     assert torch.equal(before, torch.random.get_rng_state())

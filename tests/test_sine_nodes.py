@@ -38,14 +38,14 @@ def named(call) -> str:
 
 
 def test_positional_map_is_refused_on_a_model_that_is_not_sd1():
-    assert named(lambda: N["SIE_PositionalMap"]().run(fake_model(SDXL), "bilinear")) == "model"
-    assert named(lambda: N["SIE_PositionalMap"]().run("not a model", "bilinear")) == "model"
-    assert named(lambda: N["SIE_PositionalMap"]().run(fake_model(SD15), "bicubic")) == "mode"
+    assert named(lambda: N["SIE_PositionalMap"].execute(fake_model(SDXL), "bilinear")) == "model"
+    assert named(lambda: N["SIE_PositionalMap"].execute("not a model", "bilinear")) == "model"
+    assert named(lambda: N["SIE_PositionalMap"].execute(fake_model(SD15), "bicubic")) == "mode"
 
 
 def test_model_guidance_names_each_bad_input():
     base, same = fake_model(SD15), fake_model(SD15)
-    run = N["SIE_ModelGuidance"]().run
+    run = N["SIE_ModelGuidance"].execute
     with pytest.raises(NodeInputError, match="SDXL model while the pretrained MODEL is SD15"):
         run(base, fake_model(SDXL, "b"), [], [], [], 7.5, 0.7, 400)
     assert named(lambda: run(base, fake_model(SD15, "b"), [], [], [], 7.5, 0.7, 400)) == "finetuned_model"
@@ -61,7 +61,7 @@ def test_model_guidance_names_each_bad_input():
 
 
 def test_guidance_sweep_and_recipe_check_their_values():
-    sweep = N["SIE_GuidanceSweep"]().run
+    sweep = N["SIE_GuidanceSweep"].execute
     base = fake_model(SD15)
     latent = {"samples": None}
     assert named(lambda: sweep(base, base, [], [], [], latent, "400, 1200", "0.7", 0, 10, 7.5, "ddim",
@@ -70,15 +70,15 @@ def test_guidance_sweep_and_recipe_check_their_values():
                                "ddim_uniform")) == "v_values"
     assert named(lambda: sweep(base, base, [], [], [], latent, "400", "", 0, 10, 7.5, "ddim",
                                "ddim_uniform")) == "v_values"
-    assert named(lambda: N["SIE_SineRecipe"]().run("  ", False, False, 0.0, 0.0, 0.0)) == "prompt"
-    recipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", True, True, 1.0, 0.1, 0.0)[0]
+    assert named(lambda: N["SIE_SineRecipe"].execute("  ", False, False, 0.0, 0.0, 0.0)) == "prompt"
+    recipe = N["SIE_SineRecipe"].execute("a photo of a sks dog", True, True, 1.0, 0.1, 0.0)[0]
     assert recipe.patches and recipe.train_text_encoder and recipe.pooled_x0_weight == 1.0
-    assert named(lambda: N["SIE_SaveSine"]().run("not trained", "sine")) == "trained"
+    assert named(lambda: N["SIE_SaveSine"].execute("not trained", "sine")) == "trained"
 
 
 def test_add_fine_tuned_model_chains_and_checks_its_inputs():
     base, same = fake_model(SD15), fake_model(SD15)
-    add = N["SIE_SineAddModel"]().run
+    add = N["SIE_SineAddModel"].execute
     one = add(same, [["c1"]], 0.2, 300)[0]
     two = add(same, [["c2"]], 0.1, 600, one)[0]
     assert [(m.weight, m.K) for m in two] == [(0.2, 300), (0.1, 600)] and len(one) == 1  # the chain is not mutated
@@ -87,7 +87,7 @@ def test_add_fine_tuned_model_chains_and_checks_its_inputs():
     assert named(lambda: add(same, [], 1.2, 300)) == "weight"
     assert named(lambda: add(same, [], 0.2, 1000)) == "K"
     assert named(lambda: add(same, [], 0.2, 300, "x")) == "models"
-    run = N["SIE_ModelGuidance"]().run
+    run = N["SIE_ModelGuidance"].execute
     assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 400, None, None, 0.0, "x")) == "more_models"
     assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 400, None, None, 0.0,
                              add(fake_model(SD15, "other"), [], 0.1, 300)[0])) == "more_models"

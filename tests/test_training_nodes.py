@@ -87,7 +87,7 @@ def test_a_sixth_methods_recipe_runs_in_the_shared_nodes(bridged):
     cond = [[torch.randn(1, 77, 768), {"pooled_output": None}]]
     mask = torch.zeros(1, 64, 48)
     toy = ToyRecipe()
-    out_model, curve, trained, clip = N["SIE_FineTune"]().run(model, "vae", image, cond, "full", 0, 0.0, 4, 7, toy,
+    out_model, curve, trained, clip = N["SIE_FineTune"].execute(model, "vae", image, cond, "full", 0, 0.0, 4, 7, toy,
                                                               None, mask)
     stage, r = toy.seen[-1]
     assert stage == "finetune" and r.steps == 77 and r.lr is None and r.mode == "full" and r.rank == 4
@@ -99,7 +99,7 @@ def test_a_sixth_methods_recipe_runs_in_the_shared_nodes(bridged):
     assert bridged["input_map"].map is not None and trained == "toy file" and clip is None
     assert out_model.family == "patched" and curve.shape[-1] == 3 and curve.ndim == 4
 
-    e, _, e_b = N["SIE_OptimizeEmbedding"]().run(model, "vae", image, cond, 3, 1e-3, 0, None, None, toy)
+    e, _, e_b = N["SIE_OptimizeEmbedding"].execute(model, "vae", image, cond, 3, 1e-3, 0, None, None, toy)
     assert torch.equal(e[0][0], cond[0][0] * 2) and e[0][1] == cond[0][1] and e_b == []
     assert toy.seen[-1][0] == "embedding" and toy.seen[-1][1].lr == 1e-3 and toy.seen[-1][1].steps == 3
 
@@ -113,11 +113,11 @@ def test_the_shared_nodes_refuse_what_a_recipe_does_not_read_or_lacks(bridged):
         return e.value.input_name
 
     toy = ToyRecipe()
-    fine_tune = N["SIE_FineTune"]().run
+    fine_tune = N["SIE_FineTune"].execute
     assert named(lambda: fine_tune(model, None, image, cond, "lora", 1, 0.0, 4, 0, toy)) == "mask"  # check()
     assert named(lambda: fine_tune(model, None, image, cond, "lora", 1, 0.0, 4, 0, toy, None, torch.ones(1, 64, 64),
                                    image)) == "reference_image"  # not in inputs("finetune")
-    assert named(lambda: N["SIE_OptimizeEmbedding"]().run(model, None, image, cond, 1, 1e-3, 0, None,
+    assert named(lambda: N["SIE_OptimizeEmbedding"].execute(model, None, image, cond, 1, 1e-3, 0, None,
                                                            torch.ones(1, 64, 64), toy)) == "mask"
     assert named(lambda: fine_tune(model, None, image, cond, "lora", 1, 0.0, 4, 0, object())) == "recipe"
     assert toy.seen == [] and bridged["applied"] == []  # refused before any work

@@ -148,9 +148,10 @@ def test_api_inputs_are_valid_for_their_schemas(path: Path):
                 assert src_type == want or "*" in (src_type, want), f"{where}: {src_type} linked into {want}"
                 continue
             assert is_widget(typ, opts), f"{where}: a value given to a link-only input"
-            if isinstance(typ, list):
-                if typ:  # empty lists are file names that depend on the server's folders
-                    assert v in typ, f"{where}: {v!r} not in {typ[:5]}..."
+            choices = typ if isinstance(typ, list) else opts.get("options") if typ == "COMBO" else None
+            if choices is not None:
+                if choices:  # empty lists are file names that depend on the server's folders
+                    assert v in choices, f"{where}: {v!r} not in {choices[:5]}..."
             elif typ == "INT":
                 assert isinstance(v, int) and not isinstance(v, bool)
                 assert opts.get("min", -2**63) <= v <= opts.get("max", 2**63), f"{where}: {v} out of range"

@@ -46,14 +46,14 @@ SCRIPT = textwrap.dedent("""
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
         before = unet_digest(model)
-        e_opt, curve1, _ = N["SIE_OptimizeEmbedding"]().run(model, vae, image, target, 3, 1e-2, 0)
-        model_ft, curve2, trained, _ = N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 3, 1e-3, 4, 0)
+        e_opt, curve1, _ = N["SIE_OptimizeEmbedding"].execute(model, vae, image, target, 3, 1e-2, 0)
+        model_ft, curve2, trained, _ = N["SIE_FineTune"].execute(model, vae, image, e_opt, "lora", 3, 1e-3, 4, 0)
         out["weights_unchanged"] = unet_digest(model) == before
         out["e_opt_moved"] = float((e_opt[0][0] - target[0][0]).abs().max())
         out["curves"] = [list(curve1.shape), list(curve2.shape)]
-        mixed = N["SIE_InterpolateConditioning"]().run(target, e_opt, 1.2)[0]
+        mixed = N["SIE_InterpolateConditioning"].execute(target, e_opt, 1.2)[0]
         out["interp_ok"] = bool(torch.allclose(mixed[0][0], 1.2 * target[0][0] - 0.2 * e_opt[0][0], atol=1e-5))
-        latents = N["SIE_EtaSweep"]().run(model_ft, target, e_opt, negative, {"samples": torch.zeros(1, 4, 8, 8)},
+        latents = N["SIE_EtaSweep"].execute(model_ft, target, e_opt, negative, {"samples": torch.zeros(1, 4, 8, 8)},
                                           "0.5, 1.0", 7, 2, 5.0, "ddim", "ddim_uniform")[0]["samples"]
         out["sweep_shape"] = list(latents.shape)
         out["sweep_differs"] = float((latents[0] - latents[1]).abs().max())
@@ -82,10 +82,10 @@ SCRIPT = textwrap.dedent("""
         out["train_vs_patch"] = float((eps_of(patched, cond) - train_path).abs().max() / train_path.abs().max())
         errors = {}
         for name, call in {
-            "conditioning": lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, [[torch.zeros(1, 77, 1024), {}]], 1, 1e-3, 0),
-            "image": lambda: N["SIE_FineTune"]().run(model, vae, torch.rand(1, 64, 64, 4), e_opt, "lora", 1, 0.0, 4, 0),
-            "steps": lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", -1, 0.0, 4, 0),  # 0: default
-            "empty": lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, torch.rand(1, 0, 64, 3), target, 1, 1e-3, 0),
+            "conditioning": lambda: N["SIE_OptimizeEmbedding"].execute(model, vae, image, [[torch.zeros(1, 77, 1024), {}]], 1, 1e-3, 0),
+            "image": lambda: N["SIE_FineTune"].execute(model, vae, torch.rand(1, 64, 64, 4), e_opt, "lora", 1, 0.0, 4, 0),
+            "steps": lambda: N["SIE_FineTune"].execute(model, vae, image, e_opt, "lora", -1, 0.0, 4, 0),  # 0: default
+            "empty": lambda: N["SIE_OptimizeEmbedding"].execute(model, vae, torch.rand(1, 0, 64, 3), target, 1, 1e-3, 0),
         }.items():
             try:
                 call()
@@ -180,7 +180,7 @@ FP16 = textwrap.dedent("""
         target = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
         cond = target[0][0].float()
         image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-        _, _, lora, _ = N["SIE_FineTune"]().run(model, vae, image, target, "lora", 2, 1e-3, 4, 0)
+        _, _, lora, _ = N["SIE_FineTune"].execute(model, vae, image, target, "lora", 2, 1e-3, 4, 0)
         with torch.inference_mode(False):
             params = ComfySD(model).unet_parameters()
             # a full fine-tune's layout (.diff / .diff_b) on every parameter of three parts of the UNet
@@ -189,11 +189,11 @@ FP16 = textwrap.dedent("""
         full = Trained(diff_state_dict(deltas), "full", cond.cpu(), {})
         base = eps_of(model, cond)
         for kind, trained in (("lora", lora), ("full", full)):
-            files = {p: N["SIE_SaveTrained"]().run(trained, kind, p)["ui"]["text"][0] for p in ("fp32", "fp16")}
+            files = {p: N["SIE_SaveTrained"].execute(trained, kind, p).ui["text"][0] for p in ("fp32", "fp16")}
             native = {p: comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, f, 1.0)[0]
                       for p, f in files.items()}
             e = {p: eps_of(m, cond) for p, m in native.items()}
-            ours = eps_of(N["SIE_LoadTrained"]().run(model, files["fp16"], 1.0)[0], cond)
+            ours = eps_of(N["SIE_LoadTrained"].execute(model, files["fp16"], 1.0)[0], cond)
             r = {"sizes": {p: os.path.getsize(os.path.join(folder, f)) for p, f in files.items()},
                  "effect": float((e["fp32"] - base).abs().max()), "fp16_vs_fp32": float((e["fp16"] - e["fp32"]).abs().max()),
                  "load_trained_vs_native": float((ours - e["fp16"]).abs().max()), "keys": len(trained.delta)}

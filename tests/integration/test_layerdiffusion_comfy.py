@@ -47,25 +47,25 @@ SCRIPT = textwrap.dedent("""
         ref_mask = torch.zeros(1, 64, 64)
         mm.load_models_gpu([model]); before = digest(model.model.diffusion_model)
 
-        recipe = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "concat", "image", "area")[0]
-        e_a, curve1, e_b = N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 3, 1e-2, 0, t_b, mask, recipe)
+        recipe = N["SIE_LayerRecipe"].execute(2.0, 1.0, "image", "reference", "concat", "image", "area")[0]
+        e_a, curve1, e_b = N["SIE_OptimizeEmbedding"].execute(model, vae, image, t_a, 3, 1e-2, 0, t_b, mask, recipe)
         out["e_a_moved"] = rel(e_a[0][0], t_a[0][0])
         out["e_b_moved"] = rel(e_b[0][0], t_b[0][0])
         out["shapes"] = [list(e_a[0][0].shape), list(e_b[0][0].shape)]
         # the separate_reference reading: e_b on the reference's background, through the appended inputs
-        sep_ref = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "separate_reference", "image", "area")[0]
-        e_a2, _, e_b2 = N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 2, 1e-2, 0, t_b, mask, sep_ref,
+        sep_ref = N["SIE_LayerRecipe"].execute(2.0, 1.0, "image", "reference", "separate_reference", "image", "area")[0]
+        e_a2, _, e_b2 = N["SIE_OptimizeEmbedding"].execute(model, vae, image, t_a, 2, 1e-2, 0, t_b, mask, sep_ref,
                                                           reference, ref_mask)
         out["sep_ref_moved"] = [rel(e_a2[0][0], t_a[0][0]), rel(e_b2[0][0], t_b[0][0]), rel(e_b2[0][0], e_b[0][0])]
         # M_t from the target O_t's object mask (the paper's), through Fine-Tune Model's appended target_mask
-        paper_mt = N["SIE_LayerRecipe"]().run(2.0, 1.0, "image", "reference", "concat", "image", "area", "target")[0]
+        paper_mt = N["SIE_LayerRecipe"].execute(2.0, 1.0, "image", "reference", "concat", "image", "area", "target")[0]
         target_mask = torch.zeros(1, 64, 64); target_mask[:, 8:40, 24:56] = 1.0
-        ft_t, _, trained_t, _ = N["SIE_FineTune"]().run(model, vae, image, t_a, "lora", 1, 1e-3, 4, 0, paper_mt, None,
+        ft_t, _, trained_t, _ = N["SIE_FineTune"].execute(model, vae, image, t_a, "lora", 1, 1e-3, 4, 0, paper_mt, None,
                                                         None, reference, ref_mask, target_mask)
         out["target_trained"] = trained_t.info.get("steps")
         e_opt = comfy_nodes.ConditioningAverage().addWeighted(e_a, e_b, 0.7)[0]
         out["eq3"] = float((e_opt[0][0] - (0.7 * e_a[0][0] + 0.3 * e_b[0][0])).abs().max())
-        ft, curve2, trained, _ = N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 2, 1e-3, 4, 0, recipe,
+        ft, curve2, trained, _ = N["SIE_FineTune"].execute(model, vae, image, e_opt, "lora", 2, 1e-3, 4, 0, recipe,
                                                          None, mask, reference, ref_mask)
         mm.load_models_gpu([model]); out["unchanged"] = digest(model.model.diffusion_model) == before
         out["curves"] = [list(curve1.shape), list(curve2.shape)]
@@ -75,15 +75,15 @@ SCRIPT = textwrap.dedent("""
         traces = {}
         for sampler in ("euler", "ddim", "dpmpp_2m"):
             for parity in ("auto", "even", "odd"):
-                gd = N["SIE_IterativeGuidance"]().run(ft, e_a, e_opt, neg, 5.0, parity)[0]
+                gd = N["SIE_IterativeGuidance"].execute(ft, e_a, e_opt, neg, 5.0, parity)[0]
                 run(gd, 5, sampler, "ddim_uniform" if sampler == "ddim" else "normal")
                 traces[f"{sampler}/{parity}"] = gd.trace
         out["traces"] = traces
         out["schedules"] = {p: schedule(5, {"auto": None, "even": 0, "odd": 1}[p]) for p in ("auto", "even", "odd")}
-        same = N["SIE_IterativeGuidance"]().run(ft, e_opt, e_opt, neg, 5.0, "auto")[0]
+        same = N["SIE_IterativeGuidance"].execute(ft, e_opt, e_opt, neg, 5.0, "auto")[0]
         plain = comfy.samplers.CFGGuider(ft); plain.set_conds(e_opt, neg); plain.set_cfg(5.0)
         out["same_is_cfg"] = rel(run(same, 4), run(plain, 4))
-        alt = N["SIE_IterativeGuidance"]().run(ft, e_a, e_opt, neg, 5.0, "auto")[0]
+        alt = N["SIE_IterativeGuidance"].execute(ft, e_a, e_opt, neg, 5.0, "auto")[0]
         out["alt_differs"] = rel(run(alt, 4), run(plain, 4))
 
         # SAM: a random ViT-B built with segment-anything's own classes, as .pth and .safetensors
@@ -100,43 +100,43 @@ SCRIPT = textwrap.dedent("""
         with open(os.path.join(tmp, "evil.pth"), "wb") as f:
             pickle.dump({"x": Evil()}, f)
         bridge.model_path = lambda name, file_name: os.path.join(tmp, file_name)
-        sam_pth = N["SIE_LoadSAM"]().run("sam_b.pth")[0]
-        sam_st = N["SIE_LoadSAM"]().run("sam_b.safetensors")[0]
+        sam_pth = N["SIE_LoadSAM"].execute("sam_b.pth")[0]
+        sam_st = N["SIE_LoadSAM"].execute("sam_b.safetensors")[0]
         out["sam_same"] = all(torch.equal(a, b) for a, b in zip(sam_pth.model.state_dict().values(),
                                                                sam_st.model.state_dict().values()))
-        seg = N["SIE_SAMSegment"]().run(sam_st, image, '{"points": [[32, 32, 1]], "box": [16, 16, 48, 48]}', 0,
+        seg = N["SIE_SAMSegment"].execute(sam_st, image, '{"points": [[32, 32, 1]], "box": [16, 16, 48, 48]}', 0,
                                         False)[0]
         out["seg_shape"] = list(seg.shape)
         out["seg_binary"] = bool(((seg == 0) | (seg == 1)).all())
-        out["evil"] = error(lambda: N["SIE_LoadSAM"]().run("evil.pth"))
+        out["evil"] = error(lambda: N["SIE_LoadSAM"].execute("evil.pth"))
         out["evil_ran"] = os.path.exists(os.path.join(tmp, "pwned"))
 
         errors = {
-            "mask": error(lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 1, 1e-3, 0, t_b,
+            "mask": error(lambda: N["SIE_OptimizeEmbedding"].execute(model, vae, image, t_a, 1, 1e-3, 0, t_b,
                                                                     torch.zeros(1, 32, 32), recipe)),
-            "mask_empty": error(lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 1, 1e-3, 0, t_b,
+            "mask_empty": error(lambda: N["SIE_OptimizeEmbedding"].execute(model, vae, image, t_a, 1, 1e-3, 0, t_b,
                                                                           torch.zeros(1, 64, 64), recipe)),
-            "conditioning_b": error(lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 1, 1e-3, 0,
+            "conditioning_b": error(lambda: N["SIE_OptimizeEmbedding"].execute(model, vae, image, t_a, 1, 1e-3, 0,
                                                                               None, mask, recipe)),
-            "reference_image": error(lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
+            "reference_image": error(lambda: N["SIE_FineTune"].execute(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
                                                                       recipe, None, mask, torch.rand(1, 32, 48, 3),
                                                                       ref_mask)),
-            "reference_mask": error(lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
+            "reference_mask": error(lambda: N["SIE_FineTune"].execute(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
                                                                      recipe, None, mask, reference, None)),
-            "sampler": error(lambda: run(N["SIE_IterativeGuidance"]().run(ft, e_a, e_opt, neg, 5.0, "auto")[0], 2,
+            "sampler": error(lambda: run(N["SIE_IterativeGuidance"].execute(ft, e_a, e_opt, neg, 5.0, "auto")[0], 2,
                                          "heun")),
-            "reference_image/stage1": error(lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 1, 1e-3,
+            "reference_image/stage1": error(lambda: N["SIE_OptimizeEmbedding"].execute(model, vae, image, t_a, 1, 1e-3,
                                                                                      0, t_b, mask, sep_ref)),
-            "reference_mask/stage1": error(lambda: N["SIE_OptimizeEmbedding"]().run(model, vae, image, t_a, 1, 1e-3,
+            "reference_mask/stage1": error(lambda: N["SIE_OptimizeEmbedding"].execute(model, vae, image, t_a, 1, 1e-3,
                                                                                     0, t_b, mask, sep_ref, reference)),
-            "target_mask": error(lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
+            "target_mask": error(lambda: N["SIE_FineTune"].execute(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
                                                                   paper_mt, None, mask, reference, ref_mask)),
-            "target_mask/size": error(lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
+            "target_mask/size": error(lambda: N["SIE_FineTune"].execute(model, vae, image, e_opt, "lora", 1, 0.0, 4, 0,
                                                                        paper_mt, None, mask, reference, ref_mask,
                                                                        torch.ones(1, 32, 32))),
-            "steps": error(lambda: N["SIE_FineTune"]().run(model, vae, image, e_opt, "lora", -1, 0.0, 4, 0, recipe,
+            "steps": error(lambda: N["SIE_FineTune"].execute(model, vae, image, e_opt, "lora", -1, 0.0, 4, 0, recipe,
                                                             None, mask, reference, ref_mask)),
-            "prompt": error(lambda: N["SIE_SAMSegment"]().run(sam_st, image, '{"points": [[1, 2, 3, 4]]}', 0, False)),
+            "prompt": error(lambda: N["SIE_SAMSegment"].execute(sam_st, image, '{"points": [[1, 2, 3, 4]]}', 0, False)),
         }
         out["errors"] = errors
     print("RESULT " + json.dumps(out))

@@ -81,9 +81,9 @@ SCRIPT = textwrap.dedent("""
                                      RectifierInfo("ldm"))
         out["layers"] = len(fresh.net.layer_names)
         out["rectifier_params"] = sum(p.numel() for p in fresh.net.parameters())
-        m0 = N["SIE_ApplyRectifier"]().run(model, fresh, images[:1], 1.0, vae)[0]
+        m0 = N["SIE_ApplyRectifier"].execute(model, fresh, images[:1], 1.0, vae)[0]
         out["fresh_equal"] = torch.equal(timed("sample_rectified_2_steps", lambda: sample(m0)), plain)
-        ms = N["SIE_ApplyRectifier"]().run(model, fresh, images[:1], 0.0, vae)[0]
+        ms = N["SIE_ApplyRectifier"].execute(model, fresh, images[:1], 0.0, vae)[0]
         out["strength0_equal"] = torch.equal(sample(ms), plain)
 
         with torch.inference_mode(False), torch.no_grad():
@@ -127,59 +127,59 @@ SCRIPT = textwrap.dedent("""
 
         # (b') through Apply Rectifier and a sampler with CFG: one reference per latent of a batch of 2
         bumped_r = TrainedRectifier(bumped, RectifierInfo("ldm"))
-        mb = N["SIE_ApplyRectifier"]().run(model, bumped_r, images, 1.0, vae)[0]
+        mb = N["SIE_ApplyRectifier"].execute(model, bumped_r, images, 1.0, vae)[0]
         noise = comfy.sample.prepare_noise(torch.zeros(2, 4, 8, 8), 3)
         both = sample(mb, steps=2, sampler="euler", cfg=3.0, latent=torch.zeros(2, 4, 8, 8), noise=noise)
-        each = [sample(N["SIE_ApplyRectifier"]().run(model, bumped_r, images[j:j + 1], 1.0, vae)[0], steps=2,
+        each = [sample(N["SIE_ApplyRectifier"].execute(model, bumped_r, images[j:j + 1], 1.0, vae)[0], steps=2,
                        sampler="euler", cfg=3.0, noise=noise[j:j + 1]) for j in range(2)]
         out["apply_batch"] = {"rel": rel(both, torch.cat(each)),
                               "calls": mb.model_options["model_function_wrapper"].rule.calls,
                               "effect": rel(both[:1], sample(model, steps=2, sampler="euler", cfg=3.0,
                                                              noise=noise[:1]))}
-        one_ref = N["SIE_ApplyRectifier"]().run(model, bumped_r, images[:1], 1.0, vae)[0]
+        one_ref = N["SIE_ApplyRectifier"].execute(model, bumped_r, images[:1], 1.0, vae)[0]
         out["broadcast"] = rel(sample(one_ref, steps=2, sampler="euler", latent=torch.zeros(2, 4, 8, 8),
                                       noise=noise)[1:], sample(one_ref, steps=2, sampler="euler", noise=noise[1:]))
-        three = N["SIE_ApplyRectifier"]().run(model, bumped_r, torch.cat([images, images[:1]]), 1.0, vae)[0]
+        three = N["SIE_ApplyRectifier"].execute(model, bumped_r, torch.cat([images, images[:1]]), 1.0, vae)[0]
         try:
             sample(three, latent=torch.zeros(2, 4, 8, 8))
             out["ref_count_error"] = "no error"
         except NodeInputError as e:
             out["ref_count_error"] = str(e)
         # estimate = modulated: fewer base passes, still runs
-        mm_ = N["SIE_ApplyRectifier"]().run(model, bumped_r, images[:1], 1.0, vae, "modulated")[0]
+        mm_ = N["SIE_ApplyRectifier"].execute(model, bumped_r, images[:1], 1.0, vae, "modulated")[0]
         s_mod = sample(mm_, steps=3, sampler="euler")
         out["modulated_estimate"] = {"calls": mm_.model_options["model_function_wrapper"].rule.calls,
                                      "finite": bool(torch.isfinite(s_mod).all())}
         # SDEdit: denoise < 1 from an encoded image
         start = vae.encode(images[:1])
-        msde = N["SIE_ApplyRectifier"]().run(model, bumped_r, images[:1], 1.0, vae)[0]
+        msde = N["SIE_ApplyRectifier"].execute(model, bumped_r, images[:1], 1.0, vae)[0]
         s_sde = sample(msde, steps=4, sampler="euler", latent=start, denoise=0.5)
         out["sdedit"] = {"finite": bool(torch.isfinite(s_sde).all()),
                          "calls": msde.model_options["model_function_wrapper"].rule.calls}
 
         # (c) training and applying leave the input MODEL as it was
-        rect, loss = timed("train_recon_2_steps_batch1", lambda: N["SIE_TrainRectifier"]().run(
+        rect, loss = timed("train_recon_2_steps_batch1", lambda: N["SIE_TrainRectifier"].execute(
             model, vae, images, "recon", 2, 1e-3, 0, conditioning=pos, batch=1))
         out["train"] = {"loss_shape": list(loss.shape), "mode": rect.info.mode, "steps": rect.info.steps,
                         "history": len(rect.info.history), "final": rect.info.history[-1]["final_loss"],
                         "moved": float(sum(float(b.head_a.weight.abs().sum()) for b in rect.net.branches))}
         out["unchanged_after_train"] = state(model) == before
-        m1 = N["SIE_ApplyRectifier"]().run(model, rect, images[:1], 1.0, vae)[0]
+        m1 = N["SIE_ApplyRectifier"].execute(model, rect, images[:1], 1.0, vae)[0]
         trained_sample = sample(m1)
         out["trained_effect"] = rel(trained_sample, plain)
         out["unchanged_after_apply"] = state(model) == before
         out["plain_again"] = torch.equal(sample(model), plain)
 
         # (d) save -> load: the same rectifier, the same samples
-        N["SIE_SaveRectifier"]().run(rect, "rect/test")
+        N["SIE_SaveRectifier"].execute(rect, "rect/test")
         files = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*.safetensors"))
         out["files"] = files
-        loaded, info = N["SIE_LoadRectifier"]().run(files[0])
+        loaded, info = N["SIE_LoadRectifier"].execute(files[0])
         out["info"] = info
         out["reload_state_equal"] = all(torch.equal(a, b) for a, b in zip(rect.net.state_dict().values(),
                                                                           loaded.net.state_dict().values()))
         out["reload_history"] = loaded.info.history == rect.info.history
-        out["reload_sample_equal"] = torch.equal(sample(N["SIE_ApplyRectifier"]().run(model, loaded, images[:1], 1.0,
+        out["reload_sample_equal"] = torch.equal(sample(N["SIE_ApplyRectifier"].execute(model, loaded, images[:1], 1.0,
                                                                                       vae)[0]), trained_sample)
 
         # (e) files that are not rectifiers
@@ -189,14 +189,14 @@ SCRIPT = textwrap.dedent("""
                   os.path.join(tmp, "lora.safetensors"))
         save_file({"x": torch.zeros(2)}, os.path.join(tmp, "sine.safetensors"), {"format": "sie.sine", "version": "1"})
         os.symlink(sys.argv[2], os.path.join(tmp, "sd15.safetensors"))
-        out["load_errors"] = {f: error(lambda f=f: N["SIE_LoadRectifier"]().run(f))
+        out["load_errors"] = {f: error(lambda f=f: N["SIE_LoadRectifier"].execute(f))
                               for f in ("truncated.safetensors", "lora.safetensors", "sine.safetensors",
                                         "sd15.safetensors", "missing.safetensors")}
 
         # (f) edit training from the recon rectifier, with a random OpenCLIP
         with torch.inference_mode(False):
             oc = load_open_clip(sys.argv[3], "ViT-B-32")
-        edit, eloss = timed("train_edit_2_steps_batch1", lambda: N["SIE_TrainRectifier"]().run(
+        edit, eloss = timed("train_edit_2_steps_batch1", lambda: N["SIE_TrainRectifier"].execute(
             model, vae, images, "edit", 2, 1e-3, 0, oc, "coffee", "latte art", rect, pos, 1))
         h = edit.info.history
         out["edit"] = {"loss_shape": list(eloss.shape), "mode": edit.info.mode, "steps": edit.info.steps,
@@ -214,18 +214,18 @@ SCRIPT = textwrap.dedent("""
                                                                           (1280, 2560, 3, 3)),), 3)),
                                      RectifierInfo("pixel"))
         errors = {
-            "rectifier": error(lambda: N["SIE_ApplyRectifier"]().run(model, other, images[:1], 1.0, vae)),
-            "rectifier_pixel": error(lambda: N["SIE_ApplyRectifier"]().run(model, pixel, images[:1], 1.0, vae)),
-            "rectifier_train": error(lambda: N["SIE_TrainRectifier"]().run(model, vae, images, "recon", 1, 1e-3, 0,
+            "rectifier": error(lambda: N["SIE_ApplyRectifier"].execute(model, other, images[:1], 1.0, vae)),
+            "rectifier_pixel": error(lambda: N["SIE_ApplyRectifier"].execute(model, pixel, images[:1], 1.0, vae)),
+            "rectifier_train": error(lambda: N["SIE_TrainRectifier"].execute(model, vae, images, "recon", 1, 1e-3, 0,
                                                                            rectifier=other)),
-            "model": error(lambda: N["SIE_ApplyRectifier"]().run(m1, rect, images[:1], 1.0, vae)),
-            "strength": error(lambda: N["SIE_ApplyRectifier"]().run(model, rect, images[:1], 3.0, vae)),
-            "open_clip": error(lambda: N["SIE_TrainRectifier"]().run(model, vae, images, "edit", 1, 1e-3, 0)),
-            "target_text": error(lambda: N["SIE_TrainRectifier"]().run(model, vae, images, "edit", 1, 1e-3, 0, oc,
+            "model": error(lambda: N["SIE_ApplyRectifier"].execute(m1, rect, images[:1], 1.0, vae)),
+            "strength": error(lambda: N["SIE_ApplyRectifier"].execute(model, rect, images[:1], 3.0, vae)),
+            "open_clip": error(lambda: N["SIE_TrainRectifier"].execute(model, vae, images, "edit", 1, 1e-3, 0)),
+            "target_text": error(lambda: N["SIE_TrainRectifier"].execute(model, vae, images, "edit", 1, 1e-3, 0, oc,
                                                                        "face", "")),
-            "images": error(lambda: N["SIE_TrainRectifier"]().run(model, vae, torch.rand(1, 64, 68, 3), "recon", 1,
+            "images": error(lambda: N["SIE_TrainRectifier"].execute(model, vae, torch.rand(1, 64, 68, 3), "recon", 1,
                                                                   1e-3, 0)),
-            "images_small": error(lambda: N["SIE_TrainRectifier"]().run(model, vae, torch.rand(1, 32, 32, 3),
+            "images_small": error(lambda: N["SIE_TrainRectifier"].execute(model, vae, torch.rand(1, 32, 32, 3),
                                                                         "recon", 1, 1e-3, 0)),
         }
         out["errors"] = errors
@@ -357,13 +357,13 @@ PATH_SCRIPT = textwrap.dedent("""
         log("loaded")
 
         # (1) the node path computes core's invert_and_sample (the CLI's maths) on the same MODEL
-        m_rect = N["SIE_ApplyRectifier"]().run(model, bumped_r, held, 1.0, vae)[0]
+        m_rect = N["SIE_ApplyRectifier"].execute(model, bumped_r, held, 1.0, vae)[0]
         t0 = time.perf_counter()
-        inv_rect = N["SIE_DDIMInversion"]().run(m_rect, pos, encoded, STEPS)
+        inv_rect = N["SIE_DDIMInversion"].execute(m_rect, pos, encoded, STEPS)
         timing["inversion_node_rectified"] = round(time.perf_counter() - t0, 1)
         node_rect = model.model.process_latent_in(sample_back(m_rect, inv_rect))
         calls = dict(m_rect.model_options["model_function_wrapper"].rule.calls)
-        inv_plain = N["SIE_DDIMInversion"]().run(model, pos, encoded, STEPS)
+        inv_plain = N["SIE_DDIMInversion"].execute(model, pos, encoded, STEPS)
         node_plain = model.model.process_latent_in(sample_back(model, inv_plain))
         log("node path done")
         with torch.inference_mode(False), torch.no_grad():

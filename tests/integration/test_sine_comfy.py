@@ -100,13 +100,13 @@ SCRIPT = textwrap.dedent("""
         pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a dog in the snow"))
         ft_c = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a sks dog"))
         neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        ft = N["SIE_PositionalMap"]().run(lora_of(model, 0), "bilinear")[0]
+        ft = N["SIE_PositionalMap"].execute(lora_of(model, 0), "bilinear")[0]
         ft2 = lora_of(model, 5)
         _real([clip.patcher])
 
         # one euler step at cfg 1: the output is the mixed x0 itself
         loads.clear()
-        guider = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 1.0, 0.7, 0)[0]
+        guider = N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 1.0, 0.7, 0)[0]
         got = run(guider, 1)
         out["loads"] = len(loads)
         out["clip_loaded"] = any(l.model is clip.patcher for l in mm.current_loaded_models)
@@ -117,15 +117,15 @@ SCRIPT = textwrap.dedent("""
         out["ft_effect"] = rel(tuned, base)
 
         # multi-model: b_2 = 0.2 out of 1 - v
-        g2 = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 1.0, 0.5, 0, ft2, ft_c, 0.2)[0]
+        g2 = N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 1.0, 0.5, 0, ft2, ft_c, 0.2)[0]
         out["multi"] = rel(run(g2, 1), 0.5 * base + 0.3 * tuned + 0.2 * plain(ft2, ft_c, neg, 1.0))
 
         # one euler step at cfg 5: the output is u + w (v c + (1 - v) c^ - u), each term from its own run
         uncond = plain(model, neg, neg, 1.0)
-        g5 = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 0.7, 0)[0]
+        g5 = N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 5.0, 0.7, 0)[0]
         out["single_cfg5"] = rel(run(g5, 1), uncond + 5.0 * (0.7 * base + 0.3 * tuned - uncond))
         out["cfg5_vs_cfg1_formula"] = rel(uncond + 5.0 * (0.7 * base + 0.3 * tuned - uncond), 0.7 * base + 0.3 * tuned)
-        g5m = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 0.5, 0, ft2, ft_c, 0.2)[0]
+        g5m = N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 5.0, 0.5, 0, ft2, ft_c, 0.2)[0]
         mix2 = 0.5 * base + 0.3 * tuned + 0.2 * plain(ft2, ft_c, neg, 1.0)
         out["multi_cfg5"] = rel(run(g5m, 1), uncond + 5.0 * (mix2 - uncond))
 
@@ -135,7 +135,7 @@ SCRIPT = textwrap.dedent("""
         # 3 normal steps: t = 999, 500, 0 on the grid; K = 400 guides heun's corrector at t = 500 and dpmpp_sde's
         # midpoint of the first step (t ~ 750), not its midpoint of the second (t ~ 150, a step whose grid t is 500)
         for name in ("heun", "dpmpp_sde"):
-            gh = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 0.7, 400)[0]
+            gh = N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 5.0, 0.7, 400)[0]
             seen = record(gh)
             latent = torch.zeros(1, 4, 8, 8)
             sig = comfy.samplers.calculate_sigmas(gh.model_patcher.get_model_object("model_sampling"), "normal", 3)
@@ -155,9 +155,9 @@ SCRIPT = textwrap.dedent("""
         # of two more (0.15 at K 600, 0.1 at K 100); v 0.4 leaves the first 0.6 - 0.45 = 0.15
         ft3, ft4 = lora_of(model, 11), lora_of(model, 17)
         ft3_c = clip.encode_from_tokens_scheduled(clip.tokenize("a painting in the sks style"))
-        chain = N["SIE_SineAddModel"]().run(ft3, ft3_c, 0.15, 600)[0]
-        chain = N["SIE_SineAddModel"]().run(ft4, ft_c, 0.1, 100, chain)[0]
-        gm = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 0.4, 300, ft2, ft_c, 0.2, chain)[0]
+        chain = N["SIE_SineAddModel"].execute(ft3, ft3_c, 0.15, 600)[0]
+        chain = N["SIE_SineAddModel"].execute(ft4, ft_c, 0.1, 100, chain)[0]
+        gm = N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 5.0, 0.4, 300, ft2, ft_c, 0.2, chain)[0]
         seen = record(gm)
         run(gm, 4, scheduler="ddim_uniform")  # t = 751, 501, 251, 1: four different sets of active models
         branches = [(ft, ft_c, 0.15, 300), (ft2, ft_c, 0.2, 300), (ft3, ft3_c, 0.15, 600), (ft4, ft_c, 0.1, 100)]
@@ -168,12 +168,12 @@ SCRIPT = textwrap.dedent("""
         out["chain_effect"] = rel(plain(ft3, ft3_c, neg, 1.0), plain(ft, ft_c, neg, 1.0))
 
         # K = 999 is plain CFG on the pretrained model, and the fine-tuned model never runs
-        g3 = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 0.7, 999)[0]
+        g3 = N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 5.0, 0.7, 999)[0]
         out["plain_cfg"] = rel(run(g3, 3), plain(model, pos, neg, 5.0, 3))
         out["calls_K999"] = g3.calls["finetuned"]
 
         # K = 400 over 6 ddim_uniform steps: the fine-tuned pass only where t > 400
-        g4 = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 0.7, 400)[0]
+        g4 = N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 5.0, 0.7, 400)[0]
         seen = []
         orig = g4.combine
         g4.combine = lambda s: (seen.append(s.t), orig(s))[1]

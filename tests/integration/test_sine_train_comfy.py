@@ -61,23 +61,23 @@ SETUP = """
 
 # two processes, so that one run never holds every section's fine-tune at once (one process: 24 GB RSS)
 TRAIN = textwrap.dedent(SETUP + """        # LoRA + text encoder, whole image
-        recipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", False, True, 0.0, 0.0, 0.0)[0]
-        ft, curve, trained, ft_clip = N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 2, 1e-3, 4, 0,
+        recipe = N["SIE_SineRecipe"].execute("a photo of a sks dog", False, True, 0.0, 0.0, 0.0)[0]
+        ft, curve, trained, ft_clip = N["SIE_FineTune"].execute(model, vae, image, ft_c, "lora", 2, 1e-3, 4, 0,
                                                               recipe, clip)
         out["inputs_unchanged"] = state(model, clip) == before
         out["text_keys"] = len(trained.result.text_delta)
         out["clip_changed"] = rel(enc(ft_clip, "a photo of a sks dog")[0][0], ft_c[0][0])
         out["curve"] = list(curve.shape)
         ft_c2 = enc(ft_clip, "a photo of a sks dog")
-        g = N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c2, neg, 5.0, 0.7, 400)[0]
+        g = N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c2, neg, 5.0, 0.7, 400)[0]
         trained_sample = run(g, 4)
-        N["SIE_SaveSine"]().run(trained, "sine/test")
+        N["SIE_SaveSine"].execute(trained, "sine/test")
         files = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*.safetensors"))
         out["files"] = files
-        m2, c2, cond2, prompt2 = N["SIE_LoadSine"]().run(model, clip, files[0], 1.0)
+        m2, c2, cond2, prompt2 = N["SIE_LoadSine"].execute(model, clip, files[0], 1.0)
         out["prompt"] = prompt2
         out["reload_cond"] = rel(cond2[0][0], ft_c2[0][0])
-        g2 = N["SIE_ModelGuidance"]().run(model, m2, pos, cond2, neg, 5.0, 0.7, 400)[0]
+        g2 = N["SIE_ModelGuidance"].execute(model, m2, pos, cond2, neg, 5.0, 0.7, 400)[0]
         out["reload_sample"] = rel(run(g2, 4), trained_sample)
         out["reload_no_map"] = not positional_patches(m2)
         out["inputs_unchanged_after_load"] = state(model, clip) == before
@@ -95,8 +95,8 @@ TRAIN = textwrap.dedent(SETUP + """        # LoRA + text encoder, whole image
                                                        te_model_options={"dtype": torch.float32})[1]
         clip_state = lambda c: (mm.load_models_gpu([c.patcher]), digest(c.cond_stage_model))[1]
         before32 = clip_state(clip32)
-        frecipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", False, True, 0.0, 0.0, 1e-3, "full")[0]
-        _, _, ftrained, fclip = N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 2, 1e-3, 4, 0, frecipe,
+        frecipe = N["SIE_SineRecipe"].execute("a photo of a sks dog", False, True, 0.0, 0.0, 1e-3, "full")[0]
+        _, _, ftrained, fclip = N["SIE_FineTune"].execute(model, vae, image, ft_c, "lora", 2, 1e-3, 4, 0, frecipe,
                                                         clip32)
         fdeltas = ftrained.result.text_deltas
         n_text = sum(1 for k, _ in clip32.cond_stage_model.named_parameters()
@@ -106,10 +106,10 @@ TRAIN = textwrap.dedent(SETUP + """        # LoRA + text encoder, whole image
                             "position": float(fdeltas["text_model.embeddings.position_embedding.weight"].abs().max()),
                             "c_hat_vs_clip": rel(enc(fclip, "a photo of a sks dog")[0][0], ftrained.result.c_hat),
                             "c_hat_moved": rel(ftrained.result.c_hat, ft_c[0][0])}
-        N["SIE_SaveSine"]().run(ftrained, "sine/fulltext")
+        N["SIE_SaveSine"].execute(ftrained, "sine/fulltext")
         ffile = [f for f in sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*.safetensors"))
                  if "fulltext" in f][0]
-        _, fc2, fcond2, _ = N["SIE_LoadSine"]().run(model, clip32, ffile, 1.0)
+        _, fc2, fcond2, _ = N["SIE_LoadSine"].execute(model, clip32, ffile, 1.0)
         out["full_text"]["reload_cond"] = rel(fcond2[0][0], ftrained.result.c_hat)
         out["full_text"]["reload_clip"] = rel(enc(fc2, "a photo of a sks dog")[0][0], ftrained.result.c_hat)
         out["inputs_unchanged_after_full_text"] = (state(model, clip) == before
@@ -121,12 +121,12 @@ TRAIN = textwrap.dedent(SETUP + """        # LoRA + text encoder, whole image
         # the recipe's prompt names one text, the conditioning another: Load SINE gives back the conditioning
         # training used, not the recipe's text re-encoded
         other = enc(clip, "a painting of a sks teapot")
-        mrecipe = N["SIE_SineRecipe"]().run("a painting of a sks teapot", False, False, 0.0, 0.0, 0.0)[0]
-        _, _, mtrained, _ = N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0, mrecipe, clip)
-        N["SIE_SaveSine"]().run(mtrained, "sine/mismatch")
+        mrecipe = N["SIE_SineRecipe"].execute("a painting of a sks teapot", False, False, 0.0, 0.0, 0.0)[0]
+        _, _, mtrained, _ = N["SIE_FineTune"].execute(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0, mrecipe, clip)
+        N["SIE_SaveSine"].execute(mtrained, "sine/mismatch")
         mfile = [f for f in sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*.safetensors"))
                  if "mismatch" in f][0]
-        _, _, mcond, mprompt = N["SIE_LoadSine"]().run(model, clip, mfile, 1.0)
+        _, _, mcond, mprompt = N["SIE_LoadSine"].execute(model, clip, mfile, 1.0)
         out["mismatch"] = {"prompt": mprompt, "vs_trained": rel(mcond[0][0], ft_c[0][0]),
                            "vs_recipe_text": rel(mcond[0][0], other[0][0])}
 
@@ -134,24 +134,24 @@ TRAIN = textwrap.dedent(SETUP + """        # LoRA + text encoder, whole image
 """)
 
 GUIDE = textwrap.dedent(SETUP + """        # a LoRA fine-tune (one step) for the sweep and the bad-input checks
-        recipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", False, False, 0.0, 0.0, 0.0)[0]
-        ft, _, trained, _ = N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0, recipe, clip)
+        recipe = N["SIE_SineRecipe"].execute("a photo of a sks dog", False, False, 0.0, 0.0, 0.0)[0]
+        ft, _, trained, _ = N["SIE_FineTune"].execute(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0, recipe, clip)
         ft_c2 = ft_c
 
         # LoRA on patches (one step on a 512 crop): the output MODEL and the reloaded one carry F(v)
-        precipe = N["SIE_SineRecipe"]().run("a photo of a sks dog", True, False, 1.0, 0.0, 0.0)[0]
-        pft, _, ptrained, pclip = N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0,
+        precipe = N["SIE_SineRecipe"].execute("a photo of a sks dog", True, False, 1.0, 0.0, 0.0)[0]
+        pft, _, ptrained, pclip = N["SIE_FineTune"].execute(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0,
                                                           precipe, clip)
         out["patch_terms"] = sorted(ptrained.result.terms)
         out["patch_map"] = len(positional_patches(pft))
         out["patch_clip_is_input"] = pclip is clip
-        N["SIE_SaveSine"]().run(ptrained, "sine/patch")
+        N["SIE_SaveSine"].execute(ptrained, "sine/patch")
         pfile = [f for f in sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*.safetensors"))
                  if "patch" in f][0]
-        pm2 = N["SIE_LoadSine"]().run(model, clip, pfile, 1.0)[0]
+        pm2 = N["SIE_LoadSine"].execute(model, clip, pfile, 1.0)[0]
         out["patch_reload_map"] = len(positional_patches(pm2))
-        gp = N["SIE_ModelGuidance"]().run(model, pft, pos, ft_c, neg, 5.0, 0.7, 0)[0]
-        gp2 = N["SIE_ModelGuidance"]().run(model, pm2, pos, ft_c, neg, 5.0, 0.7, 0)[0]
+        gp = N["SIE_ModelGuidance"].execute(model, pft, pos, ft_c, neg, 5.0, 0.7, 0)[0]
+        gp2 = N["SIE_ModelGuidance"].execute(model, pm2, pos, ft_c, neg, 5.0, 0.7, 0)[0]
         out["patch_reload_sample"] = rel(run(gp2, 2), run(gp, 2))
         out["inputs_unchanged_after_patches"] = state(model, clip) == before
 
@@ -165,7 +165,7 @@ GUIDE = textwrap.dedent(SETUP + """        # a LoRA fine-tune (one step) for the
             if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", "attn1.to_q.weight")):
                 diffs["diffusion_model." + k[:-len(".weight")] + ".diff"] = torch.randn(v.shape, generator=gen) * 0.05
         full = bridge.apply_delta(model, diffs)
-        gf = N["SIE_ModelGuidance"]().run(model, full, pos, ft_c, neg, 1.0, 0.7, 0)[0]
+        gf = N["SIE_ModelGuidance"].execute(model, full, pos, ft_c, neg, 1.0, 0.7, 0)[0]
         out["full_mix"] = rel(run(gf, 1), 0.7 * plain(model, pos, neg, 1.0) + 0.3 * plain(full, ft_c, neg, 1.0))
         out["full_effect"] = rel(plain(full, ft_c, neg, 1.0), plain(model, ft_c, neg, 1.0))
 
@@ -173,7 +173,7 @@ GUIDE = textwrap.dedent(SETUP + """        # a LoRA fine-tune (one step) for the
         free()
 
         # the sweep: one latent per (K, v), the same noise; K = 999 is plain CFG whatever v
-        sweep, labels = N["SIE_GuidanceSweep"]().run(model, ft, pos, ft_c2, neg, {"samples": torch.zeros(1, 4, 8, 8)},
+        sweep, labels = N["SIE_GuidanceSweep"].execute(model, ft, pos, ft_c2, neg, {"samples": torch.zeros(1, 4, 8, 8)},
                                                      "999, 0", "0.3, 0.9", 3, 3, 5.0, "euler", "normal")
         s = sweep["samples"]
         out["sweep_shape"] = list(s.shape)
@@ -184,15 +184,15 @@ GUIDE = textwrap.dedent(SETUP + """        # a LoRA fine-tune (one step) for the
 
         # bad input, named
         errors = {
-            "v": error(lambda: N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 1.5, 400)),
-            "K": error(lambda: N["SIE_ModelGuidance"]().run(model, ft, pos, ft_c, neg, 5.0, 0.7, 1000)),
-            "finetuned_model": error(lambda: N["SIE_ModelGuidance"]().run(
+            "v": error(lambda: N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 5.0, 1.5, 400)),
+            "K": error(lambda: N["SIE_ModelGuidance"].execute(model, ft, pos, ft_c, neg, 5.0, 0.7, 1000)),
+            "finetuned_model": error(lambda: N["SIE_ModelGuidance"].execute(
                 model, comfy.sd.load_checkpoint_guess_config(sys.argv[2])[0], pos, ft_c, neg, 5.0, 0.7, 400)),
-            "clip": error(lambda: N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0,
-                N["SIE_SineRecipe"]().run("a photo of a sks dog", False, True, 0.0, 0.0, 0.0)[0], None)),
-            "recipe": error(lambda: N["SIE_FineTune"]().run(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0, "x", clip)),
-            "trained": error(lambda: N["SIE_SaveTrained"]().run(trained, "x")),
-            "K_values": error(lambda: N["SIE_GuidanceSweep"]().run(model, ft, pos, ft_c, neg,
+            "clip": error(lambda: N["SIE_FineTune"].execute(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0,
+                N["SIE_SineRecipe"].execute("a photo of a sks dog", False, True, 0.0, 0.0, 0.0)[0], None)),
+            "recipe": error(lambda: N["SIE_FineTune"].execute(model, vae, image, ft_c, "lora", 1, 1e-3, 4, 0, "x", clip)),
+            "trained": error(lambda: N["SIE_SaveTrained"].execute(trained, "x")),
+            "K_values": error(lambda: N["SIE_GuidanceSweep"].execute(model, ft, pos, ft_c, neg,
                 {"samples": torch.zeros(1, 4, 8, 8)}, "400, 1200", "0.7", 0, 1, 5.0, "euler", "normal")),
         }
         out["errors"] = errors

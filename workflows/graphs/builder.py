@@ -31,6 +31,8 @@ def load_schemas() -> dict[str, dict]:
                 order.append(inp)
         schemas[name] = {"order": order, "inputs": inputs, "display": info.get("display_name", name),
                          "outputs": list(zip(info.get("output_name", []), info.get("output", [])))}
+    if importlib.util.find_spec("comfy_api") is None:  # outside ComfyUI: the tests' stand-in of its typed node API
+        sys.path.append(str(ROOT / "tests" / "standin"))
     spec = importlib.util.spec_from_file_location("sie_pack_build", ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     pack = importlib.util.module_from_spec(spec)
@@ -47,6 +49,13 @@ def load_schemas() -> dict[str, dict]:
         schemas[node_id] = {"order": order, "inputs": inputs, "display": pack.NODE_DISPLAY_NAME_MAPPINGS[node_id],
                             "outputs": list(zip(names, cls.RETURN_TYPES))}
     return schemas
+
+
+def combo_options(typ, opts) -> list | None:
+    """A combo's choices in either declaration form (a classic list, or the typed API's COMBO with "options")."""
+    if isinstance(typ, list):
+        return typ
+    return opts.get("options") if typ == "COMBO" else None
 
 
 def is_widget(typ, opts) -> bool:
@@ -128,7 +137,8 @@ class Graph:
                     continue
                 if is_widget(typ, opts):
                     if v is None:
-                        v = opts.get("default", typ[0] if isinstance(typ, list) and typ else "")
+                        choices = combo_options(typ, opts) or [""]
+                        v = opts.get("default", choices[0])
                     widgets.append((name, v))
             out[n.id] = {"widgets": widgets, "links": links}
         return out
