@@ -153,8 +153,11 @@ class ComfyNode(metaclass=_NodeType):
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         spec: dict = {}
-        for inp in cls.define_schema().inputs:
+        schema = cls.define_schema()
+        for inp in schema.inputs:
             spec.setdefault("optional" if inp.optional else "required", {})[inp.id] = inp.v1()
+        if schema.is_output_node:  # an output node is handed the prompt and its workflow, to embed in files
+            spec["hidden"] = {"prompt": ("PROMPT",), "extra_pnginfo": ("EXTRA_PNGINFO",)}
         return spec
 
     @classmethod
