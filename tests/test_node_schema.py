@@ -3,7 +3,14 @@
 The snapshot (tests/data/node_inputs.json) records each node's inputs in widget order
 (required, then optional).  A node may append inputs; renaming, removing or reordering
 one breaks saved workflows (their widgets_values are positional) and fails here.
-After appending inputs or adding a node, refresh it with
+
+A second record (tests/data/node_contract.json) holds what else a saved or API workflow
+depends on: each input's type, default and bounds, a combo's fixed choices, the outputs'
+types and names, the category and whether it is an output node (tooltips and descriptions
+are documentation and may change freely).  It was written from the classic declarations
+the typed schema replaced, so it also proves the move kept every one of them.
+
+After appending inputs, adding a node or changing the contract on purpose, refresh both with
 
     SIE_UPDATE_SNAPSHOT=1 python -m pytest tests/test_node_schema.py
 """
@@ -20,6 +27,9 @@ import pytest
 from helpers import ROOT, load_pack
 
 SNAPSHOT = ROOT / "tests" / "data" / "node_inputs.json"
+CONTRACT = ROOT / "tests" / "data" / "node_contract.json"
+CONTRACT_KEYS = ("default", "min", "max", "step", "round", "multiline", "options", "control_after_generate",
+                 "forceInput")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 PACK = load_pack()
@@ -138,3 +148,66 @@ def test_snapshot_check_detects_breaking_changes():
         problems = snapshot_problems(saved, changed(edit))
         assert len(problems) == 1 and problems[0].startswith(f"{node_id}: inputs were"), edit.__name__
     assert snapshot_problems(saved, {}) == [f"{node_id} was removed (saved workflows use it)"]
+
+
+def contract(cls) -> dict:
+    """What workflows depend on beyond the input order (see the module docstring).  Combos whose choices come
+    from the running ComfyUI (its model folders, samplers, schedulers) keep their default, not their list."""
+    spec = cls.INPUT_TYPES()
+    inputs = {}
+    for section in ("required", "optional"):
+        for name, decl in spec.get(section, {}).items():
+            typ, opts = decl[0], (decl[1] if len(decl) > 1 else {})
+            kept = {k: opts[k] for k in CONTRACT_KEYS if k in opts}
+            if typ == "COMBO" and name in SERVER_COMBOS.get(cls.define_schema().node_id, ()):
+                kept.pop("options", None)
+            inputs[name] = [section, typ, kept]
+    return json.loads(json.dumps({"inputs": inputs, "outputs": [list(cls.RETURN_TYPES), list(cls.RETURN_NAMES)],
+                                  "category": cls.CATEGORY, "output_node": bool(cls.OUTPUT_NODE)}))
+
+
+# combos listing the server's files or samplers (their choices differ per installation)
+SERVER_COMBOS = {"SIE_LoadOpenCLIP": {"clip_name"}, "SIE_LoadSinDDM": {"model_name"}, "SIE_LoadTrained": {"trained_name"},
+                 "SIE_EtaSweep": {"sampler_name", "scheduler"}, "SIE_LoadSine": {"sine_name"}, "SIE_LoadSAM": {"sam_name"},
+                 "SIE_GuidanceSweep": {"sampler_name", "scheduler"}, "SIE_LoadRectifier": {"rectifier_name"},
+                 "SIE_TrainRectifier": {"encoder_weights"}}
+
+
+def contract_problems(saved: dict, now: dict) -> list[str]:
+    problems = []
+    for node_id, c in saved.items():
+        if node_id not in now:
+            continue  # a removed node is test_inputs_are_append_only's to report
+        n = now[node_id]
+        for key in ("outputs", "category", "output_node"):
+            if n[key] != c[key]:
+                problems.append(f"{node_id}: {key} was {c[key]}, now {n[key]}")
+        for name, decl in c["inputs"].items():
+            if name in n["inputs"] and n["inputs"][name] != decl:
+                problems.append(f"{node_id}.{name}: was {decl}, now {n['inputs'][name]}")
+    return problems
+
+
+def test_node_contract_is_kept():
+    now = {node_id: contract(cls) for node_id, cls in NODES}
+    if os.environ.get("SIE_UPDATE_SNAPSHOT"):
+        CONTRACT.write_text(json.dumps(now, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    saved = json.loads(CONTRACT.read_text())
+    problems = contract_problems(saved, now)
+    assert not problems, "\n".join(problems)
+    missing = sorted(set(now) - set(saved))
+    assert not missing, f"new nodes {missing}: run with SIE_UPDATE_SNAPSHOT=1 to record them"
+
+
+def test_contract_check_detects_a_changed_default_type_or_output():
+    node_id, cls = "SIE_EtaSweep", PACK.NODE_CLASS_MAPPINGS["SIE_EtaSweep"]
+    saved = {node_id: contract(cls)}
+    assert contract_problems(saved, {node_id: contract(cls)}) == []
+    for edit in (lambda c: c["inputs"]["steps"][2].update(default=51),
+                 lambda c: c["inputs"]["cfg"].__setitem__(1, "INT"),
+                 lambda c: c["inputs"]["etas"].__setitem__(0, "optional"),
+                 lambda c: c["outputs"][0].__setitem__(0, "IMAGE"),
+                 lambda c: c.update(category="single_image_edit/other")):
+        now = copy.deepcopy(saved)
+        edit(now[node_id])
+        assert len(contract_problems(saved, now)) == 1
