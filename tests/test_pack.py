@@ -30,6 +30,26 @@ def test_pack_registers_prefixed_nodes():
         assert node_id.startswith("SIE_") and cls.define_schema().node_id == node_id
 
 
+def test_a_comfyui_without_the_typed_node_api_gets_one_line_saying_to_update():
+    """A ComfyUI older than the typed node API (no comfy_api.latest): the pack imports, registers nothing and
+    says once what to do, with no traceback."""
+    script = textwrap.dedent(f"""
+        import importlib.util, logging, sys
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        sys.modules["comfy_api"] = None  # as in a ComfyUI that has no such package
+        spec = importlib.util.spec_from_file_location("sie_pack", {str(ROOT / '__init__.py')!r},
+                                                      submodule_search_locations=[{str(ROOT)!r}])
+        m = importlib.util.module_from_spec(spec); sys.modules["sie_pack"] = m; spec.loader.exec_module(m)
+        print("registered", len(m.NODE_CLASS_MAPPINGS))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "registered 0"
+    ours = [line for line in out.stderr.splitlines() if "comfyui-single-image-edit" in line]
+    assert len(ours) == 1 and ours[0].startswith("ERROR") and "ComfyUI 0.3.64 or newer" in ours[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_missing_optional_package_disables_only_its_nodes(caplog):
     pack = load_pack()
     collect = sys.modules[pack.__name__ + ".nodes"].collect
