@@ -11,6 +11,10 @@ hypernetworks) is ``fit(parameters, batches, terms, config)``.
   rectifier's schedule), autocast (bf16 where the GPU has it, else fp16 with a
   GradScaler; fp32 on the CPU unless asked), gradient clipping, progress and cancel.
 
+Checkpoints (:mod:`core.checkpoint`): with ``checkpointing``, the loop writes its state every
+N steps and when the run is cancelled or fails, and continues a run from a checkpoint exactly
+(``checkpointing.resume``): N steps, then M more from the checkpoint, equal N + M in one go.
+
 Gradient checkpointing belongs to the model view (``model.views(...,
 gradient_checkpointing=True)``); the loop runs forward *and* backward inside
 ``scope()`` (e.g. ``view.activated``) so that recomputation sees the same view.
@@ -21,14 +25,20 @@ gradient_checkpointing=True)``); the loop runs forward *and* backward inside
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import checkpoint as ckpt
+from .checkpoint import Checkpointing
 
 OnStep = Callable[[int, int, dict], None]
 ShouldStop = Callable[[], bool]
@@ -97,6 +107,8 @@ class FitResult:
     terms: dict[str, list[float]] = field(default_factory=dict)  # each term's (unweighted) value per step
     seconds: float = 0.0
     steps_done: int = 0
+    checkpoint: Path | None = None  # the last checkpoint written (None: none was)
+    resumed_from: int = 0  # the step the run continued from (0: a fresh run)
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -128,14 +140,17 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
         device: torch.device | str = "cpu", scope: Callable[[], AbstractContextManager] | None = None,
         on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
         after_step: Callable[[int], dict | None] | None = None,
-        optimizer: torch.optim.Optimizer | None = None) -> FitResult:
+        optimizer: torch.optim.Optimizer | None = None, checkpointing: Checkpointing | None = None,
+        extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None) -> FitResult:
     """Minimise sum_k w_k term_k over ``parameters`` for ``config.steps`` steps.
 
     ``on_step(i, n, info)`` gets ``info["loss"]`` (the total) and ``info["terms"]``; it may
     raise to cancel, and ``should_stop()`` True raises :class:`Interrupted`.
     ``after_step(i)`` runs after each optimiser step (e.g. an EMA update); a dict it
     returns is merged into ``info``.  ``optimizer``: an existing optimiser to continue
-    (its parameters replace ``parameters``).
+    (its parameters replace ``parameters``).  ``checkpointing``: write checkpoints and / or
+    resume one (see :mod:`core.checkpoint`); ``extra_state``: (get, set) of further tensors a
+    checkpoint keeps (an EMA), by name.
     """
     if not terms:
         raise ValueError("fit needs at least one loss term")
@@ -150,39 +165,114 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     trainable = [p for g in opt.param_groups for p in g["params"]]
     result = FitResult([], {t.name: [] for t in terms})
+    if checkpointing is not None and checkpointing.resume is not None:
+        result.resumed_from = _restore(checkpointing, trainable, opt, sched, scaler, extra_state, result, config)
     t0 = time.perf_counter()
-    for step in range(1, config.steps + 1):
-        poll(should_stop, config.what, step - 1)
-        batch = batches(step)
-        with scope() if scope is not None else nullcontext():
-            with autocast_for(device, config.precision):
-                values = [term.fn(batch) for term in terms]
-                loss = sum(term.weight * v.float() for term, v in zip(terms, values))
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        if sched is not None:
-            sched.step()
-        total = loss.item()
-        result.losses.append(total)
-        for term, v in zip(terms, values):
-            result.terms[term.name].append(v.item())
-        result.steps_done = step
-        check_finite(total, step, config.what)
-        info = {"loss": total, "terms": {k: v[-1] for k, v in result.terms.items()}, "lr": opt.param_groups[0]["lr"]}
-        if after_step is not None:
-            info.update(after_step(step) or {})
-        if on_step is not None:
-            on_step(step, config.steps, info)
+    done = result.resumed_from  # optimiser steps taken, counting those before a resume
+    saved_at = result.resumed_from  # the step of the newest checkpoint on disk for this run
+    current = done  # the step under way
+    rngs_before: dict[str, torch.Tensor] = {}  # the generators at the start of the current step
+
+    def snapshot(step: int, rngs: dict[str, torch.Tensor]) -> ckpt.Snapshot:
+        return ckpt.Snapshot(step, trainable, opt.state_dict(), sched.state_dict() if sched else None,
+                             scaler.state_dict() if scaler else None, rngs, list(result.losses),
+                             {k: list(v) for k, v in result.terms.items()},
+                             extra_state[0]() if extra_state is not None else {})
+
+    try:
+        for step in range(done + 1, config.steps + 1):
+            current = step
+            if checkpointing is not None:
+                rngs_before = {n: g.get_state() for n, g in checkpointing.rngs.items()}
+            _one_step(step, opt, sched, scaler, trainable, batches, terms, config, device, scope, should_stop,
+                      result)
+            done = step
+            info = {"loss": result.losses[-1], "terms": {k: v[-1] for k, v in result.terms.items()},
+                    "lr": opt.param_groups[0]["lr"]}
+            if after_step is not None:
+                info.update(after_step(step) or {})
+            if checkpointing is not None and checkpointing.every and step % checkpointing.every == 0:
+                rngs = {n: g.get_state() for n, g in checkpointing.rngs.items()}
+                result.checkpoint, saved_at = ckpt.save(checkpointing, snapshot(step, rngs)), step
+            if on_step is not None:
+                on_step(step, config.steps, info)
+    except FloatingPointError:
+        raise  # a diverged state is not worth keeping
+    except BaseException:
+        # cancelled or failed: keep the steps completed.  A step interrupted before its optimiser step
+        # did not count, so the generators are saved as they were before it drew its batch.
+        if checkpointing is not None and done > saved_at:
+            try:
+                finished = done == current  # stopped after its optimiser step (in on_step or after_step)
+                rngs = {n: g.get_state() for n, g in checkpointing.rngs.items()} if finished else rngs_before
+                result.checkpoint = ckpt.save(checkpointing, snapshot(done, rngs))
+                logging.getLogger("comfyui-single-image-edit").warning(
+                    "%s stopped after %d steps; its state is saved in %s (resume from it to continue)",
+                    config.what, done, result.checkpoint)
+            except Exception as e:  # never hide why the run stopped
+                logging.getLogger("comfyui-single-image-edit").error("could not write the checkpoint: %s", e)
+        raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _one_step(step, opt, sched, scaler, trainable, batches, terms, config, device, scope, should_stop,
+              result: FitResult) -> None:
+    """Draw the step's batch, back-propagate the weighted terms, take the optimiser step, record the losses."""
+    poll(should_stop, config.what, step - 1)
+    batch = batches(step)
+    with scope() if scope is not None else nullcontext():
+        with autocast_for(device, config.precision):
+            values = [term.fn(batch) for term in terms]
+            loss = sum(term.weight * v.float() for term, v in zip(terms, values))
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    if sched is not None:
+        sched.step()
+    total = loss.item()
+    result.losses.append(total)
+    for term, v in zip(terms, values):
+        result.terms[term.name].append(v.item())
+    result.steps_done = step
+    check_finite(total, step, config.what)
+
+
+def _restore(ck: Checkpointing, trainable, opt, sched, scaler, extra_state, result: FitResult,
+             config: FitConfig) -> int:
+    """Load ``ck.resume`` into the trained tensors, optimiser, scheduler, scaler, generators and curves;
+    returns the step it was saved at."""
+    snap = ckpt.load(ck, ck.resume, trainable)
+    if snap.step > config.steps:
+        raise ckpt.CheckpointError(f"{Path(ck.resume).name} was saved after {snap.step} steps; this run asks for "
+                                   f"{config.steps} in all: ask for more steps than {snap.step}")
+    with torch.no_grad():
+        for p, t in zip(trainable, snap.params):
+            p.copy_(t)
+    opt.load_state_dict(snap.optimizer)
+    if sched is not None and snap.scheduler is not None:
+        state = dict(snap.scheduler)
+        if "milestones" in state:  # JSON made the milestone keys strings
+            state["milestones"] = Counter({int(k): v for k, v in state["milestones"].items()})
+        sched.load_state_dict(state)
+    if scaler is not None and snap.scaler:
+        scaler.load_state_dict(snap.scaler)
+    for name, g in ck.rngs.items():
+        g.set_state(snap.rngs[name])
+    if extra_state is not None:
+        extra_state[1](snap.extra)
+    result.losses[:] = snap.losses
+    for name in result.terms:
+        result.terms[name][:] = snap.terms.get(name, [])
+    result.steps_done = snap.step
+    return snap.step

@@ -1,0 +1,213 @@
+"""Training checkpoints of the one fit loop: write every N steps and when cancelled, resume exactly.
+
+A checkpoint is one ``.safetensors`` file written atomically (a temporary file renamed over the
+name, so a crash or a cancel mid-write leaves no partial file).  Its tensors are
+
+* ``param.<i>``            the i-th trained tensor, in the optimiser's parameter order;
+* ``opt.<i>.<key>``        the optimiser's per-parameter state (Adam: ``step``, ``exp_avg``, ``exp_avg_sq``);
+* ``rng.<name>``           the state of every generator the loop draws from (``torch.Generator.get_state()``);
+* ``extra.<name>``         what else the trainer keeps (an EMA);
+* ``curve.total``, ``curve.<term>``  the losses so far (float64), so a resumed run returns the whole curve;
+
+and its JSON header (``sie.checkpoint``) holds the step, the optimiser's parameter groups, the
+scheduler's and the gradient scaler's state, and the trainer's identity (``meta``: method, stage,
+configuration, a fingerprint of the base weights), which a resume must match key by key.
+
+Exactness: the state saved at step N is the state after N optimiser steps, with each generator as
+it was *before* step N + 1 drew from it (the loop records it at the start of every step), so a run
+resumed from step N takes the same steps N + 1, ... as one that never stopped; on the CPU the
+trained tensors and losses are bit-equal (tested in ``tests/test_checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact_io import atomic_save_safetensors
+
+FORMAT = "sie.checkpoint"
+VERSION = 1
+_STEP_RE = re.compile(r"_step(\d+)\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed here: the message names the file and the difference."""
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and when the fit loop writes checkpoints, and what identifies the run.
+
+    ``folder / f"{prefix}_step{N:07d}.safetensors"``, every ``every`` steps (0: only when the
+    run is cancelled or fails), keeping the newest ``keep``.  ``meta`` (JSON) names the method,
+    stage, configuration and base-weights fingerprint; a resume refuses a file whose meta differs.
+    ``rngs``: the generators the loop's batches draw from.  ``resume``: a checkpoint to continue.
+    """
+
+    folder: Path
+    prefix: str
+    meta: dict
+    every: int = 0
+    keep: int = 3
+    rngs: dict[str, torch.Generator] = field(default_factory=dict)
+    resume: Path | None = None
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"checkpoint interval must be >= 0, got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"checkpoints kept must be at least 1, got {self.keep}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.prefix):
+            raise ValueError(f"checkpoint prefix {self.prefix!r}: use letters, digits, '_', '-' or '.'")
+
+    def path(self, step: int) -> Path:
+        return Path(self.folder) / f"{self.prefix}_step{step:07d}.safetensors"
+
+    def existing(self) -> list[Path]:
+        """This run's checkpoints in the folder, oldest first."""
+        folder = Path(self.folder)
+        if not folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in folder.glob(f"{self.prefix}_step*.safetensors")
+                 if (m := _STEP_RE.search(p.name)) and p.name == f"{self.prefix}_step{m.group(1)}.safetensors"]
+        return [p for _, p in sorted(found)]
+
+
+@dataclass
+class Snapshot:
+    """The loop's state after ``step`` optimiser steps (what a checkpoint holds)."""
+
+    step: int
+    params: list[torch.Tensor]
+    optimizer: dict
+    scheduler: dict | None
+    scaler: dict | None
+    rngs: dict[str, torch.Tensor]
+    losses: list[float]
+    terms: dict[str, list[float]]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def fingerprint(named: Iterable[tuple[str, torch.Tensor]], samples: int = 4) -> str:
+    """A short digest of base weights: every name, shape and dtype, and a few values of each tensor
+    (its first and last ``samples`` elements), so another model, or the same architecture with other
+    weights, gives another fingerprint without reading every weight."""
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel():
+            picks = torch.cat([flat[:samples], flat[-samples:]]).to("cpu", torch.float64)
+            h.update(picks.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    """Scheduler / scaler state as JSON (Counters and tuples as plain containers, tensors as floats)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
+def save(ck: Checkpointing, snap: Snapshot) -> Path:
+    """Write ``snap`` atomically as ``ck.path(step)``, then drop all but the newest ``ck.keep``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, p in enumerate(snap.params):
+        tensors[f"param.{i}"] = p.detach().cpu().clone()
+    scalars: dict[str, dict] = {}
+    for i, state in snap.optimizer["state"].items():
+        for key, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{i}.{key}"] = v.detach().cpu().clone()
+            else:
+                scalars.setdefault(str(i), {})[key] = v
+    for name, st in snap.rngs.items():
+        tensors[f"rng.{name}"] = st
+    for name, t in snap.extra.items():
+        tensors[f"extra.{name}"] = t.detach().cpu().clone()
+    tensors["curve.total"] = torch.tensor(snap.losses, dtype=torch.float64)
+    for name, vals in snap.terms.items():
+        tensors[f"curve.{name}"] = torch.tensor(vals, dtype=torch.float64)
+    header = {"format": FORMAT, "version": VERSION, "step": snap.step, "meta": ck.meta,
+              "param_groups": _jsonable(snap.optimizer["param_groups"]), "opt_scalars": scalars,
+              "scheduler": _jsonable(snap.scheduler), "scaler": _jsonable(snap.scaler),
+              "terms": list(snap.terms), "rngs": list(snap.rngs), "extra": list(snap.extra)}
+    path = ck.path(snap.step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(tensors, path, {FORMAT: json.dumps(header)})
+    for old in ck.existing()[:-ck.keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _differences(want: Any, got: Any, where: str = "") -> list[str]:
+    if isinstance(want, dict) and isinstance(got, dict):
+        out = []
+        for k in sorted(set(want) | set(got)):
+            out += _differences(want.get(k, "<absent>"), got.get(k, "<absent>"), f"{where}.{k}" if where else k)
+        return out
+    return [] if want == got else [f"{where}: this run has {want!r}, the checkpoint {got!r}"]
+
+
+def load(ck: Checkpointing, path: str | Path, params: list[torch.Tensor]) -> Snapshot:
+    """Read a checkpoint written by :func:`save` for a run like ``ck`` (no pickle: safetensors and JSON).
+
+    Refuses, naming the file and the difference: a file that is no checkpoint, one from another
+    method, stage, configuration or base model (``meta`` differs), or one whose trained tensors do
+    not match ``params`` in number or shape."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(FORMAT)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"{path.name}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if raw is None:
+        raise CheckpointError(f"{path.name}: not a training checkpoint of this pack (no {FORMAT} header)")
+    header = json.loads(raw)
+    if header.get("version") != VERSION:
+        raise CheckpointError(f"{path.name}: checkpoint format version {header.get('version')}, this pack "
+                              f"reads {VERSION}")
+    diff = _differences(ck.meta, header.get("meta", {}))
+    if diff:
+        raise CheckpointError(f"{path.name} is from another run: " + "; ".join(diff[:4]))
+    saved = [tensors.get(f"param.{i}") for i in range(len(params))]
+    if any(t is None for t in saved) or f"param.{len(params)}" in tensors:
+        n = sum(1 for k in tensors if k.startswith("param."))
+        raise CheckpointError(f"{path.name}: holds {n} trained tensors, this run trains {len(params)}")
+    for i, (t, p) in enumerate(zip(saved, params)):
+        if t.shape != p.shape:
+            raise CheckpointError(f"{path.name}: trained tensor {i} has shape {tuple(t.shape)}, this run's "
+                                  f"{tuple(p.shape)}")
+    missing = [n for n in ck.rngs if f"rng.{n}" not in tensors]
+    if missing:
+        raise CheckpointError(f"{path.name}: no state for the generator(s) {missing}")
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = t
+    for i, scalars in header.get("opt_scalars", {}).items():
+        state.setdefault(int(i), {}).update(scalars)
+    optimizer = {"state": state, "param_groups": header["param_groups"]}
+    terms = {name: tensors[f"curve.{name}"].tolist() for name in header.get("terms", [])}
+    return Snapshot(step=int(header["step"]), params=saved, optimizer=optimizer, scheduler=header.get("scheduler"),
+                    scaler=header.get("scaler"), rngs={n: tensors[f"rng.{n}"] for n in header.get("rngs", [])},
+                    losses=tensors["curve.total"].tolist(), terms=terms,
+                    extra={n: tensors[f"extra.{n}"] for n in header.get("extra", [])})

@@ -1,0 +1,220 @@
+"""Checkpoints of the one fit loop (core.checkpoint, core.fit): N steps then a resume for M more equal N + M
+uninterrupted, bit for bit on the CPU, however the first run stopped; foreign or broken files are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core import checkpoint as ckpt
+from core.checkpoint import Checkpointing, CheckpointError, fingerprint
+from core.fit import FitConfig, Interrupted, Term, fit
+
+META = {"method": "toy", "stage": "fit", "config": {"lr": 0.05}, "fingerprint": "abc"}
+
+
+class Toy:
+    """Two trained tensors in two parameter groups, a loss with noise and a random index drawn per step from one
+    generator, and an EMA kept beside them: everything a trainer's state can hold."""
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(1234)
+        self.a = torch.randn(3, 4, requires_grad=True)
+        self.b = torch.randn(4, requires_grad=True)
+        self.target = torch.randn(5, 3, 4)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.ema = torch.zeros(3, 4)
+
+    def groups(self):
+        return [{"params": [self.a], "lr": 0.05}, {"params": [self.b], "lr": 0.02}]
+
+    def batches(self, step):
+        i = int(torch.randint(0, 5, (), generator=self.gen))
+        return self.target[i], torch.randn(3, 4, generator=self.gen)
+
+    def terms(self):
+        return [Term("fit", lambda b: ((self.a + self.b - b[0] + 0.1 * b[1]) ** 2).mean()),
+                Term("l1", lambda b: self.a.abs().mean(), 0.1)]
+
+    def after_step(self, step):
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(self.a.detach(), alpha=0.1)
+
+    def extra(self):
+        return (lambda: {"ema": self.ema}, lambda d: self.ema.copy_(d["ema"]))
+
+
+def config(steps, schedule="step"):
+    kw = {"decay_every": 3, "decay_gamma": 0.5} if schedule == "step" else {"milestones": (4, 7), "decay_gamma": 0.3}
+    return FitConfig(steps=steps, lr=0.05, **kw)
+
+
+def run(toy, steps, ck=None, schedule="step", **kw):
+    return fit(toy.groups(), toy.batches, toy.terms(), config(steps, schedule), after_step=toy.after_step,
+               checkpointing=ck, extra_state=toy.extra(), **kw)
+
+
+def checkpointing(tmp_path, toy, **kw):
+    return Checkpointing(tmp_path, "toy", META, rngs={"noise": toy.gen}, **kw)
+
+
+def assert_same(toy_a, res_a, toy_b, res_b):
+    assert torch.equal(toy_a.a, toy_b.a) and torch.equal(toy_a.b, toy_b.b) and torch.equal(toy_a.ema, toy_b.ema)
+    assert res_a.losses == res_b.losses and res_a.terms == res_b.terms
+    assert res_a.steps_done == res_b.steps_done
+
+
+@pytest.mark.parametrize("schedule", ["step", "milestones"])
+def test_resume_equals_uninterrupted(tmp_path, schedule):
+    whole = Toy()
+    res_whole = run(whole, 10, schedule=schedule)
+    first = Toy()
+    res_first = run(first, 4, checkpointing(tmp_path, first, every=4), schedule=schedule)
+    assert res_first.checkpoint == tmp_path / "toy_step0000004.safetensors"
+    second = Toy()  # a new process: fresh tensors and generator, everything from the file
+    res = run(second, 10, checkpointing(tmp_path, second, resume=res_first.checkpoint), schedule=schedule)
+    assert res.resumed_from == 4
+    assert_same(whole, res_whole, second, res)
+
+
+def test_a_cancel_between_steps_keeps_the_steps_done(tmp_path):
+    whole = Toy()
+    res_whole = run(whole, 9)
+    first = Toy()
+    stop_at = {"calls": 0}
+
+    def should_stop():
+        stop_at["calls"] += 1
+        return stop_at["calls"] > 5  # polled before each step: stops before step 6
+
+    with pytest.raises(Interrupted):
+        run(first, 9, checkpointing(tmp_path, first, every=0), should_stop=should_stop)
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name == "toy_step0000005.safetensors"
+    second = Toy()
+    res = run(second, 9, checkpointing(tmp_path, second, resume=saved))
+    assert_same(whole, res_whole, second, res)
+
+
+def test_a_failure_inside_a_step_saves_the_generators_as_before_that_step(tmp_path):
+    """Step 6 draws its batch, then fails in the forward pass (a ComfyUI interrupt inside the model, out of
+    memory): it did not count, so the checkpoint is step 5 with the generator as before step 6's draw."""
+    whole = Toy()
+    res_whole = run(whole, 8)
+    first = Toy()
+    calls = {"n": 0}
+    terms = first.terms()
+
+    def failing(b):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("stop")
+        return terms[0].fn(b)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(first.groups(), first.batches, [Term("fit", failing), terms[1]], config(8),
+            after_step=first.after_step, checkpointing=checkpointing(tmp_path, first), extra_state=first.extra())
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name == "toy_step0000005.safetensors"
+    second = Toy()
+    res = run(second, 8, checkpointing(tmp_path, second, resume=saved))
+    assert_same(whole, res_whole, second, res)
+
+
+def test_a_cancel_from_the_progress_callback_keeps_that_step(tmp_path):
+    first = Toy()
+
+    def on_step(i, n, info):
+        if i == 3:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        run(first, 6, checkpointing(tmp_path, first), on_step=on_step)
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name == "toy_step0000003.safetensors"
+    whole, second = Toy(), Toy()
+    res_whole = run(whole, 6)
+    assert_same(whole, res_whole, second, run(second, 6, checkpointing(tmp_path, second, resume=saved)))
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    toy = Toy()
+    run(toy, 10, checkpointing(tmp_path, toy, every=2, keep=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy_step0000008.safetensors", "toy_step0000010.safetensors"]
+
+
+def test_a_failed_write_leaves_no_file_and_does_not_hide_the_cancel(tmp_path, monkeypatch):
+    from core import artifact_io
+
+    def broken(tensors, path, metadata=None):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"partial")
+        tmp.unlink()  # what atomic_save_safetensors does on failure
+        raise OSError("disk full")
+
+    toy = Toy()
+    monkeypatch.setattr(ckpt, "atomic_save_safetensors", broken)
+    with pytest.raises(Interrupted):
+        run(toy, 6, checkpointing(tmp_path, toy), should_stop=lambda: len(toy.ema.nonzero()) > 0)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(ckpt, "atomic_save_safetensors", artifact_io.atomic_save_safetensors)
+
+
+def saved_checkpoint(tmp_path):
+    toy = Toy()
+    return run(toy, 3, checkpointing(tmp_path, toy, every=3)).checkpoint
+
+
+@pytest.mark.parametrize("key,value,named", [("method", "other", "method"), ("stage", "embedding", "stage"),
+                                             ("config", {"lr": 0.1}, "config.lr"),
+                                             ("fingerprint", "def", "fingerprint")])
+def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path, key, value, named):
+    path = saved_checkpoint(tmp_path)
+    toy = Toy()
+    ck = Checkpointing(tmp_path, "toy", {**META, key: value}, rngs={"noise": toy.gen}, resume=path)
+    with pytest.raises(CheckpointError, match=rf"{path.name} is from another run: {named}:"):
+        run(toy, 6, ck)
+
+
+def test_broken_foreign_and_mismatched_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = saved_checkpoint(tmp_path)
+    toy = Toy()
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(path.read_bytes()[:200])
+    foreign = tmp_path / "lora.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    for bad, message in ((truncated, "not a readable safetensors file"), (foreign, "not a training checkpoint"),
+                         (tmp_path / "missing.safetensors", "no such checkpoint file")):
+        with pytest.raises(CheckpointError, match=message):
+            run(toy, 6, checkpointing(tmp_path, toy, resume=bad))
+    with pytest.raises(CheckpointError, match="ask for more steps than 3"):
+        run(Toy(), 2, checkpointing(tmp_path, toy, resume=path))
+    other = Toy()
+    other.a = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(CheckpointError, match=r"trained tensor 0 has shape \(3, 4\), this run's \(2, 4\)"):
+        run(other, 6, checkpointing(tmp_path, other, resume=path))
+
+
+def test_the_file_is_safetensors_with_a_json_header(tmp_path):
+    from safetensors import safe_open
+
+    path = saved_checkpoint(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()[ckpt.FORMAT])
+        keys = set(f.keys())
+    assert header["step"] == 3 and header["meta"] == META and header["rngs"] == ["noise"]
+    assert {"param.0", "param.1", "opt.0.exp_avg", "opt.1.exp_avg_sq", "rng.noise", "extra.ema", "curve.total",
+            "curve.fit", "curve.l1"} <= keys
+
+
+def test_fingerprint_sees_names_shapes_and_values():
+    w = {"x": torch.arange(10.0), "y": torch.ones(2, 3)}
+    base = fingerprint(w.items())
+    assert fingerprint(w.items()) == base
+    assert fingerprint({"x": torch.arange(10.0), "z": torch.ones(2, 3)}.items()) != base
+    assert fingerprint({"x": torch.arange(10.0), "y": torch.ones(3, 2)}.items()) != base
+    assert fingerprint({"x": torch.arange(10.0) + 1, "y": torch.ones(2, 3)}.items()) != base
