@@ -81,6 +81,28 @@ class Checkpointing:
         return [p for _, p in sorted(found)]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a user asks of a training run's checkpoints (a node's inputs, a CLI's flags): the folder,
+    the interval in steps (0: only when cancelled or failed), how many to keep, an optional file to
+    continue from, and a name for the files (default: the method's).  A trainer turns it into the
+    loop's :class:`Checkpointing` with :meth:`for_run`, adding what identifies its run."""
+
+    folder: Path
+    every: int = 0
+    keep: int = 3
+    resume: Path | None = None
+    name: str = ""
+
+    def for_run(self, method: str, stage: str, config: dict, base: str,
+                rngs: dict[str, torch.Generator]) -> Checkpointing:
+        """``config``: the settings a resumed run must share (not the step count: a resume asks for more);
+        ``base``: the :func:`fingerprint` of the frozen base weights."""
+        meta = {"method": method, "stage": stage, "config": config, "fingerprint": base}
+        return Checkpointing(Path(self.folder), f"{self.name or method}_{stage}", meta, self.every, self.keep,
+                             dict(rngs), Path(self.resume) if self.resume else None)
+
+
 @dataclass
 class Snapshot:
     """The loop's state after ``step`` optimiser steps (what a checkpoint holds)."""

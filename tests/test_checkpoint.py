@@ -218,3 +218,68 @@ def test_fingerprint_sees_names_shapes_and_values():
     assert fingerprint({"x": torch.arange(10.0), "z": torch.ones(2, 3)}.items()) != base
     assert fingerprint({"x": torch.arange(10.0), "y": torch.ones(3, 2)}.items()) != base
     assert fingerprint({"x": torch.arange(10.0) + 1, "y": torch.ones(2, 3)}.items()) != base
+
+
+# --------------------------------------------------------------------------------------
+# The trainers: each stage, N steps then a resume, equals N + M (tiny SD model, CPU)
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tiny_sd import tiny_sd_model
+
+    model = tiny_sd_model(0)
+    g = torch.Generator().manual_seed(5)
+    latent = torch.randn(1, 4, 16, 16, generator=g)
+    return model, latent, model.encode_text(["a photo of a dog"])
+
+
+def stop_after(n):
+    """should_stop for a run cancelled after n steps (polled before each step)."""
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > n
+
+    return should_stop
+
+
+def test_imagic_embedding_resumes_exactly(tiny, tmp_path):
+    from core.checkpoint import Plan
+    from core.imagic import EmbeddingConfig, optimize_embedding
+
+    model, latent, e_tgt = tiny
+    cfg = EmbeddingConfig(steps=7, lr=1e-2, seed=3)
+    whole = optimize_embedding(model, latent, e_tgt, cfg)
+    plan = Plan(tmp_path)
+    with pytest.raises(Interrupted):
+        optimize_embedding(model, latent, e_tgt, cfg, should_stop=stop_after(4), checkpoints=plan)
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name == "imagic_embedding_step0000004.safetensors"
+    res = optimize_embedding(model, latent, e_tgt, cfg, checkpoints=Plan(tmp_path, resume=saved))
+    assert torch.equal(res.e_opt, whole.e_opt) and res.losses == whole.losses
+    with pytest.raises(CheckpointError, match=r"config\.lr"):  # another learning rate
+        optimize_embedding(model, latent, e_tgt, EmbeddingConfig(steps=7, lr=2e-2, seed=3),
+                           checkpoints=Plan(tmp_path, resume=saved))
+    with pytest.raises(CheckpointError, match=r"config\.latent"):  # another image
+        optimize_embedding(model, latent.flip(-1), e_tgt, cfg, checkpoints=Plan(tmp_path, resume=saved))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_imagic_finetune_resumes_exactly(tiny, tmp_path, mode):
+    from core.checkpoint import Plan
+    from core.imagic import FineTuneConfig, finetune
+    from tiny_sd import tiny_sd_model
+
+    model, latent, e_tgt = tiny
+    cfg = FineTuneConfig(mode=mode, steps=6, lr=1e-3, seed=2)
+    whole = finetune(model, latent, e_tgt, cfg)
+    first = finetune(model, latent, e_tgt, FineTuneConfig(mode=mode, steps=3, lr=1e-3, seed=2),
+                     checkpoints=Plan(tmp_path, every=3))
+    assert first.checkpoint.name == "imagic_finetune_step0000003.safetensors"
+    res = finetune(model, latent, e_tgt, cfg, checkpoints=Plan(tmp_path, resume=first.checkpoint))
+    assert res.losses == whole.losses
+    assert all(torch.equal(res.deltas[k], whole.deltas[k]) for k in whole.deltas)
+    other = tiny_sd_model(1)  # the same architecture with other weights
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        finetune(other, latent, e_tgt, cfg, checkpoints=Plan(tmp_path, resume=first.checkpoint))

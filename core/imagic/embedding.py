@@ -17,9 +17,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ..checkpoint import Plan, fingerprint
 from ..fit import FitConfig, OnStep, ShouldStop, fit
 from ..losses import NoiseDraw, eps_term
 from ..seam import LatentDiffusion
@@ -28,18 +30,32 @@ Draws = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 """step (1-based) -> (t [B] int64, eps [B, C, h, w]): the noise of eq. 2 at that step."""
 
 
-def step_draws(draws: Draws | None, seed: int, latent: torch.Tensor, num_timesteps: int) -> Draws:
+class StepDraws:
     """The per-step (t, eps) provider of a stage on ``latent``'s device: ``draws`` moved there, or
-    (None) t ~ U{0..T-1} and eps ~ N(0, I) from a generator seeded by ``seed``."""
-    if draws is None:
-        draw = NoiseDraw(seed, num_timesteps)
-        return lambda step: draw(latent)
+    (None) t ~ U{0..T-1} and eps ~ N(0, I) from a generator seeded by ``seed``; ``generators`` names
+    the generator it draws from, for the stage's checkpoints."""
 
-    def replay(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t, eps = draws(step)
-        return t.to(latent.device, torch.long), eps.to(latent.device, latent.dtype)
+    def __init__(self, draws: Draws | None, seed: int, latent: torch.Tensor, num_timesteps: int):
+        self.draws, self.latent = draws, latent
+        self.noise = NoiseDraw(seed, num_timesteps) if draws is None else None
+        self.generators = {"noise": self.noise.gen} if self.noise is not None else {}
 
-    return replay
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.noise is not None:
+            return self.noise(self.latent)
+        t, eps = self.draws(step)
+        return t.to(self.latent.device, torch.long), eps.to(self.latent.device, self.latent.dtype)
+
+
+def stage_checkpointing(plan: Plan | None, stage: str, model: LatentDiffusion, settings: dict,
+                        data: dict[str, torch.Tensor | None], draws: StepDraws):
+    """The fit loop's checkpointing for an Imagic stage (None without a plan): its identity is the stage's
+    settings, a fingerprint of the frozen UNet and of the data it fits (latent, conditioning, mask)."""
+    if plan is None:
+        return None
+    seen = {k: fingerprint([(k, v)]) if v is not None else None for k, v in data.items()}
+    return plan.for_run("imagic", stage, {**settings, **seen, "draws": "seeded" if draws.noise else "given"},
+                        fingerprint(model.unet_parameters().items()), draws.generators)
 
 
 @dataclass(frozen=True)
@@ -61,21 +77,25 @@ class EmbeddingResult:
     e_opt: torch.Tensor  # [1, 77, D] float32, detached
     losses: list[float]
     seconds: float
+    checkpoint: Path | None = None  # the last checkpoint written
 
 
 def optimize_embedding(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torch.Tensor,
                        config: EmbeddingConfig = EmbeddingConfig(), mask: torch.Tensor | None = None,
                        on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
-                       draws: Draws | None = None) -> EmbeddingResult:
+                       draws: Draws | None = None, checkpoints: Plan | None = None) -> EmbeddingResult:
     """Return e_opt = argmin_e L(x, e, theta) reached from e_tgt by ``config.steps`` Adam steps
-    (``draws``: the (t, eps) of each step, default: seeded by ``config.seed``)."""
+    (``draws``: the (t, eps) of each step, default: seeded by ``config.seed``; ``checkpoints``: write
+    the run's state and / or continue one, see :mod:`core.checkpoint`)."""
     device = torch.device(model.device)
     latent = latent.detach().to(device, torch.float32)
     e = torch.nn.Parameter(e_tgt.detach().to(device, torch.float32).clone())
-    batches = step_draws(draws, config.seed, latent, len(model.alphas_cumprod))
+    batches = StepDraws(draws, config.seed, latent, len(model.alphas_cumprod))
+    ck = stage_checkpointing(checkpoints, "embedding", model, {"lr": config.lr, "seed": config.seed},
+                             {"latent": latent, "e_tgt": e_tgt, "mask": mask}, batches)
     t0 = time.perf_counter()
     with model.adapted({}, config.gradient_checkpointing) as m:
         res = fit([e], batches, [eps_term("eps_mse", m, latent, e, mask)],
                   FitConfig(config.steps, config.lr, what="embedding optimisation"), device,
-                  on_step=on_step, should_stop=should_stop)
-    return EmbeddingResult(e.detach().clone(), res.losses, time.perf_counter() - t0)
+                  on_step=on_step, should_stop=should_stop, checkpointing=ck)
+    return EmbeddingResult(e.detach().clone(), res.losses, time.perf_counter() - t0, res.checkpoint)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,8 @@ from ..lora import LoRAConfig, check_fine_tune, trainable_functions, trained_del
 from ..losses import eps_term
 from ..seam import DeltaFunction, LatentDiffusion
 from ..seeds import derive_seed
-from .embedding import Draws, step_draws
+from ..checkpoint import Plan
+from .embedding import Draws, StepDraws, stage_checkpointing
 
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
 
@@ -55,6 +57,7 @@ class FineTuneResult:
     losses: list[float]
     seconds: float
     trainable_parameters: int
+    checkpoint: Path | None = None  # the last checkpoint written
 
     def weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
         """W -> W + strength * delta for every trained parameter (to apply through the seam)."""
@@ -64,9 +67,10 @@ class FineTuneResult:
 def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
              config: FineTuneConfig = FineTuneConfig(), mask: torch.Tensor | None = None,
              on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
-             draws: Draws | None = None) -> FineTuneResult:
+             draws: Draws | None = None, checkpoints: Plan | None = None) -> FineTuneResult:
     """Fine-tune ``model`` to reconstruct ``latent`` [1, 4, h, w] at ``cond`` [1, 77, D]
-    (``draws``: the (t, eps) of each step, default: seeded by ``config.seed``)."""
+    (``draws``: the (t, eps) of each step, default: seeded by ``config.seed``; ``checkpoints``: write
+    the run's state and / or continue one, see :mod:`core.checkpoint`)."""
     device = torch.device(model.device)
     latent = latent.detach().to(device, torch.float32)
     cond = cond.detach().to(device, torch.float32)
@@ -74,11 +78,16 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
     fns = trainable_functions(config.mode, params, config.lora, config.seed, device)
     trainable = [p for fn in fns.values() for p in fn.parameters()]
     t0 = time.perf_counter()
-    batches = step_draws(draws, derive_seed(config.seed, 1), latent, len(model.alphas_cumprod))
+    batches = StepDraws(draws, derive_seed(config.seed, 1), latent, len(model.alphas_cumprod))
+    settings = {"mode": config.mode, "lr": config.learning_rate, "seed": config.seed, "rank": config.lora.rank,
+                "alpha": config.lora.alpha, "targets": config.lora.targets}
+    ck = stage_checkpointing(checkpoints, "finetune", model, settings, {"latent": latent, "cond": cond, "mask": mask},
+                             batches)
     with model.adapted(fns, config.gradient_checkpointing) as m:
         res = fit(trainable, batches, [eps_term("eps_mse", m, latent, cond, mask)],
                   FitConfig(config.steps, config.learning_rate, what="fine-tuning"), device,
-                  on_step=on_step, should_stop=should_stop)
+                  on_step=on_step, should_stop=should_stop, checkpointing=ck)
     losses = res.losses
     delta, deltas = trained_delta(config.mode, fns, params)
-    return FineTuneResult(config.mode, delta, deltas, losses, time.perf_counter() - t0, sum(p.numel() for p in trainable))
+    return FineTuneResult(config.mode, delta, deltas, losses, time.perf_counter() - t0,
+                          sum(p.numel() for p in trainable), res.checkpoint)
