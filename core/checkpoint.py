@@ -38,7 +38,7 @@ VERSION = 1
 _STEP_RE = re.compile(r"_step(\d+)\.safetensors$")
 
 
-class CheckpointError(ValueError):
+class ResumeError(ValueError):
     """A checkpoint that cannot be resumed here: the message names the file and the difference."""
 
 
@@ -93,14 +93,18 @@ class Plan:
     keep: int = 3
     resume: Path | None = None
     name: str = ""
+    resume_latest: bool = False  # continue from the newest checkpoint of the run's stage in folder, if any
 
     def for_run(self, method: str, stage: str, config: dict, base: str,
                 rngs: dict[str, torch.Generator]) -> Checkpointing:
         """``config``: the settings a resumed run must share (not the step count: a resume asks for more);
         ``base``: the :func:`fingerprint` of the frozen base weights."""
         meta = {"method": method, "stage": stage, "config": config, "fingerprint": base}
-        return Checkpointing(Path(self.folder), f"{self.name or method}_{stage}", meta, self.every, self.keep,
-                             dict(rngs), Path(self.resume) if self.resume else None)
+        ck = Checkpointing(Path(self.folder), f"{self.name or method}_{stage}", meta, self.every, self.keep,
+                           dict(rngs), Path(self.resume) if self.resume else None)
+        if self.resume_latest and ck.resume is None and ck.existing():
+            ck = Checkpointing(ck.folder, ck.prefix, meta, ck.every, ck.keep, ck.rngs, ck.existing()[-1])
+        return ck
 
 
 @dataclass
@@ -193,33 +197,33 @@ def load(ck: Checkpointing, path: str | Path, params: list[torch.Tensor]) -> Sna
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise ResumeError(f"{path}: no such checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(FORMAT)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"{path.name}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        raise ResumeError(f"{path.name}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     if raw is None:
-        raise CheckpointError(f"{path.name}: not a training checkpoint of this pack (no {FORMAT} header)")
+        raise ResumeError(f"{path.name}: not a training checkpoint of this pack (no {FORMAT} header)")
     header = json.loads(raw)
     if header.get("version") != VERSION:
-        raise CheckpointError(f"{path.name}: checkpoint format version {header.get('version')}, this pack "
+        raise ResumeError(f"{path.name}: checkpoint format version {header.get('version')}, this pack "
                               f"reads {VERSION}")
     diff = _differences(ck.meta, header.get("meta", {}))
     if diff:
-        raise CheckpointError(f"{path.name} is from another run: " + "; ".join(diff[:4]))
+        raise ResumeError(f"{path.name} is from another run: " + "; ".join(diff[:4]))
     saved = [tensors.get(f"param.{i}") for i in range(len(params))]
     if any(t is None for t in saved) or f"param.{len(params)}" in tensors:
         n = sum(1 for k in tensors if k.startswith("param."))
-        raise CheckpointError(f"{path.name}: holds {n} trained tensors, this run trains {len(params)}")
+        raise ResumeError(f"{path.name}: holds {n} trained tensors, this run trains {len(params)}")
     for i, (t, p) in enumerate(zip(saved, params)):
         if t.shape != p.shape:
-            raise CheckpointError(f"{path.name}: trained tensor {i} has shape {tuple(t.shape)}, this run's "
+            raise ResumeError(f"{path.name}: trained tensor {i} has shape {tuple(t.shape)}, this run's "
                                   f"{tuple(p.shape)}")
     missing = [n for n in ck.rngs if f"rng.{n}" not in tensors]
     if missing:
-        raise CheckpointError(f"{path.name}: no state for the generator(s) {missing}")
+        raise ResumeError(f"{path.name}: no state for the generator(s) {missing}")
     state: dict[int, dict] = {}
     for key, t in tensors.items():
         if key.startswith("opt."):

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .artifact_io import FORMAT_NAMES, ArtifactError, describe_format, image_format, sniff_file
+from .checkpoint import ResumeError
 from .sd.checkpoint import CheckpointError
 from .seeds import SEED_MAX
 
@@ -36,7 +37,7 @@ class CLIError(Exception):
         super().__init__(" ".join(msg.split()))  # one line
 
 
-KNOWN_ERRORS = (CLIError, ArtifactError, CheckpointError)
+KNOWN_ERRORS = (CLIError, ArtifactError, CheckpointError, ResumeError)
 
 
 def describe(error: BaseException) -> str:
@@ -122,6 +123,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 

@@ -191,7 +191,8 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
                     "lr": opt.param_groups[0]["lr"]}
             if after_step is not None:
                 info.update(after_step(step) or {})
-            if checkpointing is not None and checkpointing.every and step % checkpointing.every == 0:
+            if checkpointing is not None and checkpointing.every and (step % checkpointing.every == 0
+                                                                      or step == config.steps):
                 rngs = {n: g.get_state() for n, g in checkpointing.rngs.items()}
                 result.checkpoint, saved_at = ckpt.save(checkpointing, snapshot(step, rngs)), step
             if on_step is not None:
@@ -254,7 +255,7 @@ def _restore(ck: Checkpointing, trainable, opt, sched, scaler, extra_state, resu
     returns the step it was saved at."""
     snap = ckpt.load(ck, ck.resume, trainable)
     if snap.step > config.steps:
-        raise ckpt.CheckpointError(f"{Path(ck.resume).name} was saved after {snap.step} steps; this run asks for "
+        raise ckpt.ResumeError(f"{Path(ck.resume).name} was saved after {snap.step} steps; this run asks for "
                                    f"{config.steps} in all: ask for more steps than {snap.step}")
     with torch.no_grad():
         for p, t in zip(trainable, snap.params):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core import checkpoint as ckpt
-from core.checkpoint import Checkpointing, CheckpointError, fingerprint
+from core.checkpoint import Checkpointing, ResumeError, fingerprint
 from core.fit import FitConfig, Interrupted, Term, fit
 
 META = {"method": "toy", "stage": "fit", "config": {"lr": 0.05}, "fingerprint": "abc"}
@@ -174,7 +174,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path, 
     path = saved_checkpoint(tmp_path)
     toy = Toy()
     ck = Checkpointing(tmp_path, "toy", {**META, key: value}, rngs={"noise": toy.gen}, resume=path)
-    with pytest.raises(CheckpointError, match=rf"{path.name} is from another run: {named}:"):
+    with pytest.raises(ResumeError, match=rf"{path.name} is from another run: {named}:"):
         run(toy, 6, ck)
 
 
@@ -189,13 +189,13 @@ def test_broken_foreign_and_mismatched_files_are_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, foreign)
     for bad, message in ((truncated, "not a readable safetensors file"), (foreign, "not a training checkpoint"),
                          (tmp_path / "missing.safetensors", "no such checkpoint file")):
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(ResumeError, match=message):
             run(toy, 6, checkpointing(tmp_path, toy, resume=bad))
-    with pytest.raises(CheckpointError, match="ask for more steps than 3"):
+    with pytest.raises(ResumeError, match="ask for more steps than 3"):
         run(Toy(), 2, checkpointing(tmp_path, toy, resume=path))
     other = Toy()
     other.a = torch.randn(2, 4, requires_grad=True)
-    with pytest.raises(CheckpointError, match=r"trained tensor 0 has shape \(3, 4\), this run's \(2, 4\)"):
+    with pytest.raises(ResumeError, match=r"trained tensor 0 has shape \(3, 4\), this run's \(2, 4\)"):
         run(other, 6, checkpointing(tmp_path, other, resume=path))
 
 
@@ -258,10 +258,10 @@ def test_imagic_embedding_resumes_exactly(tiny, tmp_path):
     assert saved.name == "imagic_embedding_step0000004.safetensors"
     res = optimize_embedding(model, latent, e_tgt, cfg, checkpoints=Plan(tmp_path, resume=saved))
     assert torch.equal(res.e_opt, whole.e_opt) and res.losses == whole.losses
-    with pytest.raises(CheckpointError, match=r"config\.lr"):  # another learning rate
+    with pytest.raises(ResumeError, match=r"config\.lr"):  # another learning rate
         optimize_embedding(model, latent, e_tgt, EmbeddingConfig(steps=7, lr=2e-2, seed=3),
                            checkpoints=Plan(tmp_path, resume=saved))
-    with pytest.raises(CheckpointError, match=r"config\.latent"):  # another image
+    with pytest.raises(ResumeError, match=r"config\.latent"):  # another image
         optimize_embedding(model, latent.flip(-1), e_tgt, cfg, checkpoints=Plan(tmp_path, resume=saved))
 
 
@@ -281,5 +281,49 @@ def test_imagic_finetune_resumes_exactly(tiny, tmp_path, mode):
     assert res.losses == whole.losses
     assert all(torch.equal(res.deltas[k], whole.deltas[k]) for k in whole.deltas)
     other = tiny_sd_model(1)  # the same architecture with other weights
-    with pytest.raises(CheckpointError, match="fingerprint"):
+    with pytest.raises(ResumeError, match="fingerprint"):
         finetune(other, latent, e_tgt, cfg, checkpoints=Plan(tmp_path, resume=first.checkpoint))
+
+
+def test_the_imagic_cli_resumes_from_its_checkpoints(tmp_path):
+    """python -m core.imagic with --checkpoint-every, then --resume with more fine-tune steps, gives the delta an
+    uninterrupted run with those steps gives (a tiny SD single file; both stages continue from their files)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from helpers import ROOT
+    from tiny_sd import build_tiny, write_config_dir, write_single_file
+
+    unet, vae, text = build_tiny(0)
+    configs = write_config_dir(tmp_path / "configs", unet, vae, text)
+    ckpt_file = write_single_file(tmp_path / "tiny.safetensors", unet, vae, text)
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(tmp_path / "in.png")
+
+    def cli(out: str, ft_steps: int, *extra: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "core.imagic", "--checkpoint", str(ckpt_file), "--config-dir", str(configs),
+                "--image", str(tmp_path / "in.png"), "--prompt", "a dog", "--size", "64", "--emb-steps", "3",
+                "--ft-steps", str(ft_steps), "--steps", "2", "--device", "cpu", "--out", str(tmp_path / out),
+                "--save-delta", str(tmp_path / (out + ".safetensors")), *extra]
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    cli("whole.png", 5)
+    cli("part.png", 3, "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path / "ck"))
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "imagic_embedding_step0000002.safetensors", "imagic_embedding_step0000003.safetensors",
+        "imagic_finetune_step0000002.safetensors", "imagic_finetune_step0000003.safetensors"]
+    out = cli("resumed.png", 5, "--checkpoint-dir", str(tmp_path / "ck"), "--resume").stdout
+    assert "stage 1 (embedding, 3 steps, continued from step 3)" in out, out
+    assert "stage 2 (fine-tune, 5 steps, continued from step 3," in out, out
+    whole, resumed = load_file(tmp_path / "whole.png.safetensors"), load_file(tmp_path / "resumed.png.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    proc = subprocess.run([sys.executable, "-m", "core.imagic", "--checkpoint", str(ckpt_file), "--config-dir",
+                           str(configs), "--image", str(tmp_path / "in.png"), "--prompt", "a cat", "--size", "64",
+                           "--emb-steps", "3", "--ft-steps", "5", "--device", "cpu", "--out", str(tmp_path / "x.png"),
+                           "--checkpoint-dir", str(tmp_path / "ck"), "--resume"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2 and "is from another run: config.e_tgt" in proc.stderr, proc.stderr

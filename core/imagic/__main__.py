@@ -19,6 +19,7 @@ import torch
 
 from .. import cli
 from ..artifact_io import atomic_write_image
+from ..checkpoint import Plan
 from ..images import tensor_to_pil
 from ..lora import LoRAConfig
 from .embedding import EmbeddingConfig
@@ -60,6 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-delta", default=None, help="also save the trained delta + e_opt (.safetensors)")
     ap.add_argument("--save-fp16", action="store_true", help="store the --save-delta delta in float16: half the "
                                                              "file (a full SD 1.5 fine-tune: 1.7 GB, not 3.4 GB)")
+    ap.add_argument("--checkpoint-every", type=cli.non_negative_int, default=0,
+                    help="write each stage's training state every N steps and at its end (0: only when "
+                         "interrupted); the files go to --checkpoint-dir")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="folder of the checkpoints (default: <--out without extension>_checkpoints beside it)")
+    ap.add_argument("--keep-checkpoints", type=cli.positive_int, default=3, help="checkpoints kept per stage")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each stage from its newest checkpoint in --checkpoint-dir (after a crash or "
+                         "Ctrl-C; the same settings are required, and a file of another run is refused)")
     a = ap.parse_args(argv)
     if a.size % 8:
         ap.error("--size must be a multiple of 8")
@@ -76,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.make_folder(Path(a.save_delta).parent, "--save-delta")
     device = cli.device(a.device)
     cli.check_checkpoint(a.checkpoint, a.config_dir)
+    folder = Path(a.checkpoint_dir) if a.checkpoint_dir else out.with_name(out.stem + "_checkpoints")
+    cli.make_folder(folder, "--checkpoint-dir")
+    plan = Plan(folder, a.checkpoint_every, a.keep_checkpoints, resume_latest=a.resume)
 
     from ..sd.loader import load_sd15
 
@@ -86,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     result = edit(model, load_image(image, a.size), a.prompt,
                   EmbeddingConfig(a.emb_steps, a.emb_lr, a.seed, gradient_checkpointing=gpu),
                   FineTuneConfig(mode=a.mode, steps=a.ft_steps, lr=a.ft_lr, lora=LoRAConfig(a.rank, float(a.rank)),
-                                 seed=a.seed, gradient_checkpointing=gpu))
+                                 seed=a.seed, gradient_checkpointing=gpu), checkpoints=plan)
     shape = (1, 4, a.size // 8, a.size // 8)
     images = [result.render(model, eta, shape, a.steps, a.cfg, a.seed)[0] for eta in etas]
     strip = torch.cat(images, dim=-1)

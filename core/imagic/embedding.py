@@ -78,6 +78,7 @@ class EmbeddingResult:
     losses: list[float]
     seconds: float
     checkpoint: Path | None = None  # the last checkpoint written
+    resumed_from: int = 0  # the step a resumed run continued from (0: a fresh run)
 
 
 def optimize_embedding(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torch.Tensor,
@@ -98,4 +99,5 @@ def optimize_embedding(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torc
         res = fit([e], batches, [eps_term("eps_mse", m, latent, e, mask)],
                   FitConfig(config.steps, config.lr, what="embedding optimisation"), device,
                   on_step=on_step, should_stop=should_stop, checkpointing=ck)
-    return EmbeddingResult(e.detach().clone(), res.losses, time.perf_counter() - t0, res.checkpoint)
+    return EmbeddingResult(e.detach().clone(), res.losses, time.perf_counter() - t0, res.checkpoint,
+                           res.resumed_from)

@@ -58,6 +58,7 @@ class FineTuneResult:
     seconds: float
     trainable_parameters: int
     checkpoint: Path | None = None  # the last checkpoint written
+    resumed_from: int = 0  # the step a resumed run continued from (0: a fresh run)
 
     def weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
         """W -> W + strength * delta for every trained parameter (to apply through the seam)."""
@@ -90,4 +91,4 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
     losses = res.losses
     delta, deltas = trained_delta(config.mode, fns, params)
     return FineTuneResult(config.mode, delta, deltas, losses, time.perf_counter() - t0,
-                          sum(p.numel() for p in trainable), res.checkpoint)
+                          sum(p.numel() for p in trainable), res.checkpoint, res.resumed_from)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import Plan
 from ..sampling import ddim_sample
 from ..seam import LatentDiffusion
 from .artifact import Trained, save_trained
@@ -40,17 +41,24 @@ class ImagicEdit:
 
 
 def edit(model: LatentDiffusion, image: torch.Tensor, prompt: str, emb_config: EmbeddingConfig,
-         ft_config: FineTuneConfig, log=print) -> ImagicEdit:
+         ft_config: FineTuneConfig, log=print, checkpoints: Plan | None = None) -> ImagicEdit:
     """Run stages 1 and 2 for ``image`` [1, 3, H, W] in [0, 1] and target ``prompt``."""
-    return train_stages(model, model.encode(image), model.encode_text([prompt]), emb_config, ft_config, log)
+    return train_stages(model, model.encode(image), model.encode_text([prompt]), emb_config, ft_config, log,
+                        checkpoints=checkpoints)
+
+
+def resumed(result) -> str:
+    return f", continued from step {result.resumed_from}" if result.resumed_from else ""
 
 
 def train_stages(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torch.Tensor, emb_config: EmbeddingConfig,
                  ft_config: FineTuneConfig, log=print,
-                 draws: tuple[Draws | None, Draws | None] = (None, None)) -> ImagicEdit:
+                 draws: tuple[Draws | None, Draws | None] = (None, None),
+                 checkpoints: Plan | None = None) -> ImagicEdit:
     """Stage 1 (e_tgt -> e_opt, the model frozen), then stage 2 (the model at that e_opt) on
     ``latent`` [1, 4, h, w] (model space); ``draws``: each stage's (t, eps) per step (default:
-    seeded by the configs' seeds)."""
+    seeded by the configs' seeds); ``checkpoints``: both stages' checkpoints (one folder, a file
+    prefix per stage)."""
 
     def progress(name):
         def on_step(i, n, info):
@@ -59,12 +67,13 @@ def train_stages(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torch.Tens
         return on_step
 
     t0 = time.perf_counter()
-    emb = optimize_embedding(model, latent, e_tgt, emb_config, on_step=progress("embedding"), draws=draws[0])
-    log(f"stage 1 (embedding, {emb_config.steps} steps): {time.perf_counter() - t0:.1f} s")
+    emb = optimize_embedding(model, latent, e_tgt, emb_config, on_step=progress("embedding"), draws=draws[0],
+                             checkpoints=checkpoints)
+    log(f"stage 1 (embedding, {emb_config.steps} steps{resumed(emb)}): {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     tuned = finetune(model, latent, emb.e_opt, ft_config, on_step=progress(f"fine-tune ({ft_config.mode})"),
-                     draws=draws[1])
-    log(f"stage 2 (fine-tune, {ft_config.steps} steps, {tuned.trainable_parameters:,} trainable): "
+                     draws=draws[1], checkpoints=checkpoints)
+    log(f"stage 2 (fine-tune, {ft_config.steps} steps{resumed(tuned)}, {tuned.trainable_parameters:,} trainable): "
         f"{time.perf_counter() - t0:.1f} s")
     return ImagicEdit(e_tgt, emb, tuned)
 
