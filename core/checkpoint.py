@@ -107,6 +107,26 @@ class Plan:
         return ck
 
 
+def settings_of(config, exclude: tuple[str, ...] = ("steps", "gradient_checkpointing")) -> dict:
+    """A stage's frozen config dataclass as the JSON a resumed run must match: every field but the step
+    count (a resume asks for more) and what does not change the arithmetic's result (gradient checkpointing)."""
+    import dataclasses
+
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config), default=str)).items()
+            if k not in exclude}
+
+
+def stage_checkpointing(plan: Plan | None, method: str, stage: str, base: dict[str, torch.Tensor], settings: dict,
+                        data: dict[str, torch.Tensor | None], rngs: dict[str, torch.Generator]) -> Checkpointing | None:
+    """The fit loop's checkpointing for one training stage (None without a plan).  The run's identity:
+    its ``settings``, a :func:`fingerprint` of the frozen ``base`` weights and one of each tensor it fits
+    (``data``: latents, conditionings, masks; None where absent)."""
+    if plan is None:
+        return None
+    seen = {k: fingerprint([(k, v)]) if v is not None else None for k, v in data.items()}
+    return plan.for_run(method, stage, {**settings, **seen}, fingerprint(base.items()), rngs)
+
+
 @dataclass
 class Snapshot:
     """The loop's state after ``step`` optimiser steps (what a checkpoint holds)."""

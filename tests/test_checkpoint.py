@@ -327,3 +327,51 @@ def test_the_imagic_cli_resumes_from_its_checkpoints(tmp_path):
                            "--checkpoint-dir", str(tmp_path / "ck"), "--resume"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 2 and "is from another run: config.e_tgt" in proc.stderr, proc.stderr
+
+
+def half_mask(size: int = 16) -> torch.Tensor:
+    m = torch.zeros(1, 1, size, size)
+    m[..., :, : size // 2] = 1
+    return m
+
+
+def test_layerdiffusion_embedding_resumes_exactly(tiny, tmp_path):
+    from core.checkpoint import Plan
+    from core.layerdiffusion import LayerEmbeddingConfig, optimize_layers
+
+    model, latent, e_a = tiny
+    e_b = model.encode_text(["a garden"])
+    cfg = LayerEmbeddingConfig(steps=6, lr=1e-2, seed=4)
+    whole = optimize_layers(model, latent, e_a, e_b, half_mask(), cfg)
+    with pytest.raises(Interrupted):
+        optimize_layers(model, latent, e_a, e_b, half_mask(), cfg, should_stop=stop_after(2),
+                        checkpoints=Plan(tmp_path))
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name == "layerdiffusion_embedding_step0000002.safetensors"
+    res = optimize_layers(model, latent, e_a, e_b, half_mask(), cfg, checkpoints=Plan(tmp_path, resume=saved))
+    assert torch.equal(res.e_a, whole.e_a) and torch.equal(res.e_b, whole.e_b)
+    assert res.losses == whole.losses and res.terms == whole.terms
+    with pytest.raises(ResumeError, match=r"config\.mask"):  # another object mask
+        optimize_layers(model, latent, e_a, e_b, 1 - half_mask(), cfg, checkpoints=Plan(tmp_path, resume=saved))
+
+
+def test_layerdiffusion_finetune_resumes_exactly(tiny, tmp_path):
+    from core.checkpoint import Plan
+    from core.layerdiffusion import LayeredFineTuneConfig, finetune_layered
+
+    model, latent, e_opt = tiny
+    reference = latent.flip(-1)
+    cfg = LayeredFineTuneConfig(steps=5, lr=1e-3, seed=1)
+    whole = finetune_layered(model, latent, reference, e_opt, half_mask(), 1 - half_mask(), cfg)
+    first = finetune_layered(model, latent, reference, e_opt, half_mask(), 1 - half_mask(),
+                             LayeredFineTuneConfig(steps=2, lr=1e-3, seed=1), checkpoints=Plan(tmp_path, every=2))
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name == "layerdiffusion_finetune_step0000002.safetensors" and first.losses == whole.losses[:2]
+    res = finetune_layered(model, latent, reference, e_opt, half_mask(), 1 - half_mask(), cfg,
+                           checkpoints=Plan(tmp_path, resume=saved))
+    assert res.losses == whole.losses and res.terms == whole.terms
+    assert all(torch.equal(res.deltas[k], whole.deltas[k]) for k in whole.deltas)
+    with pytest.raises(ResumeError, match=r"config\.lambda_obj"):
+        finetune_layered(model, latent, reference, e_opt, half_mask(), 1 - half_mask(),
+                         LayeredFineTuneConfig(steps=5, lr=1e-3, seed=1, lambda_obj=3.0),
+                         checkpoints=Plan(tmp_path, resume=saved))

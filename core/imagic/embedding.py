@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Plan, fingerprint
+from ..checkpoint import Plan, stage_checkpointing
 from ..fit import FitConfig, OnStep, ShouldStop, fit
 from ..losses import NoiseDraw, eps_term
 from ..seam import LatentDiffusion
@@ -47,15 +47,12 @@ class StepDraws:
         return t.to(self.latent.device, torch.long), eps.to(self.latent.device, self.latent.dtype)
 
 
-def stage_checkpointing(plan: Plan | None, stage: str, model: LatentDiffusion, settings: dict,
-                        data: dict[str, torch.Tensor | None], draws: StepDraws):
+def imagic_checkpointing(plan: Plan | None, stage: str, model: LatentDiffusion, settings: dict,
+                         data: dict[str, torch.Tensor | None], draws: StepDraws):
     """The fit loop's checkpointing for an Imagic stage (None without a plan): its identity is the stage's
     settings, a fingerprint of the frozen UNet and of the data it fits (latent, conditioning, mask)."""
-    if plan is None:
-        return None
-    seen = {k: fingerprint([(k, v)]) if v is not None else None for k, v in data.items()}
-    return plan.for_run("imagic", stage, {**settings, **seen, "draws": "seeded" if draws.noise else "given"},
-                        fingerprint(model.unet_parameters().items()), draws.generators)
+    return stage_checkpointing(plan, "imagic", stage, model.unet_parameters(),
+                               {**settings, "draws": "seeded" if draws.noise else "given"}, data, draws.generators)
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ def optimize_embedding(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torc
     latent = latent.detach().to(device, torch.float32)
     e = torch.nn.Parameter(e_tgt.detach().to(device, torch.float32).clone())
     batches = StepDraws(draws, config.seed, latent, len(model.alphas_cumprod))
-    ck = stage_checkpointing(checkpoints, "embedding", model, {"lr": config.lr, "seed": config.seed},
+    ck = imagic_checkpointing(checkpoints, "embedding", model, {"lr": config.lr, "seed": config.seed},
                              {"latent": latent, "e_tgt": e_tgt, "mask": mask}, batches)
     t0 = time.perf_counter()
     with model.adapted({}, config.gradient_checkpointing) as m:

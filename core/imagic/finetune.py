@@ -27,7 +27,7 @@ from ..losses import eps_term
 from ..seam import DeltaFunction, LatentDiffusion
 from ..seeds import derive_seed
 from ..checkpoint import Plan
-from .embedding import Draws, StepDraws, stage_checkpointing
+from .embedding import Draws, StepDraws, imagic_checkpointing
 
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
 
@@ -82,7 +82,7 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
     batches = StepDraws(draws, derive_seed(config.seed, 1), latent, len(model.alphas_cumprod))
     settings = {"mode": config.mode, "lr": config.learning_rate, "seed": config.seed, "rank": config.lora.rank,
                 "alpha": config.lora.alpha, "targets": config.lora.targets}
-    ck = stage_checkpointing(checkpoints, "finetune", model, settings, {"latent": latent, "cond": cond, "mask": mask},
+    ck = imagic_checkpointing(checkpoints, "finetune", model, settings, {"latent": latent, "cond": cond, "mask": mask},
                              batches)
     with model.adapted(fns, config.gradient_checkpointing) as m:
         res = fit(trainable, batches, [eps_term("eps_mse", m, latent, cond, mask)],

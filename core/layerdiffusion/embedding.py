@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
+from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw
 from ..seam import LatentDiffusion
 from .masks import REDUCTIONS, SharedDraw, background_mask, masked_eps_mse
@@ -123,12 +124,14 @@ def layer_terms(model, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tenso
 def optimize_layers(model: LatentDiffusion, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tensor,
                     mask: torch.Tensor, config: LayerEmbeddingConfig = LayerEmbeddingConfig(),
                     reference_latent: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
-                    on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> LayerEmbeddings:
+                    on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
+                    checkpoints: Plan | None = None) -> LayerEmbeddings:
     """Eq. 2: e^_a, e^_b reached from the text encodings ``e_a``, ``e_b`` ([1, 77, D]) by ``config.steps``
     Adam steps, the model frozen.  ``latent`` [1, 4, h, w] is the input image's model-space latent,
     ``mask`` its object mask on the latent grid [1, 1, h, w] (:func:`.masks.latent_mask`);
     ``reference_latent`` and ``reference_mask`` (the reference's object mask on the same grid) are
-    needed by the ``"separate_reference"`` reading only, and ignored by the others."""
+    needed by the ``"separate_reference"`` reading only, and ignored by the others.  ``checkpoints``:
+    write the run's state and / or continue one (:mod:`core.checkpoint`)."""
     if e_a.shape != e_b.shape:
         raise ValueError(f"e_a and e_b differ in shape: {tuple(e_a.shape)} vs {tuple(e_b.shape)}")
     device = torch.device(model.device)
@@ -144,12 +147,16 @@ def optimize_layers(model: LatentDiffusion, latent: torch.Tensor, e_a: torch.Ten
     pa = torch.nn.Parameter(e_a.detach().to(device, torch.float32).clone())
     pb = torch.nn.Parameter(e_b.detach().to(device, torch.float32).clone())
     noise = NoiseDraw(config.seed, len(model.alphas_cumprod))
+    ck = stage_checkpointing(checkpoints, "layerdiffusion", "embedding", model.unet_parameters(),
+                             settings_of(config), {"latent": latent, "e_a": e_a, "e_b": e_b, "mask": mask,
+                                                   "reference_latent": ref, "reference_mask": ref_mask},
+                             {"noise": noise.gen})
     t0 = time.perf_counter()
     with model.adapted({}, config.gradient_checkpointing) as m:
         terms, draw = layer_terms(m, latent, pa, pb, mask, config.reading, config.reduction, ref, ref_mask)
         res = fit([pa, pb], lambda step: noise(latent), terms,
                   FitConfig(config.steps, config.lr, what="layered embedding optimisation"), device,
-                  on_step=on_step, should_stop=should_stop)
+                  on_step=on_step, should_stop=should_stop, checkpointing=ck)
         draw.clear()
     return LayerEmbeddings(pa.detach().clone(), pb.detach().clone(), res.losses, res.terms,
                            time.perf_counter() - t0, config.reading)
