@@ -375,3 +375,26 @@ def test_layerdiffusion_finetune_resumes_exactly(tiny, tmp_path):
         finetune_layered(model, latent, reference, e_opt, half_mask(), 1 - half_mask(),
                          LayeredFineTuneConfig(steps=5, lr=1e-3, seed=1, lambda_obj=3.0),
                          checkpoints=Plan(tmp_path, resume=saved))
+
+
+@pytest.mark.parametrize("patches", [False, True])
+def test_sine_finetune_resumes_exactly(tiny, tmp_path, patches):
+    """Whole-image and patch fine-tuning (the patch crops come from their own generator, saved too)."""
+    from core.checkpoint import Plan
+    from core.sine import PatchConfig, SineFineTuneConfig, finetune_sine
+
+    model, _, cond = tiny
+    g = torch.Generator().manual_seed(9)
+    image = torch.rand(1, 3, 64, 64, generator=g)
+    patch = PatchConfig(high_resolution=64, size=32)
+    cfg = SineFineTuneConfig(steps=5, lr=5e-3, patches=patches, patch=patch, seed=6)
+    whole = finetune_sine(model, image, cond, cfg)
+    with pytest.raises(Interrupted):
+        finetune_sine(model, image, cond, cfg, should_stop=stop_after(3), checkpoints=Plan(tmp_path))
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name == "sine_finetune_step0000003.safetensors"
+    res = finetune_sine(model, image, cond, cfg, checkpoints=Plan(tmp_path, resume=saved))
+    assert res.losses == whole.losses and res.terms == whole.terms
+    assert all(torch.equal(res.deltas[k], whole.deltas[k]) for k in whole.deltas)
+    with pytest.raises(ResumeError, match=r"config\.image"):
+        finetune_sine(model, image.flip(-1), cond, cfg, checkpoints=Plan(tmp_path, resume=saved))

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from ..diffusion import predict_x0, q_sample
 from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
 from ..lora import TEXT_PREFIX, LoRAConfig, check_fine_tune, text_trainable, trainable_functions, trained_delta
+from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw, masked_mse
 from ..seam import DeltaFunction, Features, LatentDiffusion, TrainableText
 from ..seeds import derive_seed
@@ -187,13 +188,15 @@ def pooled_x0_loss(x0_hat: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, T: i
 
 def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torch.Tensor | None,
                   config: SineFineTuneConfig = SineFineTuneConfig(), on_step: OnStep | None = None,
-                  should_stop: ShouldStop | None = None, prompt: str | None = None) -> SineFineTuneResult:
+                  should_stop: ShouldStop | None = None, prompt: str | None = None,
+                  checkpoints: Plan | None = None) -> SineFineTuneResult:
     """Fine-tune ``model`` on ``image`` [1, 3, H, W] in [0, 1] at ``prompt_cond`` [1, 77, D].
 
     Without patches the image is encoded as given (resize it to the working size first, e.g.
     :func:`core.imagic.load_image`); with patches it is resized to ``patch.high_resolution``.
     With ``config.train_text_encoder`` the text ``prompt`` is needed instead of (or besides)
-    ``prompt_cond``, and ``model`` must be a :class:`core.seam.TrainableText`.
+    ``prompt_cond``, and ``model`` must be a :class:`core.seam.TrainableText`.  ``checkpoints``: write
+    the run's state and / or continue one (:mod:`core.checkpoint`).
     """
     device = torch.device(model.device)
     if config.train_text_encoder:
@@ -224,9 +227,11 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
                        "lr": config.text_learning_rate})
 
     draw = NoiseDraw(derive_seed(config.seed, 1), T)
+    rngs = {"noise": draw.gen}
     if config.patches:
         sampler = PatchSampler(image.float().cpu(), pcfg)
         crop_gen = torch.Generator().manual_seed(derive_seed(config.seed, 2))
+        rngs["crops"] = crop_gen
 
         def batches(step):
             crop, box = sampler(1, crop_gen)
@@ -240,6 +245,11 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
             t, eps = draw(latent)
             return {"z0": latent, "t": t, "eps": eps, "box": None}
 
+    base = dict(params)
+    if config.train_text_encoder:
+        base.update({f"text.{k}": v for k, v in model.text_parameters().items()})
+    ck = stage_checkpointing(checkpoints, "sine", "finetune", base, {**settings_of(config), "prompt": prompt},
+                             {"image": image, "cond": cond}, rngs)
     t0 = time.perf_counter()
     with ExitStack() as stack:
         # the UNet first: a back end may free every other model when it loads it for training
@@ -269,7 +279,7 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
         res = fit(groups, batches, terms,
                   FitConfig(config.total_steps, config.learning_rate, optimizer=config.optimizer,
                             weight_decay=config.weight_decay, what="SINE fine-tuning"),
-                  device, on_step=on_step, should_stop=should_stop)
+                  device, on_step=on_step, should_stop=should_stop, checkpointing=ck)
         if encode is not None:  # c^ as the trained encoder gives it (what the edit must use)
             with torch.no_grad():
                 c_hat = encode(prompt).detach().float().cpu()
