@@ -21,6 +21,7 @@ trained tensors and losses are bit-equal (tested in ``tests/test_checkpoint.py``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -59,6 +60,7 @@ class Checkpointing:
     keep: int = 3
     rngs: dict[str, torch.Generator] = field(default_factory=dict)
     resume: Path | None = None
+    write: bool = True  # False: resume only (the other processes of a distributed run; rank 0 writes)
 
     def __post_init__(self):
         if self.every < 0:
@@ -96,35 +98,35 @@ class Plan:
     resume_latest: bool = False  # continue from the newest checkpoint of the run's stage in folder, if any
 
     def for_run(self, method: str, stage: str, config: dict, base: str,
-                rngs: dict[str, torch.Generator]) -> Checkpointing:
+                rngs: dict[str, torch.Generator], write: bool = True) -> Checkpointing:
         """``config``: the settings a resumed run must share (not the step count: a resume asks for more);
-        ``base``: the :func:`fingerprint` of the frozen base weights."""
+        ``base``: the :func:`fingerprint` of the frozen base weights; ``write``: False for a process
+        that only resumes (all but rank 0 of a distributed run)."""
         meta = {"method": method, "stage": stage, "config": config, "fingerprint": base}
         ck = Checkpointing(Path(self.folder), f"{self.name or method}_{stage}", meta, self.every, self.keep,
-                           dict(rngs), Path(self.resume) if self.resume else None)
+                           dict(rngs), Path(self.resume) if self.resume else None, write)
         if self.resume_latest and ck.resume is None and ck.existing():
-            ck = Checkpointing(ck.folder, ck.prefix, meta, ck.every, ck.keep, ck.rngs, ck.existing()[-1])
+            ck = dataclasses.replace(ck, resume=ck.existing()[-1])
         return ck
 
 
 def settings_of(config, exclude: tuple[str, ...] = ("steps", "gradient_checkpointing")) -> dict:
     """A stage's frozen config dataclass as the JSON a resumed run must match: every field but the step
     count (a resume asks for more) and what does not change the arithmetic's result (gradient checkpointing)."""
-    import dataclasses
-
     return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config), default=str)).items()
             if k not in exclude}
 
 
 def stage_checkpointing(plan: Plan | None, method: str, stage: str, base: dict[str, torch.Tensor], settings: dict,
-                        data: dict[str, torch.Tensor | None], rngs: dict[str, torch.Generator]) -> Checkpointing | None:
+                        data: dict[str, torch.Tensor | None], rngs: dict[str, torch.Generator],
+                        write: bool = True) -> Checkpointing | None:
     """The fit loop's checkpointing for one training stage (None without a plan).  The run's identity:
     its ``settings``, a :func:`fingerprint` of the frozen ``base`` weights and one of each tensor it fits
     (``data``: latents, conditionings, masks; None where absent)."""
     if plan is None:
         return None
     seen = {k: fingerprint([(k, v)]) if v is not None else None for k, v in data.items()}
-    return plan.for_run(method, stage, {**settings, **seen}, fingerprint(base.items()), rngs)
+    return plan.for_run(method, stage, {**settings, **seen}, fingerprint(base.items()), rngs, write)
 
 
 @dataclass
@@ -167,8 +169,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def save(ck: Checkpointing, snap: Snapshot) -> Path:
-    """Write ``snap`` atomically as ``ck.path(step)``, then drop all but the newest ``ck.keep``."""
+def save(ck: Checkpointing, snap: Snapshot) -> Path | None:
+    """Write ``snap`` atomically as ``ck.path(step)``, then drop all but the newest ``ck.keep``
+    (None, writing nothing, when ``ck.write`` is False)."""
+    if not ck.write:
+        return None
     tensors: dict[str, torch.Tensor] = {}
     for i, p in enumerate(snap.params):
         tensors[f"param.{i}"] = p.detach().cpu().clone()

@@ -207,9 +207,10 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
                 finished = done == current  # stopped after its optimiser step (in on_step or after_step)
                 rngs = {n: g.get_state() for n, g in checkpointing.rngs.items()} if finished else rngs_before
                 result.checkpoint = ckpt.save(checkpointing, snapshot(done, rngs))
-                logging.getLogger("comfyui-single-image-edit").warning(
-                    "%s stopped after %d steps; its state is saved in %s (resume from it to continue)",
-                    config.what, done, result.checkpoint)
+                if result.checkpoint is not None:
+                    logging.getLogger("comfyui-single-image-edit").warning(
+                        "%s stopped after %d steps; its state is saved in %s (resume from it to continue)",
+                        config.what, done, result.checkpoint)
             except Exception as e:  # never hide why the run stopped
                 logging.getLogger("comfyui-single-image-edit").error("could not write the checkpoint: %s", e)
         raise

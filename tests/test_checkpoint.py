@@ -398,3 +398,38 @@ def test_sine_finetune_resumes_exactly(tiny, tmp_path, patches):
     assert all(torch.equal(res.deltas[k], whole.deltas[k]) for k in whole.deltas)
     with pytest.raises(ResumeError, match=r"config\.image"):
         finetune_sine(model, image.flip(-1), cond, cfg, checkpoints=Plan(tmp_path, resume=saved))
+
+
+def test_rectifier_training_resumes_exactly(tmp_path):
+    """The rectifier's batches come from a generator seeded per step, so the optimiser, its step-decay schedule
+    and R's weights are the whole state (tiny pixel DDPM, the paper's Adam with weight decay and step decay)."""
+    pytest.importorskip("diffusers")
+    from core.checkpoint import Plan
+    from core.diffusion import alphas_cumprod
+    from core.pixel import DiffusersPixel
+    from core.rectifier import TrainConfig, new_rectifier, train_rectifier
+    from test_engine import tiny_pixel_unet
+
+    pixel = DiffusersPixel(tiny_pixel_unet(), alphas_cumprod(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)))
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    cfg = TrainConfig(steps=6, batch=2, lr=1e-3, decay_every=2, seed=3)
+
+    def rectifier():
+        torch.manual_seed(0)
+        return new_rectifier(pixel.unet_parameters(), 3, encoder_layers=(1, 1, 1, 1), width=8)
+
+    r_whole = rectifier()
+    whole = train_rectifier(pixel, r_whole, x0, cfg)
+    r_first = rectifier()
+    with pytest.raises(Interrupted):
+        train_rectifier(pixel, r_first, x0, cfg, should_stop=stop_after(4), checkpoints=Plan(tmp_path))
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name == "rectifier_recon_step0000004.safetensors"
+    r = rectifier()
+    res = train_rectifier(pixel, r, x0, cfg, checkpoints=Plan(tmp_path, resume=saved))
+    assert res.losses == whole.losses
+    assert all(torch.equal(a, b) for a, b in zip(r.state_dict().values(), r_whole.state_dict().values()))
+    with pytest.raises(ResumeError, match=r"config\.batch"):
+        train_rectifier(pixel, rectifier(), x0, TrainConfig(steps=6, batch=4, lr=1e-3, decay_every=2, seed=3),
+                        checkpoints=Plan(tmp_path, resume=saved))

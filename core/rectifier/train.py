@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..diffusion import predict_x0, q_sample
 from ..fit import FitConfig, FitResult, OnStep, ShouldStop, Term, fit
 from ..seam import Denoiser, ViewSpec
@@ -206,18 +207,23 @@ def train_rectifier(model: Denoiser, rectifier: Rectifier, x0: torch.Tensor, con
                     cond: torch.Tensor | None = None, clip: DirectionalCLIP | None = None,
                     to_image: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     source_images: torch.Tensor | None = None, on_step: OnStep | None = None,
-                    should_stop: ShouldStop | None = None) -> FitResult:
+                    should_stop: ShouldStop | None = None, checkpoints: Plan | None = None) -> FitResult:
     """Train ``rectifier`` in place on the model-space images ``x0`` [N, C, H, W].
 
     ``cond`` [1 or N, 77, D]: the text condition for SD models (None for pixel DDPMs).
     Edit mode needs ``clip`` and ``to_image`` (model space -> [0, 1] images, differentiable);
     ``source_images`` (the originals in [0, 1]) default to ``to_image(x0)``: for SD the originals as the same
     decoder renders x0_hat, so the VAE's own reconstruction error is no part of the image direction dI.
-    Every tensor is moved to the model's device first.
+    Every tensor is moved to the model's device first.  ``checkpoints``: write the run's state and / or
+    continue one (:mod:`core.checkpoint`; in a distributed run rank 0 writes, every rank resumes).  The
+    batches are drawn from a generator seeded per step (:func:`draw`), so no generator state is kept.
     """
+    rank, _ = world()
+    ck = stage_checkpointing(checkpoints, "rectifier", config.mode, model.unet_parameters(), settings_of(config),
+                             {"x0": x0, "cond": cond}, {}, write=rank == 0)
     with objective(model, rectifier, x0, config, cond, clip, to_image, source_images) as obj:
         return fit(rectifier.parameters(), obj.batches, obj.terms, config.fit_config(), device=obj.device,
-                   on_step=on_step, should_stop=should_stop)
+                   on_step=on_step, should_stop=should_stop, checkpointing=ck)
 
 
 def agreed_finite(term: Term, mode: str, size: int) -> Term:
