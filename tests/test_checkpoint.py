@@ -433,3 +433,29 @@ def test_rectifier_training_resumes_exactly(tmp_path):
     with pytest.raises(ResumeError, match=r"config\.batch"):
         train_rectifier(pixel, rectifier(), x0, TrainConfig(steps=6, batch=4, lr=1e-3, decay_every=2, seed=3),
                         checkpoints=Plan(tmp_path, resume=saved))
+
+
+def test_sinddm_training_resumes_exactly(tmp_path):
+    """SinDDM: the network, Adam, the milestone schedule, the generator of scales, t and eps, and the EMA (updated
+    every step at this length, so a lost EMA would show); its step count is part of the run's identity, since the
+    EMA and learning-rate schedules are scaled to it."""
+    from PIL import Image
+
+    from core.checkpoint import Plan
+    from core.sinddm import NetConfig, TrainConfig, build_pyramid, train
+    from helpers import ROOT
+
+    pyramid = build_pyramid(Image.open(ROOT / "core/sinddm/data/coffee_128x100.png"))
+    cfg = TrainConfig(steps=12, batch_size=2, seed=1, precision="fp32")
+    assert cfg.ema_every == 1 and cfg.ema_start <= 1
+    whole = train(pyramid, NetConfig(8), cfg)
+    with pytest.raises(Interrupted):
+        train(pyramid, NetConfig(8), cfg, should_stop=stop_after(7), checkpoints=Plan(tmp_path))
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name == "sinddm_train_step0000007.safetensors"
+    res = train(pyramid, NetConfig(8), cfg, checkpoints=Plan(tmp_path, resume=saved))
+    assert res.losses == whole.losses
+    assert all(torch.equal(a, b) for a, b in zip(res.net.state_dict().values(), whole.net.state_dict().values()))
+    with pytest.raises(ResumeError, match=r"config\.steps"):
+        train(pyramid, NetConfig(8), TrainConfig(steps=20, batch_size=2, seed=1, precision="fp32"),
+              checkpoints=Plan(tmp_path, resume=saved))

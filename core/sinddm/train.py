@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..diffusion import q_sample
 from ..fit import FitConfig, OnStep, Term, fit
 from .model import NetConfig, SinDDMNet, private_rng, seeded_net
@@ -194,6 +195,7 @@ def train(
     preview_every: int = 0,
     preview: Callable[[SinDDMNet], torch.Tensor] | None = None,
     init: SinDDMNet | None = None,
+    checkpoints: Plan | None = None,
 ) -> TrainResult:
     """Train a SinDDM denoiser on one image's pyramid (paper Alg. 1) with the engine's fit loop.
 
@@ -201,6 +203,8 @@ def train(
     ``info["preview"]``, an image [3, H, W] in [0, 1] made by ``preview(ema_net)``,
     every ``preview_every`` steps); it may raise to cancel.  ``should_stop()`` is polled
     every step and raises :class:`core.fit.Interrupted`.  Returns the EMA network on the CPU.
+    ``checkpoints``: write the run's state (the network, Adam, the schedule, the generator, the EMA)
+    and / or continue one (:mod:`core.checkpoint`).
     """
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -223,8 +227,25 @@ def train(
             info["preview"] = preview(ema)
         return info
 
+    def ema_state() -> dict:
+        return {**{f"ema.{k}": v for k, v in ema.state_dict().items()},
+                **{f"buffer.{k}": v for k, v in step_fn.net.named_buffers()}}
+
+    def set_ema_state(saved: dict) -> None:
+        ema.load_state_dict({k[len("ema."):]: v for k, v in saved.items() if k.startswith("ema.")})
+        buffers = dict(step_fn.net.named_buffers())
+        with torch.no_grad():
+            for k, v in saved.items():
+                if k.startswith("buffer."):
+                    buffers[k[len("buffer."):]].copy_(v)
+
+    # the step count is part of the identity: the EMA and learning-rate schedules are scaled to it
+    settings = {**settings_of(config, exclude=()), "net": asdict(net_config) if init is None else asdict(init.config)}
+    ck = stage_checkpointing(checkpoints, "sinddm", "train", dict(init.state_dict()) if init is not None else {},
+                             settings, {f"scale{s}": img for s, img in enumerate(pyramid.images)}, {"noise": gen})
     res = fit([], batches, [Term("l1", step_fn.loss)], step_fn.fit_config(config.steps), device,
-              on_step=on_step, should_stop=should_stop, after_step=after_step, optimizer=step_fn.opt)
+              on_step=on_step, should_stop=should_stop, after_step=after_step, optimizer=step_fn.opt,
+              checkpointing=ck, extra_state=(ema_state, set_ema_state))
     tail = config.steps % config.ema_every
     if tail:  # make the returned EMA include the last steps (a partial interval decays in proportion)
         decay = config.ema_update_decay ** (tail / config.ema_every)
