@@ -101,6 +101,43 @@ class FitConfig:
             raise ValueError("give decay_every or milestones, not both")
 
 
+class Pace:
+    """Seconds per step as an exponential moving average over about ``window`` steps, and the time left.
+
+    The first step (which often pays for loading and warm-up) seeds the average and is forgotten as
+    the steps go by, so the estimate follows the steady pace instead of the start."""
+
+    def __init__(self, window: int = 20):
+        self.alpha = 2.0 / (window + 1)
+        self.seconds_per_step: float | None = None
+
+    def update(self, seconds: float) -> float:
+        s = max(float(seconds), 0.0)
+        prev = self.seconds_per_step
+        self.seconds_per_step = s if prev is None else prev + self.alpha * (s - prev)
+        return self.seconds_per_step
+
+    def left(self, steps_left: int) -> float:
+        return (self.seconds_per_step or 0.0) * max(int(steps_left), 0)
+
+
+def duration(seconds: float) -> str:
+    """A time span for people: "42 s", "3 min 05 s", "2 h 07 min"."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def pace_text(info: dict) -> str:
+    """ "0.57 s/step, 19 min 00 s left" from a step's ``info`` (empty when it has no pace)."""
+    if info.get("sec_per_step") is None:
+        return ""
+    return f"{info['sec_per_step']:.3g} s/step, {duration(info.get('eta_s', 0.0))} left"
+
+
 @dataclass
 class FitResult:
     losses: list[float]  # the weighted total per step
@@ -144,8 +181,10 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
         extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None) -> FitResult:
     """Minimise sum_k w_k term_k over ``parameters`` for ``config.steps`` steps.
 
-    ``on_step(i, n, info)`` gets ``info["loss"]`` (the total) and ``info["terms"]``; it may
-    raise to cancel, and ``should_stop()`` True raises :class:`Interrupted`.
+    ``on_step(i, n, info)`` gets ``info["loss"]`` (the total), ``info["terms"]``, the pace
+    ``info["sec_per_step"]`` (a moving average, :class:`Pace`) and ``info["eta_s"]`` (the
+    seconds left at that pace); it may raise to cancel, and ``should_stop()`` True raises
+    :class:`Interrupted`.
     ``after_step(i)`` runs after each optimiser step (e.g. an EMA update); a dict it
     returns is merged into ``info``.  ``optimizer``: an existing optimiser to continue
     (its parameters replace ``parameters``).  ``checkpointing``: write checkpoints and / or
@@ -179,16 +218,20 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
                              {k: list(v) for k, v in result.terms.items()},
                              extra_state[0]() if extra_state is not None else {})
 
+    pace = Pace()
     try:
         for step in range(done + 1, config.steps + 1):
             current = step
             if checkpointing is not None:
                 rngs_before = {n: g.get_state() for n, g in checkpointing.rngs.items()}
+            started = time.perf_counter()
             _one_step(step, opt, sched, scaler, trainable, batches, terms, config, device, scope, should_stop,
                       result)
             done = step
+            per_step = pace.update(time.perf_counter() - started)
             info = {"loss": result.losses[-1], "terms": {k: v[-1] for k, v in result.terms.items()},
-                    "lr": opt.param_groups[0]["lr"]}
+                    "lr": opt.param_groups[0]["lr"], "sec_per_step": per_step,
+                    "eta_s": pace.left(config.steps - step)}
             if after_step is not None:
                 info.update(after_step(step) or {})
             if checkpointing is not None and checkpointing.every and (step % checkpointing.every == 0

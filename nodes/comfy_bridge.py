@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.fit import pace_text
 from ..core.images import tensor_to_pil
 from .comfy_views import ComfySD  # noqa: F401  (re-exported: the seam over MODEL / CLIP / VAE)
 
@@ -156,7 +157,9 @@ class Progress:
             self.losses.append(float(self.last_info["loss"]))
             if now - self._text_at >= self.TEXT_EVERY or i >= self.total:
                 self._text_at = now
-                _progress_text(f"step {i}/{total or self.total}  loss {self.losses[-1]:.4f}")
+                pace = pace_text(self.last_info)
+                _progress_text(f"step {i}/{total or self.total}  loss {self.losses[-1]:.4f}"
+                               + (f"  ({pace})" if pace else ""))
             if now - self._curve_at >= self.CURVE_EVERY and len(self.losses) > 1:
                 from ..core.plot import loss_curve
 

@@ -105,3 +105,25 @@ def test_fp16_uses_a_grad_scaler_and_still_converges():
     res = fit([w], lambda s: None, [Term("fro", lambda b: (x @ w).pow(2).mean())],
               FitConfig(steps=30, lr=5e-2, precision="bf16"))
     assert res.losses[-1] < res.losses[0]
+
+
+def test_pace_is_a_moving_average_that_forgets_the_slow_first_step():
+    from core.fit import Pace, duration, pace_text
+
+    pace = Pace(window=3)  # alpha 0.5
+    assert pace.update(10.0) == 10.0  # the first step (loading, warm-up) seeds it
+    assert pace.update(2.0) == 6.0 and pace.update(2.0) == 4.0 and pace.update(2.0) == 3.0
+    assert pace.left(10) == 30.0 and pace.left(0) == 0.0
+    assert [duration(s) for s in (0.4, 42, 185, 7620)] == ["0 s", "42 s", "3 min 05 s", "2 h 07 min"]
+    assert pace_text({"sec_per_step": 0.5712, "eta_s": 1140}) == "0.571 s/step, 19 min 00 s left"
+    assert pace_text({}) == ""
+
+
+def test_each_step_reports_its_pace_and_the_time_left():
+    seen = []
+    x = torch.zeros(3, requires_grad=True)
+    fit([x], lambda step: None, [Term("l", lambda b: ((x - 1) ** 2).sum())], FitConfig(steps=4, lr=0.1),
+        on_step=lambda i, n, info: seen.append((i, info["sec_per_step"], info["eta_s"])))
+    assert [i for i, _, _ in seen] == [1, 2, 3, 4]
+    assert all(s > 0 for _, s, _ in seen)
+    assert all(eta == pytest.approx(s * (4 - i)) for i, s, eta in seen) and seen[-1][2] == 0.0

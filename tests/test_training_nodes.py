@@ -121,3 +121,13 @@ def test_the_shared_nodes_refuse_what_a_recipe_does_not_read_or_lacks(bridged):
                                                            torch.ones(1, 64, 64), toy)) == "mask"
     assert named(lambda: fine_tune(model, None, image, cond, "lora", 1, 0.0, 4, 0, object())) == "recipe"
     assert toy.seen == [] and bridged["applied"] == []  # refused before any work
+
+
+def test_training_progress_text_shows_the_pace_and_the_time_left(monkeypatch):
+    bridge = sys.modules[PACK.__name__ + ".nodes.comfy_bridge"]
+    shown = []
+    monkeypatch.setattr(bridge, "_progress_text", shown.append)
+    progress = bridge.Progress(100)
+    progress._bar = SimpleNamespace(update_absolute=lambda *a: None)  # as inside a server
+    progress(40, 100, {"loss": 0.25, "sec_per_step": 0.5, "eta_s": 30.0})
+    assert shown == ["step 40/100  loss 0.2500  (0.5 s/step, 30 s left)"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Plan
+from ..fit import pace_text
 from ..sampling import ddim_sample
 from ..seam import LatentDiffusion
 from .artifact import Trained, save_trained
@@ -63,7 +64,8 @@ def train_stages(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torch.Tens
     def progress(name):
         def on_step(i, n, info):
             if i == 1 or i % max(1, n // 10) == 0 or i == n:
-                log(f"  {name} {i}/{n}  loss {info['loss']:.4f}")
+                pace = pace_text(info)
+                log(f"  {name} {i}/{n}  loss {info['loss']:.4f}" + (f"  ({pace})" if pace else ""))
         return on_step
 
     t0 = time.perf_counter()
