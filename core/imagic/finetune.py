@@ -27,6 +27,7 @@ from ..losses import eps_term
 from ..seam import DeltaFunction, LatentDiffusion
 from ..seeds import derive_seed
 from ..checkpoint import Plan
+from ..previews import Previews, one_step_x0, with_previews
 from .embedding import Draws, StepDraws, imagic_checkpointing
 
 DEFAULT_LR = {"lora": 1e-4, "full": 2e-6}
@@ -68,10 +69,12 @@ class FineTuneResult:
 def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
              config: FineTuneConfig = FineTuneConfig(), mask: torch.Tensor | None = None,
              on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
-             draws: Draws | None = None, checkpoints: Plan | None = None) -> FineTuneResult:
+             draws: Draws | None = None, checkpoints: Plan | None = None,
+             previews: Previews | None = None) -> FineTuneResult:
     """Fine-tune ``model`` to reconstruct ``latent`` [1, 4, h, w] at ``cond`` [1, 77, D]
     (``draws``: the (t, eps) of each step, default: seeded by ``config.seed``; ``checkpoints``: write
-    the run's state and / or continue one, see :mod:`core.checkpoint`)."""
+    the run's state and / or continue one, see :mod:`core.checkpoint`; ``previews``: the fine-tuned
+    model's one-step x0 of the latent every N steps, see :mod:`core.previews`)."""
     device = torch.device(model.device)
     latent = latent.detach().to(device, torch.float32)
     cond = cond.detach().to(device, torch.float32)
@@ -85,9 +88,11 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
     ck = imagic_checkpointing(checkpoints, "finetune", model, settings, {"latent": latent, "cond": cond, "mask": mask},
                              batches)
     with model.adapted(fns, config.gradient_checkpointing) as m:
+        show = with_previews(on_step, previews, lambda: one_step_x0(m.eps, latent, cond, model.alphas_cumprod,
+                                                                    previews.timesteps, previews.seed))
         res = fit(trainable, batches, [eps_term("eps_mse", m, latent, cond, mask)],
                   FitConfig(config.steps, config.learning_rate, what="fine-tuning"), device,
-                  on_step=on_step, should_stop=should_stop, checkpointing=ck)
+                  on_step=show, should_stop=should_stop, checkpointing=ck)
     losses = res.losses
     delta, deltas = trained_delta(config.mode, fns, params)
     return FineTuneResult(config.mode, delta, deltas, losses, time.perf_counter() - t0,

@@ -1,0 +1,53 @@
+"""Previews while training (core.previews): the model's one-step x0 of the training latent at fixed t, shown every N
+steps; they never change what is trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.diffusion import predict_x0, q_sample
+from core.imagic import FineTuneConfig, finetune
+from core.previews import Previews, one_step_x0
+from tiny_sd import tiny_sd_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_sd_model(0)
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    return model, latent, model.encode_text(["a photo of a dog"])
+
+
+def test_previews_show_the_fine_tuned_models_one_step_x0_and_change_nothing(tiny):
+    model, latent, cond = tiny
+    cfg = FineTuneConfig(steps=6, lr=1e-2, seed=1)
+    shown = []
+    with_previews = finetune(model, latent, cond, cfg,
+                             previews=Previews(4, lambda step, x0: shown.append((step, x0)), timesteps=(100, 900)))
+    without = finetune(model, latent, cond, cfg)
+    assert with_previews.losses == without.losses
+    assert all(torch.equal(with_previews.deltas[k], without.deltas[k]) for k in without.deltas)
+    assert [s for s, _ in shown] == [4, 6] and shown[0][1].shape == (2, 4, 16, 16)
+    # the last preview is x0_hat of the fine-tuned model, computed here from its own eps at the same noise and t
+    eps = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 900])
+    a = model.alphas_cumprod[t].float()
+    x_t = q_sample(latent.expand(2, -1, -1, -1), a, eps)
+    with model.adapted(without.weight_functions()) as m, torch.no_grad():
+        want = predict_x0(x_t, m.eps(x_t, t, cond.expand(2, -1, -1)), a)
+    with torch.no_grad():
+        base = predict_x0(x_t, model.eps(x_t, t, cond.expand(2, -1, -1)), a)
+    torch.testing.assert_close(shown[-1][1], want, rtol=1e-4, atol=1e-4)
+    assert (shown[-1][1] - base).abs().max() > 1e-2  # training moved it: the preview shows the tuned model
+
+
+def test_one_step_x0_is_the_image_when_the_model_predicts_the_noise():
+    latent = torch.randn(1, 4, 8, 8)
+    ab = torch.linspace(0.99, 0.01, 1000)
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn((3, 4, 8, 8), generator=g)
+    x0 = one_step_x0(lambda x_t, t, c: eps, latent, None, ab, (10, 500, 990))
+    torch.testing.assert_close(x0, latent.expand(3, -1, -1, -1), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="preview interval"):
+        Previews(-1, print)
