@@ -51,3 +51,18 @@ def test_one_step_x0_is_the_image_when_the_model_predicts_the_noise():
     torch.testing.assert_close(x0, latent.expand(3, -1, -1, -1), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="preview interval"):
         Previews(-1, print)
+
+
+def test_embedding_previews_use_the_current_embedding_and_change_nothing(tiny):
+    from core.imagic import EmbeddingConfig, optimize_embedding
+
+    model, latent, e_tgt = tiny
+    cfg = EmbeddingConfig(steps=5, lr=5e-2, seed=2)
+    shown = []
+    on = optimize_embedding(model, latent, e_tgt, cfg, previews=Previews(5, lambda s, x0: shown.append(x0),
+                                                                         timesteps=(700,)))
+    off = optimize_embedding(model, latent, e_tgt, cfg)
+    assert torch.equal(on.e_opt, off.e_opt) and on.losses == off.losses
+    want = one_step_x0(model.eps, latent, off.e_opt, model.alphas_cumprod, (700,))  # at e_opt, not at e_tgt
+    torch.testing.assert_close(shown[-1], want, rtol=1e-4, atol=1e-4)
+    assert (shown[-1] - one_step_x0(model.eps, latent, e_tgt, model.alphas_cumprod, (700,))).abs().max() > 1e-3

@@ -24,6 +24,7 @@ import torch
 from ..checkpoint import Plan, stage_checkpointing
 from ..fit import FitConfig, OnStep, ShouldStop, fit
 from ..losses import NoiseDraw, eps_term
+from ..previews import Previews, one_step_x0, with_previews
 from ..seam import LatentDiffusion
 
 Draws = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -81,10 +82,12 @@ class EmbeddingResult:
 def optimize_embedding(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torch.Tensor,
                        config: EmbeddingConfig = EmbeddingConfig(), mask: torch.Tensor | None = None,
                        on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
-                       draws: Draws | None = None, checkpoints: Plan | None = None) -> EmbeddingResult:
+                       draws: Draws | None = None, checkpoints: Plan | None = None,
+                       previews: Previews | None = None) -> EmbeddingResult:
     """Return e_opt = argmin_e L(x, e, theta) reached from e_tgt by ``config.steps`` Adam steps
     (``draws``: the (t, eps) of each step, default: seeded by ``config.seed``; ``checkpoints``: write
-    the run's state and / or continue one, see :mod:`core.checkpoint`)."""
+    the run's state and / or continue one, see :mod:`core.checkpoint`; ``previews``: the model's one-step
+    x0 of the latent at the current embedding every N steps, see :mod:`core.previews`)."""
     device = torch.device(model.device)
     latent = latent.detach().to(device, torch.float32)
     e = torch.nn.Parameter(e_tgt.detach().to(device, torch.float32).clone())
@@ -93,8 +96,10 @@ def optimize_embedding(model: LatentDiffusion, latent: torch.Tensor, e_tgt: torc
                              {"latent": latent, "e_tgt": e_tgt, "mask": mask}, batches)
     t0 = time.perf_counter()
     with model.adapted({}, config.gradient_checkpointing) as m:
+        show = with_previews(on_step, previews, lambda: one_step_x0(m.eps, latent, e.detach(), model.alphas_cumprod,
+                                                                    previews.timesteps, previews.seed))
         res = fit([e], batches, [eps_term("eps_mse", m, latent, e, mask)],
                   FitConfig(config.steps, config.lr, what="embedding optimisation"), device,
-                  on_step=on_step, should_stop=should_stop, checkpointing=ck)
+                  on_step=show, should_stop=should_stop, checkpointing=ck)
     return EmbeddingResult(e.detach().clone(), res.losses, time.perf_counter() - t0, res.checkpoint,
                            res.resumed_from)
