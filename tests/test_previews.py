@@ -66,3 +66,18 @@ def test_embedding_previews_use_the_current_embedding_and_change_nothing(tiny):
     want = one_step_x0(model.eps, latent, off.e_opt, model.alphas_cumprod, (700,))  # at e_opt, not at e_tgt
     torch.testing.assert_close(shown[-1], want, rtol=1e-4, atol=1e-4)
     assert (shown[-1] - one_step_x0(model.eps, latent, e_tgt, model.alphas_cumprod, (700,))).abs().max() > 1e-3
+
+
+def test_layerdiffusion_finetune_previews_change_nothing(tiny):
+    from core.layerdiffusion import LayeredFineTuneConfig, finetune_layered
+
+    model, latent, e_opt = tiny
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8] = 1
+    cfg = LayeredFineTuneConfig(steps=4, lr=1e-2, seed=3)
+    shown = []
+    on = finetune_layered(model, latent, latent.flip(-1), e_opt, mask, 1 - mask, cfg,
+                          previews=Previews(2, lambda s, x0: shown.append(s)))
+    off = finetune_layered(model, latent, latent.flip(-1), e_opt, mask, 1 - mask, cfg)
+    assert shown == [2, 4] and on.losses == off.losses and on.terms == off.terms
+    assert all(torch.equal(on.deltas[k], off.deltas[k]) for k in off.deltas)

@@ -45,6 +45,7 @@ from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
 from ..lora import LoRAConfig, check_fine_tune, trainable_functions, trained_delta
 from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw
+from ..previews import Previews, one_step_x0, with_previews
 from ..seam import DeltaFunction, Denoiser, LatentDiffusion
 from ..seeds import derive_seed
 from .masks import REDUCTIONS, SharedDraw, background_mask, masked_eps_mse
@@ -125,14 +126,16 @@ def layered_terms(model: Denoiser, obj_latent: torch.Tensor, bg_latent: torch.Te
 def finetune_layered(model: LatentDiffusion, image_latent: torch.Tensor, reference_latent: torch.Tensor | None,
                      e_opt: torch.Tensor, mask_t: torch.Tensor, mask_r: torch.Tensor,
                      config: LayeredFineTuneConfig = LayeredFineTuneConfig(), on_step: OnStep | None = None,
-                     should_stop: ShouldStop | None = None, checkpoints: Plan | None = None) -> LayeredFineTuneResult:
+                     should_stop: ShouldStop | None = None, checkpoints: Plan | None = None,
+                     previews: Previews | None = None) -> LayeredFineTuneResult:
     """Fine-tune ``model`` (through weight functions; the base is untouched) on eq. 6 at ``e_opt`` [1, 77, D].
 
     ``image_latent``, ``reference_latent``: model-space latents [1, 4, h, w] (the reference may be
     None when neither source is "reference"); ``mask_t``, ``mask_r``: object masks [1, 1, h, w] on the
     latent grid (:func:`.masks.latent_mask`): ``mask_t`` the M_t that ``config.object_mask`` names (the
     object mask of the image L_obj noises, or O_t's), ``mask_r`` the object mask of the image L_bg noises.
-    ``checkpoints``: write the run's state and / or continue one (:mod:`core.checkpoint`).
+    ``checkpoints``: write the run's state and / or continue one (:mod:`core.checkpoint`); ``previews``:
+    the tuned model's one-step x0 of the latent L_obj noises, at e_opt, every N steps (:mod:`core.previews`).
     """
     if config.needs_reference and reference_latent is None:
         raise ValueError("this configuration computes a term on the reference image: give reference_latent")
@@ -156,9 +159,11 @@ def finetune_layered(model: LatentDiffusion, image_latent: torch.Tensor, referen
     with model.adapted(fns, config.gradient_checkpointing) as m:
         terms, draw = layered_terms(m, obj, bg, e_opt, mask_t, mask_r, config.lambda_obj, config.lambda_bg,
                                     config.reduction)
+        show = with_previews(on_step, previews, lambda: one_step_x0(m.eps, obj, e_opt, model.alphas_cumprod,
+                                                                    previews.timesteps, previews.seed))
         res = fit(trainable, lambda step: noise(obj), terms,
                   FitConfig(config.steps, config.learning_rate, what="layered fine-tuning"), device,
-                  on_step=on_step, should_stop=should_stop, checkpointing=ck)
+                  on_step=show, should_stop=should_stop, checkpointing=ck)
         draw.clear()
     delta, deltas = trained_delta(config.mode, fns, params)
     return LayeredFineTuneResult(config.mode, delta, deltas, res.losses, res.terms, time.perf_counter() - t0,
