@@ -103,11 +103,27 @@ class Plan:
         ``base``: the :func:`fingerprint` of the frozen base weights; ``write``: False for a process
         that only resumes (all but rank 0 of a distributed run)."""
         meta = {"method": method, "stage": stage, "config": config, "fingerprint": base}
+        resume, latest = (Path(self.resume) if self.resume else None), self.resume_latest
+        if resume is not None and _stage_of(resume) not in (None, stage):
+            # a multi-stage run given the file of a later stage: the stages before it continue from their newest
+            resume, latest = None, True
         ck = Checkpointing(Path(self.folder), f"{self.name or method}_{stage}", meta, self.every, self.keep,
-                           dict(rngs), Path(self.resume) if self.resume else None, write)
-        if self.resume_latest and ck.resume is None and ck.existing():
+                           dict(rngs), resume, write)
+        if latest and ck.resume is None and ck.existing():
             ck = dataclasses.replace(ck, resume=ck.existing()[-1])
         return ck
+
+
+def _stage_of(path: Path) -> str | None:
+    """The stage a checkpoint file was written by (None when it is no readable checkpoint: :func:`load`
+    then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})[FORMAT])["meta"]["stage"]
+    except Exception:
+        return None
 
 
 def settings_of(config, exclude: tuple[str, ...] = ("steps", "gradient_checkpointing")) -> dict:

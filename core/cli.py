@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .artifact_io import FORMAT_NAMES, ArtifactError, describe_format, image_format, sniff_file
-from .checkpoint import ResumeError
+from .checkpoint import Plan, ResumeError
 from .sd.checkpoint import CheckpointError
 from .seeds import SEED_MAX
 
@@ -124,6 +124,34 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The training checkpoint flags every training command line takes (see :func:`checkpoint_plan`)."""
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=0,
+                   help="write the training state every N steps and at the end (0: only when interrupted); "
+                        "an interrupted run always leaves its last completed step")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="folder of the training checkpoints (default: <--out without extension>_checkpoints)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=3, help="checkpoints kept per training stage")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="FILE",
+                   help="continue from a checkpoint: FILE, or (no FILE) each stage's newest one in "
+                        "--checkpoint-dir; the same settings are required and a file of another run is refused")
+
+
+def checkpoint_plan(a: argparse.Namespace, out: str | Path) -> Plan:
+    """The :class:`core.checkpoint.Plan` of the flags of :func:`add_checkpoint_args` (``out``: the command's
+    output file or folder, beside which the checkpoints go by default)."""
+    out = Path(out)
+    folder = Path(a.checkpoint_dir) if a.checkpoint_dir else out.with_name(out.stem + "_checkpoints")
+    make_folder(folder, "--checkpoint-dir")
+    resume = None
+    if a.resume not in (None, "latest"):
+        resume = Path(a.resume)
+        if not resume.is_file():
+            raise CLIError("--resume", f"{a.resume}: file not found", "give a checkpoint file, or --resume alone "
+                                                                      "for the newest one in --checkpoint-dir")
+    return Plan(folder, a.checkpoint_every, a.keep_checkpoints, resume, resume_latest=a.resume == "latest")
 
 
 def non_negative_int(text: str) -> int:

@@ -19,7 +19,6 @@ import torch
 
 from .. import cli
 from ..artifact_io import atomic_write_image
-from ..checkpoint import Plan
 from ..images import tensor_to_pil
 from ..lora import LoRAConfig
 from .embedding import EmbeddingConfig
@@ -61,15 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-delta", default=None, help="also save the trained delta + e_opt (.safetensors)")
     ap.add_argument("--save-fp16", action="store_true", help="store the --save-delta delta in float16: half the "
                                                              "file (a full SD 1.5 fine-tune: 1.7 GB, not 3.4 GB)")
-    ap.add_argument("--checkpoint-every", type=cli.non_negative_int, default=0,
-                    help="write each stage's training state every N steps and at its end (0: only when "
-                         "interrupted); the files go to --checkpoint-dir")
-    ap.add_argument("--checkpoint-dir", default=None,
-                    help="folder of the checkpoints (default: <--out without extension>_checkpoints beside it)")
-    ap.add_argument("--keep-checkpoints", type=cli.positive_int, default=3, help="checkpoints kept per stage")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue each stage from its newest checkpoint in --checkpoint-dir (after a crash or "
-                         "Ctrl-C; the same settings are required, and a file of another run is refused)")
+    cli.add_checkpoint_args(ap)
     a = ap.parse_args(argv)
     if a.size % 8:
         ap.error("--size must be a multiple of 8")
@@ -86,9 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.make_folder(Path(a.save_delta).parent, "--save-delta")
     device = cli.device(a.device)
     cli.check_checkpoint(a.checkpoint, a.config_dir)
-    folder = Path(a.checkpoint_dir) if a.checkpoint_dir else out.with_name(out.stem + "_checkpoints")
-    cli.make_folder(folder, "--checkpoint-dir")
-    plan = Plan(folder, a.checkpoint_every, a.keep_checkpoints, resume_latest=a.resume)
+    plan = cli.checkpoint_plan(a, out)
 
     from ..sd.loader import load_sd15
 

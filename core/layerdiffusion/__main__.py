@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..lora import LoRAConfig
 
     ap = parser()
+    cli.add_checkpoint_args(ap)
     a = ap.parse_args(argv)
     if a.size % LATENT_FACTOR:
         ap.error("--size must be a multiple of 8")
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     image = cli.open_image(a.image, "--image")
     reference = cli.open_image(a.reference, "--reference") if a.reference is not None else None
     out = cli.check_image_output(a.out, "--out")
+    plan = cli.checkpoint_plan(a, out)
     if a.save_delta:
         cli.make_folder(Path(a.save_delta).parent, "--save-delta")
     device = cli.device(a.device)
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     result = edit(model, load_image(image, a.size), load_image(reference, a.size) if reference is not None else None,
                   a.object_text, a.background_text, mask_image, mask_reference,
                   replace(emb_config, gradient_checkpointing=gpu), a.alpha,
-                  replace(ft_config, gradient_checkpointing=gpu), a.mask_rule, mask_target=mask_target)
+                  replace(ft_config, gradient_checkpointing=gpu), a.mask_rule, mask_target=mask_target,
+                  checkpoints=plan)
     parity = None if a.start_parity == "auto" else int(a.start_parity)
     trace: list[int] = []
     side = a.size // LATENT_FACTOR

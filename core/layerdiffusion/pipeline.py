@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..checkpoint import Plan
 from ..images import load_image, pil_to_tensor, square
 from ..seam import LatentDiffusion
 from .embedding import LayerEmbeddingConfig, LayerEmbeddings, optimize_layers
@@ -85,9 +86,10 @@ def edit(model: LatentDiffusion, image: torch.Tensor, reference: torch.Tensor | 
          background_text: str, mask_image: torch.Tensor, mask_reference: torch.Tensor | None,
          emb_config: LayerEmbeddingConfig = LayerEmbeddingConfig(), alpha: float = ALPHA,
          ft_config: LayeredFineTuneConfig = LayeredFineTuneConfig(), rule: str = "area",
-         log=print, mask_target: torch.Tensor | None = None) -> LayerDiffusionEdit:
+         log=print, mask_target: torch.Tensor | None = None, checkpoints: Plan | None = None) -> LayerDiffusionEdit:
     """Stages 1-2 (and eq. 3) for ``image``, ``reference`` [1, 3, H, W] in [0, 1] (same size) and pixel
-    masks [1, H, W] in [0, 1] (``mask_target``: the object mask of O_t, for ``object_mask="target"``)."""
+    masks [1, H, W] in [0, 1] (``mask_target``: the object mask of O_t, for ``object_mask="target"``;
+    ``checkpoints``: both stages' checkpoints, :mod:`core.checkpoint`)."""
     if reference is None and (emb_config.needs_reference or ft_config.needs_reference):
         raise ValueError("reference: missing; " + ("the fine-tuning computes a term on the reference image"
                                                    if ft_config.needs_reference else
@@ -109,13 +111,13 @@ def edit(model: LatentDiffusion, image: torch.Tensor, reference: torch.Tensor | 
 
     t0 = time.perf_counter()
     layers = optimize_layers(model, latent, e_a, e_b, masks["M"], emb_config, ref_latent, masks["M_ref"],
-                             on_step=progress("embeddings"))
+                             on_step=progress("embeddings"), checkpoints=checkpoints)
     log(f"stage 1 (layered embeddings, {emb_config.reading}, {emb_config.steps} steps): "
         f"{time.perf_counter() - t0:.1f} s")
     e_opt = interpolate_layers(layers.e_a, layers.e_b, alpha)
     t0 = time.perf_counter()
     tuned = finetune_layered(model, latent, ref_latent, e_opt, masks["M_t"], masks["M_r"], ft_config,
-                             on_step=progress(f"fine-tune ({ft_config.mode})"))
+                             on_step=progress(f"fine-tune ({ft_config.mode})"), checkpoints=checkpoints)
     log(f"stage 2 (layered fine-tune, {ft_config.steps} steps, {tuned.trainable_parameters:,} trainable): "
         f"{time.perf_counter() - t0:.1f} s")
     return LayerDiffusionEdit(e_a, e_b, layers, float(alpha), e_opt, tuned)

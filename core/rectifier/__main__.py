@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import cli
+from ..fit import pace_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -70,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--lambda-recon", type=float, default=1.0)
     t.add_argument("--encoder-blocks", type=_blocks, default=(3, 4, 6, 3), help="ResNet blocks (3,4,6,3 = ResNet-34)")
     t.add_argument("--encoder-weights", default=None, help="torchvision ResNet-34 ImageNet weights (local file)")
+    cli.add_checkpoint_args(t)
     t.add_argument("--width", type=cli.positive_int, default=64, help="channels of each subnet branch")
     e = sub.add_parser("edit", help="reconstruct or edit an image with the rectified model (DDIM inversion, then "
                                     "sampling; or DDPM from noise; or SDEdit)")
@@ -191,6 +193,7 @@ def train_command(ap, a) -> None:
     try:
         if rank == 0:
             cli.make_folder(Path(a.out).parent, "--out")
+        plan = cli.checkpoint_plan(a, a.out)  # every rank resumes; rank 0 writes
         model, kind = load_model(a, device)
         s = _size(a, model, kind)
         if kind == "sd" and s % 8:
@@ -235,11 +238,13 @@ def train_command(ap, a) -> None:
         def report(i, n, inf):
             if rank == 0 and (i % every == 0 or i == n):
                 terms = " ".join(f"{k} {v:.4f}" for k, v in inf["terms"].items())
-                print(f"step {i}/{n} loss {inf['loss']:.4f} ({terms}) lr {inf['lr']:.2e}")
+                pace = pace_text(inf)
+                print(f"step {i}/{n} loss {inf['loss']:.4f} ({terms}) lr {inf['lr']:.2e}" + (f"  ({pace})" if pace else ""))
 
         # edit: the CLIP source images are the originals as to_image renders them (train_rectifier's default):
         # for SD the VAE-decoded latents, so the VAE's own reconstruction error is no part of dI (as in the node)
-        res = train_rectifier(model, rectifier, x0, config, cond=cond, clip=clip, to_image=to_image, on_step=report)
+        res = train_rectifier(model, rectifier, x0, config, cond=cond, clip=clip, to_image=to_image, on_step=report,
+                              checkpoints=plan)
         info.mode = a.mode
         info.steps += steps
         if a.mode == "edit":

@@ -19,6 +19,7 @@ import torch
 
 from .. import cli
 from ..artifact_io import ArtifactError, atomic_write_image
+from ..fit import pace_text
 from ..plot import grid, loss_curve
 from ..seeds import derive_seed
 from . import NetConfig, Pyramid, SinDDM, TrainConfig, build_pyramid, load, sample, save, train
@@ -30,15 +31,14 @@ PAPER = dict(image=DATA / "coffee_250x200.png", steps=120_000, width=160, batch=
 
 
 def _progress(total: int, every: int):
-    t0 = time.perf_counter()
     window: list[float] = []
 
     def on_step(i, n, info):
         window.append(info.get("loss", float("nan")))
         if i % every == 0 or i == n:
-            rate = (time.perf_counter() - t0) / i
-            print(f"  step {i:>6}/{n}  loss {sum(window) / len(window):.4f}  {rate:.3f} s/step  "
-                  f"eta {rate * (n - i) / 60:.1f} min", flush=True)
+            pace = pace_text(info)  # the fit loop's moving average: right after a resume too
+            print(f"  step {i:>6}/{n}  loss {sum(window) / len(window):.4f}" + (f"  ({pace})" if pace else ""),
+                  flush=True)
             window.clear()
 
     return on_step
@@ -59,7 +59,9 @@ def cmd_train(a, pyr: Pyramid, device: torch.device) -> SinDDM:
           f"({', '.join(f'{w}x{h}' for h, w in spec.sizes)}), r = {spec.scale_factor:.4f}")
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, seed=a.seed, precision=a.precision)
     print(f"training {cfg.steps} steps, width {a.width}, batch {cfg.batch_size} on {device}")
-    res = train(pyr, NetConfig(a.width), cfg, device, on_step=_progress(cfg.steps, max(1, cfg.steps // 20)))
+    plan = cli.checkpoint_plan(a, Path(a.out) / "model")  # default folder: <out>/model_checkpoints
+    res = train(pyr, NetConfig(a.width), cfg, device, on_step=_progress(cfg.steps, max(1, cfg.steps // 20)),
+                checkpoints=plan)
     model = SinDDM.create(res.net, pyr, res.info())
     print(f"done in {res.seconds / 60:.1f} min; start steps T[s] = {list(model.schedule.start_steps)}")
     out = Path(a.out)
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                                                             "batch 32, 120k steps): for a GPU")
         p.add_argument("--count", type=cli.positive_int, default=4, help="samples per size (demo)")
         common(p)
+        cli.add_checkpoint_args(p)
     p = sub.add_parser("sample", help="sample from a saved model")
     p.add_argument("--model", required=True)
     p.add_argument("--count", type=cli.positive_int, default=4)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import cli
+from ..fit import pace_text
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -55,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
                         "1e-4 lora)")
     f.add_argument("--pooled-x0-weight", type=float, default=0.0,
                    help="weight of the official patch code's pooled x0 L1 term (paper: 0)")
+    cli.add_checkpoint_args(f)
     e = sub.add_parser("edit", help="edit with model-based classifier-free guidance (eq. 3)")
     _common(e)
     e.add_argument("--tuned", required=True, help="a file written by 'finetune'")
@@ -94,6 +96,7 @@ def finetune_command(ap, a) -> None:
         ap.error("--out must name a .safetensors file")
     image = cli.open_image(a.image, "--image")
     cli.make_folder(Path(a.out).parent, "--out")
+    plan = cli.checkpoint_plan(a, a.out)
     device = cli.device(a.device)
     with cli.checking("--pooled-x0-weight"):
         config = SineFineTuneConfig(mode=a.mode, steps=a.steps, lr=a.lr, lora=LoRAConfig(a.rank, float(a.rank)),
@@ -109,10 +112,11 @@ def finetune_command(ap, a) -> None:
 
     def report(i, n, info):
         if i % every == 0 or i == n:
-            print(f"step {i}/{n} loss {info['loss']:.4f}")
+            pace = pace_text(info)
+            print(f"step {i}/{n} loss {info['loss']:.4f}" + (f"  ({pace})" if pace else ""))
 
     cond = None if a.train_text_encoder else model.encode_text([a.prompt])
-    tuned = finetune_sine(model, img, cond, config, on_step=report, prompt=a.prompt)
+    tuned = finetune_sine(model, img, cond, config, on_step=report, prompt=a.prompt, checkpoints=plan)
     extra = (", patches" if a.patches else "") + (f", text encoder {a.text_mode}" if a.train_text_encoder else "")
     print(f"fine-tuned ({a.mode}{extra}) in {tuned.seconds:.1f} s")
     print(f"saved the tuned delta to {save_sine(tuned, a.prompt, a.out)}")
