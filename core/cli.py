@@ -144,7 +144,9 @@ def checkpoint_plan(a: argparse.Namespace, out: str | Path) -> Plan:
     output file or folder, beside which the checkpoints go by default)."""
     out = Path(out)
     folder = Path(a.checkpoint_dir) if a.checkpoint_dir else out.with_name(out.stem + "_checkpoints")
-    make_folder(folder, "--checkpoint-dir")
+    if folder.exists() and not folder.is_dir():
+        raise CLIError("--checkpoint-dir", f"{folder} is a file", "give a folder (it is made when the first "
+                                                                  "checkpoint is written)")
     resume = None
     if a.resume not in (None, "latest"):
         resume = Path(a.resume)
