@@ -81,3 +81,19 @@ def test_layerdiffusion_finetune_previews_change_nothing(tiny):
     off = finetune_layered(model, latent, latent.flip(-1), e_opt, mask, 1 - mask, cfg)
     assert shown == [2, 4] and on.losses == off.losses and on.terms == off.terms
     assert all(torch.equal(on.deltas[k], off.deltas[k]) for k in off.deltas)
+
+
+@pytest.mark.parametrize("patches", [False, True])
+def test_sine_finetune_previews_change_nothing(tiny, patches):
+    """Whole image, or one fixed crop with its positional map: the patch crops of training are untouched."""
+    from core.sine import PatchConfig, SineFineTuneConfig, finetune_sine
+
+    model, _, cond = tiny
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    cfg = SineFineTuneConfig(steps=4, lr=5e-3, patches=patches, patch=PatchConfig(high_resolution=64, size=32), seed=2)
+    shown = []
+    on = finetune_sine(model, image, cond, cfg, previews=Previews(2, lambda s, x0: shown.append(x0.shape)))
+    off = finetune_sine(model, image, cond, cfg)
+    side = 4 if patches else 8  # the 32 x 32 crop's latent, or the 64 x 64 image's
+    assert shown == [(3, 4, side, side)] * 2 and on.losses == off.losses
+    assert all(torch.equal(on.deltas[k], off.deltas[k]) for k in off.deltas)

@@ -66,6 +66,7 @@ from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
 from ..lora import TEXT_PREFIX, LoRAConfig, check_fine_tune, text_trainable, trainable_functions, trained_delta
 from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw, masked_mse
+from ..previews import Previews, one_step_x0, with_previews
 from ..seam import DeltaFunction, Features, LatentDiffusion, TrainableText
 from ..seeds import derive_seed
 from .patches import PatchConfig, PatchSampler
@@ -189,14 +190,16 @@ def pooled_x0_loss(x0_hat: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, T: i
 def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torch.Tensor | None,
                   config: SineFineTuneConfig = SineFineTuneConfig(), on_step: OnStep | None = None,
                   should_stop: ShouldStop | None = None, prompt: str | None = None,
-                  checkpoints: Plan | None = None) -> SineFineTuneResult:
+                  checkpoints: Plan | None = None, previews: Previews | None = None) -> SineFineTuneResult:
     """Fine-tune ``model`` on ``image`` [1, 3, H, W] in [0, 1] at ``prompt_cond`` [1, 77, D].
 
     Without patches the image is encoded as given (resize it to the working size first, e.g.
     :func:`core.imagic.load_image`); with patches it is resized to ``patch.high_resolution``.
     With ``config.train_text_encoder`` the text ``prompt`` is needed instead of (or besides)
     ``prompt_cond``, and ``model`` must be a :class:`core.seam.TrainableText`.  ``checkpoints``: write
-    the run's state and / or continue one (:mod:`core.checkpoint`).
+    the run's state and / or continue one (:mod:`core.checkpoint`).  ``previews``: the tuned model's
+    one-step x0 every N steps (:mod:`core.previews`), of the image, or with patches of one fixed crop (drawn
+    from the previews' own seed) with its positional map.
     """
     device = torch.device(model.device)
     if config.train_text_encoder:
@@ -267,6 +270,17 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
                 batch["pred"] = m.eps(x_t, t, c.expand(t.shape[0], -1, -1), f)
             return batch["pred"]
 
+        def preview_x0(p: Previews) -> torch.Tensor:
+            if config.patches:  # one fixed crop, from the previews' own generator (never the training crops')
+                crop, box = sampler(1, torch.Generator().manual_seed(p.seed))
+                z0, f = model.encode(crop).detach().to(device, torch.float32), \
+                    Features(input_map=pmap, crop_box=box.to(device))
+            else:
+                z0, f = latent, None
+            with torch.no_grad():
+                c = encode(prompt).to(device, torch.float32) if encode is not None else cond
+            return one_step_x0(lambda x, t, cc: m.eps(x, t, cc, f), z0, c, ab, p.timesteps, p.seed)
+
         def eps_mse(batch):
             return masked_mse(predict(batch), batch["eps"])
 
@@ -276,10 +290,11 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
             return pooled_x0_loss(x0, batch["z0"], batch["t"], T, config.pooled_x0_pool)
 
         terms = [Term("eps_mse", eps_mse), Term("pooled_x0", pooled_x0, config.pooled_x0_weight)]
+        show = with_previews(on_step, previews, lambda: preview_x0(previews))
         res = fit(groups, batches, terms,
                   FitConfig(config.total_steps, config.learning_rate, optimizer=config.optimizer,
                             weight_decay=config.weight_decay, what="SINE fine-tuning"),
-                  device, on_step=on_step, should_stop=should_stop, checkpointing=ck)
+                  device, on_step=show, should_stop=should_stop, checkpointing=ck)
         if encode is not None:  # c^ as the trained encoder gives it (what the edit must use)
             with torch.no_grad():
                 c_hat = encode(prompt).detach().float().cpu()
