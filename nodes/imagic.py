@@ -210,7 +210,8 @@ class LoadTrained(io.ComfyNode):
         if trained.embedding is None:
             raise NodeInputError("trained_name", "the file holds no embedding",
                                  "load plain LoRAs with ComfyUI's LoraLoaderModelOnly")
-        return io.NodeOutput(bridge.apply_delta(model, trained.delta, float(strength)), [[trained.embedding.clone(), {}]])
+        return io.NodeOutput(bridge.apply_delta(model, trained.delta, float(strength)),
+                             [[trained.embedding.clone(), {}]])
 
 
 NODES = [InterpolateConditioning, EtaSweep, SaveTrained, LoadTrained]

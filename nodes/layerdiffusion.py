@@ -41,11 +41,13 @@ class LayerRecipeNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SIE_LayerRecipe", display_name="LayerDiffusion: Recipe", category=CATEGORY,
-            description="LayerDiffusion settings for the shared optimiser and fine-tune nodes. Paper: lambda_1 = 2 (3 for "
-                        "small objects), lambda_2 = 1. Stage 1 by default is eq. 2 as written (one prediction with "
-                        "[e_a, e_b] under the photo's object mask). The paper leaves open which image each fine-tuning "
-                        "loss noises; object_mask 'target' takes M_t from the SD-generated target O_t as the paper "
-                        "writes. The choices are documented in core/layerdiffusion and the README. " + NOT_LAYERDIFFUSE,
+            description=("LayerDiffusion settings for the shared optimiser and fine-tune nodes. Paper: lambda_1 = 2 "
+                         "(3 for small objects), lambda_2 = 1. Stage 1 by default is eq. 2 as written (one "
+                         "prediction with [e_a, e_b] under the photo's object mask). The paper leaves open which "
+                         "image each fine-tuning loss noises; object_mask 'target' takes M_t from the SD-generated "
+                         "target O_t as the paper writes. The choices are documented in core/layerdiffusion and the "
+                         "README. "
+                         + NOT_LAYERDIFFUSE),
             inputs=[
                 io.Float.Input("lambda_obj", default=2.0, min=0.0, max=100.0, step=0.1,
                                tooltip="lambda_1, weight of the object loss under M_t (paper: 2; 3 for small "
@@ -134,11 +136,12 @@ class IterativeGuidance(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SIE_IterativeGuidance", display_name="LayerDiffusion: Iterative Guidance", category=CATEGORY,
-            description="LayerDiffusion eq. 8: the denoising steps alternate between the object embedding e^_a and the "
-                        "interpolated e_opt, with classifier-free guidance against the negative in each. Alternation is by "
-                        "step index: SD's DDIM timesteps (981, 961, ..., 1) are all odd, so the paper's literal t % 2 "
-                        "would never pick e^_a. auto: the paper's count (t = S - i even), i.e. with 50 steps the first "
-                        "step uses e^_a and the last e_opt. Paper: 50 steps. " + NOT_LAYERDIFFUSE,
+            description=("LayerDiffusion eq. 8: the denoising steps alternate between the object embedding e^_a and "
+                         "the interpolated e_opt, with classifier-free guidance against the negative in each. "
+                         "Alternation is by step index: SD's DDIM timesteps (981, 961, ..., 1) are all odd, so the "
+                         "paper's literal t % 2 would never pick e^_a. auto: the paper's count (t = S - i even), "
+                         "i.e. with 50 steps the first step uses e^_a and the last e_opt. Paper: 50 steps. "
+                         + NOT_LAYERDIFFUSE),
             inputs=[
                 io.Model.Input("model",
                                tooltip="The fine-tuned MODEL (Fine-Tune Model with the LayerDiffusion recipe)."),

@@ -91,7 +91,8 @@ class SineRecipeNode(io.ComfyNode):
         if text_encoder_mode not in ("full", "lora"):
             raise NodeInputError("text_encoder_mode", f"unknown mode {text_encoder_mode!r}", "use full or lora")
         return io.NodeOutput(SineRecipe(str(prompt), bool(patches), float(whole_fraction), float(pooled_x0_weight),
-                                            bool(train_text_encoder), float(text_learning_rate), text_mode=str(text_encoder_mode)))
+                                        bool(train_text_encoder), float(text_learning_rate),
+                                        text_mode=str(text_encoder_mode)))
 
 
 # --------------------------------------------------------------------------------------
