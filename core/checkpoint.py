@@ -36,7 +36,6 @@ from .artifact_io import atomic_save_safetensors
 
 FORMAT = "sie.checkpoint"
 VERSION = 1
-_STEP_RE = re.compile(r"_step(\d+)\.safetensors$")
 
 
 class ResumeError(ValueError):
@@ -78,9 +77,13 @@ class Checkpointing:
         folder = Path(self.folder)
         if not folder.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in folder.glob(f"{self.prefix}_step*.safetensors")
-                 if (m := _STEP_RE.search(p.name)) and p.name == f"{self.prefix}_step{m.group(1)}.safetensors"]
+        name = re.compile(re.escape(self.prefix) + r"_step(\d+)\.safetensors")
+        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := name.fullmatch(p.name))]
         return [p for _, p in sorted(found)]
+
+    def rng_states(self) -> dict[str, torch.Tensor]:
+        """The current state of each generator the loop draws from."""
+        return {n: g.get_state() for n, g in self.rngs.items()}
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,8 @@ class Plan:
             resume, latest = None, True
         ck = Checkpointing(Path(self.folder), f"{self.name or method}_{stage}", meta, self.every, self.keep,
                            dict(rngs), resume, write)
-        if latest and ck.resume is None and ck.existing():
-            ck = dataclasses.replace(ck, resume=ck.existing()[-1])
-        return ck
+        found = ck.existing() if latest and ck.resume is None else []
+        return dataclasses.replace(ck, resume=found[-1]) if found else ck
 
 
 def _stage_of(path: Path) -> str | None:

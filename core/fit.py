@@ -223,7 +223,7 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
         for step in range(done + 1, config.steps + 1):
             current = step
             if checkpointing is not None:
-                rngs_before = {n: g.get_state() for n, g in checkpointing.rngs.items()}
+                rngs_before = checkpointing.rng_states()
             started = time.perf_counter()
             _one_step(step, opt, sched, scaler, trainable, batches, terms, config, device, scope, should_stop,
                       result)
@@ -236,8 +236,8 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
                 info.update(after_step(step) or {})
             if checkpointing is not None and checkpointing.every and (step % checkpointing.every == 0
                                                                       or step == config.steps):
-                rngs = {n: g.get_state() for n, g in checkpointing.rngs.items()}
-                result.checkpoint, saved_at = ckpt.save(checkpointing, snapshot(step, rngs)), step
+                result.checkpoint = ckpt.save(checkpointing, snapshot(step, checkpointing.rng_states()))
+                saved_at = step
             if on_step is not None:
                 on_step(step, config.steps, info)
     except FloatingPointError:
@@ -248,7 +248,7 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
         if checkpointing is not None and done > saved_at:
             try:
                 finished = done == current  # stopped after its optimiser step (in on_step or after_step)
-                rngs = {n: g.get_state() for n, g in checkpointing.rngs.items()} if finished else rngs_before
+                rngs = checkpointing.rng_states() if finished else rngs_before
                 result.checkpoint = ckpt.save(checkpointing, snapshot(done, rngs))
                 if result.checkpoint is not None:
                     logging.getLogger("comfyui-single-image-edit").warning(
