@@ -7,6 +7,7 @@ naming the rank with the bad batch, and nothing may hang)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def nan_index(seed: int) -> int | None:
     return only1[0] if only1 else None
 
 
+def report(line: str) -> None:
+    """One line to stdout in a single write: both ranks share the pipe, and ``print`` may write the text and its
+    newline separately, so two ranks' lines could run together (seen in CI)."""
+    os.write(1, (line + "\n").encode())
+
+
 def main() -> int:
     torch.set_num_threads(1)
     rank, size, _ = setup(torch.device("cpu"))
@@ -43,11 +50,15 @@ def main() -> int:
         x0[nan_index(seed)] = float("nan")
         r = new_rectifier(model.unet_parameters(), 3, encoder_layers=(1, 1, 1, 1), width=8)
         train_rectifier(model, r, x0, TrainConfig(steps=3, batch=BATCH, seed=seed))
-        print(f"rank {rank}: finished", flush=True)
+        report(f"rank {rank}: finished")
     except Exception as e:  # noqa: BLE001  (reported to the test)
-        print(f"rank {rank}: {type(e).__name__}: {e}", flush=True)
+        report(f"rank {rank}: {type(e).__name__}: {e}")
         code = 3
     finally:
+        # Both ranks report before either exits: the launcher stops the other workers as soon as one exits with an
+        # error, which could otherwise cut off a rank that has not printed yet (seen once in CI).
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         teardown()
     return code
 
