@@ -14,7 +14,8 @@ the method's choices that also runs them:
 * ``trains_at(image_hw)``: the pixel size the UNet sees while training (SINE's patches: 512x512), for
   the memory check;
 * ``optimize_embedding(request)`` -> :class:`EmbeddingOutcome` (stage 1), and
-  ``finetune(request)`` -> :class:`FineTuneOutcome` (stage 2).
+  ``finetune(request)`` -> :class:`FineTuneOutcome` (stage 2); both pass the request's checkpoint plan
+  and previews on to the method's trainer (:mod:`core.checkpoint`, :mod:`core.previews`).
 
 Recipes live in their method's package (``core/imagic/recipe.py``, ``core/sine/recipe.py``,
 ``core/layerdiffusion/recipe.py``); the nodes only build a :class:`StageRequest` from their inputs,
@@ -31,7 +32,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .checkpoint import Plan
 from .fit import OnStep, ShouldStop
+from .previews import Previews
 
 STAGES = ("embedding", "finetune")
 
@@ -61,6 +64,8 @@ class StageRequest:
     text_encoder: bool = False  # the model carries a text encoder (a CLIP is connected)
     on_step: OnStep | None = None
     should_stop: ShouldStop | None = None
+    checkpoints: Plan | None = None  # write the stage's checkpoints and / or continue one (core.checkpoint)
+    previews: Previews | None = None  # the model's one-step x0 every N steps (core.previews)
 
     @property
     def gradient_checkpointing(self) -> bool:

@@ -97,3 +97,30 @@ def test_sine_finetune_previews_change_nothing(tiny, patches):
     side = 4 if patches else 8  # the 32 x 32 crop's latent, or the 64 x 64 image's
     assert shown == [(3, 4, side, side)] * 2 and on.losses == off.losses
     assert all(torch.equal(on.deltas[k], off.deltas[k]) for k in off.deltas)
+
+
+@pytest.mark.parametrize("reading", ["concat", "separate_reference"])
+def test_layerdiffusion_embedding_previews_show_each_trained_prediction_and_change_nothing(tiny, reading):
+    """concat: x0_hat of the joint prediction at [e^_a, e^_b]; separate_reference: e^_a's of the image, then e^_b's
+    of the reference, computed here from separate model calls at the returned embeddings."""
+    from core.layerdiffusion import LayerEmbeddingConfig, optimize_layers
+
+    model, latent, e_a = tiny
+    e_b = model.encode_text(["a sunny beach"])
+    ref = latent.flip(-1) * 0.5
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    cfg = LayerEmbeddingConfig(steps=4, lr=5e-2, reading=reading, seed=5)
+    shown = []
+    kw = dict(reference_latent=ref, reference_mask=torch.zeros_like(mask))
+    on = optimize_layers(model, latent, e_a, e_b, mask, cfg, **kw,
+                         previews=Previews(4, lambda s, x0: shown.append(x0), timesteps=(300, 800)))
+    off = optimize_layers(model, latent, e_a, e_b, mask, cfg, **kw)
+    assert torch.equal(on.e_a, off.e_a) and torch.equal(on.e_b, off.e_b) and on.losses == off.losses
+    ab, ts = model.alphas_cumprod, (300, 800)
+    if reading == "concat":
+        want = one_step_x0(model.eps, latent, torch.cat([off.e_a, off.e_b], dim=1), ab, ts)
+    else:
+        want = torch.cat([one_step_x0(model.eps, latent, off.e_a, ab, ts), one_step_x0(model.eps, ref, off.e_b, ab, ts)])
+    assert len(shown) == 1
+    torch.testing.assert_close(shown[0], want, rtol=1e-4, atol=1e-4)

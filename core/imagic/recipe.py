@@ -41,7 +41,7 @@ class ImagicRecipe:
         latent = r.model.encode(r.image).clone()  # [1, 4, H/8, W/8]
         config = EmbeddingConfig(int(r.steps), float(r.lr), int(r.seed), r.gradient_checkpointing)
         res = optimize_embedding(r.model, latent, r.cond.to(latent.device), config, on_step=r.on_step,
-                                 should_stop=r.should_stop)
+                                 should_stop=r.should_stop, checkpoints=r.checkpoints, previews=r.previews)
         return EmbeddingOutcome(res.e_opt, res.losses, res.seconds, "Imagic embedding optimisation loss")
 
     def finetune(self, r: StageRequest) -> FineTuneOutcome:
@@ -50,7 +50,7 @@ class ImagicRecipe:
                                 gradient_checkpointing=r.gradient_checkpointing)
         latent = r.model.encode(r.image).clone()
         res = finetune(r.model, latent, r.cond.to(latent.device), config, on_step=r.on_step,
-                       should_stop=r.should_stop)
+                       should_stop=r.should_stop, checkpoints=r.checkpoints, previews=r.previews)
         trained = Trained(res.delta, r.mode, r.cond.cpu(), {"steps": int(r.steps), "lr": config.learning_rate,
                                                             "rank": int(r.rank) if r.mode == "lora" else None,
                                                             "final_loss": res.losses[-1]})

@@ -44,6 +44,7 @@ import torch
 from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
 from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw
+from ..previews import Previews, one_step_x0, with_previews
 from ..seam import LatentDiffusion
 from .masks import REDUCTIONS, SharedDraw, background_mask, masked_eps_mse
 
@@ -121,17 +122,34 @@ def layer_terms(model, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tenso
             Term("e_b", lambda b: masked_eps_mse(draw(b)[1:2], b[1], masks[1], reduction))], draw
 
 
+def layer_previews(model, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tensor, reading: str,
+                   reference_latent: torch.Tensor | None, alphas_cumprod: torch.Tensor,
+                   previews: Previews) -> torch.Tensor:
+    """x0_hat of each prediction ``reading`` trains (:func:`layer_terms`), at k preview timesteps: concat,
+    the joint f(x_t, t, [e_a, e_b]) of the image [k, 4, h, w]; the other readings, e_a's prediction of the
+    image then e_b's of its own latent (the reference for separate_reference) [2k, 4, h, w]."""
+    def x0(lat, cond):
+        return one_step_x0(model.eps, lat, cond.detach(), alphas_cumprod, previews.timesteps, previews.seed)
+
+    if reading == "concat":
+        return x0(latent, torch.cat([e_a, e_b], dim=1))
+    lat_b = reference_latent if reading == "separate_reference" else latent
+    return torch.cat([x0(latent, e_a), x0(lat_b, e_b)])
+
+
 def optimize_layers(model: LatentDiffusion, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tensor,
                     mask: torch.Tensor, config: LayerEmbeddingConfig = LayerEmbeddingConfig(),
                     reference_latent: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
                     on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
-                    checkpoints: Plan | None = None) -> LayerEmbeddings:
+                    checkpoints: Plan | None = None, previews: Previews | None = None) -> LayerEmbeddings:
     """Eq. 2: e^_a, e^_b reached from the text encodings ``e_a``, ``e_b`` ([1, 77, D]) by ``config.steps``
     Adam steps, the model frozen.  ``latent`` [1, 4, h, w] is the input image's model-space latent,
     ``mask`` its object mask on the latent grid [1, 1, h, w] (:func:`.masks.latent_mask`);
     ``reference_latent`` and ``reference_mask`` (the reference's object mask on the same grid) are
     needed by the ``"separate_reference"`` reading only, and ignored by the others.  ``checkpoints``:
-    write the run's state and / or continue one (:mod:`core.checkpoint`)."""
+    write the run's state and / or continue one (:mod:`core.checkpoint`); ``previews``: every N steps the
+    one-step x0 (:mod:`core.previews`) of each prediction the reading trains, at the current embeddings
+    (:func:`layer_previews`)."""
     if e_a.shape != e_b.shape:
         raise ValueError(f"e_a and e_b differ in shape: {tuple(e_a.shape)} vs {tuple(e_b.shape)}")
     device = torch.device(model.device)
@@ -154,9 +172,11 @@ def optimize_layers(model: LatentDiffusion, latent: torch.Tensor, e_a: torch.Ten
     t0 = time.perf_counter()
     with model.adapted({}, config.gradient_checkpointing) as m:
         terms, draw = layer_terms(m, latent, pa, pb, mask, config.reading, config.reduction, ref, ref_mask)
+        show = with_previews(on_step, previews, lambda: layer_previews(m, latent, pa, pb, config.reading, ref,
+                                                                       model.alphas_cumprod, previews))
         res = fit([pa, pb], lambda step: noise(latent), terms,
                   FitConfig(config.steps, config.lr, what="layered embedding optimisation"), device,
-                  on_step=on_step, should_stop=should_stop, checkpointing=ck)
+                  on_step=show, should_stop=should_stop, checkpointing=ck)
         draw.clear()
     return LayerEmbeddings(pa.detach().clone(), pb.detach().clone(), res.losses, res.terms,
                            time.perf_counter() - t0, config.reading)

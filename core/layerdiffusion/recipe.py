@@ -114,7 +114,7 @@ class LayerRecipe:
         e_a = r.cond.to(latent.device)
         res = optimize_layers(r.model, latent, e_a, e_b.to(latent.device), m, config, ref_latent,
                               m_ref if config.needs_reference else None, on_step=r.on_step,
-                              should_stop=r.should_stop)
+                              should_stop=r.should_stop, checkpoints=r.checkpoints, previews=r.previews)
         return EmbeddingOutcome(res.e_a, res.losses, res.seconds, f"LayerDiffusion embedding loss ({res.reading})",
                                 e_b=res.e_b)
 
@@ -136,7 +136,8 @@ class LayerRecipe:
             tuple(r.image.shape[-2:]), _hw(ref), tuple(r.image.shape[-2:]), self.mask_rule))
         ref_latent = r.model.encode(ref).clone() if ref is not None else None
         res = finetune_layered(r.model, latent, ref_latent, r.cond.to(latent.device), m_t, m_r, config,
-                               on_step=r.on_step, should_stop=r.should_stop)
+                               on_step=r.on_step, should_stop=r.should_stop, checkpoints=r.checkpoints,
+                               previews=r.previews)
         trained = Trained(res.delta, r.mode, r.cond.cpu(), {"method": "layerdiffusion", "steps": int(r.steps),
                                                             "lambda_obj": self.lambda_obj,
                                                             "lambda_bg": self.lambda_bg,

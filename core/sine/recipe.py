@@ -84,7 +84,8 @@ class SineRecipe:
         if not self.train_text_encoder and r.text_encoder:
             check_conditioning_text(r.model, r.cond, self.prompt)
         res = finetune_sine(r.model, r.image, r.cond, config, on_step=r.on_step, should_stop=r.should_stop,
-                            prompt=self.prompt if self.train_text_encoder else None)
+                            prompt=self.prompt if self.train_text_encoder else None, checkpoints=r.checkpoints,
+                            previews=r.previews)
         kind = f"{r.mode}{', patches' if self.patches else ''}{', text encoder' if self.train_text_encoder else ''}"
         return FineTuneOutcome(res.file_delta, res.losses, res.seconds, f"SINE fine-tuning loss ({kind})",
                                SineTrained(res, self.prompt), text_trained=bool(res.text_delta),
