@@ -90,7 +90,8 @@ class Checkpointing:
 class Plan:
     """What a user asks of a training run's checkpoints (a node's inputs, a CLI's flags): the folder,
     the interval in steps (0: only when cancelled or failed), how many to keep, an optional file to
-    continue from, and a name for the files (default: the method's).  A trainer turns it into the
+    continue from, and a name for the files (default: the method's; with ``identify``, followed by
+    the stage and the run's :func:`identity`, for a folder that many runs share).  A trainer turns it into the
     loop's :class:`Checkpointing` with :meth:`for_run`, adding what identifies its run."""
 
     folder: Path
@@ -99,6 +100,7 @@ class Plan:
     resume: Path | None = None
     name: str = ""
     resume_latest: bool = False  # continue from the newest checkpoint of the run's stage in folder, if any
+    identify: bool = False  # file names carry a digest of the run's identity (a folder many runs share)
 
     def for_run(self, method: str, stage: str, config: dict, base: str,
                 rngs: dict[str, torch.Generator], write: bool = True) -> Checkpointing:
@@ -110,10 +112,16 @@ class Plan:
         if resume is not None and _stage_of(resume) not in (None, stage):
             # a multi-stage run given the file of a later stage: the stages before it continue from their newest
             resume, latest = None, True
-        ck = Checkpointing(Path(self.folder), f"{self.name or method}_{stage}", meta, self.every, self.keep,
-                           dict(rngs), resume, write)
+        prefix = f"{self.name or method}_{stage}" + (f"_{identity(meta)}" if self.identify else "")
+        ck = Checkpointing(Path(self.folder), prefix, meta, self.every, self.keep, dict(rngs), resume, write)
         found = ck.existing() if latest and ck.resume is None else []
         return dataclasses.replace(ck, resume=found[-1]) if found else ck
+
+
+def identity(meta: dict) -> str:
+    """8 hex digits of a run's identity (method, stage, settings, fingerprints): the same for a run and its
+    resumes, different for another run, so runs sharing a folder never prune each other's files."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _stage_of(path: Path) -> str | None:

@@ -265,6 +265,28 @@ def test_imagic_embedding_resumes_exactly(tiny, tmp_path):
         optimize_embedding(model, latent.flip(-1), e_tgt, cfg, checkpoints=Plan(tmp_path, resume=saved))
 
 
+def test_runs_sharing_a_folder_keep_their_own_files_when_named_by_identity(tiny, tmp_path):
+    """With identify (the nodes' shared checkpoints folder), a run's files carry a digest of its identity: the same
+    for its resume, which continues the same series and prunes only it; another run's files are left alone."""
+    from core.checkpoint import Plan
+    from core.imagic import EmbeddingConfig, optimize_embedding
+
+    model, latent, e_tgt = tiny
+    cfg = EmbeddingConfig(steps=6, lr=1e-2, seed=3)
+    optimize_embedding(model, latent, e_tgt, EmbeddingConfig(steps=4, lr=1e-2, seed=4),
+                       checkpoints=Plan(tmp_path, every=2, keep=1, identify=True))
+    (other,) = list(tmp_path.iterdir())  # another seed: another run
+    with pytest.raises(Interrupted):
+        optimize_embedding(model, latent, e_tgt, cfg, should_stop=stop_after(4),
+                           checkpoints=Plan(tmp_path, every=2, keep=1, identify=True))
+    (mine,) = [p for p in tmp_path.iterdir() if p != other]
+    assert mine.name.startswith("imagic_embedding_") and mine.name.endswith("_step0000004.safetensors")
+    assert mine.name[:-len("_step0000004.safetensors")] != other.name[:-len("_step0000004.safetensors")]
+    optimize_embedding(model, latent, e_tgt, cfg, checkpoints=Plan(tmp_path, every=2, keep=1, resume=mine,
+                                                                   identify=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, mine.name.replace("04.", "06.")])
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_imagic_finetune_resumes_exactly(tiny, tmp_path, mode):
     from core.checkpoint import Plan
