@@ -35,6 +35,7 @@ MODEL_FOLDERS = {
     "sie_sine": (os.path.join("single_image_edit", "sine"), {".safetensors"}),  # not for Load LoRA: F(v) flag
     "sie_rectifier": (os.path.join("single_image_edit", "rectifier"), {".safetensors"}),
     "sie_rectifier_encoders": (os.path.join("single_image_edit", "rectifier_encoders"), {".safetensors", ".pth"}),
+    "sie_checkpoints": (os.path.join("single_image_edit", "checkpoints"), {".safetensors"}),  # <method>/ sub-folders
     "open_clip": ("open_clip", {".safetensors", ".bin", ".pt", ".pth"}),
     "sams": ("sams", {".safetensors", ".pth", ".pt"}),  # Segment Anything (shared with other packs)
 }
@@ -98,12 +99,16 @@ def model_path(name: str, file_name: str) -> str:
     return path
 
 
+def default_dir(name: str) -> Path:
+    """The first (default) folder of a registered name (not created)."""
+    if register_model_folders():
+        return Path(_folder_paths().get_folder_paths(name)[0])
+    return Path("models") / MODEL_FOLDERS[name][0]
+
+
 def save_dir(name: str) -> Path:
     """The first (default) folder of a registered name, created on demand."""
-    if register_model_folders():
-        d = Path(_folder_paths().get_folder_paths(name)[0])
-    else:
-        d = Path("models") / MODEL_FOLDERS[name][0]
+    d = default_dir(name)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -122,7 +127,8 @@ class Progress:
     Every call is a cancellation point: ComfyUI's interrupt exception propagates out of
     the core loop (which cleans up in ``finally`` blocks).  ``info["preview"]`` (an image
     [3, H, W] in [0, 1]) is shown on the node; when the loop reports ``info["loss"]``
-    instead, the node shows the loss as text and, every few seconds, the loss curve.
+    instead, the node shows the loss as text and, every few seconds, the loss curve, until the
+    trainer shows its own previews (:meth:`show`), which then replace the curve.
     """
 
     TEXT_EVERY, CURVE_EVERY = 0.5, 5.0  # seconds
@@ -140,11 +146,14 @@ class Progress:
         self.last_info: dict = {}
         self.losses: list[float] = []
         self._text_at = self._curve_at = 0.0
+        self._step = 0
+        self._previews = False  # the trainer shows previews: no loss-curve previews
 
     def __call__(self, i: int, total: int | None = None, info: dict | None = None) -> None:
         import time
 
         self.last_info = info or {}
+        self._step = i
         if self._mm is not None:
             self._mm.throw_exception_if_processing_interrupted()
         if self._bar is None:
@@ -160,12 +169,23 @@ class Progress:
                 pace = pace_text(self.last_info)
                 _progress_text(f"step {i}/{total or self.total}  loss {self.losses[-1]:.4f}"
                                + (f"  ({pace})" if pace else ""))
-            if now - self._curve_at >= self.CURVE_EVERY and len(self.losses) > 1:
+            if not self._previews and now - self._curve_at >= self.CURVE_EVERY and len(self.losses) > 1:
                 from ..core.plot import loss_curve
 
                 self._curve_at = now
                 preview = ("JPEG", loss_curve(self.losses, 480, 240, title="loss"), 512)
         self._bar.update_absolute(min(i, self.total), total or self.total, preview)
+
+    def show(self, image: torch.Tensor) -> None:
+        """Show ``image`` [3, H, W] in [0, 1] as the node's preview (a trainer's preview; from then on the
+        loss curve is no longer shown over it)."""
+        self._previews = True
+        if self._bar is not None:
+            self._bar.update_absolute(min(self._step, self.total), self.total, ("JPEG", tensor_to_pil(image), 512))
+
+    def text(self, text: str) -> None:
+        """Show ``text`` on the node (ComfyUI's progress text)."""
+        _progress_text(text)
 
     def should_stop(self) -> bool:
         """Raises ComfyUI's own interrupt exception (so the server reports the prompt as

@@ -48,6 +48,7 @@ from ..core.resources import IMAGIC_ACT_BYTES_PER_LATENT_PIXEL, ResourceError
 from ..core.resources import check_fits as check_memory_fits
 from ..core.seam import ViewSpec
 from . import comfy_bridge as bridge
+from . import resume
 from .common import CATEGORY_ROOT, OPEN_CLIP, NodeInputError, bchw_to_image, check_positive, image_to_bchw, save_output
 
 log = logging.getLogger("comfyui-single-image-edit")
@@ -261,6 +262,7 @@ class TrainRectifier(io.ComfyNode):
                                        "models/single_image_edit/rectifier_encoders (resnet34-b627a593.pth or a "
                                        ".safetensors of it; BatchNorm with ImageNet's statistics). Ignored when a "
                                        "rectifier is connected (it keeps its own)."),
+                *resume.checkpoint_inputs(["rectifier"]),
             ],
             outputs=[
                 io.Custom(RECTIFIER).Output(display_name="rectifier",
@@ -275,7 +277,8 @@ class TrainRectifier(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, images, mode, steps, lr, seed, open_clip=None, source_text="face", target_text="",
-                rectifier=None, conditioning=None, batch=8, estimate="base", encoder_weights="none"):
+                rectifier=None, conditioning=None, batch=8, estimate="base", encoder_weights="none",
+                checkpoint_every=0, resume_from=resume.NONE):
         check_sd_model(model)
         if mode not in MODES:
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use recon or edit")
@@ -318,10 +321,11 @@ class TrainRectifier(io.ComfyNode):
                            sum(p.numel() for p in net.parameters()), device)
         config = TrainConfig(mode=mode, steps=int(steps), batch=int(batch), lr=float(lr), estimate=estimate,
                              seed=int(seed))
+        run_plan = resume.plan("rectifier", checkpoint_every, resume_from)
         progress = bridge.Progress(steps)
         clip_model = getattr(open_clip, "model", None) if mode == "edit" else None
         try:
-            with torch.inference_mode(False):  # tensors made here are ordinary: autograd may save them
+            with torch.inference_mode(False), resume.kept_on_stop(run_plan, progress):  # ordinary tensors
                 cond, cond_from = text_context(conditioning, model)
                 sd = bridge.ComfySD(model, None, vae)
                 latents = sd.encode(x).clone()
@@ -338,7 +342,7 @@ class TrainRectifier(io.ComfyNode):
                     # it loads the UNet with everything else evicted, which also makes the decoder copy then
                     kw = {"clip": direction, "to_image": sd.decode_differentiable}
                 result = train_rectifier(sd, net, latents, config, cond=cond.to(latents.device), on_step=progress,
-                                         should_stop=progress.should_stop, **kw)
+                                         should_stop=progress.should_stop, checkpoints=run_plan, **kw)
                 net = net.cpu().eval()
         finally:
             if clip_model is not None:

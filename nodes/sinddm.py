@@ -24,6 +24,7 @@ from ..core.resources import ResourceError, check_fits, sinddm_sample_bytes, sin
 from ..core.sinddm import NetConfig, SinDDM, TrainConfig, build_pyramid, load, output_sizes, sample, save, train
 from ..core.sinddm.pyramid import MIN_INPUT_SIDE
 from . import comfy_bridge as bridge
+from . import resume
 from .common import CATEGORY_ROOT, NodeInputError, bchw_to_image, check_positive, image_to_bchw, save_output
 
 log = logging.getLogger("comfyui-single-image-edit")
@@ -89,6 +90,7 @@ class SinDDMTrain(io.ComfyNode):
                 io.Combo.Input("precision", options=["auto", "fp32", "bf16"], default="auto",
                                tooltip="auto: bf16 autocast where the device runs it natively (recent GPUs, CPUs "
                                        "with AVX512-BF16), else fp32. Weights stay fp32."),
+                *resume.checkpoint_inputs(["sinddm"]),
             ],
             outputs=[
                 io.Custom(SINDDM).Output(display_name="model",
@@ -99,7 +101,8 @@ class SinDDMTrain(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, steps, batch_size, width, learning_rate, seed, preview_every, precision):
+    def execute(cls, image, steps, batch_size, width, learning_rate, seed, preview_every, precision,
+                checkpoint_every=0, resume_from=resume.NONE):
         x = image_to_bchw(image, "image", min_side=MIN_INPUT_SIDE)[:1]
         check_positive(steps, "steps")
         check_positive(batch_size, "batch_size")
@@ -118,6 +121,7 @@ class SinDDMTrain(io.ComfyNode):
                 raise NodeInputError("batch_size", e.problem, "lower batch_size (or width)") from None
             raise NodeInputError("width", e.problem, "lower width (64 needs ~2.5x less), or train on a "
                                                      "device with more memory") from None
+        run_plan = resume.plan("sinddm", checkpoint_every, resume_from)
         progress = bridge.Progress(steps)
 
         def preview(net):
@@ -127,9 +131,10 @@ class SinDDMTrain(io.ComfyNode):
         cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(learning_rate), seed=int(seed),
                           precision=precision)
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), resume.kept_on_stop(run_plan, progress):
                 result = train(pyramid, NetConfig(int(width)), cfg, device, on_step=progress,
-                               should_stop=progress.should_stop, preview_every=int(preview_every), preview=preview)
+                               should_stop=progress.should_stop, preview_every=int(preview_every), preview=preview,
+                               checkpoints=run_plan)
         finally:
             bridge.free_memory()
         model = SinDDM.create(result.net, pyramid, result.info())

@@ -24,6 +24,7 @@ from ..core.plot import loss_curve
 from ..core.recipes import FineTuneOutcome, Recipe, RecipeInputError, StageRequest, check_unused
 from ..core.resources import SD15_UNET_PARAMS, ResourceError, check_fits, describe_parts, imagic_bytes, imagic_parts
 from . import comfy_bridge as bridge
+from . import resume
 from .common import CATEGORY_ROOT, NodeInputError, bchw_to_image, check_positive, image_to_bchw
 from .comfy_views import FixedInputMap, text_keys
 
@@ -233,6 +234,8 @@ class OptimizeEmbedding(io.ComfyNode):
                 io.Mask.Input("reference_mask", optional=True,
                               tooltip="LayerDiffusion, separate_reference reading only: the reference's object "
                                       "mask (all black for a pure background); e_b is trained outside it."),
+                *resume.checkpoint_inputs(None, ["embedding"]),
+                resume.preview_input(),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="e_opt / ê_a",
@@ -250,7 +253,8 @@ class OptimizeEmbedding(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, image, conditioning, steps, learning_rate, seed, conditioning_b=None, mask=None,
-                recipe=None, reference_image=None, reference_mask=None):
+                recipe=None, reference_image=None, reference_mask=None, checkpoint_every=0,
+                resume_from=resume.NONE, preview_every=0):
         check_model(model)
         check_positive(steps, "steps")
         device = torch.device(bridge.torch_device())
@@ -261,14 +265,16 @@ class OptimizeEmbedding(io.ComfyNode):
         x = image_to_bchw(image, "image", min_side=8)[:1]
         check_memory(model, torch.zeros(1, *recipe.trains_at(tuple(x.shape[-2:])), 3), "embedding", device,
                      device.type == "cuda")
+        run_plan = resume.plan(recipe.method, checkpoint_every, resume_from)
         progress = bridge.Progress(steps)
         try:
-            with torch.inference_mode(False):  # tensors made here are ordinary: autograd may save them
+            with torch.inference_mode(False), resume.kept_on_stop(run_plan, progress):  # ordinary tensors
                 cond, opts = cond_tensor(conditioning, model)
                 extra, options = stage_extra(model, **optional)
-                request = StageRequest(bridge.ComfySD(model, None, vae), x, cond, int(steps), float(learning_rate),
-                                       int(seed), device, extra=extra, on_step=progress,
-                                       should_stop=progress.should_stop)
+                sd = bridge.ComfySD(model, None, vae)
+                request = StageRequest(sd, x, cond, int(steps), float(learning_rate), int(seed), device, extra=extra,
+                                       on_step=progress, should_stop=progress.should_stop, checkpoints=run_plan,
+                                       previews=resume.previews(preview_every, sd, progress))
                 out = recipe.optimize_embedding(request)
         except RecipeInputError as e:
             raise input_error(e) from None
@@ -335,6 +341,8 @@ class FineTune(io.ComfyNode):
                               tooltip="LayerDiffusion, with the recipe's object_mask 'target' (the paper's M_t): "
                                       "the object mask of the target image O_t that SD generates from the target "
                                       "text (same size as the image)."),
+                *resume.checkpoint_inputs(None, ["finetune"]),
+                resume.preview_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model",
@@ -354,7 +362,8 @@ class FineTune(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, image, conditioning, mode, steps, learning_rate, rank, seed, recipe=None, clip=None,
-                mask=None, reference_image=None, reference_mask=None, target_mask=None):
+                mask=None, reference_image=None, reference_mask=None, target_mask=None, checkpoint_every=0,
+                resume_from=resume.NONE, preview_every=0):
         check_model(model)
         check_positive(rank, "rank")
         if mode not in MODES:
@@ -371,14 +380,16 @@ class FineTune(io.ComfyNode):
         x = image_to_bchw(image, "image", min_side=8)[:1]
         check_memory(model, torch.zeros(1, *recipe.trains_at(tuple(x.shape[-2:])), 3), mode, device,
                      device.type == "cuda", int(rank))
+        run_plan = resume.plan(recipe.method, checkpoint_every, resume_from)
         progress = bridge.Progress(steps)
         try:
-            with torch.inference_mode(False):  # tensors made here are ordinary: autograd may save them
+            with torch.inference_mode(False), resume.kept_on_stop(run_plan, progress):  # ordinary tensors
                 cond, _ = cond_tensor(conditioning, model)
                 extra, _ = stage_extra(model, **optional)
                 sd = bridge.ComfySD(model, clip if text else None, vae)
                 request = StageRequest(sd, x, cond, steps, float(learning_rate) or None, int(seed), device, mode,
-                                       int(rank), extra, text and clip is not None, progress, progress.should_stop)
+                                       int(rank), extra, text and clip is not None, progress, progress.should_stop,
+                                       run_plan, resume.previews(preview_every, sd, progress))
                 out = recipe.finetune(request)
         except RecipeInputError as e:
             raise input_error(e) from None

@@ -181,7 +181,7 @@ def layer_of(name: str) -> str | None:
         if parts[1] in METHODS:
             return "methods"
         return "client" if parts[1] == "client" else "engine"
-    if parts[1] in ("comfy_bridge", "comfy_views", "comfy_guider", "common"):
+    if parts[1] in ("comfy_bridge", "comfy_views", "comfy_guider", "common", "resume"):
         return "bridge"
     return "training" if parts[1] == "training" else "method_nodes"
 

@@ -57,7 +57,8 @@ def test_node_ids_categories_and_input_order():
     spec = N["SIE_TrainRectifier"].INPUT_TYPES()
     assert list(spec["required"]) == ["model", "vae", "images", "mode", "steps", "lr", "seed"]
     assert list(spec["optional"]) == ["open_clip", "source_text", "target_text", "rectifier", "conditioning", "batch",
-                                      "estimate", "encoder_weights"]
+                                      "estimate", "encoder_weights", "checkpoint_every",
+                                      "resume_from"]
     assert spec["required"]["steps"][1]["default"] == 5000 and spec["required"]["lr"][1]["default"] == 1e-3
     assert spec["optional"]["batch"][1]["default"] == 8 and spec["optional"]["open_clip"][0] == "SIE_OPEN_CLIP"
     assert N["SIE_TrainRectifier"].RETURN_TYPES == ["SIE_RECTIFIER", "IMAGE"]
@@ -325,7 +326,8 @@ def test_train_rectifier_loads_imagenet_encoder_weights(tmp_path):
 
     spec = N["SIE_TrainRectifier"].INPUT_TYPES()["optional"]["encoder_weights"]
     assert spec[1]["options"][0] == "none" and spec[1]["default"] == "none"
-    assert list(N["SIE_TrainRectifier"].INPUT_TYPES()["optional"])[-1] == "encoder_weights"  # appended
+    optional = list(N["SIE_TrainRectifier"].INPUT_TYPES()["optional"])
+    assert optional[optional.index("estimate") + 1] == "encoder_weights"  # appended after estimate
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         tv = resnet34().state_dict()

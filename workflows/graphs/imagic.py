@@ -28,11 +28,13 @@ def imagic() -> Graph:
     negative = g.add("CLIPTextEncode", title="Negative (empty)", clip=ckpt.out(1), text="")
     g.stage("2. Optimise embedding (stage 1)", columns=1)
     emb = g.add("SIE_OptimizeEmbedding", model=ckpt.out(0), vae=ckpt.out(2), image=scaled.out(0),
-                conditioning=target.out(0), steps=500, learning_rate=0.001, seed=0)
+                conditioning=target.out(0), steps=500, learning_rate=0.001, seed=0, checkpoint_every=100,
+                resume_from="none", preview_every=50)
     g.add("SaveImage", title="Embedding loss", images=emb.out(1), filename_prefix="imagic/embedding_loss")
     g.stage("3. Fine-tune (stage 2)", columns=1)
     ft = g.add("SIE_FineTune", model=ckpt.out(0), vae=ckpt.out(2), image=scaled.out(0), conditioning=emb.out(0),
-               mode="lora", steps=1000, learning_rate=0.0, rank=8, seed=0)
+               mode="lora", steps=1000, learning_rate=0.0, rank=8, seed=0, checkpoint_every=250, resume_from="none",
+               preview_every=100)
     g.add("SaveImage", title="Fine-tuning loss", images=ft.out(1), filename_prefix="imagic/finetune_loss")
     g.add("SIE_SaveTrained", trained=ft.out(2), filename_prefix="imagic/edit")
     g.stage("4. Interpolate and sample (stage 3)", columns=3)

@@ -36,7 +36,7 @@ def layer_stages(g: Graph, ckpt: Node, photo: Node, sam: Node, reference: Node, 
     emb = g.add("SIE_OptimizeEmbedding", title="Layered embeddings ê_a, ê_b", model=ckpt.out(0),
                 vae=ckpt.out(2), image=photo.out(0), conditioning=e_a.out(0), steps=500, learning_rate=0.001, seed=0,
                 conditioning_b=e_b.out(0), mask=mask.out(0), recipe=recipe.out(0), reference_image=reference.out(0),
-                reference_mask=reference_mask.out(0))
+                reference_mask=reference_mask.out(0), checkpoint_every=100, resume_from="none", preview_every=50)
     g.add("SaveImage", title="Embedding loss", images=emb.out(1), filename_prefix=f"{prefix}_embedding_loss")
     g.stage("2. Interpolate and fine-tune", columns=2)
     e_opt = g.add("ConditioningAverage", title="e_opt = 0.7 ê_a + 0.3 ê_b", conditioning_to=emb.out(0),
@@ -44,7 +44,8 @@ def layer_stages(g: Graph, ckpt: Node, photo: Node, sam: Node, reference: Node, 
     targets = {} if target_mask is None else {"target_mask": target_mask.out(0)}
     ft = g.add("SIE_FineTune", model=ckpt.out(0), vae=ckpt.out(2), image=photo.out(0), conditioning=e_opt.out(0),
                mode="lora", steps=250, learning_rate=0.0, rank=8, seed=0, recipe=recipe.out(0), mask=mask.out(0),
-               reference_image=reference.out(0), reference_mask=reference_mask.out(0), **targets)
+               reference_image=reference.out(0), reference_mask=reference_mask.out(0), **targets,
+               checkpoint_every=50, resume_from="none", preview_every=25)
     g.add("SaveImage", title="Fine-tuning loss", images=ft.out(1), filename_prefix=f"{prefix}_finetune_loss")
     g.add("SIE_SaveTrained", trained=ft.out(2), filename_prefix=prefix)
     g.stage("3. Iterative guidance", columns=3)

@@ -89,7 +89,8 @@ def rectifier_reconstruct() -> Graph:
     images = rectifier_training_set(g, photo)
     g.stage("1. Train (eq. 3)", columns=2)
     train = g.add("SIE_TrainRectifier", model=ckpt.out(0), vae=ckpt.out(2), images=images.out(0), mode="recon",
-                  steps=5000, lr=0.001, seed=0, conditioning=empty.out(0), batch=8, estimate="base")
+                  steps=5000, lr=0.001, seed=0, conditioning=empty.out(0), batch=8, estimate="base",
+                  checkpoint_every=500, resume_from="none")
     g.add("SIE_SaveRectifier", rectifier=train.out(0), filename_prefix="rectifier/recon")
     g.add("SaveImage", title="Loss", images=train.out(1), filename_prefix="rectifier/recon_loss")
     g.stage("2. Reconstruct: DDIM inversion, then sampling back", columns=3)
@@ -132,7 +133,7 @@ def rectifier_edit() -> Graph:
     edit = g.add("SIE_TrainRectifier", title="Train (edit)", model=ckpt.out(0), vae=ckpt.out(2), images=images.out(0),
                  mode="edit", steps=200, lr=0.001, seed=0, open_clip=clip.out(0), source_text="black coffee",
                  target_text="latte art", rectifier=recon.out(0), conditioning=empty.out(0), batch=8,
-                 estimate="base")
+                 estimate="base", checkpoint_every=20, resume_from="none")
     g.add("SIE_SaveRectifier", title="Save (edit)", rectifier=edit.out(0), filename_prefix="rectifier/edit")
     g.add("SaveImage", title="Edit losses", images=edit.out(1), filename_prefix="rectifier/edit_loss")
     g.stage("2. Edit: invert without the edit, sample back with it; SDEdit", columns=3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .builder import Graph
 
 PAPER_TRAIN = dict(steps=120000, batch_size=32, width=160, learning_rate=0.001, seed=0, preview_every=1000,
-                   precision="auto")
+                   precision="auto", checkpoint_every=5000, resume_from="none")
 CPU_HINT = ("Paper settings: 120,000 steps, batch 32, width 160 (the paper: about 7 h on an A6000). "
             "On a CPU set steps 2000, batch 8, width 64 (about 20 minutes for this 250x200 image; rough results).")
 BUNDLED = "bundled with the pack in core/sinddm/data (CC0)"

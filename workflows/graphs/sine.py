@@ -34,7 +34,8 @@ def sine_finetune(g: Graph, ckpt: Node, image: Node, prompt: str, patches: bool,
                    text_encoder_mode="full")
     ft = g.add("SIE_FineTune", title=f"Fine-tune ({title})", model=ckpt.out(0), vae=ckpt.out(2), image=image.out(0),
                conditioning=c_hat.out(0), mode="lora", steps=steps, learning_rate=0.0, rank=8, seed=0,
-               recipe=recipe.out(0), clip=ckpt.out(1))
+               recipe=recipe.out(0), clip=ckpt.out(1), checkpoint_every=200 if steps <= 1000 else 1000,
+               resume_from="none", preview_every=100 if steps <= 1000 else 500)
     g.add("SaveImage", title=f"Loss ({title})", images=ft.out(1), filename_prefix=f"{prefix}_loss")
     g.add("SIE_SaveSine", trained=ft.out(2), filename_prefix=prefix)
     # c^ through the fine-tuned CLIP (the input CLIP unless the recipe trains the text encoder)
