@@ -6,8 +6,9 @@ connected, the default a method's node module registered for the inputs that are
 (:func:`register_default_recipe`: LayerDiffusion's for ``conditioning_b`` / ``mask``), else Imagic's.
 The outcome becomes ComfyUI types: CONDITIONING, a patched clone of the MODEL (and of the CLIP when the
 text encoder was trained), the loss curve.  Training runs on clones under
-``torch.inference_mode(False)``, reports the loss on the progress bar, stops on cancel and never
-modifies its inputs.  No method's node module is imported here.
+``torch.inference_mode(False)``, reports the loss on the progress bar, stops on cancel (keeping its steps
+in a checkpoint) and never modifies its inputs; the appended checkpoint_every / resume_from / preview_every
+inputs go to the recipe as a plan and previews (:mod:`nodes.resume`).  No method's node module is imported here.
 """
 
 from __future__ import annotations

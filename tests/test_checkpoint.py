@@ -457,6 +457,36 @@ def test_rectifier_training_resumes_exactly(tmp_path):
                         checkpoints=Plan(tmp_path, resume=saved))
 
 
+def test_a_rectifier_edit_checkpoint_is_refused_for_another_text_direction(tmp_path):
+    """Edit mode trains toward the source -> target text direction: a checkpoint of one direction is refused for
+    another (a stand-in for DirectionalCLIP: its direction and a loss that reads it)."""
+    pytest.importorskip("diffusers")
+    from core.checkpoint import Plan
+    from core.diffusion import alphas_cumprod
+    from core.pixel import DiffusersPixel
+    from core.rectifier import TrainConfig, new_rectifier, train_rectifier
+    from test_engine import tiny_pixel_unet
+
+    class Direction:
+        def __init__(self, value: float):
+            self.text_direction = torch.full((8,), value)
+
+        def loss(self, image, source):  # [B]
+            return ((image - source).mean(dim=(1, 2, 3)) - self.text_direction.sum()).abs()
+
+    pixel = DiffusersPixel(tiny_pixel_unet(), alphas_cumprod(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)))
+    x0 = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    cfg = TrainConfig(mode="edit", steps=3, batch=2, seed=3)
+    r = new_rectifier(pixel.unet_parameters(), 3, encoder_layers=(1, 1, 1, 1), width=8)
+    with pytest.raises(Interrupted):
+        train_rectifier(pixel, r, x0, cfg, clip=Direction(0.1), to_image=lambda x: (x + 1) / 2,
+                        should_stop=stop_after(1), checkpoints=Plan(tmp_path))
+    (saved,) = list(tmp_path.iterdir())
+    with pytest.raises(ResumeError, match=r"config\.text_direction"):
+        train_rectifier(pixel, r, x0, cfg, clip=Direction(0.2), to_image=lambda x: (x + 1) / 2,
+                        checkpoints=Plan(tmp_path, resume=saved))
+
+
 def test_sinddm_training_resumes_exactly(tmp_path):
     """SinDDM: the network, Adam, the milestone schedule, the generator of scales, t and eps, and the EMA (updated
     every step at this length, so a lost EMA would show); its step count is part of the run's identity, since the

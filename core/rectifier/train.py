@@ -220,7 +220,9 @@ def train_rectifier(model: Denoiser, rectifier: Rectifier, x0: torch.Tensor, con
     """
     rank, _ = world()
     ck = stage_checkpointing(checkpoints, "rectifier", config.mode, model.unet_parameters(), settings_of(config),
-                             {"x0": x0, "cond": cond}, {}, write=rank == 0)
+                             {"x0": x0, "cond": cond,  # edit mode: the source -> target text direction too
+                              "text_direction": clip.text_direction if clip is not None else None}, {},
+                             write=rank == 0)
     with objective(model, rectifier, x0, config, cond, clip, to_image, source_images) as obj:
         return fit(rectifier.parameters(), obj.batches, obj.terms, config.fit_config(), device=obj.device,
                    on_step=on_step, should_stop=should_stop, checkpointing=ck)
