@@ -27,7 +27,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ class Checkpointing:
     run is cancelled or fails), keeping the newest ``keep``.  ``meta`` (JSON) names the method,
     stage, configuration and base-weights fingerprint; a resume refuses a file whose meta differs.
     ``rngs``: the generators the loop's batches draw from.  ``resume``: a checkpoint to continue.
+    ``on_kept(path)``: called when a run stops early (cancel, error) with the newest checkpoint it wrote.
     """
 
     folder: Path
@@ -62,6 +63,7 @@ class Checkpointing:
     rngs: dict[str, torch.Generator] = field(default_factory=dict)
     resume: Path | None = None
     write: bool = True  # False: resume only (the other processes of a distributed run; rank 0 writes)
+    on_kept: Callable[[Path], None] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.every < 0:
@@ -103,6 +105,7 @@ class Plan:
     name: str = ""
     resume_latest: bool = False  # continue from the newest checkpoint of the run's stage in folder, if any
     identify: bool = False  # file names carry a digest of the run's identity (a folder many runs share)
+    on_kept: Callable[[Path], None] | None = field(default=None, compare=False)  # see Checkpointing
 
     def for_run(self, method: str, stage: str, config: dict, base: str,
                 rngs: dict[str, torch.Generator], write: bool = True) -> Checkpointing:
@@ -115,7 +118,8 @@ class Plan:
             # a multi-stage run given the file of a later stage: the stages before it continue from their newest
             resume, latest = None, True
         prefix = f"{self.name or method}_{stage}" + (f"_{identity(meta)}" if self.identify else "")
-        ck = Checkpointing(Path(self.folder), prefix, meta, self.every, self.keep, dict(rngs), resume, write)
+        ck = Checkpointing(Path(self.folder), prefix, meta, self.every, self.keep, dict(rngs), resume, write,
+                           self.on_kept)
         found = ck.existing() if latest and ck.resume is None else []
         return dataclasses.replace(ck, resume=found[-1]) if found else ck
 

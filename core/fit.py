@@ -256,6 +256,11 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
                         config.what, done, result.checkpoint)
             except Exception as e:  # never hide why the run stopped
                 logging.getLogger("comfyui-single-image-edit").error("could not write the checkpoint: %s", e)
+        if checkpointing is not None and checkpointing.on_kept is not None and result.checkpoint is not None:
+            try:
+                checkpointing.on_kept(result.checkpoint)  # the newest file of this run, written now or before
+            except Exception as e:  # never hide why the run stopped
+                logging.getLogger("comfyui-single-image-edit").error("could not report the checkpoint: %s", e)
         raise
     result.seconds = time.perf_counter() - t0
     return result

@@ -321,11 +321,11 @@ class TrainRectifier(io.ComfyNode):
                            sum(p.numel() for p in net.parameters()), device)
         config = TrainConfig(mode=mode, steps=int(steps), batch=int(batch), lr=float(lr), estimate=estimate,
                              seed=int(seed))
-        run_plan = resume.plan("rectifier", checkpoint_every, resume_from)
         progress = bridge.Progress(steps)
+        run_plan = resume.plan("rectifier", checkpoint_every, resume_from, progress)
         clip_model = getattr(open_clip, "model", None) if mode == "edit" else None
         try:
-            with torch.inference_mode(False), resume.kept_on_stop(run_plan, progress):  # ordinary tensors
+            with torch.inference_mode(False), resume.resume_errors():  # ordinary tensors
                 cond, cond_from = text_context(conditioning, model)
                 sd = bridge.ComfySD(model, None, vae)
                 latents = sd.encode(x).clone()

@@ -13,15 +13,13 @@ validating):
 Checkpoints are named ``<method>_<stage>_<run>_stepNNNNNNN.safetensors``, ``<run>`` being 8 hex digits of
 the run's identity (:func:`core.checkpoint.identity`: the image, the base model, the settings and the seed),
 so the runs sharing the folder keep their own last :data:`KEEP` files, and a resumed run continues its own
-series.  A cancelled run keeps its steps: the file is written before ComfyUI reports the interrupt, and the
-node's text and the log say which file to pick in ``resume_from``.
+series.  A cancelled run keeps its steps: the fit loop writes the file before ComfyUI reports the interrupt,
+logs it, and hands it to the plan's ``on_kept``, which says on the node which file to pick in ``resume_from``.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,8 +32,6 @@ from ..core.checkpoint import Plan, ResumeError
 from ..core.previews import Previews
 from . import comfy_bridge as bridge
 from .common import NodeInputError
-
-log = logging.getLogger("comfyui-single-image-edit")
 
 FOLDER = "sie_checkpoints"
 KEEP = 2  # the newest checkpoint and the one before it, per run
@@ -76,8 +72,9 @@ def resume_choices(methods: Iterable[str] | None, stages: Iterable[str] | None =
     return [NONE] + sorted(f for f in bridge.list_models(FOLDER) if name.fullmatch(f))
 
 
-def plan(method: str, checkpoint_every, resume_from) -> Plan:
-    """The run's checkpoint plan from the node's inputs (always one: a cancelled run keeps its steps)."""
+def plan(method: str, checkpoint_every, resume_from, progress: bridge.Progress) -> Plan:
+    """The run's checkpoint plan from the node's inputs (always one: a cancelled run keeps its steps); when
+    the run stops early, ``progress`` shows on the node which file holds its steps."""
     every = int(checkpoint_every or 0)
     if every < 0:
         raise NodeInputError("checkpoint_every", f"must be 0 (only on cancel) or more, got {every}",
@@ -89,7 +86,13 @@ def plan(method: str, checkpoint_every, resume_from) -> Plan:
         except FileNotFoundError as e:
             raise NodeInputError("resume_from", str(e), "refresh the node list (r) and pick a listed checkpoint, "
                                                         "or none") from None
-    return Plan(bridge.default_dir(FOLDER) / method, every, KEEP, resume, identify=True)  # made when written
+
+    def kept(path: Path) -> None:
+        progress.text(f"stopped: the steps done are kept in {path.parent.name}/{path.name}; pick it in "
+                      "resume_from to continue")
+
+    return Plan(bridge.default_dir(FOLDER) / method, every, KEEP, resume, identify=True,  # made when written
+                on_kept=kept)
 
 
 def previews(every, sd, progress: bridge.Progress) -> Previews | None:
@@ -108,30 +111,10 @@ def previews(every, sd, progress: bridge.Progress) -> Previews | None:
 
 
 @contextmanager
-def kept_on_stop(run_plan: Plan, progress: bridge.Progress) -> Iterator[None]:
-    """Turn a refused checkpoint into an error naming ``resume_from``; when the run stops early (cancel,
-    error), say on the node and in the log which checkpoint holds its steps."""
-    started = time.time()
+def resume_errors() -> Iterator[None]:
+    """A checkpoint the run refuses becomes an error naming ``resume_from``."""
     try:
         yield
     except ResumeError as e:
         raise NodeInputError("resume_from", str(e), "pick a checkpoint of this run (the same image, model, "
                                                     "settings and seed), or none") from None
-    except BaseException:
-        kept = newest_since(run_plan.folder, started)
-        if kept is not None:
-            rel = f"{Path(run_plan.folder).name}/{kept.name}"
-            progress.text(f"stopped: the steps done are kept in {rel}; pick it in resume_from to continue")
-            log.warning("training stopped; to continue, pick %s in resume_from (in %s)", rel, run_plan.folder)
-        raise
-
-
-def newest_since(folder: Path, since: float) -> Path | None:
-    """The newest checkpoint file written into ``folder`` since ``since`` (time.time()), or None."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    files = [(p.stat().st_mtime, p) for p in folder.glob("*_step*.safetensors")]
-    files = [(t, p) for t, p in files if t >= since - 1]
-    return max(files)[1] if files else None
-

@@ -121,8 +121,8 @@ class SinDDMTrain(io.ComfyNode):
                 raise NodeInputError("batch_size", e.problem, "lower batch_size (or width)") from None
             raise NodeInputError("width", e.problem, "lower width (64 needs ~2.5x less), or train on a "
                                                      "device with more memory") from None
-        run_plan = resume.plan("sinddm", checkpoint_every, resume_from)
         progress = bridge.Progress(steps)
+        run_plan = resume.plan("sinddm", checkpoint_every, resume_from, progress)
 
         def preview(net):
             m = SinDDM.create(net, pyramid)
@@ -131,7 +131,7 @@ class SinDDMTrain(io.ComfyNode):
         cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(learning_rate), seed=int(seed),
                           precision=precision)
         try:
-            with torch.inference_mode(False), torch.enable_grad(), resume.kept_on_stop(run_plan, progress):
+            with torch.inference_mode(False), torch.enable_grad(), resume.resume_errors():
                 result = train(pyramid, NetConfig(int(width)), cfg, device, on_step=progress,
                                should_stop=progress.should_stop, preview_every=int(preview_every), preview=preview,
                                checkpoints=run_plan)

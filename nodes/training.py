@@ -266,10 +266,10 @@ class OptimizeEmbedding(io.ComfyNode):
         x = image_to_bchw(image, "image", min_side=8)[:1]
         check_memory(model, torch.zeros(1, *recipe.trains_at(tuple(x.shape[-2:])), 3), "embedding", device,
                      device.type == "cuda")
-        run_plan = resume.plan(recipe.method, checkpoint_every, resume_from)
         progress = bridge.Progress(steps)
+        run_plan = resume.plan(recipe.method, checkpoint_every, resume_from, progress)
         try:
-            with torch.inference_mode(False), resume.kept_on_stop(run_plan, progress):  # ordinary tensors
+            with torch.inference_mode(False), resume.resume_errors():  # ordinary tensors
                 cond, opts = cond_tensor(conditioning, model)
                 extra, options = stage_extra(model, **optional)
                 sd = bridge.ComfySD(model, None, vae)
@@ -381,10 +381,10 @@ class FineTune(io.ComfyNode):
         x = image_to_bchw(image, "image", min_side=8)[:1]
         check_memory(model, torch.zeros(1, *recipe.trains_at(tuple(x.shape[-2:])), 3), mode, device,
                      device.type == "cuda", int(rank))
-        run_plan = resume.plan(recipe.method, checkpoint_every, resume_from)
         progress = bridge.Progress(steps)
+        run_plan = resume.plan(recipe.method, checkpoint_every, resume_from, progress)
         try:
-            with torch.inference_mode(False), resume.kept_on_stop(run_plan, progress):  # ordinary tensors
+            with torch.inference_mode(False), resume.resume_errors():  # ordinary tensors
                 cond, _ = cond_tensor(conditioning, model)
                 extra, _ = stage_extra(model, **optional)
                 sd = bridge.ComfySD(model, clip if text else None, vae)

@@ -189,7 +189,7 @@ def test_resume_lists_only_checkpoint_names_of_the_nodes_methods_and_stages(fold
     assert resume.resume_choices(None, ["finetune"])[1:] == ["sine/sine_finetune_89abcdef_step0000200.safetensors"]
     assert resume.resume_choices(["rectifier"])[1:] == ["rectifier/rectifier_recon_00000000_step0000500.safetensors"]
     assert resume.resume_choices(["sinddm"]) == ["none"]
-    assert Path(resume.plan("imagic", 0, "none").folder) == folder / "imagic"
+    assert Path(resume.plan("imagic", 0, "none", None).folder) == folder / "imagic"
 
 
 def test_a_trainers_preview_replaces_the_loss_curve_on_the_node(monkeypatch):
