@@ -77,12 +77,14 @@ STAGES = ("embedding", "fine-tune (lora r8)", "fine-tune (lora r8, weight-space)
 
 
 def time_stages(model, size: int = 512, steps: int = 6, device=None, stages=("embedding", "fine-tune (lora r8)",
-                "DDIM + CFG sampling"), gpu: bool | None = None, log=print) -> list[dict]:
+                "DDIM + CFG sampling"), gpu: bool | None = None, log=print, options: dict | None = None) -> list[dict]:
     """Median seconds per step (first step = warm-up) and peak memory of each Imagic stage.
 
     ``stages``: any of :data:`STAGES`.  ``gpu`` (default: CUDA device) turns on gradient
-    checkpointing and bf16 autocast, as the nodes do on a GPU.
+    checkpointing and bf16 autocast, as the nodes do on a GPU.  ``options``: further settings of the
+    fine-tune configs (e.g. ``{"gradient_checkpointing": True}``).
     """
+    options = dict(options or {})
     device = torch.device(device or model.device)
     gpu = device.type == "cuda" if gpu is None else gpu
     img = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -92,13 +94,14 @@ def time_stages(model, size: int = 512, steps: int = 6, device=None, stages=("em
         uncond = model.encode_text([""])
     log(f"{size}x{size} (latent {tuple(latent.shape)}) on {device} ({torch.get_num_threads()} threads), "
         f"checkpointing {'on' if gpu else 'off'}, {'bf16 autocast' if gpu else 'fp32'}")
-    lora = FineTuneConfig("lora", steps, lora=LoRAConfig(8, 8.0), gradient_checkpointing=gpu)
+    ft = {"gradient_checkpointing": gpu, **options}
+    lora = FineTuneConfig("lora", steps, lora=LoRAConfig(8, 8.0), **ft)
     runs = {
-        "embedding": lambda tm: optimize_embedding(model, latent, e_tgt, EmbeddingConfig(steps, 1e-3, 0, gpu),
+        "embedding": lambda tm: optimize_embedding(model, latent, e_tgt, EmbeddingConfig(steps, 1e-3, 0, ft["gradient_checkpointing"]),
                                                    on_step=tm),
         "fine-tune (lora r8)": lambda tm: finetune(model, latent, e_tgt, lora, on_step=tm),
         "fine-tune (full)": lambda tm: finetune(
-            model, latent, e_tgt, FineTuneConfig("full", steps, gradient_checkpointing=gpu), on_step=tm),
+            model, latent, e_tgt, FineTuneConfig("full", steps, **ft), on_step=tm),
         "DDIM + CFG sampling": lambda tm: ddim_sample(model, e_tgt, uncond, shape=tuple(latent.shape),
                                                        steps=steps, guidance=7.5, on_step=tm),
     }

@@ -85,6 +85,7 @@ class FitConfig:
     precision: str = "auto"  # "auto" (GPU: bf16 or fp16 autocast; CPU: fp32) | "fp32" | "bf16" | "fp16"
     grad_clip: float | None = None
     what: str = "optimisation"
+    step_in_backward: bool = False  # each parameter's optimiser step as soon as its gradient is complete (below)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -99,6 +100,8 @@ class FitConfig:
             raise ValueError("decay_every must be >= 0 and decay_gamma > 0")
         if self.decay_every and self.milestones:
             raise ValueError("give decay_every or milestones, not both")
+        if self.step_in_backward and self.grad_clip:
+            raise ValueError("step_in_backward cannot clip gradients by their global norm (no step sees them all)")
 
 
 class Pace:
@@ -203,6 +206,7 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
     dtype = autocast_dtype(device, config.precision)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     trainable = [p for g in opt.param_groups for p in g["params"]]
+    in_backward = StepInBackward(opt, trainable) if config.step_in_backward and scaler is None else None
     result = FitResult([], {t.name: [] for t in terms})
     if checkpointing is not None and checkpointing.resume is not None:
         result.resumed_from = _restore(checkpointing, trainable, opt, sched, scaler, extra_state, result, config)
@@ -226,7 +230,7 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
                 rngs_before = checkpointing.rng_states()
             started = time.perf_counter()
             _one_step(step, opt, sched, scaler, trainable, batches, terms, config, device, scope, should_stop,
-                      result)
+                      result, in_backward)
             done = step
             per_step = pace.update(time.perf_counter() - started)
             info = {"loss": result.losses[-1], "terms": {k: v[-1] for k, v in result.terms.items()},
@@ -262,12 +266,55 @@ def fit(parameters: Iterable, batches: Callable[[int], Any], terms: Sequence[Ter
             except Exception as e:  # never hide why the run stopped
                 logging.getLogger("comfyui-single-image-edit").error("could not report the checkpoint: %s", e)
         raise
+    finally:
+        if in_backward is not None:
+            in_backward.remove()
     result.seconds = time.perf_counter() - t0
     return result
 
 
+class StepInBackward:
+    """The optimiser step taken parameter by parameter inside backward (``FitConfig.step_in_backward``).
+
+    Each trained tensor gets a post-accumulate-grad hook that runs the optimiser on that tensor alone
+    (its own group's settings and state: the same update as one step over all of them, since Adam's
+    update of a tensor reads only that tensor's gradient and state) and frees its gradient at once.
+    So no complete set of gradients is ever held: for a full fine-tune the peak drops by one copy of the
+    trained weights (the community pipelines hold weights, gradients and two Adam moments; this holds
+    weights and the moments).  The step cannot see every gradient at once, so it excludes clipping
+    by global norm and fp16 loss scaling (the fit loop steps as usual under a GradScaler).  A tensor
+    whose gradient arrives twice in one backward (used by two separately recomputed segments) would
+    be stepped twice: that is refused, naming it."""
+
+    def __init__(self, opt: torch.optim.Optimizer, trainable: Sequence[torch.Tensor]):
+        self.opt = opt
+        self.group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+        self.stepped: set[int] = set()
+        self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in trainable]
+
+    def _step(self, p: torch.Tensor) -> None:
+        if id(p) in self.stepped:
+            raise RuntimeError(f"a trained tensor of shape {tuple(p.shape)} received two gradients in one backward; "
+                               "step_in_backward needs one: turn it off for this model")
+        self.stepped.add(id(p))
+        groups = self.opt.param_groups
+        self.opt.param_groups = [{**self.group_of[id(p)], "params": [p]}]
+        try:
+            self.opt.step()
+        finally:
+            self.opt.param_groups = groups
+        p.grad = None
+
+    def begin(self) -> None:
+        self.stepped.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def _one_step(step, opt, sched, scaler, trainable, batches, terms, config, device, scope, should_stop,
-              result: FitResult) -> None:
+              result: FitResult, in_backward: StepInBackward | None = None) -> None:
     """Draw the step's batch, back-propagate the weighted terms, take the optimiser step, record the losses."""
     poll(should_stop, config.what, step - 1)
     batch = batches(step)
@@ -276,6 +323,8 @@ def _one_step(step, opt, sched, scaler, trainable, batches, terms, config, devic
             values = [term.fn(batch) for term in terms]
             loss = sum(term.weight * v.float() for term, v in zip(terms, values))
         opt.zero_grad(set_to_none=True)
+        if in_backward is not None:
+            in_backward.begin()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -286,7 +335,7 @@ def _one_step(step, opt, sched, scaler, trainable, batches, terms, config, devic
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
-    else:
+    elif in_backward is None:
         opt.step()
     if sched is not None:
         sched.step()

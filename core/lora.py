@@ -141,28 +141,102 @@ def diff_state_dict(deltas: Mapping[str, torch.Tensor], prefix: str = PREFIX) ->
     return out
 
 
-def delta_weights(sd: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
-    """Any delta file (LoRA or diff layout) -> {canonical param name: delta tensor}.
+class LowRankDelta(nn.Module):
+    """A trained LoRA's fixed delta, strength * (alpha / r) * up @ down, kept as its factors.
+
+    A weight function like :class:`core.seam.DeltaFunction`, but it never holds the full-size
+    delta: the views apply it to activations (:meth:`output_delta`, as during training) and
+    :meth:`delta` builds the dense tensor of this one weight only when asked."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float, shape: tuple[int, ...],
+                 strength: float = 1.0):
+        super().__init__()
+        self.register_buffer("down", down.detach().float().flatten(1))  # [r, fan_in]
+        self.register_buffer("up", up.detach().float().flatten(1))  # [out, r]
+        self.rank, self.alpha, self.shape, self.strength = self.down.shape[0], float(alpha), tuple(shape), float(strength)
+
+    @property
+    def scale(self) -> float:
+        return self.strength * self.alpha / self.rank
+
+    def scaled(self, strength: float) -> "LowRankDelta":
+        """The same factors (shared, not copied) at ``strength``."""
+        return LowRankDelta(self.down, self.up, self.alpha, self.shape, strength)
+
+    def delta(self) -> torch.Tensor:
+        """The dense delta of this weight, [out, in(, kh, kw)] float32."""
+        return (self.up @ self.down).reshape(self.shape) * self.scale
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta().to(weight)
+
+    def output_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(delta W) x as up(down(x)), as :meth:`LoRA.output_delta`."""
+        down, up = self.down.to(x), self.up.to(x)
+        if len(self.shape) == 4:
+            kh, kw = self.shape[2:]
+            h = F.conv2d(x, down.reshape(self.rank, self.shape[1], kh, kw), None, module.stride, module.padding,
+                         module.dilation)
+            return F.conv2d(h, up[:, :, None, None]) * self.scale
+        return F.linear(F.linear(x, down), up) * self.scale
+
+
+class Deltas(Mapping):
+    """{canonical parameter name: dense delta} of a fine-tune, without holding every dense delta.
+
+    LoRA deltas are kept as their factors (:class:`LowRankDelta`) and built one at a time when read;
+    full fine-tune deltas (``.diff``) are dense already.  :meth:`functions` gives the weight functions
+    that apply them (the LoRA ones on activations, never full-size)."""
+
+    def __init__(self, items: Mapping[str, "LowRankDelta | torch.Tensor"]):
+        self.items_ = dict(items)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        v = self.items_[name]
+        return v.delta() if isinstance(v, LowRankDelta) else v
+
+    def __iter__(self):
+        return iter(self.items_)
+
+    def __len__(self) -> int:
+        return len(self.items_)
+
+    def functions(self, strength: float = 1.0) -> dict[str, nn.Module]:
+        """W -> W + strength * delta for every entry (to apply through the seam)."""
+        from .seam import DeltaFunction
+
+        return {name: v.scaled(strength) if isinstance(v, LowRankDelta) else DeltaFunction(v, strength)
+                for name, v in self.items_.items()}
+
+
+def delta_functions(deltas: Mapping[str, torch.Tensor], strength: float = 1.0) -> dict[str, nn.Module]:
+    """The weight functions of ``deltas`` (a :class:`Deltas`, or a plain {name: dense delta})."""
+    return (deltas if isinstance(deltas, Deltas) else Deltas(deltas)).functions(strength)
+
+
+def delta_weights(sd: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> Deltas:
+    """Any delta file (LoRA or diff layout) -> {canonical param name: delta} (a :class:`Deltas`:
+    LoRA entries stay factors until read).
 
     Used to apply a saved delta through the diffusers back end; ComfyUI reads the file
     with its own loader.
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, LowRankDelta | torch.Tensor] = {}
     for key, value in sd.items():
         if not key.startswith(prefix):
             continue
         rest = key[len(prefix):]
         if rest.endswith(".lora_down.weight"):
             module = rest[: -len(".lora_down.weight")]
-            down = value.float().flatten(1)
-            up = sd[f"{prefix}{module}.lora_up.weight"].float().flatten(1)
-            alpha = float(sd.get(f"{prefix}{module}.alpha", torch.tensor(float(down.shape[0]))))
-            out[module + ".weight"] = (up @ down) * (alpha / down.shape[0])
+            up = sd[f"{prefix}{module}.lora_up.weight"]
+            alpha = float(sd.get(f"{prefix}{module}.alpha", torch.tensor(float(value.shape[0]))))
+            shape = (up.shape[0], *value.shape[1:])  # [out, in(, kh, kw)]
+            out[module + ".weight"] = LowRankDelta(value, up, alpha, shape)
         elif rest.endswith(".diff"):
             out[rest[: -len(".diff")] + ".weight"] = value.float()
         elif rest.endswith(".diff_b"):
             out[rest[: -len(".diff_b")] + ".bias"] = value.float()
-    return out
+    return Deltas(out)
 
 
 def check_fine_tune(mode: str, steps: int | None, lr: float | None) -> None:
@@ -193,15 +267,20 @@ def trainable_functions(mode: str, params: Mapping[str, torch.Tensor], config: L
 
 @torch.no_grad()
 def trained_delta(mode: str, fns: Mapping[str, nn.Module], params: Mapping[str, torch.Tensor],
-                  prefix: str = PREFIX) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(the delta in ComfyUI's LoRA-file layout, {canonical name: dense delta}) of trained
-    weight functions; full fine-tunes keep only the parameters that moved."""
+                  prefix: str = PREFIX) -> tuple[dict[str, torch.Tensor], Deltas]:
+    """(the delta in ComfyUI's LoRA-file layout, {canonical name: delta}) of trained weight
+    functions.  LoRA: the file's tensors are the factors, and the deltas stay factors (on the
+    training device; no full-size delta is built); full fine-tunes keep only the parameters
+    that moved, dense, one at a time."""
     if mode == "lora":
-        deltas = {name: fn.delta().detach().float().cpu() for name, fn in fns.items()}
+        deltas = Deltas({name: LowRankDelta(fn.down, fn.up, fn.alpha, fn.shape) for name, fn in fns.items()})
         return {k: v.cpu() for k, v in lora_state_dict(fns, prefix).items()}, deltas
-    deltas = {name: (fn.param.detach().float() - params[name].detach().float()).cpu() for name, fn in fns.items()}
-    deltas = {k: v for k, v in deltas.items() if bool(v.any())}
-    return diff_state_dict(deltas, prefix), deltas
+    out = {}
+    for name, fn in fns.items():
+        d = (fn.param.detach().float() - params[name].detach().float()).cpu()
+        if bool(d.any()):
+            out[name] = d
+    return diff_state_dict(out, prefix), Deltas(out)
 
 
 def text_trainable(params: Mapping[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:

@@ -191,7 +191,7 @@ class DeltaFunction(nn.Module):
 
     def __init__(self, delta: torch.Tensor, strength: float = 1.0):
         super().__init__()
-        self.register_buffer("delta", delta.detach().float().clone())
+        self.register_buffer("delta", delta.detach().float())  # shared with the caller's tensor, not copied
         self.strength = float(strength)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:

@@ -16,15 +16,17 @@ The image latent and the conditioning are computed once by the caller.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..fit import FitConfig, OnStep, ShouldStop, fit
-from ..lora import LoRAConfig, check_fine_tune, trainable_functions, trained_delta
+from ..lora import LoRAConfig, check_fine_tune, delta_functions, trainable_functions, trained_delta
 from ..losses import eps_term
-from ..seam import DeltaFunction, LatentDiffusion
+from ..seam import LatentDiffusion
 from ..seeds import derive_seed
 from ..checkpoint import Plan
 from ..previews import Previews, one_step_x0, with_previews
@@ -54,16 +56,16 @@ class FineTuneConfig:
 class FineTuneResult:
     mode: str
     delta: dict[str, torch.Tensor]  # ComfyUI LoRA-file layout (see core.lora)
-    deltas: dict[str, torch.Tensor]  # {canonical parameter name: dense delta}
+    deltas: Mapping[str, torch.Tensor]  # {canonical parameter name: delta} (core.lora.Deltas: LoRA ones as factors)
     losses: list[float]
     seconds: float
     trainable_parameters: int
     checkpoint: Path | None = None  # the last checkpoint written
     resumed_from: int = 0  # the step a resumed run continued from (0: a fresh run)
 
-    def weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
+    def weight_functions(self, strength: float = 1.0) -> dict[str, nn.Module]:
         """W -> W + strength * delta for every trained parameter (to apply through the seam)."""
-        return {name: DeltaFunction(d, strength) for name, d in self.deltas.items()}
+        return delta_functions(self.deltas, strength)
 
 
 def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
@@ -91,7 +93,8 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
         show = with_previews(on_step, previews, lambda: one_step_x0(m.eps, latent, cond, model.alphas_cumprod,
                                                                     previews.timesteps, previews.seed))
         res = fit(trainable, batches, [eps_term("eps_mse", m, latent, cond, mask)],
-                  FitConfig(config.steps, config.learning_rate, what="fine-tuning"), device,
+                  FitConfig(config.steps, config.learning_rate, what="fine-tuning",
+                                    step_in_backward=config.mode == "full"), device,
                   on_step=show, should_stop=should_stop, checkpointing=ck)
     losses = res.losses
     delta, deltas = trained_delta(config.mode, fns, params)

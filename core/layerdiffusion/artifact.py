@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..artifact_io import ArtifactError, atomic_save_safetensors, read_artifact
 from ..lora import delta_weights
-from ..seam import DeltaFunction
 
 FORMAT = "sie.layerdiffusion"
 VERSION = 1
@@ -39,8 +39,8 @@ class LayerDiffusionFile:
     texts: dict[str, str] = field(default_factory=dict)  # "object", "background"
     info: dict = field(default_factory=dict)
 
-    def weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
-        return {name: DeltaFunction(d, strength) for name, d in delta_weights(self.delta).items()}
+    def weight_functions(self, strength: float = 1.0) -> dict[str, nn.Module]:
+        return delta_weights(self.delta).functions(strength)
 
 
 def save_layerdiffusion(edit, path: str | os.PathLike, object_text: str = "", background_text: str = "") -> Path:

@@ -37,16 +37,18 @@ The base model is never modified; the result is a delta in ComfyUI's LoRA-file l
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
-from ..lora import LoRAConfig, check_fine_tune, trainable_functions, trained_delta
+from ..lora import LoRAConfig, check_fine_tune, delta_functions, trainable_functions, trained_delta
 from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw
 from ..previews import Previews, one_step_x0, with_previews
-from ..seam import DeltaFunction, Denoiser, LatentDiffusion
+from ..seam import Denoiser, LatentDiffusion
 from ..seeds import derive_seed
 from .masks import REDUCTIONS, SharedDraw, background_mask, masked_eps_mse
 
@@ -101,15 +103,15 @@ class LayeredFineTuneConfig:
 class LayeredFineTuneResult:
     mode: str
     delta: dict[str, torch.Tensor]  # ComfyUI LoRA-file layout (core.lora)
-    deltas: dict[str, torch.Tensor]  # {canonical parameter name: dense delta}
+    deltas: Mapping[str, torch.Tensor]  # {canonical parameter name: delta} (core.lora.Deltas: LoRA ones as factors)
     losses: list[float]  # lambda_1 L_obj + lambda_2 L_bg per step
     terms: dict[str, list[float]]  # "obj", "bg": each term's (unweighted) value per step
     seconds: float
     trainable_parameters: int
 
-    def weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
+    def weight_functions(self, strength: float = 1.0) -> dict[str, nn.Module]:
         """W -> W + strength * delta for every trained parameter (to apply through the seam)."""
-        return {name: DeltaFunction(d, strength) for name, d in self.deltas.items()}
+        return delta_functions(self.deltas, strength)
 
 
 def layered_terms(model: Denoiser, obj_latent: torch.Tensor, bg_latent: torch.Tensor, e_opt: torch.Tensor,
@@ -162,7 +164,8 @@ def finetune_layered(model: LatentDiffusion, image_latent: torch.Tensor, referen
         show = with_previews(on_step, previews, lambda: one_step_x0(m.eps, obj, e_opt, model.alphas_cumprod,
                                                                     previews.timesteps, previews.seed))
         res = fit(trainable, lambda step: noise(obj), terms,
-                  FitConfig(config.steps, config.learning_rate, what="layered fine-tuning"), device,
+                  FitConfig(config.steps, config.learning_rate, what="layered fine-tuning",
+                            step_in_backward=config.mode == "full"), device,
                   on_step=show, should_stop=should_stop, checkpointing=ck)
         draw.clear()
     delta, deltas = trained_delta(config.mode, fns, params)

@@ -55,19 +55,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..diffusion import predict_x0, q_sample
 from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
-from ..lora import TEXT_PREFIX, LoRAConfig, check_fine_tune, text_trainable, trainable_functions, trained_delta
+from ..lora import (TEXT_PREFIX, LoRAConfig, check_fine_tune, delta_functions, text_trainable, trainable_functions,
+                    trained_delta)
 from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw, masked_mse
 from ..previews import Previews, one_step_x0, with_previews
-from ..seam import DeltaFunction, Features, LatentDiffusion, TrainableText
+from ..seam import Features, LatentDiffusion, TrainableText
 from ..seeds import derive_seed
 from .patches import PatchConfig, PatchSampler
 from .positional import MODEL_CHANNELS, PositionalMap
@@ -138,7 +141,7 @@ class SineFineTuneConfig:
 class SineFineTuneResult:
     mode: str
     delta: dict[str, torch.Tensor]  # ComfyUI LoRA-file layout (see core.lora)
-    deltas: dict[str, torch.Tensor]  # {canonical parameter name: dense delta}
+    deltas: Mapping[str, torch.Tensor]  # {canonical parameter name: delta} (core.lora.Deltas: LoRA ones as factors)
     losses: list[float]  # weighted total per step
     terms: dict[str, list[float]]  # "eps_mse", "pooled_x0" (unweighted) per step
     seconds: float
@@ -147,7 +150,7 @@ class SineFineTuneResult:
     channels: int = MODEL_CHANNELS
     grid_size: int = 128
     text_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRA layout, TEXT_PREFIX keys
-    text_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # {canonical text name: dense delta}
+    text_deltas: Mapping[str, torch.Tensor] = field(default_factory=dict)  # {canonical text name: delta}
     c_hat: torch.Tensor | None = None  # [1, 77, D] float32 CPU: the fine-tune conditioning training used
 
     @property
@@ -155,12 +158,12 @@ class SineFineTuneResult:
         """UNet and text-encoder deltas in one LoRA-layout mapping (what ComfyUI's LoRA loader reads)."""
         return {**self.delta, **self.text_delta}
 
-    def text_weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
-        return {name: DeltaFunction(d, strength) for name, d in self.text_deltas.items()}
+    def text_weight_functions(self, strength: float = 1.0) -> dict[str, nn.Module]:
+        return delta_functions(self.text_deltas, strength)
 
-    def weight_functions(self, strength: float = 1.0) -> dict[str, DeltaFunction]:
+    def weight_functions(self, strength: float = 1.0) -> dict[str, nn.Module]:
         """W -> W + strength * delta for every trained parameter (to apply through the seam)."""
-        return {name: DeltaFunction(d, strength) for name, d in self.deltas.items()}
+        return delta_functions(self.deltas, strength)
 
     def positional_map(self) -> PositionalMap | None:
         return PositionalMap(self.channels, self.grid_size) if self.positional else None
@@ -293,7 +296,8 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
         show = with_previews(on_step, previews, lambda: preview_x0(previews))
         res = fit(groups, batches, terms,
                   FitConfig(config.total_steps, config.learning_rate, optimizer=config.optimizer,
-                            weight_decay=config.weight_decay, what="SINE fine-tuning"),
+                            weight_decay=config.weight_decay, what="SINE fine-tuning",
+                            step_in_backward=config.mode == "full"),
                   device, on_step=show, should_stop=should_stop, checkpointing=ck)
         if encode is not None:  # c^ as the trained encoder gives it (what the edit must use)
             with torch.no_grad():
