@@ -42,6 +42,11 @@ What it runs (the functions of the single benchmarks, not copies of them):
   (:func:`run_rectifier_cli_edit`, a few seconds; it needs the open_clip wheels of
   ``--download-wheels``).
 
+With ``--imagic-reference PATH`` (a carried local copy of diffusers' community Imagic pipeline, and the
+accelerate wheels of ``--download-wheels``) it also runs ``imagic_speed.side_by_side``: the port's embedding
+and full fine-tune steps beside ours (LoRA, full, full with checkpointing), each in its own process, fp32,
+with the ratios ours / port in the table (about 3 more minutes).
+
 Sized to finish well inside 8 minutes on one H100/H200 (not yet run on one: the JSON records
 how long each part took).  Prints one table and writes it with the machine, date and command to a JSON file
 (default ``benchmarks/results/gpu_suite_<device>_<date>.json``; ``--dry-run``: a temporary
@@ -83,7 +88,9 @@ DEFAULT_WHEELS = ROOT / ".whl"
 # numpy, Pillow, regex, requests, filelock); diffusers' own needs are all there on Python >= 3.8.
 WHEELS = ("diffusers==0.42.1",
           # the rectifier stage's CLI edit training (a random OpenCLIP): open_clip and ftfy, which it imports
-          "open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth")
+          "open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth",
+          # --imagic-reference: the community pipeline imports accelerate (which needs psutil and PyYAML)
+          "accelerate==1.16.0", "psutil", "PyYAML")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 
@@ -139,6 +146,7 @@ def ensure_diffusers(wheels: Path | None) -> str:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--target", str(site), *files], check=True)
         sys.path.insert(0, str(site))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
         importlib.invalidate_caches()
         import diffusers
         print(f"installed {', '.join(Path(f).name for f in files)} into {site}", flush=True)
@@ -419,6 +427,10 @@ def run_rectifier_cli_edit(table: Table, device, log) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes and models, on the CPU, a few steps")
+    ap.add_argument("--imagic-reference", default=None, metavar="PATH",
+                    help="also run imagic_speed's side by side with the diffusers community pipeline (a local copy of "
+                         "examples/community/imagic_stable_diffusion.py, carried: not part of the pack) at the suite's "
+                         "SD size, fp32, one round: about 3 minutes on one GPU")
     ap.add_argument("--device", default=None, help="default: cuda (cpu for --dry-run)")
     ap.add_argument("--only", default="sinddm,imagic,sine,layerdiffusion,engine,rectifier",
                     help="comma-separated subset")
@@ -494,8 +506,22 @@ def main(argv: list[str] | None = None) -> int:
                 data["rectifier"] = {"error": f"{type(e).__name__}: {e}"}
             timings["rectifier"] = time.perf_counter() - t0
         del model
+    if a.imagic_reference:
+        t0 = time.perf_counter()
+        log("Imagic side by side with the community pipeline")
+        from imagic_speed import side_by_side
+
+        try:
+            sbs = side_by_side(a.imagic_reference, cfg["sd_size"], 4, 1, str(device), log=log)
+            data["imagic_vs_reference"] = sbs
+            for k, v in sbs["ratios"].items():
+                table.add("Imagic vs port", k, f"{cfg['sd_size']}x{cfg['sd_size']}, fp32", v, "ratio", None)
+        except Exception as e:  # keep the rest of the suite
+            data["imagic_vs_reference"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"side by side failed: {e}")
+        timings["imagic_vs_reference"] = time.perf_counter() - t0
     bad = [r for r in table.rows if not _finite(r["value"])]
-    failed = [k for k in ("rectifier",) if "error" in data.get(k, {})]
+    failed = [k for k in ("rectifier", "imagic_vs_reference") if "error" in data.get(k, {})]
     if "error" in data.get("rectifier", {}).get("cli_edit", {}):
         failed.append("rectifier CLI edit training")
         data["rectifier"]["error"] = data["rectifier"]["cli_edit"]["error"]

@@ -13,6 +13,18 @@ bf16 autocast are on for a GPU, off for the CPU, as in the nodes.  ``--weight-sp
 times LoRA fine-tuning with weight-space adapters (full-size W + BA every call) against the
 pack's output-side adapters.  ``--out`` writes a JSON file with the machine, date and command.
 :func:`time_stages` is what ``benchmarks/gpu_suite.py`` runs.
+
+Side by side with the diffusers community pipeline (``examples/community/imagic_stable_diffusion.py``,
+a local copy: not part of the pack)::
+
+    python benchmarks/imagic_speed.py --reference /path/to/imagic_stable_diffusion.py --size 256 --steps 4 \
+        --rounds 2 --out benchmarks/results/imagic_vs_reference_cpu_256.json
+
+runs every stage in its own process (``benchmarks/imagic_reference.py``), interleaved (reference
+embedding, ours, reference fine-tune, our LoRA r8, our full fine-tune, our full fine-tune with
+gradient checkpointing; ``--rounds`` times), on random-weight SD 1.5 with the same seed on both
+sides, fp32, batch 1, and records each stage's median s/step and peak memory (the lower of the
+rounds' medians and peaks) with the ratios ours / reference.
 """
 
 from __future__ import annotations
@@ -136,6 +148,77 @@ def whole_edit(rows: list[dict]) -> dict:
     return out
 
 
+SIDE_BY_SIDE = (("reference", "imagic", "embedding", {}), ("ours", "imagic", "embedding", {}),
+                ("reference", "imagic", "finetune", {}), ("ours", "imagic", "fine-tune (lora r8)", {}),
+                ("ours", "imagic", "fine-tune (full)", {}),
+                ("ours", "imagic", "fine-tune (full)", {"gradient_checkpointing": True}))
+"""(side, method, stage, options) of each process :func:`side_by_side` runs, in order, every round."""
+
+
+def method_runs(method: str) -> tuple:
+    """The side-by-side runs of SINE's or LayerDiffusion's fine-tunes: the port's full fine-tune beside them."""
+    return (("reference", "imagic", "finetune", {}), ("ours", method, "fine-tune (lora r8)", {}),
+            ("ours", method, "fine-tune (full)", {}))
+
+
+def side_by_side(reference: str, size: int, steps: int, rounds: int, device: str | None = None,
+                 log=print, runs: tuple = SIDE_BY_SIDE) -> dict:
+    """Each (side, method, stage, options) of ``runs`` in its own process, ``rounds`` times interleaved; the
+    best median s/step and the lowest peak of each, and the ratios ours / reference."""
+    import json
+    import subprocess
+
+    found: dict[str, list[dict]] = {}
+    for r in range(rounds):
+        for side, method, stage, options in runs:
+            label = (f"{side}: {stage}" if method == "imagic" or side == "reference" else f"ours: {method} {stage}") \
+                + (" + gradient checkpointing" if options.get("gradient_checkpointing") else "")
+            cmd = [sys.executable, str(Path(__file__).with_name("imagic_reference.py")), "--side", side, "--stage",
+                   stage, "--method", method, "--size", str(size), "--steps", str(steps), "--options",
+                   json.dumps(options)]
+            if side == "reference":
+                cmd += ["--reference", reference]
+            if device:
+                cmd += ["--device", device]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"{label} failed:\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            found.setdefault(label, []).append(row)
+            log(f"round {r + 1}  {label:<62} {row['s_per_step']:8.3f} s/step   peak {row['peak_gib']:6.2f} GiB")
+    stages = {k: {"s_per_step": min(x["s_per_step"] for x in v), "peak_gib": min(x["peak_gib"] for x in v),
+                  "runs": [{"s_per_step": x["s_per_step"], "peak_gib": x["peak_gib"]} for x in v]}
+              for k, v in found.items()}
+    ratios = {}
+    ref_ft = stages["reference: finetune"]
+    if "reference: embedding" in stages and "ours: embedding" in stages:
+        ref_emb, emb = stages["reference: embedding"], stages["ours: embedding"]
+        ratios["embedding (time)"] = emb["s_per_step"] / ref_emb["s_per_step"]
+        ratios["embedding (memory)"] = emb["peak_gib"] / ref_emb["peak_gib"]
+    for label, v in stages.items():
+        if label.startswith("ours: ") and "fine-tune" in label:
+            name = label[len("ours: "):]
+            ratios[f"{name} / reference full fine-tune (time)"] = v["s_per_step"] / ref_ft["s_per_step"]
+            ratios[f"{name} / reference full fine-tune (memory)"] = v["peak_gib"] / ref_ft["peak_gib"]
+    if "ours: embedding" in stages and "ours: fine-tune (lora r8)" in stages:
+        ratios["our LoRA step / our embedding step"] = (stages["ours: fine-tune (lora r8)"]["s_per_step"]
+                                                       / stages["ours: embedding"]["s_per_step"])
+    for k, v in ratios.items():
+        log(f"{k:<76} {v:6.2f}")
+    return {"stages": stages, "ratios": ratios}
+
+
+def write_side_by_side(path: str, reference: str, size: int, steps: int, rounds: int, result: dict) -> Path:
+    """The side-by-side result with the machine, date, command and the reference file's digest."""
+    import hashlib
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = {**header(dev), "model": "SD 1.5 with random weights (shipped configs), fp32, batch 1", "size": size,
+            "steps_per_process": steps, "rounds": rounds,
+            "reference_file_sha256": hashlib.sha256(Path(reference).read_bytes()).hexdigest(), **result}
+    return write_result(path, data)
+
+
 def main() -> None:
     ap = sd_parser(__doc__)
     ap.add_argument("--size", type=int, default=512)
@@ -146,7 +229,15 @@ def main() -> None:
                     help="also time LoRA fine-tuning with weight-space adapters (to compare with output-side)")
     ap.add_argument("--no-sampling", action="store_true", help="skip the DDIM stage")
     ap.add_argument("--no-embedding", action="store_true", help="skip the embedding stage")
+    ap.add_argument("--reference", default=None, help="a local copy of diffusers' examples/community/"
+                    "imagic_stable_diffusion.py: time it and ours side by side (random SD 1.5, fp32)")
+    ap.add_argument("--rounds", type=int, default=1, help="--reference: interleaved rounds")
     a = ap.parse_args()
+    if a.reference:
+        result = side_by_side(a.reference, a.size, a.steps, a.rounds, a.device, log=lambda m: print(m, flush=True))
+        if a.out:
+            print(f"wrote {write_side_by_side(a.out, a.reference, a.size, a.steps, a.rounds, result)}")
+        return
     model, name, device, _ = sd_model(ap, a)
     print(name, flush=True)
     stages = [s for s, on in (("embedding", not a.no_embedding), ("fine-tune (lora r8)", True),

@@ -214,6 +214,9 @@ def save(ck: Checkpointing, snap: Snapshot) -> Path | None:
         for key, v in state.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"opt.{i}.{key}"] = v.detach().cpu().clone()
+            elif isinstance(v, dict) and v and all(isinstance(x, torch.Tensor) for x in v.values()):
+                for sub, x in v.items():  # a dict of tensors (bitsandbytes' quantised moments): "key/sub"
+                    tensors[f"opt.{i}.{key}/{sub}"] = x.detach().cpu().clone()
             else:
                 scalars.setdefault(str(i), {})[key] = v
     for name, st in snap.rngs.items():
@@ -285,7 +288,11 @@ def load(ck: Checkpointing, path: str | Path, params: list[torch.Tensor]) -> Sna
     for key, t in tensors.items():
         if key.startswith("opt."):
             _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = t
+            if "/" in name:
+                name, sub = name.split("/", 1)
+                state.setdefault(int(i), {}).setdefault(name, {})[sub] = t
+            else:
+                state.setdefault(int(i), {})[name] = t
     for i, scalars in header.get("opt_scalars", {}).items():
         state.setdefault(int(i), {}).update(scalars)
     optimizer = {"state": state, "param_groups": header["param_groups"]}

@@ -72,11 +72,20 @@ class Term:
     weight: float = 1.0
 
 
+OPTIMIZERS = ("adam", "adamw", "adam8bit", "adamw8bit")
+
+
+def check_optimizer(name: str) -> None:
+    """``name`` is one of :data:`OPTIMIZERS` (a config's own check, before any work)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
 @dataclass(frozen=True)
 class FitConfig:
     steps: int
     lr: float
-    optimizer: str = "adam"  # "adam" | "adamw"
+    optimizer: str = "adam"  # "adam" | "adamw" | "adam8bit" | "adamw8bit" (8-bit moments: bitsandbytes, below)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     decay_every: int = 0  # step decay: lr * decay_gamma every decay_every steps (0: constant lr)
@@ -92,8 +101,7 @@ class FitConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
+        check_optimizer(self.optimizer)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.decay_every < 0 or not self.decay_gamma > 0:
@@ -169,8 +177,31 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=dtype)
 
 
+
+
+def optimizer_library(name: str):
+    """bitsandbytes for an 8-bit optimiser ``name`` (None for torch's own), or an ImportError naming the fix."""
+    check_optimizer(name)
+    if not name.endswith("8bit"):
+        return None
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError(f"optimizer {name!r} needs bitsandbytes, which is not installed ({e}); install it "
+                          f"(pip install bitsandbytes) or use optimizer {name[:-4]!r}") from None
+    return bitsandbytes
+
+
 def make_optimizer(parameters: Iterable, config: FitConfig) -> torch.optim.Optimizer:
+    """torch's Adam / AdamW, or (``adam8bit`` / ``adamw8bit``) bitsandbytes' 8-bit versions: the two moments
+    stored blockwise-quantised in one byte each instead of four (tensors under 4,096 entries keep 32-bit
+    moments), so a full fine-tune's optimiser state takes a quarter of the memory; the update is Adam's up to
+    that quantisation.  bitsandbytes is optional (not in the requirements; 0.45 and later run on the CPU too)."""
     params = list(parameters)
+    if config.optimizer.endswith("8bit"):
+        bnb = optimizer_library(config.optimizer)
+        cls = bnb.optim.AdamW8bit if config.optimizer == "adamw8bit" else bnb.optim.Adam8bit
+        return cls(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)

@@ -29,8 +29,9 @@ residual; no attention, no resampling, so memory is linear in pixels x batch:
   two moments (16 bytes per parameter).
 
 Imagic (SD 1.x UNet, ``P`` parameters, 859,520,964 for SD 1.5): full fine-tune keeps an
-fp32 trainable copy (4 P: 3.4 GB), Adam's two moments (8 P: 6.9 GB) and the gradients
-(4 P: 3.4 GB); LoRA the same 16 bytes per adapter parameter (at most rank x P / 64, an
+fp32 trainable copy (4 P: 3.4 GB) and Adam's two moments (8 P: 6.9 GB; 2 P, 1.7 GB, with 8-bit
+moments), but no whole set of gradients (each tensor's optimiser step is taken inside backward and
+its gradient freed, :class:`core.fit.StepInBackward`); LoRA 16 bytes per adapter parameter (at most rank x P / 64, an
 upper bound for adapters on every conv and linear weight); the embedding stage a few kB.
 Activations kept for the backward pass grow with the latent's pixels: about 1 MiB per
 latent pixel in fp32 (4 GiB at 512 x 512), a quarter of it with gradient checkpointing.
@@ -142,10 +143,13 @@ def sinddm_train_bytes(height: int, width: int, batch: int, net_width: int) -> i
 # Imagic
 # --------------------------------------------------------------------------------------
 def imagic_parts(latent_hw: tuple[int, int], mode: str, unet_params: int = SD15_UNET_PARAMS, rank: int = 8,
-                 gradient_checkpointing: bool = False) -> dict[str, int]:
+                 gradient_checkpointing: bool = False, optimizer: str = "adam") -> dict[str, int]:
     """Bytes by item for an Imagic stage on a latent of ``latent_hw`` (image size / 8).
 
-    ``mode``: "embedding" (stage 1: only e_opt is trained), "lora" or "full" (stage 2)."""
+    ``mode``: "embedding" (stage 1: only e_opt is trained), "lora" or "full" (stage 2).  A full fine-tune
+    holds a float32 copy of the UNet and Adam's two moments (one byte each with ``optimizer`` "adam8bit"),
+    but never a whole set of gradients: each tensor's step is taken inside backward
+    (:class:`core.fit.StepInBackward`)."""
     if mode not in ("embedding", "lora", "full"):
         raise ValueError(f"mode must be embedding, lora or full, got {mode!r}")
     p = int(unet_params)
@@ -154,7 +158,7 @@ def imagic_parts(latent_hw: tuple[int, int], mode: str, unet_params: int = SD15_
         act = int(act * IMAGIC_CHECKPOINTED_FRACTION)
     parts = {"activations": act}
     if mode == "full":
-        parts.update({"fp32 copy": 4 * p, "Adam state": 8 * p, "gradients": 4 * p})
+        parts.update({"fp32 copy": 4 * p, "Adam state": (2 if optimizer.endswith("8bit") else 8) * p})
     elif mode == "lora":
         parts["LoRA + Adam + grads"] = 16 * min(p, math.ceil(int(rank) * p / 64))
     else:
@@ -163,9 +167,9 @@ def imagic_parts(latent_hw: tuple[int, int], mode: str, unet_params: int = SD15_
 
 
 def imagic_bytes(latent_hw: tuple[int, int], mode: str, unet_params: int = SD15_UNET_PARAMS, rank: int = 8,
-                 gradient_checkpointing: bool = False) -> int:
+                 gradient_checkpointing: bool = False, optimizer: str = "adam") -> int:
     """Total of :func:`imagic_parts`."""
-    return sum(imagic_parts(latent_hw, mode, unet_params, rank, gradient_checkpointing).values())
+    return sum(imagic_parts(latent_hw, mode, unet_params, rank, gradient_checkpointing, optimizer).values())
 
 
 def describe_parts(parts: dict[str, int]) -> str:

@@ -236,6 +236,7 @@ class ModuleDenoiser:
 
     unet: nn.Module
     schedule: torch.Tensor
+    trains_in_place = True  # the module is this process's own: a full fine-tune may train it in place (core.inplace)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

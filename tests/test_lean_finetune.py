@@ -146,3 +146,142 @@ def test_lora_result_applies_like_its_dense_delta(lora_result, strength):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     name = next(iter(dense))
     torch.testing.assert_close(res.deltas[name].flatten(1), dense[name], rtol=1e-5, atol=1e-7)
+
+
+# -- 8-bit Adam (bitsandbytes, optional) ------------------------------------------------------------------------------
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 8))  # 8,192 weights: quantised moments
+
+
+def _mlp_data(step: int):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(16, 64, generator=g), torch.randn(16, 8, generator=g)
+
+
+def _fit_mlp(steps: int, **kw):
+    net = _mlp()
+    return net, fit(list(net.parameters()), _mlp_data, [Term("mse", lambda b: ((net(b[0]) - b[1]) ** 2).mean())],
+                    FitConfig(steps, 1e-2, optimizer="adam8bit", **kw.pop("config", {})), **kw)
+
+
+def test_adam8bit_without_bitsandbytes_names_the_fix(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "bitsandbytes" else real(name, *a, **k))
+    with pytest.raises(ImportError, match=r"pip install bitsandbytes\) or use optimizer 'adam'"):
+        _fit_mlp(1)
+
+
+def test_adam8bit_stores_one_byte_moments_and_steps_in_backward_alike():
+    bnb = pytest.importorskip("bitsandbytes")
+    ref = _mlp()
+    opt = bnb.optim.Adam8bit(ref.parameters(), lr=1e-2)
+    for step in range(1, 5):
+        x, y = _mlp_data(step)
+        opt.zero_grad()
+        ((ref(x) - y) ** 2).mean().backward()
+        opt.step()
+    for in_backward in (False, True):
+        net, _ = _fit_mlp(4, config={"step_in_backward": in_backward})
+        for p, q in zip(net.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+    w = ref[0].weight
+    assert opt.state[w]["state1"].dtype == torch.uint8 and opt.state[w]["state2"].dtype == torch.uint8
+
+
+def test_adam8bit_resumes_exactly(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from core.checkpoint import Checkpointing
+
+    whole, _ = _fit_mlp(6)
+    ck = Checkpointing(tmp_path, "mlp", {"t": 1}, every=3)
+    _fit_mlp(3, config={}, checkpointing=ck)
+    saved = ck.existing()[-1]
+    resumed, res = _fit_mlp(6, checkpointing=Checkpointing(tmp_path, "mlp", {"t": 1}, resume=saved))
+    assert res.resumed_from == 3
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_imagic_cli_refuses_adam8bit_without_bitsandbytes_before_loading(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    hidden = tmp_path / "hide" / "bitsandbytes"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'hide'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "core.imagic", "--checkpoint", str(tmp_path / "none.safetensors"),
+                           "--image", str(ROOT / "core/sinddm/data/coffee_128x100.png"), "--prompt", "a cup",
+                           "--device", "cpu", "--optimizer", "adam8bit", "--out", str(tmp_path / "e.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--optimizer: optimizer 'adam8bit' needs bitsandbytes" in proc.stderr
+    assert "pip install bitsandbytes" in proc.stderr and not (tmp_path / "e.png").exists()
+
+
+# -- a full fine-tune in place (core.inplace) --------------------------------------------------------------------------
+@pytest.fixture
+def spill_dir(tmp_path, monkeypatch):
+    """The temporary folder the in-place run spills the original weights to."""
+    import tempfile
+
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def _full(model, latent, cond, in_place: bool, **kw):
+    return finetune(model, latent, cond, FineTuneConfig("full", steps=4, lr=1e-3, in_place=in_place), **kw)
+
+
+def test_full_finetune_in_place_trains_the_weights_themselves_and_restores_them(spill_dir):
+    model = tiny_sd_model(0)
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    cond = model.encode_text(["a photo of a dog"])
+    before = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    w = model.unet.conv_in.weight
+    seen = []
+
+    def on_step(i, n, info):  # the model's own tensor is what trains (no copy), and a spill file exists
+        seen.append((w.requires_grad, not torch.equal(w, before["conv_in.weight"]), len(list(spill_dir.iterdir()))))
+
+    res = _full(model, latent, cond, True, on_step=on_step)
+    assert seen == [(True, True, 1)] * 4
+    assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())  # bit for bit
+    assert not any(p.requires_grad for p in model.unet.parameters()) and list(spill_dir.iterdir()) == []
+    copy = _full(model, latent, cond, False)  # a float32 copy trained beside the base: the same arithmetic
+    assert res.losses == copy.losses and set(res.deltas) == set(copy.deltas)
+    assert all(torch.equal(res.deltas[k], copy.deltas[k]) for k in copy.deltas)
+    assert res.trainable_parameters == copy.trainable_parameters == sum(p.numel() for p in model.unet.parameters())
+
+
+def test_full_finetune_in_place_restores_the_weights_when_cancelled(spill_dir):
+    from core.fit import Interrupted
+
+    model = tiny_sd_model(0)
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    cond = model.encode_text(["a photo of a dog"])
+    before = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    calls = []
+    with pytest.raises(Interrupted):
+        _full(model, latent, cond, True, should_stop=lambda: calls.append(1) or len(calls) > 2)
+    assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
+    assert not any(p.requires_grad for p in model.unet.parameters()) and list(spill_dir.iterdir()) == []
+
+
+def test_in_place_only_for_float32_parameters_of_an_owned_module():
+    from core.inplace import can_train_in_place
+
+    model = tiny_sd_model(0)
+    params = model.unet_parameters()
+    assert can_train_in_place(model, params)
+    assert not can_train_in_place(model, {"w": nn.Parameter(torch.zeros(2, dtype=torch.float16))})
+    assert not can_train_in_place(object(), params)  # a back end that does not say so (ComfyUI's MODEL)

@@ -43,6 +43,8 @@ def test_sinddm_parameter_formula_matches_the_network(width):
 def test_imagic_estimates():
     full = R.imagic_parts((64, 64), "full")
     assert abs(full["fp32 copy"] / 1e9 - 3.4) < 0.1 and abs(full["Adam state"] / 1e9 - 6.9) < 0.1
+    assert "gradients" not in full  # stepped inside backward, one tensor at a time (core.fit.StepInBackward)
+    assert abs(R.imagic_parts((64, 64), "full", optimizer="adam8bit")["Adam state"] / 1e9 - 1.7) < 0.1
     assert R.imagic_bytes((64, 64), "full") > R.imagic_bytes((64, 64), "lora") > R.imagic_bytes((64, 64), "embedding")
     assert R.imagic_bytes((128, 128), "lora") > R.imagic_bytes((64, 64), "lora")
     assert R.imagic_bytes((64, 64), "lora", gradient_checkpointing=True) < R.imagic_bytes((64, 64), "lora")
@@ -124,7 +126,7 @@ def test_imagic_guard_names_mode_or_image():
     free = 8 * GIB
     check(model, image, "embedding", torch.device("cpu"), False, free=free)
     check(model, image, "lora", torch.device("cpu"), False, free=free)
-    with pytest.raises(NodeInputError, match=r"input 'mode'.*full fine-tune.*Adam state.*16.8 GiB.*Fix: use mode lora"):
+    with pytest.raises(NodeInputError, match=r"input 'mode'.*full fine-tune.*Adam state.*13.6 GiB.*Fix: use mode lora"):
         check(model, image, "full", torch.device("cpu"), False, free=free)
     with pytest.raises(NodeInputError, match=r"input 'image'.*GiB.*smaller image"):
         check(model, torch.rand(1, 4096, 4096, 3), "lora", torch.device("cpu"), False, free=free)

@@ -5,11 +5,15 @@ Same loss as stage 1 (eq. 2), now over the denoiser's weights.  Two modes:
 * ``lora`` (default): low-rank adapters on the UNet's convolution and linear weights
   (:mod:`core.lora`); a few MB of trainable parameters, default lr 1e-4;
 * ``full``: every UNet parameter, as in the paper (Imagen) and the SD ports (diffusers'
-  community pipeline uses lr 2e-6, the default here), trained as a float32 copy.
+  community pipeline uses lr 2e-6, the default here): the model's own float32 weights trained in
+  place and restored afterwards (:mod:`core.inplace`: one copy in memory, as the pipeline), or a
+  float32 copy where the back end does not allow that (ComfyUI's shared, half-precision MODEL); each
+  tensor's Adam step is taken inside backward (``FitConfig.step_in_backward``: no whole set of
+  gradients is held).
 
-Either way the base model is untouched: training runs through the seam's weight
-functions and the result is a *delta* in ComfyUI's LoRA-file layout (LoRA tensors, or
-``.diff`` tensors for full fine-tuning), applied later as native weight patches.
+Either way the base model is unchanged afterwards: training runs through the seam's weight
+functions (or in place, then restored) and the result is a *delta* in ComfyUI's LoRA-file layout
+(LoRA tensors, or ``.diff`` tensors for full fine-tuning), applied later as native weight patches.
 The image latent and the conditioning are computed once by the caller.
 """
 
@@ -23,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fit import FitConfig, OnStep, ShouldStop, fit
-from ..lora import LoRAConfig, check_fine_tune, delta_functions, trainable_functions, trained_delta
+from ..fit import FitConfig, OnStep, ShouldStop, check_optimizer, fit
+from ..inplace import trainables
+from ..lora import LoRAConfig, check_fine_tune, delta_functions
 from ..losses import eps_term
 from ..seam import LatentDiffusion
 from ..seeds import derive_seed
@@ -43,9 +48,12 @@ class FineTuneConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     seed: int = 0
     gradient_checkpointing: bool = False
+    optimizer: str = "adam"  # the SD ports'; "adam8bit": 8-bit moments (bitsandbytes, core.fit.make_optimizer)
+    in_place: bool = True  # full: train the model's own float32 weights, restored after (core.inplace), where allowed
 
     def __post_init__(self):
         check_fine_tune(self.mode, self.steps, self.lr)
+        check_optimizer(self.optimizer)
 
     @property
     def learning_rate(self) -> float:
@@ -81,22 +89,23 @@ def finetune(model: LatentDiffusion, latent: torch.Tensor, cond: torch.Tensor,
     latent = latent.detach().to(device, torch.float32)
     cond = cond.detach().to(device, torch.float32)
     params = model.unet_parameters()
-    fns = trainable_functions(config.mode, params, config.lora, config.seed, device)
-    trainable = [p for fn in fns.values() for p in fn.parameters()]
     t0 = time.perf_counter()
     batches = StepDraws(draws, derive_seed(config.seed, 1), latent, len(model.alphas_cumprod))
     settings = {"mode": config.mode, "lr": config.learning_rate, "seed": config.seed, "rank": config.lora.rank,
-                "alpha": config.lora.alpha, "targets": config.lora.targets}
+                "alpha": config.lora.alpha, "targets": config.lora.targets,
+                **({"optimizer": config.optimizer} if config.optimizer != "adam" else {})}
     ck = imagic_checkpointing(checkpoints, "finetune", model, settings, {"latent": latent, "cond": cond, "mask": mask},
                              batches)
-    with model.adapted(fns, config.gradient_checkpointing) as m:
+    with trainables(model, config.mode, params, config.lora, config.seed, device, config.in_place) as tr, \
+            model.adapted(tr.fns, config.gradient_checkpointing) as m:
         show = with_previews(on_step, previews, lambda: one_step_x0(m.eps, latent, cond, model.alphas_cumprod,
                                                                     previews.timesteps, previews.seed))
-        res = fit(trainable, batches, [eps_term("eps_mse", m, latent, cond, mask)],
-                  FitConfig(config.steps, config.learning_rate, what="fine-tuning",
-                                    step_in_backward=config.mode == "full"), device,
+        res = fit(tr.params, batches, [eps_term("eps_mse", m, latent, cond, mask)],
+                  FitConfig(config.steps, config.learning_rate, optimizer=config.optimizer, what="fine-tuning",
+                            step_in_backward=config.mode == "full"), device,
                   on_step=show, should_stop=should_stop, checkpointing=ck)
+        delta, deltas = tr.result(config.mode, params)
+        trainable = sum(p.numel() for p in tr.params)
     losses = res.losses
-    delta, deltas = trained_delta(config.mode, fns, params)
-    return FineTuneResult(config.mode, delta, deltas, losses, time.perf_counter() - t0,
-                          sum(p.numel() for p in trainable), res.checkpoint, res.resumed_from)
+    return FineTuneResult(config.mode, delta, deltas, losses, time.perf_counter() - t0, trainable, res.checkpoint,
+                          res.resumed_from)

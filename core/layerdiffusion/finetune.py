@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
-from ..lora import LoRAConfig, check_fine_tune, delta_functions, trainable_functions, trained_delta
+from ..fit import FitConfig, OnStep, ShouldStop, Term, check_optimizer, fit
+from ..inplace import trainables
+from ..lora import LoRAConfig, check_fine_tune, delta_functions
 from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw
 from ..previews import Previews, one_step_x0, with_previews
@@ -71,9 +72,12 @@ class LayeredFineTuneConfig:
     reduction: str = "image"  # :func:`.masks.masked_eps_mse`
     seed: int = 0
     gradient_checkpointing: bool = False
+    optimizer: str = "adam"  # "adam8bit": 8-bit moments (bitsandbytes, core.fit.make_optimizer)
+    in_place: bool = True  # full: train the model's own float32 weights, restored after (core.inplace), where allowed
 
     def __post_init__(self):
         check_fine_tune(self.mode, self.steps, self.lr)
+        check_optimizer(self.optimizer)
         if not (self.lambda_obj >= 0 and self.lambda_bg >= 0) or self.lambda_obj + self.lambda_bg == 0:
             raise ValueError(f"lambda_obj and lambda_bg must be >= 0 and not both 0, got {self.lambda_obj}, "
                              f"{self.lambda_bg}")
@@ -151,23 +155,25 @@ def finetune_layered(model: LatentDiffusion, image_latent: torch.Tensor, referen
     e_opt = e_opt.detach().to(device, torch.float32)
     mask_t, mask_r = (m.detach().to(device, torch.float32) for m in (mask_t, mask_r))
     params = model.unet_parameters()
-    fns = trainable_functions(config.mode, params, config.lora, config.seed, device)
-    trainable = [p for fn in fns.values() for p in fn.parameters()]
     noise = NoiseDraw(derive_seed(config.seed, 1), len(model.alphas_cumprod))
-    ck = stage_checkpointing(checkpoints, "layerdiffusion", "finetune", params, settings_of(config),
+    settings = {**settings_of(config, ("steps", "gradient_checkpointing", "optimizer", "in_place")),
+                **({"optimizer": config.optimizer} if config.optimizer != "adam" else {})}  # as before the field
+    ck = stage_checkpointing(checkpoints, "layerdiffusion", "finetune", params, settings,
                              {"object_latent": obj, "background_latent": bg, "e_opt": e_opt, "mask_t": mask_t,
                               "mask_r": mask_r}, {"noise": noise.gen})
     t0 = time.perf_counter()
-    with model.adapted(fns, config.gradient_checkpointing) as m:
+    with trainables(model, config.mode, params, config.lora, config.seed, device, config.in_place) as tr, \
+            model.adapted(tr.fns, config.gradient_checkpointing) as m:
         terms, draw = layered_terms(m, obj, bg, e_opt, mask_t, mask_r, config.lambda_obj, config.lambda_bg,
                                     config.reduction)
         show = with_previews(on_step, previews, lambda: one_step_x0(m.eps, obj, e_opt, model.alphas_cumprod,
                                                                     previews.timesteps, previews.seed))
-        res = fit(trainable, lambda step: noise(obj), terms,
-                  FitConfig(config.steps, config.learning_rate, what="layered fine-tuning",
+        res = fit(tr.params, lambda step: noise(obj), terms,
+                  FitConfig(config.steps, config.learning_rate, optimizer=config.optimizer, what="layered fine-tuning",
                             step_in_backward=config.mode == "full"), device,
                   on_step=show, should_stop=should_stop, checkpointing=ck)
         draw.clear()
-    delta, deltas = trained_delta(config.mode, fns, params)
+        delta, deltas = tr.result(config.mode, params)
+        trainable = sum(p.numel() for p in tr.params)
     return LayeredFineTuneResult(config.mode, delta, deltas, res.losses, res.terms, time.perf_counter() - t0,
-                                 sum(p.numel() for p in trainable))
+                                 trainable)

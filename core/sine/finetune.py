@@ -64,13 +64,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion import predict_x0, q_sample
-from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
+from ..fit import FitConfig, OnStep, ShouldStop, Term, check_optimizer, fit
 from ..lora import (TEXT_PREFIX, LoRAConfig, check_fine_tune, delta_functions, text_trainable, trainable_functions,
                     trained_delta)
 from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw, masked_mse
 from ..previews import Previews, one_step_x0, with_previews
 from ..seam import Features, LatentDiffusion, TrainableText
+from ..inplace import trainables
 from ..seeds import derive_seed
 from .patches import PatchConfig, PatchSampler
 from .positional import MODEL_CHANNELS, PositionalMap
@@ -100,6 +101,7 @@ class SineFineTuneConfig:
     train_text_encoder: bool = False  # the official code: on; the paper: not described; default off
     text_lr: float | None = None  # None: the UNet's rate if text_mode == mode, else DEFAULT_LR[text_mode]
     text_mode: str = "full"  # full: every text-model parameter (the official code); lora: adapters (ours)
+    in_place: bool = True  # full: train the model's own float32 weights, restored after (core.inplace), where allowed
 
     def __post_init__(self):
         check_fine_tune(self.mode, self.steps, self.lr)
@@ -107,8 +109,7 @@ class SineFineTuneConfig:
             raise ValueError(f"text_lr must be positive, got {self.text_lr}")
         if self.text_mode not in DEFAULT_LR:
             raise ValueError(f"text_mode must be 'lora' or 'full', got {self.text_mode!r}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        check_optimizer(self.optimizer)
         if self.pooled_x0_weight < 0:
             raise ValueError(f"pooled_x0_weight must be >= 0, got {self.pooled_x0_weight}")
         if self.pooled_x0_pool < 1:
@@ -221,16 +222,11 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
     channels = first_block_channels(model, config.channels)
     pcfg = config.patch_config
     pmap = PositionalMap(channels, pcfg.grid) if config.patches else None
-    fns = trainable_functions(config.mode, params, config.lora, config.seed, device)
-    trainable = [p for fn in fns.values() for p in fn.parameters()]
-    groups = [{"params": trainable, "lr": config.learning_rate}]
     text_fns: dict = {}
     if config.train_text_encoder:
         text_params = text_trainable(model.text_parameters(), config.text_mode)
         text_fns = trainable_functions(config.text_mode, text_params, config.lora, derive_seed(config.seed, 3),
                                        device)
-        groups.append({"params": [p for fn in text_fns.values() for p in fn.parameters()],
-                       "lr": config.text_learning_rate})
 
     draw = NoiseDraw(derive_seed(config.seed, 1), T)
     rngs = {"noise": draw.gen}
@@ -254,12 +250,19 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
     base = dict(params)
     if config.train_text_encoder:
         base.update({f"text.{k}": v for k, v in model.text_parameters().items()})
-    ck = stage_checkpointing(checkpoints, "sine", "finetune", base, {**settings_of(config), "prompt": prompt},
+    settings = {**settings_of(config, ("steps", "gradient_checkpointing", "in_place")), "prompt": prompt}
+    ck = stage_checkpointing(checkpoints, "sine", "finetune", base, settings,
                              {"image": image, "cond": cond}, rngs)
     t0 = time.perf_counter()
     with ExitStack() as stack:
+        tr = stack.enter_context(trainables(model, config.mode, params, config.lora, config.seed, device,
+                                            config.in_place))
+        groups = [{"params": tr.params, "lr": config.learning_rate}]
+        if text_fns:
+            groups.append({"params": [p for fn in text_fns.values() for p in fn.parameters()],
+                           "lr": config.text_learning_rate})
         # the UNet first: a back end may free every other model when it loads it for training
-        m = stack.enter_context(model.adapted(fns, config.gradient_checkpointing))
+        m = stack.enter_context(model.adapted(tr.fns, config.gradient_checkpointing))
         encode = stack.enter_context(model.text_adapted(text_fns)) if config.train_text_encoder else None
 
         def predict(batch):  # one UNet pass per step, shared by both terms
@@ -304,9 +307,9 @@ def finetune_sine(model: LatentDiffusion, image: torch.Tensor, prompt_cond: torc
                 c_hat = encode(prompt).detach().float().cpu()
         else:
             c_hat = cond.detach().float().cpu()
-    delta, deltas = trained_delta(config.mode, fns, params)
+        delta, deltas = tr.result(config.mode, params)
+        count = sum(p.numel() for g in groups for p in g["params"])
     text_delta, text_deltas = trained_delta(config.text_mode, text_fns, model.text_parameters(), TEXT_PREFIX) \
         if text_fns else ({}, {})
-    count = sum(p.numel() for g in groups for p in g["params"])
     return SineFineTuneResult(config.mode, delta, deltas, res.losses, res.terms, time.perf_counter() - t0,
                               count, config.patches, channels, pcfg.grid, text_delta, text_deltas, c_hat[:1])
