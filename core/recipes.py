@@ -66,10 +66,16 @@ class StageRequest:
     should_stop: ShouldStop | None = None
     checkpoints: Plan | None = None  # write the stage's checkpoints and / or continue one (core.checkpoint)
     previews: Previews | None = None  # the model's one-step x0 every N steps (core.previews)
+    checkpointing: bool | None = None  # gradient checkpointing; None: on a GPU, off on the CPU
+    eight_bit: bool = False  # fine-tune: the optimiser's moments in 8 bits (bitsandbytes, core.fit.make_optimizer)
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return self.device.type == "cuda"
+        return self.device.type == "cuda" if self.checkpointing is None else bool(self.checkpointing)
+
+    def optimizer(self, method_default: str) -> str:
+        """The method's optimiser (``adam``, ``adamw``), in its 8-bit version when asked."""
+        return method_default + "8bit" if self.eight_bit else method_default
 
 
 @dataclass

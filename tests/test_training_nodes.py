@@ -131,3 +131,70 @@ def test_training_progress_text_shows_the_pace_and_the_time_left(monkeypatch):
     progress._bar = SimpleNamespace(update_absolute=lambda *a: None)  # as inside a server
     progress(40, 100, {"loss": 0.25, "sec_per_step": 0.5, "eta_s": 30.0})
     assert shown == ["step 40/100  loss 0.2500  (0.5 s/step, 30 s left)"]
+
+
+def test_memory_inputs_reach_the_recipe(bridged):
+    """gradient_checkpointing (auto: on for a GPU only) and optimizer_state, appended to the training nodes."""
+    model, image, mask = fake_model(SD15), torch.rand(1, 64, 48, 3), torch.zeros(1, 64, 48)
+    cond = [[torch.randn(1, 77, 768), {}]]
+    toy = ToyRecipe()
+    got = []
+    for ckpt, state in (("auto", "32-bit"), ("on", "32-bit"), ("off", "32-bit"), ("on", "8-bit")):
+        if state == "8-bit":
+            pytest.importorskip("bitsandbytes")
+        N["SIE_FineTune"].execute(model, "vae", image, cond, "full", 3, 0.0, 4, 0, toy, None, mask,
+                                  gradient_checkpointing=ckpt, optimizer_state=state)
+        r = toy.seen[-1][1]
+        got.append((r.gradient_checkpointing, r.optimizer("adam"), r.optimizer("adamw")))
+    assert got == [(False, "adam", "adamw"), (True, "adam", "adamw"), (False, "adam", "adamw"),
+                   (True, "adam8bit", "adamw8bit")]
+    N["SIE_OptimizeEmbedding"].execute(model, "vae", image, cond, 3, 1e-3, 0, None, None, toy,
+                                       gradient_checkpointing="on")
+    assert toy.seen[-1][1].gradient_checkpointing and not toy.seen[-1][1].eight_bit
+
+
+def test_8bit_moments_without_bitsandbytes_are_refused_naming_the_input(bridged, monkeypatch):
+    fit = sys.modules[PACK.__name__ + ".core.fit"]
+
+    def missing(name):
+        raise ImportError("No module named 'bitsandbytes'")
+
+    monkeypatch.setattr(fit, "optimizer_library", missing)
+    model, image, mask = fake_model(SD15), torch.rand(1, 64, 48, 3), torch.zeros(1, 64, 48)
+    toy = ToyRecipe()
+    with pytest.raises(NodeInputError, match=r"input 'optimizer_state'.*bitsandbytes.*Fix: install it"):
+        N["SIE_FineTune"].execute(model, "vae", image, [[torch.randn(1, 77, 768), {}]], "full", 3, 0.0, 4, 0, toy,
+                                  None, mask, optimizer_state="8-bit")
+    with pytest.raises(NodeInputError, match=r"input 'gradient_checkpointing'"):
+        N["SIE_FineTune"].execute(model, "vae", image, [[torch.randn(1, 77, 768), {}]], "full", 3, 0.0, 4, 0, toy,
+                                  None, mask, gradient_checkpointing="sometimes")
+    assert toy.seen == []  # refused before any work
+
+
+@pytest.mark.parametrize("method,base", [("imagic", "adam"), ("sine", "adamw"), ("layerdiffusion", "adam")])
+def test_each_methods_recipe_trains_with_the_requested_optimizer_and_checkpointing(method, base, monkeypatch):
+    """The real recipes build their fine-tune config from the request: 8-bit moments of the method's own
+    optimiser (SINE: AdamW, as the official code) and gradient checkpointing as asked."""
+    rec = sys.modules[f"{PACK.__name__}.core.{method}.recipe"]
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(*a, **k):
+        seen.append(next(x for x in (*a, *k.values()) if type(x).__name__.endswith("FineTuneConfig")))
+        raise Stop
+
+    name = {"imagic": "finetune", "sine": "finetune_sine", "layerdiffusion": "finetune_layered"}[method]
+    monkeypatch.setattr(rec, name, capture)
+    recipe = next(v for k, v in vars(rec).items() if k.endswith("Recipe") and isinstance(v, type)
+                  and getattr(v, "__module__", "") == rec.__name__)()
+    model = SimpleNamespace(encode=lambda x: torch.zeros(1, 4, 8, 8), device=torch.device("cpu"))
+    extra = {"mask": torch.ones(1, 64, 64), "reference_mask": torch.zeros(1, 64, 64),
+             "reference_image": torch.rand(1, 3, 64, 64)}
+    r = recipes.StageRequest(model, torch.rand(1, 3, 64, 64), torch.zeros(1, 77, 768), 3, None, 0,
+                             torch.device("cpu"), "full", 4, extra if method == "layerdiffusion" else {},
+                             checkpointing=True, eight_bit=True)
+    with pytest.raises(Stop):
+        recipe.finetune(r)
+    assert seen[0].optimizer == base + "8bit" and seen[0].gradient_checkpointing

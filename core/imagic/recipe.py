@@ -47,7 +47,7 @@ class ImagicRecipe:
     def finetune(self, r: StageRequest) -> FineTuneOutcome:
         config = FineTuneConfig(mode=r.mode, steps=int(r.steps), lr=r.lr,
                                 lora=LoRAConfig(rank=int(r.rank), alpha=float(r.rank)), seed=int(r.seed),
-                                gradient_checkpointing=r.gradient_checkpointing)
+                                gradient_checkpointing=r.gradient_checkpointing, optimizer=r.optimizer("adam"))
         latent = r.model.encode(r.image).clone()
         res = finetune(r.model, latent, r.cond.to(latent.device), config, on_step=r.on_step,
                        should_stop=r.should_stop, checkpoints=r.checkpoints, previews=r.previews)

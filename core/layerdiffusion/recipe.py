@@ -125,7 +125,7 @@ class LayerRecipe:
                                        lambda_obj=self.lambda_obj, lambda_bg=self.lambda_bg,
                                        object_source=self.object_source, background_source=self.background_source,
                                        object_mask=self.object_mask, reduction=self.reduction, seed=int(r.seed),
-                                       gradient_checkpointing=r.gradient_checkpointing)
+                                       gradient_checkpointing=r.gradient_checkpointing, optimizer=r.optimizer("adam"))
         self.check("finetune", r.extra)
         ref = _reference(r) if config.needs_reference else None
         mask, ref_mask, target = (r.extra.get(k) for k in ("mask", "reference_mask", "target_mask"))

@@ -80,7 +80,8 @@ class SineRecipe:
                                     pooled_x0_weight=self.pooled_x0_weight, seed=int(r.seed),
                                     gradient_checkpointing=r.gradient_checkpointing,
                                     train_text_encoder=self.train_text_encoder,
-                                    text_lr=self.text_learning_rate or None, text_mode=self.text_mode)
+                                    text_lr=self.text_learning_rate or None, text_mode=self.text_mode,
+                                    optimizer=r.optimizer(SineFineTuneConfig.optimizer))
         if not self.train_text_encoder and r.text_encoder:
             check_conditioning_text(r.model, r.cond, self.prompt)
         res = finetune_sine(r.model, r.image, r.cond, config, on_step=r.on_step, should_stop=r.should_stop,
