@@ -7,9 +7,12 @@ hypernetworks) is ``fit(parameters, batches, terms, config)``.
 * ``terms``: named, weighted loss terms ``fn(batch) -> scalar``; the objective is
   sum_k weight_k * term_k (e.g. LayerDiffusion eq. 6, lambda_1 L_obj + lambda_2 L_bg);
   each term's value is recorded per step (one loss curve per term);
-* :class:`FitConfig`: Adam or AdamW, step-decay schedule (lr * gamma every N steps, the
-  rectifier's schedule), autocast (bf16 where the GPU has it, else fp16 with a
-  GradScaler; fp32 on the CPU unless asked), gradient clipping, progress and cancel.
+* :class:`FitConfig`: Adam or AdamW (or their 8-bit versions from bitsandbytes), step-decay
+  schedule (lr * gamma every N steps, the rectifier's schedule), autocast (bf16 where the GPU
+  has it, else fp16 with a GradScaler; fp32 on the CPU unless asked), gradient clipping,
+  progress and cancel; ``step_in_backward`` takes each tensor's optimiser step inside backward
+  and frees its gradient (:class:`StepInBackward`: a full fine-tune holds no whole set of
+  gradients).
 
 Checkpoints (:mod:`core.checkpoint`): with ``checkpointing``, the loop writes its state every
 N steps and when the run is cancelled or fails, and continues a run from a checkpoint exactly
