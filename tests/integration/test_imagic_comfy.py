@@ -229,3 +229,68 @@ def test_fp16_saved_edits_load_in_comfyuis_lora_loader(tmp_path):
     # every key of the float16 .diff file was applied: ComfyUI's patched model equals the same rounded deltas applied
     # independently, to float32 arithmetic
     assert full["native_fp16_vs_weight_functions"] <= 1e-5 * full["effect"], full
+
+
+FULL = textwrap.dedent("""
+    import comfy.sd, comfy.model_management
+    import torch.nn.functional as F
+    from sie_pack.core.diffusion import q_sample
+    from sie_pack.core.lora import delta_weights
+    from sie_pack.core.losses import NoiseDraw
+    from sie_pack.core.seam import ReplaceFunction
+    from sie_pack.core.seeds import derive_seed
+    from sie_pack.nodes.comfy_bridge import ComfySD
+    N = pack.NODE_CLASS_MAPPINGS
+    lr = 1e-4
+    out = {}
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=True, output_clip=True)
+        target = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
+        image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+        comfy.model_management.load_models_gpu([model])
+        before = digest(model.model.diffusion_model)
+        # the node: one full fine-tune step, Adam's step taken inside backward, with gradient checkpointing on
+        _, _, trained, _ = N["SIE_FineTune"].execute(model, vae, image, target, "full", 1, lr, 4, 0,
+                                                     gradient_checkpointing="on")
+        comfy.model_management.load_models_gpu([model])
+        out["weights_unchanged"] = digest(model.model.diffusion_model) == before
+        got = delta_weights(trained.delta)
+        # independently: eq. 2's gradient w.r.t. some weights from one forward / backward at the node's draw, and
+        # Adam's first step from it, lr * g / (|g| + 1e-8) (bias-corrected moments m = g, v = g^2)
+        with torch.inference_mode(False):
+            sd = ComfySD(model, None, vae)
+            latent = sd.encode(image.permute(0, 3, 1, 2).clone())
+            t, eps = NoiseDraw(derive_seed(0, 1), len(sd.alphas_cumprod))(latent)
+            a = sd.alphas_cumprod.to(latent.device)[t]
+            params = sd.unet_parameters()
+            names = [k for k in params if k.startswith(("input_blocks.1.1.", "middle_block.0.", "out."))]
+            fns = {k: ReplaceFunction(params[k]) for k in names}
+            with sd.adapted(fns) as m:
+                loss = F.mse_loss(m.eps(q_sample(latent, a, eps), t, target[0][0].float()), eps)
+                loss.backward()
+        worst, sure = 0.0, 0
+        for k in names:
+            g = fns[k].param.grad
+            want = -lr * g / (g.abs() + 1e-8)
+            d = got[k].reshape(g.shape)
+            big = g.abs() > 1e-5  # where the sign of g is not within float rounding of the two runs
+            sure += int(big.sum())
+            worst = max(worst, float((d - want)[big].abs().max()) if big.any() else 0.0)
+            out.setdefault("max_step", 0.0)
+            out["max_step"] = max(out["max_step"], float(d.abs().max()))
+        out.update(names=len(names), checked=sure, worst=worst, moved=len(got),
+                   all_params=len(params))
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_a_full_fine_tune_in_comfyui_takes_adams_step_inside_backward(tmp_path):
+    """A full fine-tune through Fine-Tune Model on a ComfyUI MODEL (the float32 copy path, each weight's Adam step
+    taken inside backward, gradient checkpointing on): after one step every checked weight moved by Adam's first
+    step computed here from eq. 2's gradient at the node's draw, and the input MODEL is unchanged."""
+    r = run_in_comfyui(FULL, str(random_sd15()), timeout=1800, tmp_dir=tmp_path)
+    print(r)
+    assert r["weights_unchanged"], r
+    assert r["moved"] == r["all_params"], r  # every UNet parameter was stepped
+    assert r["checked"] > 10_000 and r["worst"] <= 1e-3 * 1e-4, r
+    assert r["max_step"] <= 1e-4 * (1 + 1e-5), r
