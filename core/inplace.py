@@ -142,8 +142,14 @@ class trainables:  # noqa: N801 (a context manager used as a function)
 
         model, mode, params, lora, seed, device = self.args
         if mode == "full" and self.want and can_train_in_place(model, params):
-            self.run = InPlace(params).__enter__()
-            return Trainables({}, self.run.params, self.run)
+            try:
+                self.run = InPlace(params).__enter__()
+                return Trainables({}, self.run.params, self.run)
+            except OSError as e:  # no room for the spill file: a copy needs memory, not disk
+                self.run = None
+                log.warning("cannot train the weights in place (writing their originals to %s failed: %s); "
+                            "training a float32 copy instead, which needs one more copy of the weights in memory",
+                            tempfile.gettempdir(), e)
         fns = trainable_functions(mode, params, lora, seed, device)
         return Trainables(fns, [p for fn in fns.values() for p in fn.parameters()], None)
 

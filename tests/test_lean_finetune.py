@@ -285,3 +285,24 @@ def test_in_place_only_for_float32_parameters_of_an_owned_module():
     assert can_train_in_place(model, params)
     assert not can_train_in_place(model, {"w": nn.Parameter(torch.zeros(2, dtype=torch.float16))})
     assert not can_train_in_place(object(), params)  # a back end that does not say so (ComfyUI's MODEL)
+
+
+def test_without_room_for_the_spill_file_a_full_fine_tune_trains_a_copy(spill_dir, monkeypatch, caplog):
+    import safetensors.torch
+
+    model = tiny_sd_model(0)
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    cond = model.encode_text(["a photo of a dog"])
+    want = _full(model, latent, cond, False)
+    before = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with caplog.at_level("WARNING", logger="comfyui-single-image-edit"):
+        got = _full(model, latent, cond, True)
+    assert "training a float32 copy instead" in caplog.text and "No space left" in caplog.text
+    assert got.losses == want.losses and all(torch.equal(got.deltas[k], want.deltas[k]) for k in want.deltas)
+    assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
+    assert list(spill_dir.iterdir()) == []

@@ -266,7 +266,8 @@ FULL = textwrap.dedent("""
             names = [k for k in params if k.startswith(("input_blocks.1.1.", "middle_block.0.", "out."))]
             fns = {k: ReplaceFunction(params[k]) for k in names}
             with sd.adapted(fns) as m:
-                loss = F.mse_loss(m.eps(q_sample(latent, a, eps), t, target[0][0].float()), eps)
+                cond = target[0][0].clone().float()  # an ordinary tensor (the node clones it too)
+                loss = F.mse_loss(m.eps(q_sample(latent, a, eps), t, cond), eps)
                 loss.backward()
         worst, sure = 0.0, 0
         for k in names:
