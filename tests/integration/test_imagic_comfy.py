@@ -269,16 +269,18 @@ FULL = textwrap.dedent("""
                 cond = target[0][0].clone().float()  # an ordinary tensor (the node clones it too)
                 loss = F.mse_loss(m.eps(q_sample(latent, a, eps), t, cond), eps)
                 loss.backward()
-        worst, sure = 0.0, 0
+        worst, sure, most = 0.0, 0, 0.0
         for k in names:
             g = fns[k].param.grad
             want = -lr * g / (g.abs() + 1e-8)
             d = got[k].reshape(g.shape)
+            # the delta is (w + step) - w in float32: within two float32 ulps of |w| of the step itself
+            ulps = 2 * torch.finfo(torch.float32).eps * params[k].detach().abs()
             big = g.abs() > 1e-5  # where the sign of g is not within float rounding of the two runs
             sure += int(big.sum())
-            worst = max(worst, float((d - want)[big].abs().max()) if big.any() else 0.0)
-            out.setdefault("max_step", 0.0)
-            out["max_step"] = max(out["max_step"], float(d.abs().max()))
+            worst = max(worst, float(((d - want).abs() - ulps)[big].max()) if big.any() else 0.0)
+            most = max(most, float((d.abs() - ulps).max()))
+        out["max_step"] = most
         out.update(names=len(names), checked=sure, worst=worst, moved=len(got),
                    all_params=len(params))
     print("RESULT " + json.dumps(out))
@@ -293,5 +295,5 @@ def test_a_full_fine_tune_in_comfyui_takes_adams_step_inside_backward(tmp_path):
     print(r)
     assert r["weights_unchanged"], r
     assert r["moved"] == r["all_params"], r  # every UNet parameter was stepped
-    assert r["checked"] > 10_000 and r["worst"] <= 1e-3 * 1e-4, r
-    assert r["max_step"] <= 1e-4 * (1 + 1e-5), r
+    assert r["checked"] > 10_000 and r["worst"] <= 1e-5 * 1e-4, r  # measured 5.9e-8 before the ulp allowance
+    assert r["max_step"] <= 1e-4 * (1 + 1e-6), r  # Adam's first step is at most lr
