@@ -14,11 +14,11 @@ both brought onto the latent grid by :func:`core.layerdiffusion.latent_mask`:
   forward and backward per step, the UNet frozen; the "separate" readings run batch 2);
 * stage 2, :func:`~core.layerdiffusion.finetune_layered` (eqs. 4-6 at e_opt = 0.7 e^_a + 0.3 e^_b,
   L_obj on the image, L_bg on the reference: one batch-2 call per step), LoRA (the pack's default,
-  rank 8 on every UNet conv/linear weight) and full (the paper's: a float32 copy of the UNet with Adam);
+  rank 8 on every UNet conv/linear weight) and full (the paper's: every UNet weight with Adam, trained in place);
 * stage 3, :func:`~core.layerdiffusion.iterative_sample` (eq. 8: DDIM with classifier-free guidance,
   w = 7.5, one batch-2 call per step, e^_a and e_opt alternating) with the LoRA-mode fine-tuned model
-  applied as :meth:`LayerDiffusionEdit.render` does (``model.adapted`` with the dense deltas: W + delta
-  on every trained weight at every call).  Plain CFG DDIM on the base model
+  applied as :meth:`LayerDiffusionEdit.render` does (``model.adapted`` with the result's weight functions: the
+  LoRA factors on every trained layer's output at every call).  Plain CFG DDIM on the base model
   (:func:`core.sampling.ddim_sample`) is timed next to it, to show what the fine-tuned view costs.
 
 For each: the median seconds per step after a warm-up step (``on_step`` intervals; ``mean_s_per_step``

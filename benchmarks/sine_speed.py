@@ -22,8 +22,8 @@ tiny model: 64x64, patches from 128 to 64 (the tests' sizes).
 Guided sampling (:func:`core.sine.edit`, DDIM with model-based guidance, eq. 3) at two latent
 sizes (SD 1.5: 64x64 = 512x512 px and 96x128 = 768x1024 px, height x width, the paper's
 Figs. 13-18; tiny model: 16x16 and 24x32), ``--sample-steps`` DDIM steps (default 50), w = 7.5,
-v = 0.7, with the fine-tuned model of the "LoRA, patches" row (dense deltas on every conv/linear
-weight, applied as a view of the base, plus F(v) of the whole grid):
+v = 0.7, with the fine-tuned model of the "LoRA, patches" row (its LoRA factors on every conv/linear
+weight, applied to the layers' outputs as a view of the base, plus F(v) of the whole grid):
 
 * ``K=-1``: every step guided (two base predictions in one batch + the fine-tuned view's): the
   cost of one guided step;
@@ -69,6 +69,7 @@ from memory import peak_mib, reset_peak  # noqa: E402
 
 from core.diffusion import timesteps  # noqa: E402
 from core.sampling import ddim_sample  # noqa: E402
+from core.lora import Deltas  # noqa: E402
 from core.sine import PatchConfig, SineFineTuneConfig, edit, finetune_sine  # noqa: E402
 
 FINETUNE_PROMPT = "a photo of a sks dog"
@@ -177,8 +178,9 @@ def time_sine(model, cfg: dict, device=None, log=print) -> dict:
         row, res = time_finetune(model, img, conds["finetune"], label, cfg["finetune_steps"], patch, gpu, device)
         rows.append(row)
         if label == sample_from:  # kept for sampling, off the device meanwhile (not in the other rows' peaks)
+            lean = isinstance(res.deltas, Deltas)  # a LoRA's factors: small, left where they are
             tuned = dataclasses.replace(res, delta={}, text_delta={}, text_deltas={},
-                                        deltas={k: d.cpu() for k, d in res.deltas.items()})
+                                        deltas=res.deltas if lean else {k: d.cpu() for k, d in res.deltas.items()})
         del res
         limit = TARGETS["LoRA peak GiB"] if row["mode"] == "lora" else (
             TARGETS["full + text encoder peak GiB"] if row["text_encoder"] else None)
@@ -188,7 +190,8 @@ def time_sine(model, cfg: dict, device=None, log=print) -> dict:
     free_memory(device)
     out = {"settings": cfg, "finetune": rows, "skipped": skipped, "sampling": [], "sampling_model": sample_from}
     if tuned is not None and cfg["sample_latents"]:
-        tuned = dataclasses.replace(tuned, deltas={k: d.to(device) for k, d in tuned.deltas.items()})
+        if not isinstance(tuned.deltas, Deltas):
+            tuned = dataclasses.replace(tuned, deltas={k: d.to(device) for k, d in tuned.deltas.items()})
         for latent in cfg["sample_latents"]:
             out["sampling"].append(time_sampling(model, tuned, conds, tuple(latent), cfg, device))
             _log_sampling(out["sampling"][-1], cfg["K"], device, log)
