@@ -139,15 +139,18 @@ def test_memory_inputs_reach_the_recipe(bridged):
     cond = [[torch.randn(1, 77, 768), {}]]
     toy = ToyRecipe()
     got = []
-    for ckpt, state in (("auto", "32-bit"), ("on", "32-bit"), ("off", "32-bit"), ("on", "8-bit")):
-        if state == "8-bit":
-            pytest.importorskip("bitsandbytes")
+    import importlib.util
+
+    cases = [("auto", "32-bit"), ("on", "32-bit"), ("off", "32-bit")]
+    if importlib.util.find_spec("bitsandbytes") is not None:  # 8-bit: only where bitsandbytes is installed
+        cases.append(("on", "8-bit"))
+    for ckpt, state in cases:
         N["SIE_FineTune"].execute(model, "vae", image, cond, "full", 3, 0.0, 4, 0, toy, None, mask,
                                   gradient_checkpointing=ckpt, optimizer_state=state)
         r = toy.seen[-1][1]
         got.append((r.gradient_checkpointing, r.optimizer("adam"), r.optimizer("adamw")))
     assert got == [(False, "adam", "adamw"), (True, "adam", "adamw"), (False, "adam", "adamw"),
-                   (True, "adam8bit", "adamw8bit")]
+                   (True, "adam8bit", "adamw8bit")][:len(cases)]
     N["SIE_OptimizeEmbedding"].execute(model, "vae", image, cond, 3, 1e-3, 0, None, None, toy,
                                        gradient_checkpointing="on")
     assert toy.seen[-1][1].gradient_checkpointing and not toy.seen[-1][1].eight_bit
