@@ -219,6 +219,24 @@ def write_side_by_side(path: str, reference: str, size: int, steps: int, rounds:
     return write_result(path, data)
 
 
+def reference_args(ap, method: str) -> None:
+    """``--reference`` and ``--rounds`` for ``method``'s benchmark (its fine-tunes beside the port's)."""
+    ap.add_argument("--reference", default=None,
+                    help="a local copy of diffusers' examples/community/imagic_stable_diffusion.py: this method's "
+                         "LoRA and full fine-tune steps beside the port's full fine-tune, each in its own process "
+                         "(imagic_speed.side_by_side; random SD 1.5, fp32, --size default 256)")
+    ap.add_argument("--rounds", type=int, default=1, help="--reference: interleaved rounds")
+
+
+def reference_main(a, method: str) -> None:
+    """Run :func:`method_runs` of ``method`` side by side as ``a`` (parsed :func:`reference_args`) asks."""
+    size, steps = a.size or 256, a.steps or 4
+    result = side_by_side(a.reference, size, steps, a.rounds, a.device, log=lambda m: print(m, flush=True),
+                          runs=method_runs(method))
+    if a.out:
+        print(f"wrote {write_side_by_side(a.out, a.reference, size, steps, a.rounds, result)}")
+
+
 def main() -> None:
     ap = sd_parser(__doc__)
     ap.add_argument("--size", type=int, default=512)

@@ -241,20 +241,12 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=None, help="DDIM steps of the stage 3 run (default 50; "
                                                                    "0 skips stage 3)")
     ap.add_argument("--no-full", action="store_true", help="skip full fine-tuning (a float32 UNet copy with Adam)")
-    ap.add_argument("--reference", default=None,
-                    help="a local copy of diffusers' examples/community/imagic_stable_diffusion.py: this method's "
-                         "LoRA and full fine-tune steps beside the port's full fine-tune, each in its own process "
-                         "(imagic_speed.side_by_side; random SD 1.5, fp32, --size default 256)")
-    ap.add_argument("--rounds", type=int, default=1, help="--reference: interleaved rounds")
+    from imagic_speed import reference_args, reference_main
+
+    reference_args(ap, "layerdiffusion")
     a = ap.parse_args()
     if a.reference:
-        from imagic_speed import method_runs, side_by_side, write_side_by_side
-
-        size, steps = a.size or 256, a.steps or 4
-        result = side_by_side(a.reference, size, steps, a.rounds, a.device, log=lambda m: print(m, flush=True),
-                              runs=method_runs("layerdiffusion"))
-        if a.out:
-            print(f"wrote {write_side_by_side(a.out, a.reference, size, steps, a.rounds, result)}")
+        reference_main(a, "layerdiffusion")
         return
     model, name, device, tiny = sd_model(ap, a)
     cfg = dict(TINY if tiny else SD15)

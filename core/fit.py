@@ -180,8 +180,6 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=dtype)
 
 
-
-
 def optimizer_library(name: str):
     """bitsandbytes for an 8-bit optimiser ``name`` (None for torch's own), or an ImportError naming the fix."""
     check_optimizer(name)

@@ -26,7 +26,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,13 +72,6 @@ class InPlace:
             p.requires_grad_(True)
         return self
 
-    def original(self, name: str) -> torch.Tensor:
-        """The value ``name`` had before training (read from the file, on the CPU)."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.file), "pt") as f:
-            return f.get_tensor(name)
-
     @torch.no_grad()
     def deltas(self) -> dict[str, torch.Tensor]:
         """{name: trained - original} (float32, CPU) of every parameter that moved, one tensor at a time."""
@@ -111,10 +105,6 @@ class Trainables:
     def __init__(self, fns: dict, params: list[torch.Tensor], run: InPlace | None):
         self.fns, self.params, self.run = fns, params, run
 
-    @property
-    def in_place(self) -> bool:
-        return self.run is not None
-
     def result(self, mode: str, base: Mapping[str, torch.Tensor], prefix: str | None = None):
         """(the delta in ComfyUI's LoRA-file layout, :class:`core.lora.Deltas`) of the training so far; in
         place, call it inside the block (before the originals are restored)."""
@@ -127,32 +117,25 @@ class Trainables:
         return trained_delta(mode, self.fns, base, prefix)
 
 
-class trainables:  # noqa: N801 (a context manager used as a function)
+@contextmanager
+def trainables(model, mode: str, params: Mapping[str, torch.Tensor], lora, seed: int, device,
+               in_place: bool = True) -> Iterator[Trainables]:
     """``with trainables(model, mode, params, lora, seed, device) as tr``: a full fine-tune in place where
     :func:`can_train_in_place` (and ``in_place``), else :func:`core.lora.trainable_functions`."""
+    from .lora import trainable_functions
 
-    def __init__(self, model, mode: str, params: Mapping[str, torch.Tensor], lora, seed: int, device,
-                 in_place: bool = True):
-        self.args = (model, mode, params, lora, seed, device)
-        self.want = in_place
-        self.run: InPlace | None = None
-
-    def __enter__(self) -> Trainables:
-        from .lora import trainable_functions
-
-        model, mode, params, lora, seed, device = self.args
-        if mode == "full" and self.want and can_train_in_place(model, params):
+    if mode == "full" and in_place and can_train_in_place(model, params):
+        try:
+            run = InPlace(params).__enter__()
+        except OSError as e:  # no room for the spill file: a copy needs memory, not disk
+            log.warning("cannot train the weights in place (writing their originals to %s failed: %s); "
+                        "training a float32 copy instead, which needs one more copy of the weights in memory",
+                        tempfile.gettempdir(), e)
+        else:
             try:
-                self.run = InPlace(params).__enter__()
-                return Trainables({}, self.run.params, self.run)
-            except OSError as e:  # no room for the spill file: a copy needs memory, not disk
-                self.run = None
-                log.warning("cannot train the weights in place (writing their originals to %s failed: %s); "
-                            "training a float32 copy instead, which needs one more copy of the weights in memory",
-                            tempfile.gettempdir(), e)
-        fns = trainable_functions(mode, params, lora, seed, device)
-        return Trainables(fns, [p for fn in fns.values() for p in fn.parameters()], None)
-
-    def __exit__(self, *exc) -> None:
-        if self.run is not None:
-            self.run.__exit__(*exc)
+                yield Trainables({}, run.params, run)
+            finally:
+                run.__exit__(None, None, None)
+            return
+    fns = trainable_functions(mode, params, lora, seed, device)
+    yield Trainables(fns, [p for fn in fns.values() for p in fn.parameters()], None)

@@ -66,6 +66,20 @@ def select_targets(shapes: Mapping[str, tuple[int, ...]], targets: str = "all") 
     return sorted(out)
 
 
+def low_rank_output(module: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                    shape: tuple[int, ...], scale: float) -> torch.Tensor:
+    """scale * (up @ down) applied to ``x`` as ``module``'s weight would be, computed as up(down(x)):
+    ``down`` [r, fan_in], ``up`` [out, r] (moved to ``x``'s device and dtype), ``shape`` the weight's; a
+    convolution takes ``module``'s stride, padding and dilation, its up projection is a 1x1 convolution."""
+    down, up = down.to(x), up.to(x)
+    if len(shape) == 4:
+        kh, kw = shape[2:]
+        h = F.conv2d(x, down.reshape(down.shape[0], shape[1], kh, kw), None, module.stride, module.padding,
+                     module.dilation)
+        return F.conv2d(h, up[:, :, None, None]) * scale
+    return F.linear(F.linear(x, down), up) * scale
+
+
 class LoRA(nn.Module):
     """Weight function W -> W + (alpha / r) * up @ down (reshaped to W's shape)."""
 
@@ -97,13 +111,7 @@ class LoRA(nn.Module):
         never materialises a full-size weight or weight gradient (the saving peft's LoRA
         layers make).  ``module`` supplies a convolution's stride, padding and dilation.
         """
-        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
-        if len(self.shape) == 4:
-            kh, kw = self.shape[2:]
-            h = F.conv2d(x, down.reshape(self.rank, self.shape[1], kh, kw), None, module.stride, module.padding,
-                         module.dilation)
-            return F.conv2d(h, up[:, :, None, None]) * self.scale
-        return F.linear(F.linear(x, down), up) * self.scale
+        return low_rank_output(module, x, self.down, self.up, self.shape, self.scale)
 
     def state(self, module: str, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
         """The ComfyUI generic-LoRA tensors of this adapter (``module``: canonical module path)."""
@@ -172,13 +180,7 @@ class LowRankDelta(nn.Module):
 
     def output_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(delta W) x as up(down(x)), as :meth:`LoRA.output_delta`."""
-        down, up = self.down.to(x), self.up.to(x)
-        if len(self.shape) == 4:
-            kh, kw = self.shape[2:]
-            h = F.conv2d(x, down.reshape(self.rank, self.shape[1], kh, kw), None, module.stride, module.padding,
-                         module.dilation)
-            return F.conv2d(h, up[:, :, None, None]) * self.scale
-        return F.linear(F.linear(x, down), up) * self.scale
+        return low_rank_output(module, x, self.down, self.up, self.shape, self.scale)
 
 
 class Deltas(Mapping):
