@@ -1,9 +1,9 @@
 """Command line for SinDDM: ``python -m core.sinddm {demo,train,sample} ...`` from the pack's folder.
 
-``demo`` trains on a bundled image with CPU-sized settings (about 10 minutes in all on a
-2-core CPU),
-then writes a grid of samples at two sizes, the loss curve and the model, and prints
-where they are.  ``--paper`` selects the paper's settings (width 160, batch 32, 120k
+``demo`` trains on a bundled image of repeated elements (96x75 colonic glands) with
+CPU-sized settings (4 to 9 minutes in all on a 2-core CPU, with or without bf16 units:
+benchmarks/results/sinddm_demo_cpu.json), then writes a grid of samples at two sizes, the
+loss curve and the model, and prints where they are.  ``--paper`` selects the paper's settings (width 160, batch 32, 120k
 steps on the 250x200 image): about 7 h on an A6000 in the paper, weeks on a CPU
 (benchmarks/results/sinddm_speed_paper_cpu.json).
 """
@@ -26,7 +26,7 @@ from . import NetConfig, Pyramid, SinDDM, TrainConfig, build_pyramid, load, samp
 from .pyramid import MIN_INPUT_SIDE
 
 DATA = Path(__file__).resolve().parent / "data"
-DEMO = dict(image=DATA / "coffee_128x100.png", steps=2000, width=48, batch=8)
+DEMO = dict(image=DATA / "glands_96x75.png", steps=1400, width=48, batch=8)
 PAPER = dict(image=DATA / "coffee_250x200.png", steps=120_000, width=160, batch=32)
 
 
