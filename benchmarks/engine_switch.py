@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer, cpu_name, header  # noqa: E402,F401  (cpu_name: kept importable from here)
+from common import Timer, comfy_pack, cpu_name, header  # noqa: E402,F401  (cpu_name: kept importable from here)
 
 
 def _sync(device) -> None:
@@ -151,24 +151,9 @@ def main() -> None:
     a = ap.parse_args()
     if not a.checkpoint and not (a.random and not a.comfyui):
         ap.error("give --checkpoint (or --random without --comfyui)")
-    if a.comfyui:
-        sys.path.insert(0, a.comfyui)
-        import comfy.options
-
-        comfy.options.enable_args_parsing(False)
-        from comfy.cli_args import args
-
-        args.cpu = True
-    import importlib.util
-
+    comfy_pack(a.comfyui, cpu=True)
     import torch
 
-    if importlib.util.find_spec("comfy_api") is None:  # no ComfyUI: the tests' stand-in of its typed node API
-        sys.path.append(str(ROOT / "tests" / "standin"))
-    spec_ = importlib.util.spec_from_file_location("sie_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec_)
-    sys.modules["sie_pack"] = pack
-    spec_.loader.exec_module(pack)
     sys.path.insert(0, str(ROOT))
     from core.sd.loader import load_sd15
     from core.seam import ViewSpec

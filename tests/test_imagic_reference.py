@@ -86,10 +86,14 @@ def test_the_record_is_the_ports_at_its_default_learning_rates(reference_model):
 
 
 def test_target_embedding_is_the_ports(reference_model):
-    """Our tokenizer and text path give the e_tgt the port started from."""
+    """Our tokenizer and text path give the e_tgt the port started from.
+
+    The bound is fp32 summation order, not a difference of maths: 1.4e-6 measured on an Intel Xeon with AVX-512
+    against the file recorded on an AMD EPYC (AVX2), for values of size ~2; another token, position or final
+    layer norm moves e_tgt by order 1."""
     _, model = reference_model
     e_tgt = model.encode_text([PROMPT])
-    assert (e_tgt - decode(REF["e_tgt"])).abs().max().item() <= 1e-6
+    assert (e_tgt - decode(REF["e_tgt"])).abs().max().item() <= 1e-5
 
 
 def test_stage1_embedding_matches_the_port(ours):

@@ -526,12 +526,22 @@ def bf16_rtol(smallest: tuple[int, int] = RECORDED_PYRAMID_SMALLEST, batch: int 
     return 4 * BF16_UNIT_ROUNDOFF / math.sqrt(batch * 3 * smallest[0] * smallest[1])
 
 
+BF16_EMA_SUM_RTOL = 2e-3
+"""The bf16 EMA sum's bound between machines.  The EMA sums every weight after 300 Adam steps, and Adam divides
+each gradient by its own running size, so rounding differences do not average out as in the losses: measured
+4.6e-6 between the recording machine and an AMD EPYC without AVX-512 BF16, 3.8e-4 on an Intel Xeon with AMX
+(native bf16), as much as a 1.001x learning rate (4.2e-4).  2e-3 is 5x the largest spread measured and 9x below
+what a 1.01x learning rate does (1.8e-2); the losses, held to :func:`bf16_rtol`, still catch a 1.001x one."""
+
+
 def assert_same_run(now: dict, recorded: dict, precision: str) -> None:
-    """fp32 arithmetic is reproducible across CPUs (measured 7e-8): strict.  bf16 within :func:`bf16_rtol`."""
+    """fp32 arithmetic is reproducible across CPUs (measured 7e-8): strict.  bf16 within :func:`bf16_rtol`
+    (losses) and :data:`BF16_EMA_SUM_RTOL` (EMA sum)."""
     rtol = 1e-5 if precision == "fp32" else bf16_rtol()
     torch.testing.assert_close(torch.tensor(now["losses"]), torch.tensor(recorded["losses"]), rtol=rtol,
                                atol=1e-6 if precision == "fp32" else 0.0, msg=lambda m: f"{precision}: {m}")
-    assert now["ema_sum"] == pytest.approx(recorded["ema_sum"], rel=1e-6 if precision == "fp32" else rtol), precision
+    ema_rtol = 1e-6 if precision == "fp32" else BF16_EMA_SUM_RTOL
+    assert now["ema_sum"] == pytest.approx(recorded["ema_sum"], rel=ema_rtol), precision
 
 
 def test_trainer_on_the_fit_loop_reproduces_recorded_losses():
