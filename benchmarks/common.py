@@ -105,8 +105,6 @@ def comfy_pack(comfyui: str | None, cpu: bool | None = None):
     Python: with ``comfyui`` (a checkout) its ``comfy`` modules are put on the path first, CPU-only when ``cpu``
     (default: when no GPU is visible); without it, the tests' stand-in of ComfyUI's typed node API serves the
     nodes' imports."""
-    import importlib.util
-
     if comfyui:
         sys.path.insert(0, comfyui)
         import comfy.options
@@ -116,14 +114,10 @@ def comfy_pack(comfyui: str | None, cpu: bool | None = None):
         from comfy.cli_args import args
 
         args.cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-    if importlib.util.find_spec("comfy_api") is None:
-        sys.path.append(str(ROOT / "tests" / "standin"))
-    spec = importlib.util.spec_from_file_location("sie_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["sie_pack"] = pack
-    spec.loader.exec_module(pack)
-    return pack
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import load_pack  # the tests' loader: ComfyUI's way of importing a custom node folder
+
+    return load_pack("sie_pack")
 
 
 def write_result(path: str | Path, data: dict) -> Path:

@@ -91,24 +91,25 @@ def previous_pace(kind: str, steps: int) -> float:
 def quality(model_path: Path, samples: int) -> dict:
     import torch
 
+    from sinddm_quality import measure
+
     from core.sinddm import SinDDM, load, sample
     from core.sinddm.model import seeded_net
-    from core.sinddm.metrics import multiscale_patch_swd, pixel_diversity
 
     model = load(model_path, torch.device("cpu"))
     pyr = model.pyramid
     ref = (pyr.images[-1] + 1) / 2
 
-    def measure(m) -> dict:
-        x = sample(m, count=samples, seed=0, device=torch.device("cpu"))
-        swd = multiscale_patch_swd(x, ref, pyr.spec.sizes)
-        return {"diversity": round(pixel_diversity(x, ref), 4), "patch_swd_per_scale": [round(v, 4) for v in swd],
-                "patch_swd_mean": round(sum(swd) / len(swd), 4)}
+    def rounded(m: SinDDM) -> dict:
+        found = measure(sample(m, count=samples, seed=0, device=torch.device("cpu")), ref, pyr.spec.sizes)
+        return {"diversity": round(found["diversity"], 4),
+                "patch_swd_per_scale": [round(v, 4) for v in found["patch_swd_per_scale"]],
+                "patch_swd_mean": round(found["patch_swd_mean"], 4)}
 
-    flipped = multiscale_patch_swd(ref.flip(-1), ref, pyr.spec.sizes)
-    return {"samples": samples, "trained": measure(model),
-            "untrained": measure(SinDDM.create(seeded_net(model.net.config, 0), pyr)),  # seeded: the same on every kind
-            "training_image_flipped_patch_swd_mean": round(sum(flipped) / len(flipped), 4)}
+    flipped = measure(ref.flip(-1), ref, pyr.spec.sizes)["patch_swd_mean"]
+    return {"samples": samples, "trained": rounded(model),
+            "untrained": rounded(SinDDM.create(seeded_net(model.net.config, 0), pyr)),  # seeded: the same on every kind
+            "training_image_flipped_patch_swd_mean": round(flipped, 4)}
 
 
 def main() -> None:

@@ -25,11 +25,17 @@ from core.sinddm import NetConfig, SinDDM, SinDDMNet, TrainConfig, build_pyramid
 from core.sinddm.metrics import multiscale_patch_swd, pixel_diversity  # noqa: E402
 
 
-def report(name: str, samples: torch.Tensor, reference: torch.Tensor, sizes) -> None:
+def measure(samples: torch.Tensor, reference: torch.Tensor, sizes) -> dict:
+    """The paper's pixel diversity (nan for one sample) and the 7x7 patch SWD at every scale, with its mean."""
     swd = multiscale_patch_swd(samples, reference, sizes)
     div = pixel_diversity(samples, reference) if samples.shape[0] > 1 else float("nan")
-    print(f"{name:<28} diversity {div:.3f}   patch SWD per scale " + " ".join(f"{v:.4f}" for v in swd)
-          + f"   mean {sum(swd) / len(swd):.4f}", flush=True)
+    return {"diversity": div, "patch_swd_per_scale": swd, "patch_swd_mean": sum(swd) / len(swd)}
+
+
+def report(name: str, samples: torch.Tensor, reference: torch.Tensor, sizes) -> None:
+    m = measure(samples, reference, sizes)
+    print(f"{name:<28} diversity {m['diversity']:.3f}   patch SWD per scale "
+          + " ".join(f"{v:.4f}" for v in m["patch_swd_per_scale"]) + f"   mean {m['patch_swd_mean']:.4f}", flush=True)
 
 
 def main() -> None:
