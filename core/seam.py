@@ -18,7 +18,13 @@ Conventions, identical for every back end:
   [-1, 1];
 * ``t`` is the discrete DDPM timestep, an integer tensor [B] in 0..T-1;
 * ``cond`` is the text encoder's last hidden state [B, 77, D] (None for unconditional
-  pixel models);
+  pixel models).  A model whose UNet also takes a *pooled* text vector (SDXL's added
+  conditioning, ``pooled_dim`` > 0) receives the whole text conditioning in one tensor,
+  [B, N + 1, D]: the context in the first N rows and the pooled vector [B, P] in the first
+  P entries of the last row, zeros after it (:func:`pack_cond` / :func:`unpack_cond`).  Every
+  method then optimises, interpolates, concatenates and guides "the text embedding" exactly
+  as on SD 1.x, and both parts follow (Imagic's eta interpolates the context and the pooled
+  vector alike);
 * ``eps`` returns the epsilon prediction of the variance-preserving parameterisation
   x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
 
@@ -90,6 +96,34 @@ class Features:
 NO_FEATURES = Features()
 
 
+def pack_cond(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """One conditioning tensor from a context [B, N, D] and a pooled vector [B, P] (P <= D):
+    [B, N + 1, D], the pooled vector in the first P entries of the last row, zeros after it.
+
+    The zeros get no gradient (the model never reads them), so an optimised or interpolated
+    packed tensor stays a valid packing."""
+    if context.ndim != 3 or pooled.ndim != 2 or pooled.shape[0] != context.shape[0]:
+        raise ValueError(f"pack_cond: expected context [B, N, D] and pooled [B, P], got "
+                         f"{tuple(context.shape)} and {tuple(pooled.shape)}")
+    b, _, d = context.shape
+    p = pooled.shape[1]
+    if p > d:
+        raise ValueError(f"pack_cond: the pooled vector ({p}) is wider than the context ({d})")
+    row = torch.cat([pooled.to(context.dtype), context.new_zeros(b, d - p)], dim=1)  # [B, D]
+    return torch.cat([context, row[:, None]], dim=1)  # [B, N + 1, D]
+
+
+def unpack_cond(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context [B, N, D], pooled [B, P] or None): the inverse of :func:`pack_cond`
+    (``pooled_dim`` 0: the tensor is a plain context)."""
+    if pooled_dim <= 0:
+        return cond, None
+    if cond.ndim != 3 or cond.shape[1] < 2 or cond.shape[2] < pooled_dim:
+        raise ValueError(f"a conditioning for this model is [B, N + 1, D >= {pooled_dim}] (context and pooled "
+                         f"vector), got {tuple(cond.shape)}")
+    return cond[:, :-1], cond[:, -1, :pooled_dim]
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """One adapted version of a model: weight functions (canonical names), default
@@ -145,11 +179,17 @@ class Denoiser(Protocol):
 
 @runtime_checkable
 class LatentDiffusion(Denoiser, Protocol):
-    """A text-conditioned latent Denoiser (SD 1.x family): adds the VAE and the text encoder."""
+    """A text-conditioned latent Denoiser (SD 1.x, SDXL): adds the VAE and the text encoder."""
 
     @property
     def context_dim(self) -> int:
         """Width of the text-encoder output the denoiser cross-attends to (768 for SD 1.x)."""
+        ...
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled text vector the UNet also takes (1280 for SDXL), 0 when it takes
+        none (SD 1.x); when > 0, ``cond`` is packed (:func:`pack_cond`)."""
         ...
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -161,7 +201,8 @@ class LatentDiffusion(Denoiser, Protocol):
         ...
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Text encoder: a list of B prompts -> cond [B, 77, context_dim]."""
+        """Text encoder: a list of B prompts -> cond [B, 77, context_dim] ([B, 78, context_dim],
+        packed, when ``pooled_dim`` > 0)."""
         ...
 
 

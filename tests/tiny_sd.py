@@ -86,3 +86,77 @@ def tiny_sd_model(seed: int = 0):
     for m in (unet, vae, text):
         m.requires_grad_(False)
     return DiffusersSD(unet, vae, text, load_clip_tokenizer())
+
+
+# -- SDXL-shaped ------------------------------------------------------------------------------
+# SDXL's structure at toy width: no attention in the first block, 2 transformer layers in the
+# second (and the mid block), linear projections, the "text_time" added conditioning (pooled text
+# vector + 6 size embeddings of addition_time_embed_dim each), a 64-wide context made of two 32-wide
+# text encoders (CLIP-L-like, and an OpenCLIP-G-like one with a projection: the pooled vector).
+TINY_XL_POOLED = 24
+TINY_XL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[32, 64], transformer_layers_per_block=[1, 2], use_linear_projection=True,
+    cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=TINY_XL_POOLED + 6 * 8,
+)
+TINY_XL_VAE = {**TINY_VAE, "scaling_factor": 0.13025}
+TINY_XL_TEXT_2 = {**TINY_TEXT, "hidden_act": "gelu", "projection_dim": TINY_XL_POOLED, "num_hidden_layers": 3}
+
+
+def build_tiny_xl(seed: int = 0):
+    """(unet, vae, text_encoder, text_encoder_2), SDXL-shaped, deterministic random weights, eval, fp32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_XL_UNET)
+    with torch.no_grad():  # conv_out is zero-initialised; randomise all so a wrong mapping shows
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vae = AutoencoderKL(**TINY_XL_VAE)
+    text = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_XL_TEXT_2))
+    return unet.eval(), vae.eval(), text.eval(), text_2.eval()
+
+
+def write_config_dir_xl(root: Path, unet, vae, text, text_2) -> Path:
+    root = write_config_dir(root, unet, vae, text)
+    (root / "text_encoder_2").mkdir(parents=True, exist_ok=True)
+    text_2.config.save_pretrained(root / "text_encoder_2")
+    return root
+
+
+def write_single_file_xl(path: Path, unet, vae, text, text_2, dtype=torch.float32) -> Path:
+    """The four modules as one safetensors file in SDXL's original single-file layout."""
+    from safetensors.torch import save_file
+
+    from core.sd.keymap import to_original_xl
+
+    sd = to_original_xl(unet.state_dict(), vae.state_dict(), text.state_dict(), text_2.state_dict(),
+                        unet.config, vae.config)
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+    save_file(sd, str(path), metadata={"format": "pt"})
+    return Path(path)
+
+
+def write_diffusers_folder_xl(root: Path, unet, vae, text, text_2) -> Path:
+    root = Path(root)
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text), ("text_encoder_2", text_2)):
+        module.save_pretrained(root / name)
+    index = (Path(__file__).resolve().parents[1] / "core/sd/configs/sdxl/model_index.json").read_text()
+    (root / "model_index.json").write_text(index)
+    return root
+
+
+def tiny_sdxl_model(seed: int = 0):
+    """The tiny SDXL modules, frozen, behind the diffusers back end (:class:`core.sd.backend.DiffusersSDXL`)."""
+    from core.sd.backend import DiffusersSDXL
+    from core.sd.tokenizer import load_clip_tokenizer
+
+    unet, vae, text, text_2 = build_tiny_xl(seed)
+    for m in (unet, vae, text, text_2):
+        m.requires_grad_(False)
+    return DiffusersSDXL(unet, vae, text, load_clip_tokenizer(), text_encoder_2=text_2,
+                         tokenizer_2=load_clip_tokenizer(pad_token="!"))

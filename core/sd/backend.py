@@ -1,16 +1,18 @@
-"""The diffusers implementation of the seam (:class:`core.seam.LatentDiffusion`) for SD 1.x."""
+"""The diffusers implementation of the seam (:class:`core.seam.LatentDiffusion`): SD 1.x
+(:class:`DiffusersSD`) and SDXL (:class:`DiffusersSDXL`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..diffusion import sd_alphas_cumprod
 from ..lora import text_trainable
-from ..seam import ViewSpec, WeightFunction, check_image
+from ..seam import ViewSpec, WeightFunction, check_image, pack_cond, unpack_cond
 from ..views import ModuleDenoiser, ModuleViews
 from .keymap import unet_names
 from .tokenizer import tokenize
@@ -34,6 +36,10 @@ class DiffusersSD(ModuleDenoiser):
     @property
     def context_dim(self) -> int:
         return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def pooled_dim(self) -> int:
+        return 0
 
     @property
     def scaling_factor(self) -> float:
@@ -112,3 +118,64 @@ class DiffusersSD(ModuleDenoiser):
                 return self.text_encoder(ids)[0].float()
 
             yield encode
+
+
+def size_conditioning(h: int, w: int, batch: int, device=None) -> torch.Tensor:
+    """SDXL's micro-conditioning for an image of h x w pixels: [B, 6] = (original height, width,
+    crop top, crop left, target height, width) = (h, w, 0, 0, h, w), the uncropped image at its
+    own size (what diffusers' SDXL pipeline and ComfyUI's CLIPTextEncodeSDXL give by default)."""
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device).expand(batch, 6)
+
+
+@dataclass
+class DiffusersSDXL(DiffusersSD):
+    """SDXL from diffusers/transformers modules, seen through the seam.
+
+    ``text_encoder`` is CLIP ViT-L (``CLIPTextModel``), ``text_encoder_2`` OpenCLIP ViT-bigG
+    (``CLIPTextModelWithProjection``); ``tokenizer_2`` pads with token 0 as SDXL's does.  The
+    conditioning is packed (:func:`core.seam.pack_cond`): the context is both encoders'
+    penultimate hidden states side by side [B, 77, 768 + 1280], the pooled vector is the
+    second encoder's projected end-of-text state [B, 1280].  The size conditioning each call
+    needs is read from the latent: :func:`size_conditioning` at 8x its height and width.
+    """
+
+    text_encoder_2: Any = field(default=None, kw_only=True)
+    tokenizer_2: Any = field(default=None, kw_only=True)
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.unet.config.projection_class_embeddings_input_dim
+                   - 6 * self.unet.config.addition_time_embed_dim)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _forward(self, x_t, t, cond, features) -> torch.Tensor:
+        if cond is None:
+            raise ValueError("Stable Diffusion XL needs a text conditioning (cond)")
+        context, pooled = unpack_cond(cond, self.pooled_dim)
+        b, dt = x_t.shape[0], self.dtype
+        added = {"text_embeds": pooled.to(dt).expand(b, -1) if pooled.shape[0] == 1 else pooled.to(dt),
+                 "time_ids": size_conditioning(x_t.shape[-2] * self.vae_scale, x_t.shape[-1] * self.vae_scale,
+                                               b, x_t.device).to(dt)}
+        with self._module_views().features(features):
+            out = self.unet(x_t.to(dt), t.to(x_t.device), encoder_hidden_states=context.to(dt),
+                            added_cond_kwargs=added).sample
+        return out.to(x_t.dtype)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids = tokenize(self.tokenizer, prompts).to(self.device)
+        ids_2 = tokenize(self.tokenizer_2, prompts).to(self.device)
+        h_l = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]  # [B, 77, 768]
+        out_g = self.text_encoder_2(ids_2, output_hidden_states=True)
+        context = torch.cat([h_l, out_g.hidden_states[-2]], dim=-1).float()  # [B, 77, 2048]
+        return pack_cond(context, out_g.text_embeds.float())  # [B, 78, 2048]
+
+    def text_parameters(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("training the text encoders is available on SD 1.x only; on SDXL leave "
+                                  "train_text_encoder off (the UNet is fine-tuned alone)")
+
+    def text_adapted(self, weight_functions):
+        return self.text_parameters()

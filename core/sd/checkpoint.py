@@ -37,8 +37,11 @@ class CheckpointInfo:
 
     @property
     def context_dim(self) -> int | None:
-        """Width of the UNet's cross-attention context (768 for SD 1.x), if it has one."""
+        """Width of the UNet's cross-attention context (768 for SD 1.x, 2048 for SDXL), if it has one."""
         shape = self.shapes.get(_K_ATTN2)
+        if shape is None:  # SDXL's first block has no attention: any cross-attention key-projection
+            shape = next((v for k, v in sorted(self.shapes.items())
+                          if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")), None)
         return shape[1] if shape else None
 
 
@@ -93,7 +96,10 @@ def _family(shapes: dict[str, list[int]]) -> str:
     if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
         return "flux"
     if has("conditioner.embedders.") or has("model.diffusion_model.label_emb."):
-        return "sdxl"
+        conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0, 4])
+        if not has("conditioner.embedders.1.") and has("conditioner.embedders.0.model."):
+            return "sdxl-refiner"
+        return "sdxl-inpaint" if conv_in[1] != 4 else "sdxl"
     if _K_ATTN2 in shapes:
         ctx = shapes[_K_ATTN2][1]
         if ctx == 1024 or has("cond_stage_model.model."):
@@ -115,6 +121,8 @@ FAMILY_NAMES = {
     "ldm": "a latent-diffusion UNet of a non-standard width",
     "sd2": "Stable Diffusion 2.x (OpenCLIP-H text encoder, 1024-wide conditioning)",
     "sdxl": "Stable Diffusion XL",
+    "sdxl-refiner": "the Stable Diffusion XL refiner (one OpenCLIP-G text encoder, 1280-wide conditioning)",
+    "sdxl-inpaint": "a Stable Diffusion XL inpainting model (more than 4 input channels)",
     "sd3": "Stable Diffusion 3",
     "flux": "a Flux model",
     "lora": "a LoRA (a set of weight deltas, not a full model)",
@@ -160,3 +168,34 @@ def require_sd1(info: CheckpointInfo, context_dim: int = 768) -> None:
                 f"{Path(info.path).name}: an SD 1.x UNet without its {what} ({prefix}* keys). "
                 "Use a full checkpoint that includes the VAE and the CLIP text encoder."
             )
+
+
+SUPPORTED = "Stable Diffusion 1.x (e.g. v1-5-pruned-emaonly.safetensors) or Stable Diffusion XL (e.g. sd_xl_base_1.0.safetensors)"
+
+
+def require_sdxl(info: CheckpointInfo, context_dim: int = 2048) -> None:
+    """Raise CheckpointError unless the file is a complete SDXL base-shaped checkpoint (UNet with
+    the added conditioning, VAE, CLIP-L and OpenCLIP-G).  ``context_dim``: the configs' width (the
+    tests' tiny models have their own)."""
+    name = Path(info.path).name
+    if info.family != "sdxl" or info.context_dim != context_dim:
+        raise CheckpointError(f"{name}: this is {FAMILY_NAMES[info.family]}, but the pack needs {SUPPORTED} "
+                              "in the original single-file layout.")
+    for prefix, what in (("first_stage_model.", "VAE"), ("conditioner.embedders.0.transformer.", "CLIP-L text encoder"),
+                         ("conditioner.embedders.1.model.", "OpenCLIP-G text encoder")):
+        if not any(k.startswith(prefix) for k in info.shapes):
+            raise CheckpointError(f"{name}: an SDXL UNet without its {what} ({prefix}* keys). Use a full "
+                                  "checkpoint that includes the VAE and both text encoders.")
+
+
+def require_supported(info: CheckpointInfo, context_dim: int | None = None) -> str:
+    """"sd1" or "sdxl" for a complete checkpoint of a family the pack runs; CheckpointError otherwise
+    (``context_dim``: the configs' width, when not the family's standard one)."""
+    if info.family == "sdxl":
+        require_sdxl(info, context_dim or 2048)
+        return "sdxl"
+    if info.family in ("sd1", "ldm"):
+        require_sd1(info, context_dim or 768)
+        return "sd1"
+    raise CheckpointError(f"{Path(info.path).name}: this is {FAMILY_NAMES[info.family]}, but the pack needs "
+                          f"{SUPPORTED} in the original single-file layout.")

@@ -12,6 +12,12 @@ projections (1x1 convolutions in the original, linear layers in diffusers); see
 
 The same table names LoRA targets: ComfyUI's LoRA loader expects
 ``diffusion_model.<original module path>``.
+
+SDXL keeps the UNet and VAE prefixes; its UNet adds the added-conditioning MLP
+(diffusers' ``add_embedding``, the original ``label_emb.0``), and its two text encoders
+live under ``conditioner.embedders.0.transformer.`` (CLIP ViT-L, transformers' layout) and
+``conditioner.embedders.1.model.`` (OpenCLIP ViT-bigG in open_clip's layout,
+:mod:`core.sd.openclip`): :func:`to_original_xl` / :func:`to_diffusers_xl`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+XL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+XL_TEXT2_PREFIX = "conditioner.embedders.1.model."
 
 _RESNET_UNET = {  # diffusers ResnetBlock2D -> LDM ResBlock
     "norm1": "in_layers.0",
@@ -65,6 +73,9 @@ def unet_module_map(config: Mapping) -> dict[str, str]:
         "mid_block.attentions.0": "middle_block.1",
         "mid_block.resnets.1": "middle_block.2",
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL: MLP of [pooled text, size embeddings]
+        m["add_embedding.linear_1"] = "label_emb.0.0"
+        m["add_embedding.linear_2"] = "label_emb.0.2"
     for i, kind in enumerate(down):
         for j in range(L):
             idx = 1 + i * (L + 1) + j
@@ -165,6 +176,7 @@ def to_original(
     text_encoder: Mapping[str, torch.Tensor],
     unet_config: Mapping,
     vae_config: Mapping,
+    text_prefix: str = TEXT_PREFIX,
 ) -> dict[str, torch.Tensor]:
     """Three diffusers/transformers state dicts -> one original single-file state dict."""
     out: dict[str, torch.Tensor] = {}
@@ -178,7 +190,17 @@ def to_original(
     for k, o in text_encoder_names(text_encoder.keys()).items():
         if k.endswith("position_ids"):
             continue
-        out[TEXT_PREFIX + o] = text_encoder[k]
+        out[text_prefix + o] = text_encoder[k]
+    return out
+
+
+def to_original_xl(unet, vae, text_encoder, text_encoder_2, unet_config: Mapping, vae_config: Mapping
+                   ) -> dict[str, torch.Tensor]:
+    """SDXL's four diffusers/transformers state dicts -> one original single-file state dict."""
+    from .openclip import hf_to_openclip
+
+    out = to_original(unet, vae, text_encoder, unet_config, vae_config, text_prefix=XL_TEXT_PREFIX)
+    out.update({XL_TEXT2_PREFIX + k: v for k, v in hf_to_openclip(text_encoder_2).items()})
     return out
 
 
@@ -189,6 +211,7 @@ def to_diffusers(
     text_keys: Iterable[str],
     unet_config: Mapping,
     vae_config: Mapping,
+    text_prefix: str = TEXT_PREFIX,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
     """One original state dict -> (unet, vae, text_encoder) state dicts for the given target keys.
 
@@ -200,12 +223,12 @@ def to_diffusers(
     for keys, names, prefix in (
         (unet_keys, lambda ks: unet_names(ks, unet_config), UNET_PREFIX),
         (vae_keys, lambda ks: vae_names(ks, vae_config), VAE_PREFIX),
-        (text_keys, text_encoder_names, TEXT_PREFIX),
+        (text_keys, text_encoder_names, text_prefix),
     ):
         sd: dict[str, torch.Tensor] = {}
         for k, o in names(list(keys)).items():
             src = prefix + o
-            if src not in original and prefix == TEXT_PREFIX:
+            if src not in original and prefix == text_prefix:
                 src = prefix + o[len("text_model.") :]  # very old checkpoints lack "text_model."
             if src not in original:
                 if not k.endswith("position_ids"):
@@ -217,6 +240,27 @@ def to_diffusers(
             sd[k] = t
         parts.append(sd)
     return parts[0], parts[1], parts[2], missing
+
+
+def to_diffusers_xl(original: Mapping[str, torch.Tensor], unet_keys, vae_keys, text_keys, text2_keys,
+                    unet_config: Mapping, vae_config: Mapping):
+    """An SDXL single-file state dict -> (unet, vae, text_encoder, text_encoder_2, missing keys).
+
+    ``original`` needs ``keys()`` (the OpenCLIP tower is read whole and converted)."""
+    from .openclip import openclip_to_hf
+
+    usd, vsd, tsd, missing = to_diffusers(original, unet_keys, vae_keys, text_keys, unet_config, vae_config,
+                                          text_prefix=XL_TEXT_PREFIX)
+    g = openclip_to_hf({k[len(XL_TEXT2_PREFIX):]: original[k] for k in original.keys()
+                        if k.startswith(XL_TEXT2_PREFIX)})
+    t2: dict[str, torch.Tensor] = {}
+    for k in text2_keys:
+        c = k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k
+        if c in g:
+            t2[k] = g[c]
+        elif not k.endswith("position_ids"):
+            missing.append(XL_TEXT2_PREFIX + "(open_clip) " + c)
+    return usd, vsd, tsd, t2, missing
 
 
 def lora_module_name(diffusers_module: str, config: Mapping) -> str:

@@ -74,14 +74,18 @@ def write_tokenizer_files(bpe_gz: str | os.PathLike, out_dir: str | os.PathLike)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def load_clip_tokenizer(path: str | os.PathLike | None = None):
-    """A transformers CLIPTokenizer from a local folder (default: the shipped SD 1.x files)."""
+def load_clip_tokenizer(path: str | os.PathLike | None = None, pad_token: str | None = None):
+    """A transformers CLIPTokenizer from a local folder (default: the shipped SD 1.x files).
+
+    ``pad_token="!"`` (id 0) gives SDXL's second tokenizer (OpenCLIP ViT-bigG's), which pads
+    with 0 instead of <|endoftext|>; the vocabulary and merges are the same."""
     from transformers import CLIPTokenizer
 
     path = Path(path) if path is not None else SHIPPED_DIR
     if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
         raise FileNotFoundError(f"tokenizer folder {path} has no vocab.json/merges.txt")
-    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
