@@ -192,22 +192,20 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         sys.exit(130)
 
 
-CHECKPOINT_FIX = "give an SD 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors) or a diffusers SD 1.x folder"
+CHECKPOINT_FIX = ("give an SD 1.x or SDXL checkpoint (e.g. v1-5-pruned-emaonly.safetensors, sd_xl_base_1.0.safetensors) "
+                  "or a diffusers SD 1.x / SDXL folder")
 
 
 def check_checkpoint(path: str, config_dir: str | None) -> None:
     """Header-only check of --checkpoint (and the configs of --config-dir) before anything is loaded."""
-    from .sd.checkpoint import inspect_checkpoint, require_sd1
-    from .sd.loader import CONFIG_DIR, read_config
+    from .sd.checkpoint import inspect_checkpoint, require_supported
+    from .sd.loader import CONFIG_DIR, XL_CONFIG_DIR, read_config
 
     p = Path(path)
     if not p.exists():
         raise CLIError("--checkpoint", f"{path}: file not found", CHECKPOINT_FIX)
     if p.is_dir():
         return  # a diffusers folder: its loader names what is missing
-    with checking("--config-dir", "give a folder with unet/, vae/ and text_encoder/ config.json files"):
-        configs = {c: read_config(c, Path(config_dir) if config_dir else CONFIG_DIR)
-                   for c in ("unet", "vae", "text_encoder")}
     try:
         info = inspect_checkpoint(p)
     except CheckpointError as e:
@@ -218,5 +216,10 @@ def check_checkpoint(path: str, config_dir: str | None) -> None:
     if tag in FORMAT_NAMES:  # one of the pack's own trained files (a SinDDM model, an Imagic edit)
         raise CLIError("--checkpoint", f"{p.name}: this is {describe_format(tag)}, not a checkpoint",
                        CHECKPOINT_FIX)
+    xl = info.family == "sdxl"
+    with checking("--config-dir", "give a folder with unet/, vae/, text_encoder/ (SDXL: also text_encoder_2/) "
+                                  "config.json files"):
+        root = Path(config_dir) if config_dir else (XL_CONFIG_DIR if xl else CONFIG_DIR)
+        configs = {c: read_config(c, root) for c in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ())}
     with checking("--checkpoint"):  # the message names what the file is and what the pack needs
-        require_sd1(info, context_dim=configs["unet"]["cross_attention_dim"])
+        require_supported(info, context_dim=configs["unet"]["cross_attention_dim"])

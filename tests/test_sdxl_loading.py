@@ -239,6 +239,7 @@ def test_text_encoding_is_both_penultimate_states_and_the_projected_pooled_vecto
     assert (c[:, 77, TINY_XL_POOLED:] == 0).all()
 
 
-def test_text_encoder_training_is_refused_with_a_clear_message(model):
-    with pytest.raises(NotImplementedError, match="train_text_encoder"):
-        model.text_parameters()
+def test_sdxl_back_end_does_not_offer_text_encoder_training(model):
+    from core.seam import TrainableText
+
+    assert not isinstance(model, TrainableText)

@@ -1,4 +1,4 @@
-"""Imagic end to end outside ComfyUI (Kawar et al., CVPR 2023), on an SD 1.x checkpoint.
+"""Imagic end to end outside ComfyUI (Kawar et al., CVPR 2023), on an SD 1.x or SDXL checkpoint.
 
     python -m core.imagic --checkpoint v1-5-pruned-emaonly.safetensors --image in.png \\
         --prompt "a photo of a sitting dog" --eta 0.9 --out out.png
@@ -39,7 +39,7 @@ def parse_etas(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m core.imagic", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="SD 1.x .safetensors (original layout) or diffusers folder")
+    ap.add_argument("--checkpoint", required=True, help="SD 1.x or SDXL .safetensors (original layout) or diffusers folder")
     ap.add_argument("--image", required=True)
     ap.add_argument("--prompt", required=True, help="the target text")
     ap.add_argument("--eta", type=float, default=0.9, help="interpolation eta (SD: ~0.9-1.2; may exceed 1)")
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--seed", type=cli.seed, default=0, help="0 .. 2**64-1")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--config-dir", default=None, help="unet/vae/text_encoder configs for a non-standard SD 1.x file "
-                                                       "(default: the shipped SD 1.5 configs)")
+    ap.add_argument("--config-dir", default=None, help="unet/vae/text_encoder configs (SDXL: and text_encoder_2) for a non-standard file "
+                                                       "(default: the shipped SD 1.5 / SDXL configs)")
     ap.add_argument("--save-delta", default=None, help="also save the trained delta + e_opt (.safetensors)")
     ap.add_argument("--save-fp16", action="store_true", help="store the --save-delta delta in float16: half the "
                                                              "file (a full SD 1.5 fine-tune: 1.7 GB, not 3.4 GB)")
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     cli.check_checkpoint(a.checkpoint, a.config_dir)
     plan = cli.checkpoint_plan(a, out)
 
-    from ..sd.loader import load_sd15
+    from ..sd.loader import load_sd
 
     t0 = time.perf_counter()
-    model = load_sd15(a.checkpoint, device=device, config_dir=a.config_dir)
+    model = load_sd(a.checkpoint, device=device, config_dir=a.config_dir)
     print(f"loaded {a.checkpoint} on {device} in {time.perf_counter() - t0:.1f} s")
     gpu = device.type == "cuda" if a.gradient_checkpointing == "auto" else a.gradient_checkpointing == "on"
     result = edit(model, load_image(image, a.size), a.prompt,

@@ -1,4 +1,4 @@
-"""LayerDiffusion end to end outside ComfyUI (Li et al. 2023, arXiv 2305.18676), on an SD 1.x checkpoint.
+"""LayerDiffusion end to end outside ComfyUI (Li et al. 2023, arXiv 2305.18676), on an SD 1.x or SDXL checkpoint.
 
     python -m core.layerdiffusion --checkpoint v1-5-pruned-emaonly.safetensors \\
         --image dog.png --mask-image dog_mask.png --reference beach.png --mask-reference beach_mask.png \\
@@ -45,7 +45,7 @@ BOX_OF = {"--mask-image": "--object-box", "--mask-reference": "--reference-box"}
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m core.layerdiffusion", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="SD 1.x .safetensors (original layout) or diffusers folder")
+    ap.add_argument("--checkpoint", required=True, help="SD 1.x or SDXL .safetensors (original layout) or diffusers folder")
     ap.add_argument("--image", required=True, help="the input image (its subject is kept)")
     ap.add_argument("--mask-image", default=None, help="object mask of --image (white = object)")
     ap.add_argument("--reference", default=None, help="the reference image (its background is used)")
@@ -88,8 +88,8 @@ def parser() -> argparse.ArgumentParser:
                     help="step indices of this parity use e^_a (auto: the paper's t = steps - index even)")
     ap.add_argument("--seed", type=cli.seed, default=0, help="0 .. 2**64-1")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--config-dir", default=None, help="unet/vae/text_encoder configs for a non-standard SD 1.x "
-                                                       "file (default: the shipped SD 1.5 configs)")
+    ap.add_argument("--config-dir", default=None, help="unet/vae/text_encoder configs (SDXL: and text_encoder_2) for a non-standard "
+                                                       "file (default: the shipped SD 1.5 / SDXL configs)")
     ap.add_argument("--save-delta", default=None, help="also save the delta and e^_a, e^_b, e_opt (.safetensors)")
     return ap
 
@@ -235,12 +235,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from dataclasses import replace
 
-    from ..sd.loader import load_sd15
+    from ..sd.loader import load_sd
     from .artifact import save_layerdiffusion
     from .pipeline import edit, load_image
 
     t0 = time.perf_counter()
-    model = load_sd15(a.checkpoint, device=device, config_dir=a.config_dir)
+    model = load_sd(a.checkpoint, device=device, config_dir=a.config_dir)
     print(f"loaded {a.checkpoint} on {device} in {time.perf_counter() - t0:.1f} s")
     gpu = device.type == "cuda"
     result = edit(model, load_image(image, a.size), load_image(reference, a.size) if reference is not None else None,

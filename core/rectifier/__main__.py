@@ -1,4 +1,4 @@
-"""The rectifier outside ComfyUI (Hou et al., AAAI 2024), on a pixel DDPM or an SD 1.x checkpoint.
+"""The rectifier outside ComfyUI (Hou et al., AAAI 2024), on a pixel DDPM or an SD 1.x / SDXL checkpoint.
 
     python -m core.rectifier train --mode recon --model ddpm-celebahq-256 --images faces/ --out recon.safetensors
     python -m core.rectifier train --mode edit --model ddpm-celebahq-256 --images faces/ --continue recon.safetensors \\
@@ -6,7 +6,7 @@
     python -m core.rectifier edit --model ddpm-celebahq-256 --rectifier smile.safetensors --image face.png \\
         --out smiling.png [--t0 500]
 
-``--model``: a diffusers UNet2DModel folder / single file (pixel DDPM) or an SD 1.x checkpoint
+``--model``: a diffusers UNet2DModel folder / single file (pixel DDPM) or an SD 1.x / SDXL checkpoint
 (``--kind`` says which when the file does not).  Several processes (``torchrun --nproc_per_node N
 -m core.rectifier train ...``) train with DistributedDataParallel, N x --batch images per step.
 ``edit`` by default inverts the image to x_T with DDIM, then samples x_T back with DDIM and the
@@ -41,7 +41,7 @@ def _blocks(text: str) -> tuple[int, ...]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="pixel DDPM (diffusers folder or file) or SD 1.x checkpoint")
+    p.add_argument("--model", required=True, help="pixel DDPM (diffusers folder or file) or SD 1.x / SDXL checkpoint")
     p.add_argument("--kind", default="auto", choices=["auto", "pixel", "sd"])
     p.add_argument("--size", type=cli.positive_int, default=None,
                    help="image size (default: the pixel model's sample_size, 512 for SD)")
@@ -134,14 +134,14 @@ def _kind(a) -> str:
 
 def load_model(a, device):
     if not Path(a.model).exists():
-        raise cli.CLIError("--model", f"{a.model}: not found", "give a pixel DDPM folder/file or an SD 1.x checkpoint")
+        raise cli.CLIError("--model", f"{a.model}: not found", "give a pixel DDPM folder/file or an SD 1.x / SDXL checkpoint")
     kind = _kind(a)
     t0 = time.perf_counter()
-    with cli.checking("--model", "give a diffusers UNet2DModel DDPM or an SD 1.x checkpoint (--kind)"):
+    with cli.checking("--model", "give a diffusers UNet2DModel DDPM or an SD 1.x / SDXL checkpoint (--kind)"):
         if kind == "sd":
-            from ..sd.loader import load_sd15
+            from ..sd.loader import load_sd
 
-            model = load_sd15(a.model, device=device)
+            model = load_sd(a.model, device=device)
         else:
             from ..pixel import DiffusersPixel
 

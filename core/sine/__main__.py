@@ -1,4 +1,4 @@
-"""SINE outside ComfyUI (Zhang et al., CVPR 2023): fine-tune on one image, then edit, on an SD 1.x checkpoint.
+"""SINE outside ComfyUI (Zhang et al., CVPR 2023): fine-tune on one image, then edit, on an SD 1.x or SDXL checkpoint.
 
     python -m core.sine finetune --checkpoint v1-5-pruned-emaonly.safetensors --image in.png \\
         --prompt "a photo of a sks dog" --out tuned.safetensors [--patches]
@@ -23,11 +23,11 @@ from ..fit import pace_text
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="SD 1.x .safetensors (original layout) or diffusers folder")
+    p.add_argument("--checkpoint", required=True, help="SD 1.x or SDXL .safetensors (original layout) or diffusers folder")
     p.add_argument("--seed", type=cli.seed, default=0, help="0 .. 2**64-1")
     p.add_argument("--device", default=None)
-    p.add_argument("--config-dir", default=None, help="unet/vae/text_encoder configs for a non-standard SD 1.x "
-                                                      "file (default: the shipped SD 1.5 configs)")
+    p.add_argument("--config-dir", default=None, help="unet/vae/text_encoder configs (SDXL: and text_encoder_2) for a non-standard "
+                                                      "file (default: the shipped SD 1.5 / SDXL configs)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,10 +74,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load(a, device):
-    from ..sd.loader import load_sd15
+    from ..sd.loader import load_sd
 
     t0 = time.perf_counter()
-    model = load_sd15(a.checkpoint, device=device, config_dir=a.config_dir)
+    model = load_sd(a.checkpoint, device=device, config_dir=a.config_dir)
     print(f"loaded {a.checkpoint} on {device} in {time.perf_counter() - t0:.1f} s")
     return model
 
@@ -107,6 +107,9 @@ def finetune_command(ap, a) -> None:
                                     text_lr=a.text_lr)
     cli.check_checkpoint(a.checkpoint, a.config_dir)
     model = _load(a, device)
+    if a.train_text_encoder and model.pooled_dim:
+        raise cli.CLIError("--train-text-encoder", "the pack trains SD 1.x's text encoder, not SDXL's two",
+                           "leave --train-text-encoder off on SDXL: the UNet is fine-tuned alone")
     img = pil_to_tensor(image)[None] if a.patches else load_image(image, a.size)
     every = max(1, config.total_steps // 10)
 
