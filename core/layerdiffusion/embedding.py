@@ -14,7 +14,9 @@ the VAE posterior mean as the image latent (as :mod:`core.imagic.embedding`).
   embeddings concatenated along the tokens (154 tokens; SD's cross-attention takes any length),
   under the one mask M, x_t the noised input image (one curve "e_ab").  Both embeddings get their
   gradient from the object's pixels only; neither is ever trained alone, so e_opt (77 tokens) and
-  e^_a (eq. 8) are later used in a context they did not meet (the paper's own setting).
+  e^_a (eq. 8) are later used in a context they did not meet (the paper's own setting).  A packed
+  (SDXL) conditioning concatenates the two contexts and keeps e_a's pooled vector, so e_b's pooled
+  vector is not trained by this reading (:func:`concat_layers`).
 * ``"separate"``: each embedding predicts alone, ``M * || eps - f(x_t, t, e_a) ||^2 + (1 - M) *
   || eps - f(x_t, t, e_b) ||^2`` on the input image (curves "e_a", "e_b").  Each embedding is
   trained as it is used later (alone, 77 tokens), but e^_b learns the input image's *old*
@@ -45,7 +47,7 @@ from ..fit import FitConfig, OnStep, ShouldStop, Term, fit
 from ..checkpoint import Plan, settings_of, stage_checkpointing
 from ..losses import NoiseDraw
 from ..previews import Previews, one_step_x0, with_previews
-from ..seam import LatentDiffusion
+from ..seam import LatentDiffusion, pack_cond, unpack_cond
 from .masks import REDUCTIONS, SharedDraw, background_mask, masked_eps_mse
 
 READINGS = ("concat", "separate", "separate_reference", "shared")
@@ -89,6 +91,17 @@ class LayerEmbeddings:
     reading: str = "concat"
 
 
+def concat_layers(e_a: torch.Tensor, e_b: torch.Tensor, pooled_dim: int = 0) -> torch.Tensor:
+    """[e_a, e_b] along the tokens (the concat reading of eq. 2): [1, 2N, D].  A packed conditioning
+    (``pooled_dim`` > 0, SDXL: :func:`core.seam.pack_cond`) holds a pooled vector in its last row, which
+    must not become a context token: the two contexts side by side and e_a's pooled vector, [1, 2N + 1, D]
+    (ComfyUI's ConditioningConcat keeps ``conditioning_to``'s pooled output the same way)."""
+    if pooled_dim <= 0:
+        return torch.cat([e_a, e_b], dim=1)
+    (ctx_a, pooled_a), (ctx_b, _) = unpack_cond(e_a, pooled_dim), unpack_cond(e_b, pooled_dim)
+    return pack_cond(torch.cat([ctx_a, ctx_b], dim=1), pooled_a)
+
+
 def layer_terms(model, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tensor, mask: torch.Tensor,
                 reading: str = "concat", reduction: str = "image", reference_latent: torch.Tensor | None = None,
                 reference_mask: torch.Tensor | None = None) -> tuple[list[Term], SharedDraw]:
@@ -100,7 +113,8 @@ def layer_terms(model, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tenso
     e.g. to measure the loss).
     """
     if reading == "concat":  # eq. 2: one prediction f(x_t, t, [e_a, e_b]) under the one mask M
-        draw = SharedDraw(model, latent, lambda: torch.cat([e_a, e_b], dim=1))  # [1, 2N, D]
+        pooled_dim = getattr(model, "pooled_dim", 0)
+        draw = SharedDraw(model, latent, lambda: concat_layers(e_a, e_b, pooled_dim))  # [1, 2N (+ 1), D]
         return [Term("e_ab", lambda b: masked_eps_mse(draw(b), b[1], mask, reduction))], draw
     if reading == "separate":
         latents, masks = torch.cat([latent, latent]), (mask, background_mask(mask, "the stage-1 object mask"))
@@ -132,7 +146,7 @@ def layer_previews(model, latent: torch.Tensor, e_a: torch.Tensor, e_b: torch.Te
         return one_step_x0(model.eps, lat, cond.detach(), alphas_cumprod, previews.timesteps, previews.seed)
 
     if reading == "concat":
-        return x0(latent, torch.cat([e_a, e_b], dim=1))
+        return x0(latent, concat_layers(e_a, e_b, getattr(model, "pooled_dim", 0)))
     lat_b = reference_latent if reading == "separate_reference" else latent
     return torch.cat([x0(latent, e_a), x0(lat_b, e_b)])
 
