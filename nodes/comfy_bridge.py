@@ -229,8 +229,17 @@ def free_memory() -> None:
 # --------------------------------------------------------------------------------------
 # MODEL checks and patches, sampling
 # --------------------------------------------------------------------------------------
-def sd1_problem(model) -> str | None:
-    """None for an SD 1.x epsilon-prediction MODEL, else what it is."""
+SUPPORTED_FAMILIES = "Stable Diffusion 1.x or SDXL (base or a fine-tune of it, epsilon prediction)"
+
+
+def model_family(model) -> str:
+    """"sd1" or "sdxl" for a MODEL :func:`sd_problem` accepts (call that first)."""
+    unet = model.model.model_config.unet_config
+    return "sdxl" if unet.get("adm_in_channels") == 2816 else "sd1"
+
+
+def sd_problem(model) -> str | None:
+    """None for an SD 1.x or SDXL epsilon-prediction MODEL, else what it is (family, width, prediction)."""
     try:
         base = model.model
         config = base.model_config
@@ -238,9 +247,11 @@ def sd1_problem(model) -> str | None:
         return f"not a ComfyUI MODEL ({type(model).__name__})"
     name = type(config).__name__
     unet = getattr(config, "unet_config", {}) or {}
-    ctx, cin = unet.get("context_dim"), unet.get("in_channels")
+    ctx, cin, adm = unet.get("context_dim"), unet.get("in_channels"), unet.get("adm_in_channels")
     model_type = getattr(getattr(base, "model_type", None), "name", "?")
-    if ctx != 768 or cin != 4 or model_type != "EPS" or unet.get("adm_in_channels"):
+    sd1 = ctx == 768 and not adm
+    sdxl = ctx == 2048 and adm == 2816  # SDXL base and its fine-tunes (the refiner is 1280 / 2560)
+    if not (sd1 or sdxl) or cin != 4 or model_type != "EPS":
         return f"a {name} model (context {ctx}, {cin} input channels, {model_type} prediction)"
     return None
 

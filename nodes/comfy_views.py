@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..core.seam import Features, ViewSpec, WeightFunction
+from ..core.seam import Features, ViewSpec, WeightFunction, pack_cond, unpack_cond
 from ..core.views import View, ViewSet, view_tuple
 
 FEATURES_KEY = "sie_features"
@@ -230,6 +230,10 @@ def install_call_rule(model, spec: ViewSpec, rule) -> object:
     return clone
 
 
+SDXL_ADM = 2816  # SDXL's added conditioning: the 1280-wide pooled vector and six 256-wide size embeddings
+SDXL_POOLED = 1280
+
+
 class ComfySD:
     """:class:`core.seam.LatentDiffusion` over a ComfyUI MODEL (ModelPatcher), CLIP and VAE.
 
@@ -269,6 +273,12 @@ class ComfySD:
     def context_dim(self) -> int:
         return int(self.model.model.model_config.unet_config.get("context_dim") or 0)
 
+    @property
+    def pooled_dim(self) -> int:
+        """1280 for an SDXL MODEL (its ``cond`` is packed, :func:`core.seam.pack_cond`), 0 for SD 1.x."""
+        adm = self.model.model.model_config.unet_config.get("adm_in_channels")
+        return SDXL_POOLED if adm == SDXL_ADM else 0
+
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
             features: Features | None = None) -> torch.Tensor:
         if features is not None and features.modulation:
@@ -281,8 +291,23 @@ class ComfySD:
         sigma = ((1 - a) / a).sqrt().to(torch.float32)
         x = x_t / a.sqrt().to(x_t.dtype).view(-1, 1, 1, 1)
         opts = with_features(self.model.model_options, features)["transformer_options"]
-        den = self.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options=opts)
+        extra = {}
+        if self.pooled_dim:
+            cond, extra["y"] = self._added_conditioning(cond, x)
+        den = self.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options=opts, **extra)
         return ((x - den) / sigma.view(-1, 1, 1, 1)).to(x_t.dtype)
+
+    def _added_conditioning(self, cond: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: (context [B, N, D], y [B, 2816]) from a packed ``cond``; y is ComfyUI's own
+        ``encode_adm`` of the pooled vector with the size conditioning its samplers give a CONDITIONING
+        without sizes: the latent's pixel size, uncropped (what :class:`core.sd.backend.DiffusersSDXL`
+        reads from the latent too)."""
+        context, pooled = unpack_cond(cond, self.pooled_dim)
+        h, w = x.shape[-2] * 8, x.shape[-1] * 8
+        pooled = pooled.expand(x.shape[0], -1) if pooled.shape[0] == 1 else pooled
+        y = self.model.model.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
+                                        target_width=w, target_height=h)
+        return context, y.to(x.device, x.dtype)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.model.model.diffusion_model
@@ -323,6 +348,9 @@ class ComfySD:
                 yield v
 
     def text_parameters(self) -> dict[str, torch.Tensor]:
+        if self.pooled_dim:
+            raise ValueError("the pack trains SD 1.x's text encoder, not SDXL's two; leave the text encoder "
+                             "untrained on SDXL (the UNet is fine-tuned alone)")
         return _text_parameters(self.clip)
 
     def text_adapted(self, weight_functions: Mapping[str, WeightFunction]):
@@ -384,8 +412,14 @@ class ComfySD:
             raise ValueError("this ComfySD has no CLIP")
         if isinstance(prompts, str):
             prompts = [prompts]
-        conds = [self.clip.encode_from_tokens(self.clip.tokenize(p)) for p in prompts]
-        return torch.cat(conds, 0).float()
+        if not self.pooled_dim:
+            conds = [self.clip.encode_from_tokens(self.clip.tokenize(p)) for p in prompts]
+            return torch.cat(conds, 0).float()
+        packed = []
+        for p in prompts:  # SDXL: the context and the pooled vector, packed
+            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
+            packed.append(pack_cond(cond.float(), pooled.float().to(cond.device)))
+        return torch.cat(packed, 0)
 
 
 TEXT_KEY_PREFIX = "clip_l.transformer."  # an SD 1.x CLIP's state-dict prefix before the transformers names

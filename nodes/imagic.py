@@ -21,7 +21,7 @@ from ..core.imagic.artifact import Trained, load_trained, save_trained
 from ..core.imagic.recipe import ImagicRecipe
 from . import comfy_bridge as bridge
 from .common import CATEGORY_ROOT, NodeInputError, check_positive, parse_numbers, save_output
-from .training import SEED, TRAINED, check_model, register_default_recipe
+from .training import SEED, TRAINED, check_model, register_default_recipe, to_conditioning
 
 log = logging.getLogger("comfyui-single-image-edit")
 
@@ -211,7 +211,7 @@ class LoadTrained(io.ComfyNode):
             raise NodeInputError("trained_name", "the file holds no embedding",
                                  "load plain LoRAs with ComfyUI's LoraLoaderModelOnly")
         return io.NodeOutput(bridge.apply_delta(model, trained.delta, float(strength)),
-                             [[trained.embedding.clone(), {}]])
+                             to_conditioning(trained.embedding, model))
 
 
 NODES = [InterpolateConditioning, EtaSweep, SaveTrained, LoadTrained]

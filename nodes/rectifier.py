@@ -84,10 +84,11 @@ class TrainedRectifier:
 # Input checks (all before anything is loaded)
 # --------------------------------------------------------------------------------------
 def check_sd_model(model, name: str = "model") -> None:
-    problem = bridge.sd1_problem(model)
+    problem = bridge.sd_problem(model)
     if problem:
-        raise NodeInputError(name, f"this is {problem}; the rectifier nodes here modulate a Stable Diffusion 1.x "
-                                   "UNet", "load an SD 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors)")
+        raise NodeInputError(name, f"this is {problem}; the rectifier nodes here modulate a "
+                                   f"{bridge.SUPPORTED_FAMILIES} UNet",
+                             "load an SD 1.x or SDXL checkpoint (e.g. v1-5-pruned-emaonly.safetensors)")
 
 
 def unet_parameters(model) -> dict[str, torch.Tensor]:
@@ -152,9 +153,9 @@ def check_images(images, name: str = "images") -> torch.Tensor:
 
 def text_context(conditioning, model) -> tuple[torch.Tensor, str]:
     """(cond [1, 77, D] float32, how it was made): the first entry of ``conditioning``, or zeros."""
-    width = int(model.model.model_config.unet_config.get("context_dim") or 768)
-    if conditioning is None:
-        return torch.zeros(1, 77, width), "zero text context"
+    sd = bridge.ComfySD(model)
+    if conditioning is None:  # SDXL: a zero context and a zero pooled vector, packed
+        return torch.zeros(1, 77 + (1 if sd.pooled_dim else 0), sd.context_dim or 768), "zero text context"
     from .training import cond_tensor
 
     cond, _ = cond_tensor(conditioning, model)

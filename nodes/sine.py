@@ -77,12 +77,12 @@ class PositionalMapNode(io.ComfyNode):
     def execute(cls, model, mode):
         if not hasattr(model, "clone") or not hasattr(model, "model_options"):
             raise NodeInputError("model", f"expected a MODEL, got {type(model).__name__}", "connect a MODEL")
-        from .comfy_bridge import sd1_problem
+        from .comfy_bridge import SUPPORTED_FAMILIES, sd_problem
 
-        problem = sd1_problem(model)
+        problem = sd_problem(model)
         if problem:
-            raise NodeInputError("model", f"this is {problem}; F(v) is defined for SD 1.x's first block (320 "
-                                 "channels, trained on 64x64 latents)", "connect an SD 1.x MODEL fine-tuned on patches")
+            raise NodeInputError("model", f"this is {problem}; F(v) is defined for the first block of a "
+                                 f"{SUPPORTED_FAMILIES} UNet", "connect an SD 1.x or SDXL MODEL fine-tuned on patches")
         if mode not in ("bilinear", "nearest"):
             raise NodeInputError("mode", f"unknown mode {mode!r}", "use bilinear or nearest")
         if positional_patches(model):

@@ -27,7 +27,7 @@ from ..core.sine.positional import PositionalMap
 from ..core.sine.recipe import SineRecipe, SineTrained
 from . import comfy_bridge as bridge
 from .common import CATEGORY_ROOT, NodeInputError, save_output
-from .training import apply_outcome, check_clip, check_model
+from .training import apply_outcome, check_clip, check_model, to_conditioning
 
 log = logging.getLogger("comfyui-single-image-edit")
 
@@ -178,7 +178,7 @@ class LoadSine(io.ComfyNode):
             raise NodeInputError("sine_name", str(e), "pick a file written by SINE: Save Fine-Tuned Model") from None
         m, c = apply_sine(model, clip, result, float(strength))
         if result.c_hat is not None and not result.text_delta:  # the conditioning training used, as recorded
-            cond = [[result.c_hat.clone(), {}]]
+            cond = to_conditioning(result.c_hat, model)
         else:  # the prompt, through the trained text encoder (what training encoded at every step)
             if result.c_hat is None:
                 log.warning("%s records no c^ (written before c^ was saved): re-encoding its prompt %r", sine_name,

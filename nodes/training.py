@@ -24,6 +24,7 @@ from ..core.images import pil_to_tensor
 from ..core.plot import loss_curve
 from ..core.recipes import FineTuneOutcome, Recipe, RecipeInputError, StageRequest, check_unused
 from ..core.resources import SD15_UNET_PARAMS, ResourceError, check_fits, describe_parts, imagic_bytes, imagic_parts
+from ..core.seam import pack_cond, unpack_cond
 from . import comfy_bridge as bridge
 from . import resume
 from .common import CATEGORY_ROOT, NodeInputError, bchw_to_image, check_positive, image_to_bchw
@@ -87,26 +88,59 @@ def preflight(recipe: Recipe, stage: str, optional: Mapping[str, object], **pass
 # Input checks shared by the training nodes (and the rectifier's)
 # --------------------------------------------------------------------------------------
 def check_model(model, name: str = "model") -> None:
-    problem = bridge.sd1_problem(model)
+    problem = bridge.sd_problem(model)
     if problem:
-        raise NodeInputError(name, f"this is {problem}; these nodes need a Stable Diffusion 1.x MODEL",
-                             "load an SD 1.x checkpoint (e.g. v1-5-pruned-emaonly.safetensors)")
+        raise NodeInputError(name, f"this is {problem}; these nodes need a {bridge.SUPPORTED_FAMILIES} MODEL",
+                             "load an SD 1.x or SDXL checkpoint (e.g. v1-5-pruned-emaonly.safetensors, "
+                             "sd_xl_base_1.0.safetensors)")
+
+
+SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
 
 
 def cond_tensor(conditioning, model, name: str = "conditioning") -> tuple[torch.Tensor, dict]:
-    """(cond [1, 77, D] float32 clone, its options dict) from a CONDITIONING, checked against the MODEL."""
+    """(cond [1, 77, D] float32 clone, its options dict) from a CONDITIONING, checked against the MODEL.
+
+    SDXL: the context and the entry's ``pooled_output`` packed into one [1, 78, 2048] tensor
+    (:func:`core.seam.pack_cond`), which the methods optimise and interpolate as one embedding."""
     if not isinstance(conditioning, list) or not conditioning or not isinstance(conditioning[0], (list, tuple)):
         raise NodeInputError(name, "expected a CONDITIONING (from CLIP Text Encode)", "connect a CONDITIONING")
     cond, opts = conditioning[0][0], conditioning[0][1] if len(conditioning[0]) > 1 else {}
     if not isinstance(cond, torch.Tensor) or cond.ndim != 3:
         raise NodeInputError(name, f"expected a [1, tokens, width] tensor, got {getattr(cond, 'shape', cond)}")
-    width = bridge.ComfySD(model).context_dim
+    sd = bridge.ComfySD(model)
+    width = sd.context_dim
     if cond.shape[-1] != width:
         raise NodeInputError(name, f"the text encoding is {cond.shape[-1]} wide but the model expects {width}",
-                             "encode the prompt with the CLIP of the same SD 1.x checkpoint")
+                             "encode the prompt with the CLIP of the same checkpoint as the MODEL")
     if len(conditioning) > 1:
         log.warning("%s: %d conditioning entries; only the first is optimised", name, len(conditioning))
-    return cond[:1].detach().clone().float(), dict(opts)
+    cond = cond[:1].detach().clone().float()
+    if sd.pooled_dim:
+        pooled = (opts or {}).get("pooled_output")
+        if not isinstance(pooled, torch.Tensor) or pooled.shape[-1] != sd.pooled_dim:
+            raise NodeInputError(name, f"an SDXL MODEL needs the pooled text vector ({sd.pooled_dim} wide) with the "
+                                       f"conditioning, and this one has {_describe_pooled(pooled)}",
+                                 "encode the prompt with CLIP Text Encode and the SDXL checkpoint's CLIP")
+        cond = pack_cond(cond, pooled.reshape(-1, sd.pooled_dim)[:1].detach().float().to(cond.device))
+    return cond, dict(opts)
+
+
+def _describe_pooled(pooled) -> str:
+    return "none" if pooled is None else f"one of shape {tuple(getattr(pooled, 'shape', ()))}"
+
+
+def to_conditioning(cond: torch.Tensor, model, options: Mapping | None = None) -> list:
+    """A CONDITIONING of one entry from a seam ``cond`` (the inverse of :func:`cond_tensor`): SDXL's packed
+    tensor back into the context and ``pooled_output``.  Size keys (width, height, crops, target) are
+    dropped, so that ComfyUI's samplers give it the latent's own size, the size conditioning the pack
+    trains with."""
+    opts = {k: v for k, v in dict(options or {}).items() if k not in SIZE_KEYS}
+    pooled_dim = bridge.ComfySD(model).pooled_dim
+    context, pooled = unpack_cond(cond.cpu(), pooled_dim)
+    if pooled is not None:
+        opts["pooled_output"] = pooled.clone()
+    return [[context.clone(), opts]]
 
 
 def curve(losses: list[float], title: str) -> torch.Tensor:
@@ -326,8 +360,8 @@ class OptimizeEmbedding(io.ComfyNode):
         finally:
             bridge.free_memory()
         log.info("%s: loss %.4f -> %.4f in %.1f s", out.title, out.losses[0], out.losses[-1], out.seconds)
-        e_b = [[out.e_b.cpu(), options.get("conditioning_b", {})]] if out.e_b is not None else []
-        return io.NodeOutput([[out.e.cpu(), opts]], curve(out.losses, out.title), e_b)
+        e_b = to_conditioning(out.e_b, model, options.get("conditioning_b")) if out.e_b is not None else []
+        return io.NodeOutput(to_conditioning(out.e, model, opts), curve(out.losses, out.title), e_b)
 
 
 class FineTune(io.ComfyNode):

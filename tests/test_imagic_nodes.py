@@ -78,12 +78,15 @@ def fake_model(cls_name: str, context: int, channels: int = 4, model_type: str =
 @pytest.mark.parametrize("model,ok", [
     (fake_model("SD15", 768), True),
     (fake_model("SD20", 1024, model_type="V_PREDICTION"), False),
-    (fake_model("SDXL", 2048, adm=2816), False),
+    (fake_model("SDXL", 2048, adm=2816), True),
+    (fake_model("SDXL", 2048, adm=2816, model_type="V_PREDICTION"), False),
+    (fake_model("SDXLRefiner", 1280, adm=2560), False),
+    (fake_model("SDXL", 2048, adm=2816, channels=9), False),
     (fake_model("SD15_instructpix2pix", 768, channels=8), False),
     ("not a model", False),
 ])
 def test_model_check_names_what_it_got(model, ok):
-    problem = bridge.sd1_problem(model)
+    problem = bridge.sd_problem(model)
     assert (problem is None) == ok
     if not ok:
         with pytest.raises(NodeInputError, match="input 'model'"):
