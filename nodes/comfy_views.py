@@ -292,6 +292,8 @@ class ComfySD:
         x = x_t / a.sqrt().to(x_t.dtype).view(-1, 1, 1, 1)
         opts = with_features(self.model.model_options, features)["transformer_options"]
         extra = {}
+        if cond is not None and cond.shape[0] == 1 and x.shape[0] > 1:  # one conditioning for the whole batch
+            cond = cond.expand(x.shape[0], -1, -1)
         if self.pooled_dim:
             cond, extra["y"] = self._added_conditioning(cond, x)
         den = self.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options=opts, **extra)

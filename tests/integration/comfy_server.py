@@ -88,7 +88,7 @@ def digest(module):  # a module's weights, hashed
     import hashlib
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(k.encode()); h.update(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
