@@ -35,6 +35,11 @@ its gradient freed, :class:`core.fit.StepInBackward`); LoRA 16 bytes per adapter
 upper bound for adapters on every conv and linear weight); the embedding stage a few kB.
 Activations kept for the backward pass grow with the latent's pixels: about 1 MiB per
 latent pixel in fp32 (4 GiB at 512 x 512), a quarter of it with gradient checkpointing.
+SDXL keeps 1.95x SD 1.5's linear activations per latent pixel (counted on the meta device,
+``benchmarks/unet_saved_tensors.py``): x 2 (``ACT_SCALE``).  On ComfyUI's back end a training step
+also holds a per-call copy of the weights autograd saves (ComfyUI's weight wrappers copy): 98 % of
+SD 1.5's UNet and 87 % of SDXL's, 13 % / 3 % with gradient checkpointing (``WEIGHTS_SAVED``), in
+the dtype the UNet computes in.
 The frozen model's own weights are not counted: they are already loaded (CPU) or loaded
 and offloaded by ComfyUI's model management (GPU), so this is a lower bound there.
 """
@@ -51,6 +56,8 @@ SINDDM_SAMPLE_CHANNELS = (6, 48)  # 6 w + 48 float32 values per pixel per sample
 SINDDM_TRAIN_CHANNELS = (20, 64)  # 20 w + 64 float32 values per pixel per batch item
 IMAGIC_ACT_BYTES_PER_LATENT_PIXEL = 1 << 20  # fp32, no gradient checkpointing
 IMAGIC_CHECKPOINTED_FRACTION = 0.25
+ACT_SCALE = {"sd1": 1.0, "sdxl": 2.0}  # activations per latent pixel relative to SD 1.5
+WEIGHTS_SAVED = {("sd1", False): 0.98, ("sd1", True): 0.13, ("sdxl", False): 0.87, ("sdxl", True): 0.03}
 
 
 class ResourceError(ValueError):
@@ -143,8 +150,12 @@ def sinddm_train_bytes(height: int, width: int, batch: int, net_width: int) -> i
 # Imagic
 # --------------------------------------------------------------------------------------
 def imagic_parts(latent_hw: tuple[int, int], mode: str, unet_params: int = SD15_UNET_PARAMS, rank: int = 8,
-                 gradient_checkpointing: bool = False, optimizer: str = "adam") -> dict[str, int]:
+                 gradient_checkpointing: bool = False, optimizer: str = "adam", family: str = "sd1",
+                 weight_copy_itemsize: int = 0) -> dict[str, int]:
     """Bytes by item for an Imagic stage on a latent of ``latent_hw`` (image size / 8).
+
+    ``family``: "sd1" or "sdxl" (:data:`ACT_SCALE`); ``weight_copy_itemsize``: bytes per weight of the
+    per-call copies ComfyUI's back end makes (0 for the diffusers back end, which makes none).
 
     ``mode``: "embedding" (stage 1: only e_opt is trained), "lora" or "full" (stage 2).  A full fine-tune
     holds a float32 copy of the UNet and Adam's two moments (one byte each with ``optimizer`` "adam8bit"),
@@ -152,11 +163,15 @@ def imagic_parts(latent_hw: tuple[int, int], mode: str, unet_params: int = SD15_
     (:class:`core.fit.StepInBackward`)."""
     if mode not in ("embedding", "lora", "full"):
         raise ValueError(f"mode must be embedding, lora or full, got {mode!r}")
+    if family not in ACT_SCALE:
+        raise ValueError(f"family must be one of {sorted(ACT_SCALE)}, got {family!r}")
     p = int(unet_params)
-    act = IMAGIC_ACT_BYTES_PER_LATENT_PIXEL * int(latent_hw[0]) * int(latent_hw[1])
+    act = int(ACT_SCALE[family] * IMAGIC_ACT_BYTES_PER_LATENT_PIXEL * int(latent_hw[0]) * int(latent_hw[1]))
     if gradient_checkpointing:
         act = int(act * IMAGIC_CHECKPOINTED_FRACTION)
     parts = {"activations": act}
+    if weight_copy_itemsize:
+        parts["weight copies"] = int(WEIGHTS_SAVED[family, bool(gradient_checkpointing)] * p * weight_copy_itemsize)
     if mode == "full":
         parts.update({"fp32 copy": 4 * p, "Adam state": (2 if optimizer.endswith("8bit") else 8) * p})
     elif mode == "lora":
@@ -167,9 +182,11 @@ def imagic_parts(latent_hw: tuple[int, int], mode: str, unet_params: int = SD15_
 
 
 def imagic_bytes(latent_hw: tuple[int, int], mode: str, unet_params: int = SD15_UNET_PARAMS, rank: int = 8,
-                 gradient_checkpointing: bool = False, optimizer: str = "adam") -> int:
+                 gradient_checkpointing: bool = False, optimizer: str = "adam", family: str = "sd1",
+                 weight_copy_itemsize: int = 0) -> int:
     """Total of :func:`imagic_parts`."""
-    return sum(imagic_parts(latent_hw, mode, unet_params, rank, gradient_checkpointing, optimizer).values())
+    return sum(imagic_parts(latent_hw, mode, unet_params, rank, gradient_checkpointing, optimizer, family,
+                            weight_copy_itemsize).values())
 
 
 def describe_parts(parts: dict[str, int]) -> str:

@@ -147,6 +147,16 @@ def curve(losses: list[float], title: str) -> torch.Tensor:
     return bchw_to_image(pil_to_tensor(loss_curve(losses, title=title))[None])
 
 
+def compute_itemsize(model) -> int:
+    """Bytes per weight of the copies ComfyUI makes for a training step: its compute dtype's (the
+    manual-cast dtype where the weights are stored in another one)."""
+    try:
+        dtype = getattr(model.model, "manual_cast_dtype", None) or next(model.model.diffusion_model.parameters()).dtype
+        return torch.empty((), dtype=dtype).element_size()
+    except (AttributeError, TypeError, StopIteration):
+        return 4
+
+
 def unet_param_count(model) -> int:
     """Parameters of the MODEL's UNet (SD 1.5's count where the MODEL does not expose them)."""
     try:
@@ -205,18 +215,28 @@ def check_memory(model, image, mode: str, device, gradient_checkpointing: bool, 
     h, w = x.shape[-2:]
     latent = (h // 8, w // 8)
     params = unet_param_count(model)
-    parts = imagic_parts(latent, mode, params, rank, gradient_checkpointing, optimizer)
+    try:
+        family = bridge.model_family(model)
+    except AttributeError:  # not a MODEL with a UNet config: SD 1.x's figures
+        family = "sd1"
+    copies = compute_itemsize(model)
+    parts = imagic_parts(latent, mode, params, rank, gradient_checkpointing, optimizer, family, copies)
     stage = "the embedding optimisation" if mode == "embedding" else f"the {mode} fine-tune"
     try:
         check_fits(sum(parts.values()), device, f"{stage} of a {w}x{h} image ({describe_parts(parts)} GiB)", "",
                    free)
     except ResourceError as e:
-        lora = imagic_bytes(latent, "lora", params, rank, gradient_checkpointing)
+        lora = imagic_bytes(latent, "lora", params, rank, gradient_checkpointing, family=family,
+                            weight_copy_itemsize=copies)
         if mode == "full" and lora <= e.free:
             raise NodeInputError("mode", e.problem, f"use mode lora (about {lora / 2**30:.1f} GiB here), or a "
                                                     "device with more memory") from None
-        raise NodeInputError("image", e.problem, "use a smaller image (SD 1.x is trained at 512x512)"
-                             + ("" if mode == "embedding" else ", or mode lora with a lower rank")) from None
+        native = "SDXL is trained at 1024x1024" if family == "sdxl" else "SD 1.x is trained at 512x512"
+        fix = f"use a smaller image ({native})"
+        if not gradient_checkpointing:
+            fix += ", or turn gradient_checkpointing on"
+        raise NodeInputError("image", e.problem, fix + ("" if mode == "embedding" else
+                                                        ", or mode lora with a lower rank")) from None
 
 
 def check_clip(clip, name: str = "clip"):

@@ -114,10 +114,12 @@ def test_train_node_refuses_what_cannot_fit(monkeypatch):
         N["SIE_SinDDMTrain"].execute(image, 1, 1, 512, 1e-3, 0, 0, "fp32")
 
 
-def fake_sd15():
-    """A MODEL whose UNet reports SD 1.5's parameter count without allocating it."""
-    params = [SimpleNamespace(numel=lambda: R.SD15_UNET_PARAMS)]
-    return SimpleNamespace(model=SimpleNamespace(diffusion_model=SimpleNamespace(parameters=lambda: iter(params))))
+def fake_sd15(params: int = R.SD15_UNET_PARAMS, adm=None):
+    """A MODEL whose fp16 UNet reports a parameter count without allocating it (SD 1.5's by default)."""
+    weights = [SimpleNamespace(numel=lambda: params, dtype=torch.float16)]
+    config = SimpleNamespace(unet_config={"adm_in_channels": adm, "context_dim": 2048 if adm else 768})
+    return SimpleNamespace(model=SimpleNamespace(diffusion_model=SimpleNamespace(parameters=lambda: iter(weights)),
+                                                 model_config=config, manual_cast_dtype=None))
 
 
 def test_imagic_guard_names_mode_or_image():
@@ -126,8 +128,27 @@ def test_imagic_guard_names_mode_or_image():
     free = 8 * GIB
     check(model, image, "embedding", torch.device("cpu"), False, free=free)
     check(model, image, "lora", torch.device("cpu"), False, free=free)
-    with pytest.raises(NodeInputError, match=r"input 'mode'.*full fine-tune.*Adam state.*13.6 GiB.*Fix: use mode lora"):
+    with pytest.raises(NodeInputError, match=r"input 'mode'.*full fine-tune.*weight copies 1.6.*Adam state.*15.2 GiB.*"
+                                             r"Fix: use mode lora"):
         check(model, image, "full", torch.device("cpu"), False, free=free)
     with pytest.raises(NodeInputError, match=r"input 'image'.*GiB.*smaller image"):
         check(model, torch.rand(1, 4096, 4096, 3), "lora", torch.device("cpu"), False, free=free)
     assert training_nodes.unet_param_count(object()) == R.SD15_UNET_PARAMS
+
+
+def test_sdxl_estimates_scale_activations_and_count_comfyui_weight_copies():
+    """SDXL: 2x SD 1.5's activations per latent pixel and 87 % of the UNet copied for backward on ComfyUI's back
+    end (3 % with gradient checkpointing), figures of benchmarks/unet_saved_tensors.py."""
+    xl = R.imagic_parts((128, 128), "lora", 2_567_463_684, 8, True, "adam", "sdxl", 2)
+    sd = R.imagic_parts((128, 128), "lora", R.SD15_UNET_PARAMS, 8, True, "adam", "sd1", 2)
+    assert xl["activations"] == 2 * sd["activations"]
+    assert xl["weight copies"] == int(0.03 * 2_567_463_684 * 2)
+    assert R.imagic_parts((128, 128), "lora", 2_567_463_684, 8, False, "adam", "sdxl", 2)["weight copies"] == \
+        int(0.87 * 2_567_463_684 * 2)
+    assert "weight copies" not in R.imagic_parts((64, 64), "lora")  # the diffusers back end copies nothing
+    model, image = fake_sd15(2_567_463_684, adm=2816), torch.rand(1, 1024, 1024, 3)
+    check = training_nodes.check_memory
+    check(model, image, "lora", torch.device("cpu"), True, free=16 * GIB)
+    with pytest.raises(NodeInputError, match=r"input 'image'.*40.9 GiB.*SDXL is trained at 1024x1024.*"
+                                             r"gradient_checkpointing on"):
+        check(model, image, "lora", torch.device("cpu"), False, free=16 * GIB)
