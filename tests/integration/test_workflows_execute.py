@@ -52,6 +52,7 @@ RECTIFIER_SMALL = {"CheckpointLoaderSimple": {"ckpt_name": "random_sd15.safetens
                    "ImageScale": {"width": 64, "height": 64}, "EmptyLatentImage": {"width": 64, "height": 64},
                    "SIE_TrainRectifier": {"steps": 2, "batch": 2}, "KSampler": {"steps": 2},
                    "SIE_DDIMInversion": {"steps": 2}, "SIE_LoadRectifier": {"rectifier_name": RECTIFIER_FILE}}
+SDXL_CKPT = {"CheckpointLoaderSimple": {"ckpt_name": "random_sdxl.safetensors"}}
 # workflow -> {node class: {input: value}}; then the expected SaveImage outputs {filename_prefix: (count, W, H)}
 OVERRIDES = {
     "sinddm_random_samples": {**SINDDM_TRAIN, "SIE_SinDDMSample": {"count": 1}},
@@ -81,6 +82,9 @@ OVERRIDES = {
     "rectifier_reconstruct": RECTIFIER_SMALL,
     "rectifier_edit": RECTIFIER_SMALL,
 }
+# the SDXL twins: the same CPU sizes on the random SDXL (executed by test_sdxl_workflows.py, marked sdxl)
+SDXL_WORKFLOWS = ("imagic", "sine_edit", "layerdiffusion", "rectifier_reconstruct")
+OVERRIDES.update({f"{name}_sdxl": {**OVERRIDES[name], **SDXL_CKPT} for name in SDXL_WORKFLOWS})
 EXPECTED = {
     "sinddm_random_samples": {"sinddm/samples": (1, 250, 200), "sinddm/wide": (1, 500, 200),
                               "sinddm/tall": (1, 200, 320), "sinddm/loss": (1, 640, 320)},
@@ -108,6 +112,7 @@ EXPECTED = {
                        "rectifier/edit_sdedit": (1, 64, 64), "rectifier/edit_loss": (1, 640, 960),
                        "rectifier/held_out": (1, 64, 64)},
 }
+EXPECTED.update({f"{name}_sdxl": EXPECTED[name] for name in SDXL_WORKFLOWS})
 
 
 def random_open_clip() -> Path:
@@ -181,8 +186,13 @@ def test_every_workflow_has_overrides():
     assert sorted(OVERRIDES) == sorted(p.stem for p in WF.glob("*.json")) == sorted(EXPECTED)
 
 
-@pytest.mark.parametrize("name", sorted(OVERRIDES))
+@pytest.mark.parametrize("name", sorted(n for n in OVERRIDES if not n.endswith("_sdxl")))
 def test_workflow_executes(server, name):
+    execute(server, name)
+
+
+def execute(server, name: str) -> None:
+    """Run one bundled workflow with its CPU-sized overrides and check the images it writes."""
     from PIL import Image
 
     prompt = apply_overrides(json.loads((WF / f"{name}.json").read_text()), OVERRIDES[name])

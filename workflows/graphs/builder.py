@@ -72,6 +72,31 @@ def extra_widget_values(name: str, typ, opts) -> list:
 
 
 @dataclass(frozen=True)
+class Base:
+    """The base model a workflow loads: its checkpoint file name, native square size and how notes name it."""
+
+    suffix: str  # appended to the graph's name
+    ckpt: str
+    size: int
+    what: str
+
+    def scaled(self, pixels: int) -> int:
+        """A pixel coordinate or size given for 512x512, at this base's native size."""
+        return pixels * self.size // 512
+
+
+SD15 = Base("", "v1-5-pruned-emaonly.safetensors", 512, "an SD 1.x checkpoint")
+SDXL = Base("_sdxl", "sd_xl_base_1.0.safetensors", 1024, "an SDXL checkpoint (base 1.0 or a fine-tune of it)")
+SDXL_NOTE = ("\n\nSDXL: this graph runs at 1024x1024, SDXL's native size. SDXL also takes a size conditioning "
+             "(original size, crop, target size): the pack trains with the image's own size, uncropped, and its "
+             "nodes output CONDITIONINGs without sizes, so ComfyUI's samplers give them the latent's size, the same "
+             "rule. Training goes through the UNet only (SDXL's two text encoders are not trained). Memory: keep "
+             "gradient_checkpointing on auto (on for a GPU); a LoRA step at 1024x1024 is estimated at about 13 GiB "
+             "beside the loaded model (5.1 GB in fp16), and the nodes refuse what their estimate says cannot fit. "
+             "Expected GPU time: not measured yet (no GPU has run this graph).")
+
+
+@dataclass(frozen=True)
 class Out:
     node: int
     slot: int

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-from .builder import Graph
+from .builder import SD15, SDXL, SDXL_NOTE, Base, Graph
 
-def imagic() -> Graph:
-    g = Graph("imagic")
+
+def imagic(base: Base = SD15) -> Graph:
+    g = Graph("imagic" + base.suffix)
     g.note("Imagic (Kawar et al., CVPR 2023): edit ONE real photo from a target text.\n\n"
            "1. Optimize Text Embedding: e_tgt -> e_opt that reconstructs the photo (500 steps, lr 1e-3).\n"
            "2. Fine-Tune Model at e_opt (lora: adapters, lr 1e-4; full: every UNet weight, as the paper and the "
            "diffusers port, lr 2e-6; 1000 steps).\n3. Interpolate: e = eta*e_tgt + (1-eta)*e_opt, then sample with "
            "DDIM. SD needs eta about 0.9-1.2; the Eta Sweep renders several etas with one seed so you can pick by "
            "eye.\n\n"
-           "Files: an SD 1.x checkpoint in ComfyUI/models/checkpoints (v1-5-pruned-emaonly.safetensors here); the "
+           f"Files: {base.what} in ComfyUI/models/checkpoints ({base.ckpt} here); the "
            "photo in ComfyUI/input (coffee_250x200.png here, bundled with the pack in core/sinddm/data (CC0), or your "
            "own). Save Trained writes the edit (the weight delta + e_opt; precision fp16 halves a full fine-tune, "
            "3.4 -> 1.7 GB) to ComfyUI/models/single_image_edit/trained, where Load Trained and ComfyUI's Load LoRA "
            "find it; images go to ComfyUI/output/imagic.\n\n"
-           "The SD ports report 5-10 minutes per edit on an A100 or a 3090; on a CPU it takes many hours.")
+           + ("The SD ports report 5-10 minutes per edit on an A100 or a 3090 (SD 1.5); on a CPU it takes many hours."
+              if base is SD15 else "Stage 1 optimises SDXL's whole text conditioning: the context and the pooled "
+              "vector, both interpolated by eta." + SDXL_NOTE))
     g.stage("Inputs: model and photo", columns=1)
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=base.ckpt)
     img = g.add("LoadImage", image="coffee_250x200.png")
-    scaled = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=512, height=512, crop="center")
+    scaled = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=base.size, height=base.size,
+                   crop="center")
     g.stage("1. Target text")
     target = g.add("CLIPTextEncode", title="Target text (e_tgt)", clip=ckpt.out(1),
                    text="a photo of a cup of green matcha tea")
@@ -39,7 +43,7 @@ def imagic() -> Graph:
     g.add("SIE_SaveTrained", trained=ft.out(2), filename_prefix="imagic/edit")
     g.stage("4. Interpolate and sample (stage 3)", columns=3)
     mix = g.add("SIE_InterpolateConditioning", target=target.out(0), optimized=emb.out(0), eta=1.0)
-    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    empty = g.add("EmptyLatentImage", width=base.size, height=base.size, batch_size=1)
     ks = g.add("KSampler", model=ft.out(0), positive=mix.out(0), negative=negative.out(0), latent_image=empty.out(0),
                seed=0, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
     dec = g.add("VAEDecode", samples=ks.out(0), vae=ckpt.out(2))
@@ -52,4 +56,8 @@ def imagic() -> Graph:
     return g
 
 
-GRAPHS = [imagic]
+def imagic_sdxl() -> Graph:
+    return imagic(SDXL)
+
+
+GRAPHS = [imagic, imagic_sdxl]

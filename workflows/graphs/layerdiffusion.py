@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .builder import Graph, Node
+from .builder import SD15, SDXL, SDXL_NOTE, Base, Graph, Node
 
 LAYER_NOTE = ("LayerDiffusion (Li, Huang, Ding, Li, SIGGRAPH Asia 2023 TC; not the LayerDiffuse transparency project): "
               "put the subject of ONE photo into a new background and edit it from one target text T = T_a + T_b.\n"
@@ -16,18 +16,24 @@ LAYER_NOTE = ("LayerDiffusion (Li, Huang, Ding, Li, SIGGRAPH Asia 2023 TC; not t
               "(paper: full, lr 2e-6, 250 steps; lora here). The recipe's object_mask 'target' takes L_obj's mask "
               "from O_t, as the paper writes (target_mask input).\n"
               "4. Iterative Guidance: DDIM 50 steps alternating ê_a and e_opt by step index.\n\n"
-              "Files: an SD 1.x checkpoint in ComfyUI/models/checkpoints (v1-5-pruned-emaonly.safetensors here); "
+              "Files: {what} in ComfyUI/models/checkpoints ({ckpt} here); "
               "a Segment Anything checkpoint in ComfyUI/models/sams (sam_vit_b_01ec64.pth here; needs the "
               "segment-anything package); the photo in ComfyUI/input (coffee_250x200.png here, bundled with the "
               "pack in core/sinddm/data, or your own). Masks: click points and drag a box on the Segment node's "
               "picture, or edit its JSON prompt.")
 
 
+def layer_note(base: Base = SD15) -> str:
+    return LAYER_NOTE.format(what=base.what, ckpt=base.ckpt)
+
+
 def layer_stages(g: Graph, ckpt: Node, photo: Node, sam: Node, reference: Node, reference_mask: Node,
-                 t_a: str, t_b: str, prefix: str, target_mask: Node | None = None) -> None:
+                 t_a: str, t_b: str, prefix: str, target_mask: Node | None = None, base: Base = SD15) -> None:
     g.stage("1. Layered text embeddings", columns=2)
+    c, box = base.scaled(256), [base.scaled(v) for v in (96, 64, 416, 480)]
     mask = g.add("SIE_SAMSegment", title="Object mask of the photo", sam=sam.out(0), image=photo.out(0),
-                 prompt='{"points": [[256, 256, 1]], "box": [96, 64, 416, 480]}', dilate=0, invert=False)
+                 prompt=f'{{"points": [[{c}, {c}, 1]], "box": [{box[0]}, {box[1]}, {box[2]}, {box[3]}]}}', dilate=0,
+                 invert=False)
     e_a = g.add("CLIPTextEncode", title="T_a (object)", clip=ckpt.out(1), text=t_a)
     e_b = g.add("CLIPTextEncode", title="T_b (background)", clip=ckpt.out(1), text=t_b)
     recipe = g.add("SIE_LayerRecipe", lambda_obj=2.0, lambda_bg=1.0, object_source="image",
@@ -55,37 +61,41 @@ def layer_stages(g: Graph, ckpt: Node, photo: Node, sam: Node, reference: Node, 
     noise = g.add("RandomNoise", noise_seed=0)
     sampler = g.add("KSamplerSelect", sampler_name="ddim")
     sigmas = g.add("BasicScheduler", model=ft.out(0), scheduler="ddim_uniform", steps=50, denoise=1.0)
-    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    empty = g.add("EmptyLatentImage", width=base.size, height=base.size, batch_size=1)
     out = g.add("SamplerCustomAdvanced", noise=noise.out(0), guider=guider.out(0), sampler=sampler.out(0),
                 sigmas=sigmas.out(0), latent_image=empty.out(0))
     dec = g.add("VAEDecode", samples=out.out(0), vae=ckpt.out(2))
     g.add("SaveImage", title="Edited image", images=dec.out(0), filename_prefix=prefix)
 
 
-def layerdiffusion() -> Graph:
-    g = Graph("layerdiffusion")
-    g.note(LAYER_NOTE + "\n\nThis graph: the target text through SD gives the target image O_t, which serves as "
-           "the background reference; SAM masks the subject in the photo and in O_t (that mask is both the "
-           "reference mask M_r and Fine-Tune Model's target_mask). No other file is needed.")
+def layerdiffusion(base: Base = SD15) -> Graph:
+    g = Graph("layerdiffusion" + base.suffix)
+    g.note(layer_note(base) + "\n\nThis graph: the target text through SD gives the target image O_t, which serves "
+           "as the background reference; SAM masks the subject in the photo and in O_t (that mask is both the "
+           "reference mask M_r and Fine-Tune Model's target_mask). No other file is needed."
+           + ("" if base is SD15 else " On SDXL the concat reading joins the two contexts (154 tokens) and keeps "
+              "e_a's pooled vector, as ComfyUI's ConditioningConcat does; ConditioningAverage averages the pooled "
+              "vectors too." + SDXL_NOTE))
     g.stage("Inputs: model, photo, SAM", columns=1)
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    n = base.size
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=base.ckpt)
     img = g.add("LoadImage", title="Photo (its subject is kept)", image="coffee_250x200.png")
-    photo = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=512, height=512, crop="center")
+    photo = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=n, height=n, crop="center")
     sam = g.add("SIE_LoadSAM", sam_name="sam_vit_b_01ec64.pth")
     g.stage("0. Target image O_t from T", columns=2)
     target = g.add("CLIPTextEncode", title="Target text T", clip=ckpt.out(1),
                    text="a cup of coffee on a wooden table in a forest")
     empty_neg = g.add("CLIPTextEncode", title="Negative (empty)", clip=ckpt.out(1), text="")
-    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    empty = g.add("EmptyLatentImage", width=n, height=n, batch_size=1)
     ks = g.add("KSampler", model=ckpt.out(0), positive=target.out(0), negative=empty_neg.out(0),
                latent_image=empty.out(0), seed=0, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform",
                denoise=1.0)
     o_t = g.add("VAEDecode", title="O_t", samples=ks.out(0), vae=ckpt.out(2))
     g.add("SaveImage", title="Target image O_t", images=o_t.out(0), filename_prefix="layerdiffusion/target")
     m_r = g.add("SIE_SAMSegment", title="Object mask of O_t", sam=sam.out(0), image=o_t.out(0),
-                prompt='{"points": [[256, 256, 1]], "box": null}', dilate=0, invert=False)
+                prompt=f'{{"points": [[{n // 2}, {n // 2}, 1]], "box": null}}', dilate=0, invert=False)
     layer_stages(g, ckpt, photo, sam, o_t, m_r, "a cup of coffee", "on a wooden table in a forest",
-                 "layerdiffusion/edit", target_mask=m_r)
+                 "layerdiffusion/edit", target_mask=m_r, base=base)
     return g
 
 
@@ -94,7 +104,7 @@ LAYER_BACKGROUND = "table_by_the_sea_512.png"  # bundled in core/layerdiffusion/
 
 def layerdiffusion_reference_background() -> Graph:
     g = Graph("layerdiffusion_reference_background")
-    g.note(LAYER_NOTE + "\n\nThis graph: a reference background image of your own (paper Fig. 4), with no object "
+    g.note(layer_note() + "\n\nThis graph: a reference background image of your own (paper Fig. 4), with no object "
            f"in it, so its mask is all black (Solid Mask 0). The placeholder {LAYER_BACKGROUND} (an empty wooden "
            "table by the sea, drawn procedurally; bundled with the pack in core/layerdiffusion/data) goes into "
            "ComfyUI/input next to the photo; replace it with a background photo taken from a camera angle close "
@@ -115,4 +125,8 @@ def layerdiffusion_reference_background() -> Graph:
     return g
 
 
-GRAPHS = [layerdiffusion, layerdiffusion_reference_background]
+def layerdiffusion_sdxl() -> Graph:
+    return layerdiffusion(SDXL)
+
+
+GRAPHS = [layerdiffusion, layerdiffusion_reference_background, layerdiffusion_sdxl]

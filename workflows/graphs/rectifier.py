@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .builder import Graph, Node
+from .builder import SD15, SDXL, SDXL_NOTE, Base, Graph, Node
 
 RECTIFIER_NOTE = ("High-Fidelity rectifier (Hou, Wei, Chen, AAAI 2024): a hypernetwork R(x_0, P_t, t) modulates the "
                   "frozen SD UNet's middle and output-block convolutions at every step, theta (1 + Delta), from the "
@@ -10,7 +10,7 @@ RECTIFIER_NOTE = ("High-Fidelity rectifier (Hou, Wei, Chen, AAAI 2024): a hypern
                   "Reconstruction training (eq. 3): the usual noise-prediction loss of the rectified model; Adam lr "
                   "1e-3 x 0.9 every 5,000 steps, weight decay 1e-5. The paper trains on a domain (about 100 images, "
                   "e.g. faces): replace the small training set here (three crops of the left part of the bundled "
-                  "photo) with yours, scaled to 512x512, and raise batch to what your GPU holds (8 here). (Image "
+                  "photo) with yours, scaled to the model's size (512x512 for SD 1.x), and raise batch to what your GPU holds (8 here). (Image "
                   "Batch is marked deprecated in newer ComfyUI but still works; Batch Images does the same there.)\n"
                   "Inference (the paper's 'N inversion and denoising steps'): the held-out image (the right part of "
                   "the photo, which no training crop contains) is VAE-encoded, inverted to x_T by DDIM Inversion "
@@ -18,14 +18,18 @@ RECTIFIER_NOTE = ("High-Fidelity rectifier (Hou, Wei, Chen, AAAI 2024): a hypern
                   "inversion's sigmas); the rectified MODEL from Apply Rectifier gets the image as x_0 at every "
                   "step. Use the prompt the rectifier was trained under (empty here) for the inversion and the "
                   "samplers.\n\n"
-                  "Files: an SD 1.x checkpoint in models/checkpoints (v1-5-pruned-emaonly.safetensors here); "
+                  "Files: {what} in models/checkpoints ({ckpt} here); "
                   "coffee_250x200.png (bundled with the pack in core/sinddm/data) in ComfyUI's input folder; trained "
                   "rectifiers are saved to models/single_image_edit/rectifier (Load Rectifier reads them).")
 
 
-def rectifier_inputs(g: Graph) -> tuple[Node, Node]:
+def rectifier_note(base: Base) -> str:
+    return RECTIFIER_NOTE.format(what=base.what, ckpt=base.ckpt)
+
+
+def rectifier_inputs(g: Graph, base: Base = SD15) -> tuple[Node, Node]:
     g.stage("Inputs: model and text", columns=1)
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=base.ckpt)
     empty = g.add("CLIPTextEncode", title="Empty prompt", clip=ckpt.out(1), text="")
     return ckpt, empty
 
@@ -35,27 +39,28 @@ def rectifier_photo(g: Graph) -> Node:
     return g.add("LoadImage", title="Photo (250x200)", image="coffee_250x200.png")
 
 
-def rectifier_training_set(g: Graph, photo: Node) -> Node:
-    """Three 512x512 views of the left part of the photo (columns 0-129) as one IMAGE batch (stands in for a
+def rectifier_training_set(g: Graph, photo: Node, base: Base = SD15) -> Node:
+    """Three square views (512x512 for SD 1.x) of the left part of the photo (columns 0-129) as one IMAGE batch (stands in for a
     domain of ~100 images); the held-out crop (columns 130-249) is none of them."""
     g.stage("Training set: left part of the photo (your images here)", columns=3)
     top = g.add("ImageCrop", title="Left, top", image=photo.out(0), width=130, height=130, x=0, y=0)
     bottom = g.add("ImageCrop", title="Left, bottom", image=photo.out(0), width=130, height=130, x=0, y=70)
-    top_512 = g.add("ImageScale", title="Left, top, 512", image=top.out(0), upscale_method="lanczos", width=512,
-                    height=512, crop="center")
-    bottom_512 = g.add("ImageScale", title="Left, bottom, 512", image=bottom.out(0), upscale_method="lanczos",
-                       width=512, height=512, crop="center")
+    n = base.size
+    top_512 = g.add("ImageScale", title=f"Left, top, {n}", image=top.out(0), upscale_method="lanczos", width=n,
+                    height=n, crop="center")
+    bottom_512 = g.add("ImageScale", title=f"Left, bottom, {n}", image=bottom.out(0), upscale_method="lanczos",
+                       width=n, height=n, crop="center")
     flip = g.add("ImageFlip", title="Left, top, mirrored", image=top_512.out(0), flip_method="y-axis: horizontally")
     two = g.add("ImageBatch", title="Batch of 2", image1=top_512.out(0), image2=bottom_512.out(0))
     return g.add("ImageBatch", title="Batch of 3", image1=two.out(0), image2=flip.out(0))
 
 
-def rectifier_held_out(g: Graph, photo: Node) -> Node:
+def rectifier_held_out(g: Graph, photo: Node, base: Base = SD15) -> Node:
     g.stage("Held-out image x_0: right part of the photo", columns=1)
     crop = g.add("ImageCrop", title="Right (never trained on)", image=photo.out(0), width=120, height=120, x=130,
                  y=40)
-    held = g.add("ImageScale", title="Held-out, 512", image=crop.out(0), upscale_method="lanczos", width=512,
-                 height=512, crop="center")
+    held = g.add("ImageScale", title=f"Held-out, {base.size}", image=crop.out(0), upscale_method="lanczos",
+                 width=base.size, height=base.size, crop="center")
     g.add("SaveImage", title="Held-out image", images=held.out(0), filename_prefix="rectifier/held_out")
     return held
 
@@ -76,17 +81,18 @@ def rectifier_sample_back(g: Graph, model, ckpt: Node, empty: Node, inversion: N
     g.add("SaveImage", title=title, images=dec.out(0), filename_prefix=prefix)
 
 
-def rectifier_reconstruct() -> Graph:
-    g = Graph("rectifier_reconstruct")
-    g.note(RECTIFIER_NOTE + "\n\nThis graph: reconstruction training (5,000 steps, batch 8) on the left part of the "
+def rectifier_reconstruct(base: Base = SD15) -> Graph:
+    g = Graph("rectifier_reconstruct" + base.suffix)
+    g.note(rectifier_note(base) + "\n\nThis graph: reconstruction training (5,000 steps, batch 8) on the left part of the "
            "photo, saved as rectifier/recon_*.safetensors (rectifier_edit loads it); then the held-out right part "
            "reconstructed: inverted and sampled back by the rectified MODEL (a DDIM round trip is faithful when one "
            "model runs both halves; the rectifier makes that model better on the image), next to the plain model's "
-           "own round trip.")
-    ckpt, empty = rectifier_inputs(g)
+           "own round trip." + ("" if base is SD15 else " On SDXL the rectifier modulates the 33 convolutions of "
+                                "the middle and output blocks (SD 1.5: 43)." + SDXL_NOTE))
+    ckpt, empty = rectifier_inputs(g, base)
     photo = rectifier_photo(g)
-    held = rectifier_held_out(g, photo)
-    images = rectifier_training_set(g, photo)
+    held = rectifier_held_out(g, photo, base)
+    images = rectifier_training_set(g, photo, base)
     g.stage("1. Train (eq. 3)", columns=2)
     train = g.add("SIE_TrainRectifier", model=ckpt.out(0), vae=ckpt.out(2), images=images.out(0), mode="recon",
                   steps=5000, lr=0.001, seed=0, conditioning=empty.out(0), batch=8, estimate="base",
@@ -107,7 +113,7 @@ def rectifier_reconstruct() -> Graph:
 
 def rectifier_edit() -> Graph:
     g = Graph("rectifier_edit")
-    g.note(RECTIFIER_NOTE + "\n\nThis graph: editing training (Alg. 1) continued from a saved reconstruction "
+    g.note(rectifier_note(SD15) + "\n\nThis graph: editing training (Alg. 1) continued from a saved reconstruction "
            "rectifier (run rectifier_reconstruct first; Load Rectifier picks its file): directional CLIP loss from "
            "the source to the target text + L1 to the original, on x0_hat (clipped to the latent range) from each "
            "step of the original trajectory (200 steps, lr 1e-3 x 0.9 every 10 steps; the paper lowers the decay "
@@ -155,4 +161,8 @@ def rectifier_edit() -> Graph:
     return g
 
 
-GRAPHS = [rectifier_reconstruct, rectifier_edit]
+def rectifier_reconstruct_sdxl() -> Graph:
+    return rectifier_reconstruct(SDXL)
+
+
+GRAPHS = [rectifier_reconstruct, rectifier_edit, rectifier_reconstruct_sdxl]

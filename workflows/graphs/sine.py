@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .builder import Graph, Node
+from .builder import SD15, SDXL, SDXL_NOTE, Base, Graph, Node
 
 SINE_NOTE = ("SINE (Zhang et al., CVPR 2023): fine-tune SD on ONE image, then edit it with model-based guidance "
              "(eq. 3): for t > K the fine-tuned model's prediction at the fine-tune prompt c^ is mixed into the "
              "pretrained model's, w (v e(z_t, c) + (1 - v) e^(z_t, c^)) + (1 - w) e(z_t); plain CFG for t <= K.\n\n")
-SINE_FILES = ("\n\nFiles: an SD 1.x checkpoint in ComfyUI/models/checkpoints (v1-5-pruned-emaonly.safetensors here); the "
+SINE_FILES = ("\n\nFiles: {what} in ComfyUI/models/checkpoints ({ckpt} here); the "
               "photo in ComfyUI/input (coffee_250x200.png here, bundled with the pack in core/sinddm/data (CC0), or "
               "your own). Save SINE writes the fine-tune to ComfyUI/models/single_image_edit/sine (reload it with "
               "SINE: Load Fine-Tuned Model, which also gives back the c^ training used); images go to "
@@ -15,11 +15,16 @@ SINE_FILES = ("\n\nFiles: an SD 1.x checkpoint in ComfyUI/models/checkpoints (v1
               "the conditioning training uses and the guider's c^ all read it.")
 
 
-def sine_inputs(g: Graph, image: str = "coffee_250x200.png"):
+def sine_files(base: Base = SD15) -> str:
+    return SINE_FILES.format(what=base.what, ckpt=base.ckpt)
+
+
+def sine_inputs(g: Graph, image: str = "coffee_250x200.png", base: Base = SD15):
     g.stage("Inputs: model and photo", columns=1)
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=base.ckpt)
     img = g.add("LoadImage", image=image)
-    scaled = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=512, height=512, crop="center")
+    scaled = g.add("ImageScale", image=img.out(0), upscale_method="lanczos", width=base.size, height=base.size,
+                   crop="center")
     return ckpt, scaled
 
 
@@ -54,16 +59,18 @@ def sine_sample(g: Graph, ckpt: Node, guider: Node, width: int, height: int, pre
     g.add("SaveImage", title=title, images=dec.out(0), filename_prefix=prefix)
 
 
-def sine_edit() -> Graph:
-    g = Graph("sine_edit")
-    g.note(SINE_NOTE + "This graph: the paper's setting without patches: fine-tune on the 512x512 photo for 800 "
-           "steps (lora here; the paper's full fine-tune: mode full, AdamW lr 1e-6), then DDIM 100 steps, cfg 7.5, "
-           "v 0.7, K 400 at 512x512. The sweep renders a K x v grid from one noise (Figs. 7, 8, 19-21) so you can "
+def sine_edit(base: Base = SD15) -> Graph:
+    g = Graph("sine_edit" + base.suffix)
+    n = base.size
+    g.note(SINE_NOTE + f"This graph: the paper's setting without patches: fine-tune on the {n}x{n} photo for 800 "
+           f"steps (lora here; the paper's full fine-tune: mode full, AdamW lr 1e-6), then DDIM 100 steps, cfg 7.5, "
+           f"v 0.7, K 400 at {n}x{n}. The sweep renders a K x v grid from one noise (Figs. 7, 8, 19-21) so you can "
            "pick the trade-off by eye. Save SINE keeps the fine-tune (LoRA + prompt) for SINE: Load Fine-Tuned "
-           "Model.\n\nThe official code also trains the text encoder, every parameter of it: turn "
+           "Model.\n\n" + ("The official code also trains the text encoder, every parameter of it: turn "
            "train_text_encoder on in the recipe (text_encoder_mode full, lr 1e-6; the fine-tune node's clip output "
-           "then carries it)." + SINE_FILES)
-    ckpt, image = sine_inputs(g)
+           "then carries it)." if base is SD15 else "On SDXL the first block's 320 channels take F(v) as on SD 1.x, "
+           "and train_text_encoder stays off.") + sine_files(base) + ("" if base is SD15 else SDXL_NOTE))
+    ckpt, image = sine_inputs(g, base=base)
     g.stage("1. Fine-tune on the photo", columns=2)
     ft, c_hat = sine_finetune(g, ckpt, image, "a photo of a sks cup", False, 800, "whole image", "sine/edit")
     g.stage("2. Edit with model-based guidance", columns=3)
@@ -71,9 +78,9 @@ def sine_edit() -> Graph:
     negative = g.add("CLIPTextEncode", title="Negative (empty)", clip=ckpt.out(1), text="")
     guider = g.add("SIE_ModelGuidance", model=ckpt.out(0), finetuned_model=ft.out(0), positive=target.out(0),
                    finetune_positive=c_hat.out(0), negative=negative.out(0), cfg=7.5, v=0.7, K=400)
-    sine_sample(g, ckpt, guider, 512, 512, "sine/edit", "Edited image (v 0.7, K 400)")
+    sine_sample(g, ckpt, guider, n, n, "sine/edit", "Edited image (v 0.7, K 400)")
     g.stage("3. K x v sweep, one noise", columns=3)
-    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    empty = g.add("EmptyLatentImage", width=n, height=n, batch_size=1)
     sweep = g.add("SIE_GuidanceSweep", model=ckpt.out(0), finetuned_model=ft.out(0), positive=target.out(0),
                   finetune_positive=c_hat.out(0), negative=negative.out(0), latent_image=empty.out(0),
                   K_values="200, 400, 600", v_values="0.5, 0.7, 0.9", seed=0, steps=100, cfg=7.5, sampler_name="ddim",
@@ -90,7 +97,7 @@ def sine_any_resolution() -> Graph:
            "resized to 1024x1024 (sides 10-100%, resized to 512), each with its positional map F(v). The fine-tuned "
            "MODEL carries F(v) of the whole grid, resized to any latent size, so the edit can be rendered at other "
            "resolutions and aspect ratios than the 512x512 source: here 1024x768 and 1024x512 (width x height; the "
-           "paper's Figs. 4 and 13-18). The pretrained branch sees no map, as in the official code." + SINE_FILES)
+           "paper's Figs. 4 and 13-18). The pretrained branch sees no map, as in the official code." + sine_files())
     ckpt, image = sine_inputs(g)
     g.stage("1. Fine-tune on patches", columns=2)
     ft, c_hat = sine_finetune(g, ckpt, image, "a photo of a sks cup", True, 10000, "patches", "sine/patches")
@@ -115,7 +122,7 @@ def sine_multi_model() -> Graph:
            "with its own weight and K: chain SINE: Add Fine-Tuned Model nodes into more_models.\n\nThe style "
            "painting is generated in the graph by the pretrained model (an expressionist oil painting: no image "
            "file needed); to use your own painting, put it in ComfyUI/input and feed a Load Image node into the "
-           "style fine-tune's ImageScale instead." + SINE_FILES)
+           "style fine-tune's ImageScale instead." + sine_files())
     ckpt, image = sine_inputs(g)
     g.stage("Style painting, generated", columns=2)
     painting = g.add("CLIPTextEncode", title="Painting text", clip=ckpt.out(1),
@@ -146,4 +153,8 @@ def sine_multi_model() -> Graph:
     return g
 
 
-GRAPHS = [sine_edit, sine_any_resolution, sine_multi_model]
+def sine_edit_sdxl() -> Graph:
+    return sine_edit(SDXL)
+
+
+GRAPHS = [sine_edit, sine_any_resolution, sine_multi_model, sine_edit_sdxl]
