@@ -148,6 +148,51 @@ def random_sd15(device="cpu", dtype=None, seed: int = 0):
     return DiffusersSD(unet=mods[0], vae=mods[1], text_encoder=mods[2], tokenizer=load_clip_tokenizer(None))
 
 
+def random_sdxl(device="cpu", dtype=None, seed: int = 0):
+    """SDXL base (UNet 2.57 B, VAE, CLIP-L and OpenCLIP-G text encoders) with random weights, as a
+    ``DiffusersSDXL``, built on ``device`` from the shipped configs; ``dtype`` as :func:`core.sd.load_sdxl`
+    (float16 on CUDA with the VAE kept in float32, float32 on the CPU)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from core.sd.backend import DiffusersSDXL
+    from core.sd.loader import XL_CONFIG_DIR, build_modules, read_config, vae_dtype_for
+    from core.sd.tokenizer import load_clip_tokenizer
+
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(seed)
+    unet, vae, text = build_modules(read_config("unet", XL_CONFIG_DIR), read_config("vae", XL_CONFIG_DIR),
+                                    read_config("text_encoder", XL_CONFIG_DIR), device)
+    t2 = {k: v for k, v in read_config("text_encoder_2", XL_CONFIG_DIR).items() if not k.startswith("_")}
+    with torch.device(device):
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**t2))
+    mods = [m.to(dt).eval().requires_grad_(False) for m, dt in
+            ((unet, dtype), (vae, vae_dtype_for(dtype)), (text, dtype), (text_2, dtype))]
+    return DiffusersSDXL(unet=mods[0], vae=mods[1], text_encoder=mods[2], tokenizer=load_clip_tokenizer(None),
+                         text_encoder_2=mods[3], tokenizer_2=load_clip_tokenizer(None, pad_token="!"))
+
+
+def tiny_sdxl(device="cpu", dtype=None):
+    """The tests' tiny SDXL-shaped model, loaded through the real single-file loader."""
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from core.sd.loader import load_sdxl
+    from tiny_sd import build_tiny_xl, write_config_dir_xl, write_single_file_xl
+
+    d = Path(tempfile.mkdtemp(prefix="sie_tiny_sdxl_"))
+    mods = build_tiny_xl(0)
+    return load_sdxl(write_single_file_xl(d / "tiny_xl.safetensors", *mods), device=device,
+                     dtype=dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32),
+                     config_dir=write_config_dir_xl(d / "cfg", *mods))
+
+
 # google/ddpm-celebahq-256 (UNet2DModel, 113.7 M parameters), from its published config
 # (/work/shared/reference/pixel-ddpm.md); the church and bedroom 256 models share it.
 CELEBAHQ_256 = dict(

@@ -23,6 +23,7 @@ EXPECTED = {
                "paper's training, projected", "one sample, full size"],
     "Imagic": ["embedding step", "LoRA fine-tune step", "full fine-tune step", "DDIM + CFG step",
                "whole edit, lora r8", "whole edit, full"],
+    "Imagic SDXL": ["embedding step", "LoRA fine-tune step", "DDIM + CFG step", "whole edit, lora r8"],
     "engine": ["eps call, plain model", "eps call, base in views()", "eps call, LoRA view",
                "eps calls, base + view alternating", "view switch cost", "DDIM + CFG step (base only)",
                "DDIM step, SINE guidance with a LoRA view"],
@@ -79,6 +80,14 @@ def test_dry_run_records_where_the_numbers_come_from(dry_run):
     assert data["machine"] and data["date"] and data["torch"]
     assert data["command"].startswith("python benchmarks/gpu_suite.py --dry-run")
     assert set(data["suite_seconds"]) >= {"sinddm", "imagic", "engine", "rectifier", "total"}
+
+
+def test_dry_run_sdxl_records_issue_21_targets_without_verdicts(dry_run):
+    _, data = dry_run
+    t = data["imagic_sdxl"]["targets"]
+    assert t["applies"] is False and "tiny SDXL" in data["imagic_sdxl"]["model"]
+    assert abs(t["lora_step_peak_gib"]["target"] * 2**30 - 16e9) < 1 and t["whole_lora_edit_min"]["target"] == 3.0
+    assert all("met" not in t[k] and t[k]["measured"] > 0 for k in ("lora_step_peak_gib", "whole_lora_edit_min"))
 
 
 def test_dry_run_rectifier_records_targets_without_verdicts(dry_run):
