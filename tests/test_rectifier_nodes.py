@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_sine_nodes import SD15, SDXL, fake_model
+from test_sine_nodes import SD15, SDXLRefiner, fake_model
 
 from helpers import load_pack
 
@@ -83,7 +83,7 @@ def test_train_rectifier_names_each_bad_input():
     run = N["SIE_TrainRectifier"].execute
     model, image = sd_model(), torch.rand(2, 64, 64, 3)
     clip = SimpleNamespace(model=torch.nn.Linear(1, 1), encode_image=lambda x: x)
-    assert named(lambda: run(fake_model(SDXL), None, image, "recon", 1, 1e-3, 0)) == "model"
+    assert named(lambda: run(fake_model(SDXLRefiner), None, image, "recon", 1, 1e-3, 0)) == "model"
     assert named(lambda: run(model, None, image, "invert", 1, 1e-3, 0)) == "mode"
     assert named(lambda: run(model, None, image, "recon", 0, 1e-3, 0)) == "steps"
     assert named(lambda: run(model, None, image, "recon", 1, 0.0, 0)) == "lr"
@@ -122,7 +122,7 @@ def test_training_memory_check_blames_batch_or_images():
 def test_apply_rectifier_names_each_bad_input():
     run = N["SIE_ApplyRectifier"].execute
     model, rect, image = sd_model(), tiny_rectifier(), torch.rand(1, 64, 64, 3)
-    assert named(lambda: run(fake_model(SDXL), rect, image, 1.0, None)) == "model"
+    assert named(lambda: run(fake_model(SDXLRefiner), rect, image, 1.0, None)) == "model"
     assert named(lambda: run(model, "rectifier", image, 1.0, None)) == "rectifier"
     assert named(lambda: run(model, tiny_rectifier(channels=3, backbone="pixel"), image, 1.0, None)) == "rectifier"
     assert named(lambda: run(sd_model(layers=(("output_blocks.1.0.in_layers.2.weight", (8, 8, 3, 3)),)), rect, image,
@@ -295,7 +295,7 @@ def test_ddim_inversion_node_schema_and_bad_inputs():
     assert "SamplerCustom" in cls.DESCRIPTION and "undo the edit" in cls.DESCRIPTION  # which model inverts, why
     run = cls.execute
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    assert named(lambda: run(fake_model(SDXL), [], latent, 10)) == "model"
+    assert named(lambda: run(fake_model(SDXLRefiner), [], latent, 10)) == "model"
     assert named(lambda: run(sd_model(), [], {"samples": torch.zeros(4, 8, 8)}, 10)) == "latent"
     assert named(lambda: run(sd_model(), [], "a latent", 10)) == "latent"
     assert named(lambda: run(sd_model(), [], latent, 0)) == "steps"

@@ -23,6 +23,10 @@ class SDXL:
     unet_config = {"context_dim": 2048, "in_channels": 4, "adm_in_channels": 2816, "model_channels": 320}
 
 
+class SDXLRefiner:  # a family the nodes refuse (SDXL itself is served)
+    unet_config = {"context_dim": 1280, "in_channels": 4, "adm_in_channels": 2560, "model_channels": 384}
+
+
 def fake_model(config, family: str = "a"):
     m = SimpleNamespace(model=SimpleNamespace(model_config=config(), model_type=SimpleNamespace(name="EPS")),
                         model_options={}, patches={}, family=family)
@@ -38,7 +42,7 @@ def named(call) -> str:
 
 
 def test_positional_map_is_refused_on_a_model_that_is_not_sd1():
-    assert named(lambda: N["SIE_PositionalMap"].execute(fake_model(SDXL), "bilinear")) == "model"
+    assert named(lambda: N["SIE_PositionalMap"].execute(fake_model(SDXLRefiner), "bilinear")) == "model"
     assert named(lambda: N["SIE_PositionalMap"].execute("not a model", "bilinear")) == "model"
     assert named(lambda: N["SIE_PositionalMap"].execute(fake_model(SD15), "bicubic")) == "mode"
 
