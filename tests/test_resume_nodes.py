@@ -155,7 +155,7 @@ def test_the_shared_training_nodes_hand_the_recipe_a_plan_and_vae_decoded_previe
         return torch.nn.functional.interpolate(x0[:, :3].sigmoid(), scale_factor=8)
 
     monkeypatch.setattr(bridge, "ComfySD", lambda model, clip=None, vae=None: SimpleNamespace(
-        context_dim=768, model=model, clip=clip, vae=vae, decode=decode))
+        context_dim=768, pooled_dim=0, model=model, clip=clip, vae=vae, decode=decode))
     model, image, cond = fake_model(SD15), torch.rand(1, 64, 48, 3), [[torch.randn(1, 77, 768), {}]]
     kept = folder / "toy" / "toy_finetune_0123abcd_step0000010.safetensors"
     kept.parent.mkdir(parents=True)

@@ -65,7 +65,7 @@ def bridged(monkeypatch):
     bridge = sys.modules[PACK.__name__ + ".nodes.comfy_bridge"]
     calls = {"memory": [], "applied": []}
     monkeypatch.setattr(bridge, "ComfySD", lambda model, clip=None, vae=None: SimpleNamespace(
-        context_dim=768, model=model, clip=clip, vae=vae))
+        context_dim=768, pooled_dim=0, model=model, clip=clip, vae=vae))
     monkeypatch.setattr(bridge, "Progress", lambda steps: SimpleNamespace(steps=steps, should_stop=lambda: False))
     monkeypatch.setattr(bridge, "torch_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(bridge, "free_memory", lambda: None)
