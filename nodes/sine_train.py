@@ -106,6 +106,25 @@ def apply_sine(model, clip, result: SineFineTuneResult, strength: float = 1.0):
                                                       bool(result.text_delta), input_map), strength)
 
 
+FAMILY_BY_WIDTH = {768: "SD 1.x", 2048: "SDXL"}  # the text conditioning's width
+
+
+def check_family(result: SineFineTuneResult, model) -> None:
+    """A file's recorded c^ must fit the MODEL (an SD 1.x file on an SDXL MODEL, or the reverse, named here
+    rather than failing inside ComfyUI's sampling or loading the LoRA keys that fit and dropping the rest)."""
+    if result.c_hat is None:
+        return
+    width = bridge.ComfySD(model).context_dim
+    got = int(result.c_hat.shape[-1])
+    if got != width:
+        def family(w):
+            return f"an {FAMILY_BY_WIDTH[w]} model" if w in FAMILY_BY_WIDTH else "another model"
+
+        raise NodeInputError("sine_name", f"this file was fine-tuned on {family(got)} (its c^ is {got} wide) and the "
+                                          f"MODEL is {family(width)} ({width} wide)",
+                             "load it onto the checkpoint it was fine-tuned from")
+
+
 class SaveSine(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -176,6 +195,7 @@ class LoadSine(io.ComfyNode):
             result, prompt = load_sine(bridge.model_path(FOLDER, sine_name))
         except (FileNotFoundError, ArtifactError) as e:
             raise NodeInputError("sine_name", str(e), "pick a file written by SINE: Save Fine-Tuned Model") from None
+        check_family(result, model)
         m, c = apply_sine(model, clip, result, float(strength))
         if result.c_hat is not None and not result.text_delta:  # the conditioning training used, as recorded
             cond = to_conditioning(result.c_hat, model)

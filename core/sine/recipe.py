@@ -74,6 +74,10 @@ class SineRecipe:
 
     def finetune(self, r: StageRequest) -> FineTuneOutcome:
         self.check("finetune", {**r.extra, "clip": True if r.text_encoder else None})
+        if self.train_text_encoder and getattr(r.model, "pooled_dim", 0):
+            raise RecipeInputError("train_text_encoder", "the pack trains SD 1.x's text encoder, not SDXL's two "
+                                   "(this MODEL is SDXL)", "turn train_text_encoder off on SINE: Fine-Tune Recipe: "
+                                   "the UNet is fine-tuned alone")
         config = SineFineTuneConfig(mode=r.mode, steps=int(r.steps), lr=r.lr,
                                     lora=LoRAConfig(rank=int(r.rank), alpha=float(r.rank)), patches=self.patches,
                                     whole_fraction=self.whole_fraction if self.patches else None,
