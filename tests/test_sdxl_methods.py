@@ -63,6 +63,7 @@ from core.sine import (  # noqa: E402
 from core.sine.patches import PatchSampler  # noqa: E402
 from helpers import ROOT  # noqa: E402
 from tiny_sd import TINY_XL_POOLED, tiny_sdxl_model  # noqa: E402
+from test_rectifier_core import perturbed  # noqa: E402  (the A heads made nonzero, one definition)
 
 P = TINY_XL_POOLED  # the pooled vector's width (24); the context is 77 tokens of 64
 IMAGE = ROOT / "core/sinddm/data/coffee_128x100.png"
@@ -472,17 +473,6 @@ def test_layerdiffusion_iterative_guidance_on_sdxl_uses_e_a_exactly_on_the_chose
 
 
 # ===================================================================================== rectifier
-def perturbed(rectifier, seed=0, scale=0.05):
-    """A copy whose A heads are no longer zero (Delta != 0)."""
-    r = copy.deepcopy(rectifier)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for b in r.branches:
-            b.head_a.weight.copy_(torch.randn(b.head_a.weight.shape, generator=g) * scale * 0.1)
-            b.head_a.bias.copy_(torch.randn(b.head_a.bias.shape, generator=g) * scale)
-    return r
-
-
 def test_rectifier_modulated_layers_on_full_size_sdxl(real_sdxl, xl):
     """SDXL: 33 kernels (middle 4; output blocks 18 ResNet convs, 9 skips, 2 up-samplers), the SD 1.5 rule
     (43 kernels there) on SDXL's three levels; no attention projection, not the final conv.  The tiny SDXL: 23."""

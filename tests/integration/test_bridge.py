@@ -22,15 +22,21 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
 
 
-def random_sd15() -> Path:
-    """The random-weight SD 1.5 checkpoint, built once with ComfyUI's classes and cached."""
+def random_checkpoint(name: str, builder: str, timeout: float = 900) -> Path:
+    """A random-weight checkpoint ``name`` in the test cache, built once by ``builder`` (a script in
+    tests/integration run with ComfyUI's Python: it uses ComfyUI's own classes)."""
     cache = Path(os.environ.get("SIE_TEST_CACHE", Path.home() / ".cache" / "comfyui-single-image-edit"))
-    path = cache / "random_sd15.safetensors"
+    path = cache / name
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(comfyui_python(comfyui_dir())), str(REPO / "tests/integration/make_random_sd15.py"),
-                        str(path), "--comfyui", str(comfyui_dir())], check=True, timeout=900)
+        subprocess.run([str(comfyui_python(comfyui_dir())), str(REPO / "tests/integration" / builder),
+                        str(path), "--comfyui", str(comfyui_dir())], check=True, timeout=timeout)
     return path
+
+
+def random_sd15() -> Path:
+    """The random-weight SD 1.5 checkpoint, built once with ComfyUI's classes and cached."""
+    return random_checkpoint("random_sd15.safetensors", "make_random_sd15.py")
 
 
 SCRIPT = textwrap.dedent("""

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from comfy_server import REPO, comfyui_dir, comfyui_python, run_in_comfyui, skip_reason
+from comfy_server import run_in_comfyui, skip_reason
+from test_bridge import random_checkpoint
 
 SDXL_REASON = None if os.environ.get("SIE_SDXL") == "1" else (
     "heavy SDXL checks (a 6.9 GB random SDXL, ~16 GB of memory): run by hand with SIE_SDXL=1")
@@ -35,13 +35,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.sdxl,
 
 def random_sdxl() -> Path:
     """The random-weight SDXL checkpoint, built once with ComfyUI's classes and cached."""
-    cache = Path(os.environ.get("SIE_TEST_CACHE", Path.home() / ".cache" / "comfyui-single-image-edit"))
-    path = cache / "random_sdxl.safetensors"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(comfyui_python(comfyui_dir())), str(REPO / "tests/integration/make_random_sdxl.py"),
-                        str(path), "--comfyui", str(comfyui_dir())], check=True, timeout=1800)
-    return path
+    return random_checkpoint("random_sdxl.safetensors", "make_random_sdxl.py", timeout=1800)
 
 
 INPUTS = """
