@@ -26,7 +26,7 @@ import torch
 
 from ..core.fit import pace_text
 from ..core.images import tensor_to_pil
-from .comfy_views import ComfySD  # noqa: F401  (re-exported: the seam over MODEL / CLIP / VAE)
+from .comfy_views import ComfySD, context_dim  # noqa: F401  (re-exported: the seam over MODEL / CLIP / VAE)
 
 # folder_paths name -> (sub-folder of ComfyUI's models dir, accepted extensions)
 MODEL_FOLDERS = {

@@ -234,6 +234,11 @@ SDXL_ADM = 2816  # SDXL's added conditioning: the 1280-wide pooled vector and si
 SDXL_POOLED = 1280
 
 
+def context_dim(model) -> int:
+    """The width of a MODEL's text conditioning (768 on SD 1.x, 2048 on SDXL; 0 when it has none)."""
+    return int(model.model.model_config.unet_config.get("context_dim") or 0)
+
+
 class ComfySD:
     """:class:`core.seam.LatentDiffusion` over a ComfyUI MODEL (ModelPatcher), CLIP and VAE.
 
@@ -271,7 +276,7 @@ class ComfySD:
 
     @property
     def context_dim(self) -> int:
-        return int(self.model.model.model_config.unet_config.get("context_dim") or 0)
+        return context_dim(self.model)
 
     @property
     def pooled_dim(self) -> int:

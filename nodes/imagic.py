@@ -187,7 +187,7 @@ class LoadTrained(io.ComfyNode):
                         "LoRA would) and returns its embedding as CONDITIONING, so an edit can be resampled "
                         "without training.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD 1.x MODEL the delta was trained on."),
+                io.Model.Input("model", tooltip="The SD 1.x or SDXL MODEL the delta was trained on."),
                 io.Combo.Input("trained_name", options=bridge.list_models("sie_trained"),
                                tooltip="A file from Save Trained."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,

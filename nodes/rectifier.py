@@ -109,7 +109,7 @@ def check_rectifier(rectifier, model, name: str = "rectifier") -> TrainedRectifi
     try:
         check_fits(rectifier.net, unet_parameters(model))
     except ValueError as e:
-        raise NodeInputError(name, str(e), "use a rectifier trained on this MODEL's architecture (SD 1.x), or "
+        raise NodeInputError(name, str(e), "use a rectifier trained on this MODEL's architecture (SD 1.x or SDXL), or "
                                            "train one with Train Rectifier") from None
     return rectifier
 
@@ -215,12 +215,13 @@ class TrainRectifier(io.ComfyNode):
                         "steps); continue from a reconstruction rectifier through the 'rectifier' input, as the "
                         "paper does. The paper uses about 100 images per attribute.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD 1.x MODEL; frozen (not modified)."),
+                io.Model.Input("model", tooltip="An SD 1.x or SDXL MODEL; frozen (not modified)."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint: encodes the training images once (and "
                                             "decodes x0_hat for CLIP in edit mode)."),
                 io.Image.Input("images",
                                tooltip="The training set, a batch of images of one domain (the paper: about 100 "
-                                       "per attribute), at least 64 px, sides multiples of 8 (SD 1.x: 512x512)."),
+                                       "per attribute), at least 64 px, sides multiples of 8 (SD 1.x: 512x512, SDXL: "
+                                       "1024x1024)."),
                 io.Combo.Input("mode", options=list(MODES), default="recon",
                                tooltip="recon: reconstruction training (eq. 3). edit: editing training (Alg. 1), "
                                        "needs open_clip and target_text; continue from a recon rectifier."),
@@ -449,7 +450,8 @@ class ApplyRectifier(io.ComfyNode):
                         "< 1, the paper's image-to-image translation). Costs one extra UNet pass per call (none "
                         "with estimate = modulated).",
             inputs=[
-                io.Model.Input("model", tooltip="The SD 1.x MODEL the rectifier was trained on (not modified)."),
+                io.Model.Input("model",
+                               tooltip="The SD 1.x or SDXL MODEL the rectifier was trained on (not modified)."),
                 io.Custom(RECTIFIER).Input("rectifier", tooltip="From Train Rectifier or Load Rectifier."),
                 io.Image.Input("image",
                                tooltip="The reference x_0 (the image to reconstruct or edit): one image for every "

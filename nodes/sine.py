@@ -61,7 +61,7 @@ class PositionalMapNode(io.ComfyNode):
                         "with the map: the whole 128x128 grid is resized to the latent size, so any resolution "
                         "and aspect ratio works.",
             inputs=[
-                io.Model.Input("model", tooltip="The patch-trained (fine-tuned) SD 1.x MODEL."),
+                io.Model.Input("model", tooltip="The patch-trained (fine-tuned) SD 1.x or SDXL MODEL."),
                 io.Combo.Input("mode", options=["bilinear", "nearest"], default="bilinear",
                                tooltip="How the grid is resized to the latent size (the official code: bilinear, "
                                        "align_corners=True)."),
@@ -152,7 +152,7 @@ class ModelGuidance(io.ComfyNode):
                         "K_i: u + w((1 - sum b_i) c + sum b_i c^_i - u) over the models with t > K_i. The first "
                         "model gets 1 - v - the others' weights.",
             inputs=[
-                io.Model.Input("model", tooltip="The pretrained SD 1.x MODEL."),
+                io.Model.Input("model", tooltip="The pretrained SD 1.x or SDXL MODEL."),
                 io.Model.Input("finetuned_model",
                                tooltip="The fine-tuned MODEL (a patched clone of the pretrained one); through "
                                        "SINE: Positional Map if it was trained on patches."),
@@ -331,7 +331,7 @@ class GuidanceSweep(io.ComfyNode):
                         "v, low K) and to the edit text can be picked by eye. Uses ComfyUI's samplers (any of "
                         "them: eq. 3 depends only on t).",
             inputs=[
-                io.Model.Input("model", tooltip="The pretrained SD 1.x MODEL."),
+                io.Model.Input("model", tooltip="The pretrained SD 1.x or SDXL MODEL."),
                 io.Model.Input("finetuned_model",
                                tooltip="The fine-tuned MODEL (through SINE: Positional Map if it was trained on "
                                        "patches)."),

@@ -114,7 +114,7 @@ def check_family(result: SineFineTuneResult, model) -> None:
     rather than failing inside ComfyUI's sampling or loading the LoRA keys that fit and dropping the rest)."""
     if result.c_hat is None:
         return
-    width = bridge.ComfySD(model).context_dim
+    width = bridge.context_dim(model)
     got = int(result.c_hat.shape[-1])
     if got != width:
         def family(w):
@@ -158,12 +158,12 @@ class LoadSine(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SIE_LoadSine", display_name="SINE: Load Fine-Tuned Model", category=CATEGORY,
-            description="Loads a file written by SINE: Save Fine-Tuned Model onto the same SD 1.x MODEL and "
-                        "CLIP, so an edit can be resampled without training. The positional map is applied when "
+            description="Loads a file written by SINE: Save Fine-Tuned Model onto the same SD 1.x or SDXL MODEL "
+                        "and CLIP, so an edit can be resampled without training. The positional map is applied when "
                         "the file says the model was trained on patches.",
             inputs=[
                 io.Model.Input("model",
-                               tooltip="The pretrained SD 1.x MODEL the file was trained on (not modified)."),
+                               tooltip="The pretrained SD 1.x or SDXL MODEL the file was trained on (not modified)."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP (not modified)."),
                 io.Combo.Input("sine_name", options=bridge.list_models(FOLDER),
                                tooltip="A file from SINE: Save Fine-Tuned Model."),

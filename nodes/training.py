@@ -240,14 +240,15 @@ def check_memory(model, image, mode: str, device, gradient_checkpointing: bool, 
 
 
 def check_clip(clip, name: str = "clip"):
-    """A connected CLIP must be an SD 1.x CLIP (its text encoder may be trained); None stays None."""
+    """A connected CLIP must carry SD's clip_l text encoder (SD 1.x's, trainable, or SDXL's first); None stays
+    None."""
     if clip is None:
         return None
     if not hasattr(clip, "cond_stage_model") or not hasattr(clip, "clone"):
         raise NodeInputError(name, f"expected a CLIP, got {type(clip).__name__}", "connect the checkpoint's CLIP")
     if not text_keys(clip):
-        raise NodeInputError(name, "this is not an SD 1.x CLIP (no clip_l text encoder)",
-                             "connect the CLIP of the same SD 1.x checkpoint")
+        raise NodeInputError(name, "this is not an SD 1.x or SDXL CLIP (no clip_l text encoder)",
+                             "connect the CLIP of the checkpoint the MODEL comes from")
     return clip
 
 
@@ -302,11 +303,13 @@ class OptimizeEmbedding(io.ComfyNode):
                         "text's e_a and the background text's e_b optimised jointly under the image's object "
                         "mask (paper: Adam lr 1e-3, 500 steps).",
             inputs=[
-                io.Model.Input("model", tooltip="An SD 1.x MODEL (frozen here)."),
+                io.Model.Input("model", tooltip="An SD 1.x or SDXL MODEL (frozen here)."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the image once."),
                 io.Image.Input("image",
                                tooltip="The image to edit; only the first image of a batch is used (SD 1.x works "
-                                       "best at 512x512)."),
+                                       "best at 512x512, SDXL at 1024x1024). On SDXL the size conditioning is "
+                                       "the image's own: size = target = (height, width), crop (0, 0), what "
+                                       "KSampler gives the output CONDITIONING (its size keys are dropped)."),
                 io.Conditioning.Input("conditioning",
                                       tooltip="The target text, encoded (CLIP Text Encode): e_tgt. Only the first "
                                               "conditioning entry is used."),
@@ -401,11 +404,12 @@ class FineTune(io.ComfyNode):
                         "guiders. steps 0 (the default) trains the recipe's step count; a number set on the node "
                         "is used as it is.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD 1.x MODEL (not modified)."),
+                io.Model.Input("model", tooltip="An SD 1.x or SDXL MODEL (not modified)."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint."),
                 io.Image.Input("image",
                                tooltip="The image to edit (the same as for the embedding); only the first image "
-                                       "of a batch is used."),
+                                       "of a batch is used. On SDXL the size conditioning is the training "
+                                       "size's own (size = target, crop (0, 0)), as KSampler computes it."),
                 io.Conditioning.Input("conditioning",
                                       tooltip="e_opt from Imagic: Optimize Text Embedding (only its first entry "
                                               "is used)."),

@@ -98,3 +98,54 @@ def test_add_fine_tuned_model_chains_and_checks_its_inputs():
     # v = 0.7 leaves 0.3 to share: 0.2 + 0.1 chained is all of it, more is refused
     assert named(lambda: run(base, same, [], [], [], 7.5, 0.7, 400, None, None, 0.0,
                              add(same, [], 0.2, 300, two)[0])) == "more_models"
+
+
+def test_sine_recipe_refuses_training_sdxls_text_encoders_before_it_trains(monkeypatch):
+    """train_text_encoder trains SD 1.x's one CLIP; on SDXL (pooled_dim > 0) the recipe names the input before
+    anything trains, and on SD 1.x it goes on to the fine-tune."""
+    import torch
+
+    recipe_module = sys.modules[PACK.__name__ + ".core.sine.recipe"]
+    recipes = sys.modules[PACK.__name__ + ".core.recipes"]
+    trained = []
+
+    def fake_finetune(*args, **kwargs):
+        trained.append(kwargs.get("prompt"))
+        raise RuntimeError("trained")
+
+    monkeypatch.setattr(recipe_module, "finetune_sine", fake_finetune)
+    recipe = N["SIE_SineRecipe"].execute("a photo of a sks dog", False, True, 0.0, 0.0, 0.0)[0]
+
+    def request(pooled_dim: int):
+        return recipes.StageRequest(SimpleNamespace(pooled_dim=pooled_dim), torch.rand(1, 3, 64, 64),
+                                    torch.zeros(1, 77 + bool(pooled_dim), 2048 if pooled_dim else 768), 2, None, 0,
+                                    torch.device("cpu"), text_encoder=True, extra={"clip": object()})
+
+    with pytest.raises(recipes.RecipeInputError, match="SDXL") as e:
+        recipe.finetune(request(1280))
+    assert e.value.name == "train_text_encoder" and trained == []
+    with pytest.raises(RuntimeError, match="trained"):
+        recipe.finetune(request(0))
+    assert trained == ["a photo of a sks dog"]
+
+
+@pytest.mark.parametrize("trained_on, loaded_on, words", [
+    (SD15, SDXL, ("SD 1.x model (its c^ is 768 wide)", "SDXL model (2048 wide)")),
+    (SDXL, SD15, ("SDXL model (its c^ is 2048 wide)", "SD 1.x model (768 wide)")),
+])
+def test_load_sine_names_a_file_fine_tuned_on_the_other_family(tmp_path, trained_on, loaded_on, words):
+    """Load SINE reads the recorded c^'s width against the MODEL's and names the file before it patches anything
+    (not an unpack_cond failure inside sampling, nor LoRA keys silently dropped)."""
+    import torch
+
+    sine = sys.modules[PACK.__name__ + ".core.sine"]
+    width = trained_on.unet_config["context_dim"]
+    rows = 78 if "adm_in_channels" in trained_on.unet_config else 77  # SDXL's c^ is packed: context + pooled row
+    result = sine.SineFineTuneResult(mode="lora", delta={}, deltas={}, losses=[0.1], terms={}, seconds=0.0,
+                                     trainable_parameters=0, positional=False, c_hat=torch.randn(1, rows, width))
+    path = sine.save_sine(result, "a photo of a sks dog", tmp_path / "sine.safetensors")
+    with pytest.raises(NodeInputError) as e:
+        N["SIE_LoadSine"].execute(fake_model(loaded_on), None, str(path), 1.0)
+    assert e.value.input_name == "sine_name" and all(w in str(e.value) for w in words), str(e.value)
+    check_family = sys.modules[PACK.__name__ + ".nodes.sine_train"].check_family
+    assert check_family(sine.load_sine(path)[0], fake_model(trained_on)) is None  # the right family passes

@@ -7,15 +7,17 @@ Values outside [0, 1] extrapolate; they are allowed (as Imagic's eta), not recom
 **ComfyUI's ConditioningAverage computes exactly this** on the cond tensor when wired as
 ``conditioning_to`` = e^_a, ``conditioning_from`` = e^_b, ``conditioning_to_strength`` = alpha: it
 returns ``t1 * w + t0 * (1.0 - w)`` (``torch.mul`` of the tensor by the Python float, then one
-add; ``nodes.py`` in the ComfyUI checkouts at /work/comfy/old and /work/comfy/new), the same
-float32 operations as :func:`interpolate_layers`, so the two are bit-identical.  Differences that
-do not matter here but should be known: (1) its strength widget is limited to [0, 1]; (2) only the
+add; ``nodes.py`` of ComfyUI 0.3.64 and 0.8.0), the same float32 operations as
+:func:`interpolate_layers`, so the two are bit-identical.  Differences that do not matter here but
+should be known: (1) its strength widget is limited to [0, 1]; (2) only the
 first entry of ``conditioning_from`` is used; (3) ``conditioning_from`` is cut or zero-padded to
 ``conditioning_to``'s token count (this function requires equal shapes instead); (4) the pooled
 output is averaged with the same weights when both conditionings carry one (and copied from
-``conditioning_from`` when only it does).  SD 1.x's UNet never reads the pooled output (no ADM
-input), and stage 1 optimises only the token embeddings, so the pooled outputs the nodes carry
-along (those of T_a and T_b) do not change the result.
+``conditioning_from`` when only it does).  On SD 1.x the UNet never reads the pooled output (no
+ADM input), so the pooled outputs the nodes carry along do not change the result.  On SDXL stage 1
+optimises the packed conditioning (:func:`core.seam.pack_cond`: the context and the pooled vector),
+and ConditioningAverage weighs both parts with alpha, as this function does on the packed tensor;
+the SDXL integration test checks the two agree on the context and on ``pooled_output``.
 """
 
 from __future__ import annotations
