@@ -18,7 +18,10 @@ no-ops or empty lists instead of failing.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -218,12 +221,30 @@ def torch_device() -> torch.device:
 
 
 def free_memory() -> None:
+    """After a training node: empty the GPU cache and hand the freed host heap back to the OS.
+
+    glibc keeps the pages of freed small allocations (autograd's saved tensors on the CPU, optimiser
+    state) in the process, and the next training node's memory check, which reads the free memory,
+    would then refuse; ``malloc_trim(0)`` returns them (on Linux with glibc; a no-op elsewhere).
+    """
     try:
         import comfy.model_management
 
         comfy.model_management.soft_empty_cache()
     except ImportError:
         pass
+    gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> bool:
+    """``malloc_trim(0)``: give memory glibc keeps after frees back to the OS; False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return False
 
 
 # --------------------------------------------------------------------------------------
