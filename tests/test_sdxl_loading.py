@@ -176,9 +176,13 @@ def test_single_file_and_folder_load_to_the_same_model(tiny, model, tmp_path):
 
 def test_fp16_load_keeps_the_vae_in_fp32(tiny, tmp_path):
     write_diffusers_folder_xl(tmp_path / "folder", *tiny)
-    m = load_sdxl(tmp_path / "folder", device="cpu", dtype=torch.float16)
-    assert next(m.unet.parameters()).dtype == torch.float16
-    assert next(m.vae.parameters()).dtype == torch.float32  # SDXL's VAE overflows in fp16
+    write_single_file_xl(tmp_path / "xl.safetensors", *tiny)
+    write_config_dir_xl(tmp_path / "cfg", *tiny)
+    for m in (load_sdxl(tmp_path / "folder", device="cpu", dtype=torch.float16),
+              load_sdxl(tmp_path / "xl.safetensors", device="cpu", dtype=torch.float16, config_dir=tmp_path / "cfg")):
+        assert next(m.unet.parameters()).dtype == torch.float16
+        assert next(m.text_encoder_2.parameters()).dtype == torch.float16
+        assert {p.dtype for p in m.vae.parameters()} == {torch.float32}  # SDXL's VAE overflows in fp16
 
 
 def test_incomplete_and_other_sdxl_models_are_named(tiny, tmp_path):

@@ -102,24 +102,28 @@ def load_single_file_modules(
 
     ``config_dir`` holds unet/vae/text_encoder configs (default: the shipped SD 1.5 ones).
     """
-    from safetensors import safe_open
-
     root = Path(config_dir) if config_dir is not None else CONFIG_DIR
     ucfg, vcfg, tcfg = read_config("unet", root), read_config("vae", root), read_config("text_encoder", root)
-    info = inspect_checkpoint(path)
-    require_sd1(info, context_dim=ucfg["cross_attention_dim"])
-    unet, vae, text = build_modules(ucfg, vcfg, tcfg, "meta")
-    targets = (unet.state_dict().keys(), vae.state_dict().keys(), text.state_dict().keys())
+    require_sd1(inspect_checkpoint(path), context_dim=ucfg["cross_attention_dim"])
+    modules = build_modules(ucfg, vcfg, tcfg, "meta")
+    return _fill(path, "SD 1.x", modules, (dtype,) * 3, to_diffusers, ucfg, vcfg, device)
 
+
+def _fill(path, family: str, modules, dtypes, to_layout, ucfg: dict, vcfg: dict, device) -> tuple:
+    """Load a single file's tensors into ``modules`` (built on the meta device): ``to_layout`` maps the
+    original keys to each module's, a missing tensor is named, shapes are checked, each module gets its dtype."""
+    from safetensors import safe_open
+
+    targets = [m.state_dict().keys() for m in modules]
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        usd, vsd, tsd, missing = to_diffusers(_Lazy(f, f.keys()), *targets, ucfg, vcfg)
+        *sds, missing = to_layout(_Lazy(f, f.keys()), *targets, ucfg, vcfg)
     if missing:
         raise CheckpointError(
-            f"{Path(path).name}: an SD 1.x checkpoint with {len(missing)} tensors missing "
+            f"{Path(path).name}: an {family} checkpoint with {len(missing)} tensors missing "
             f"(first: {', '.join(missing[:3])}). The file is incomplete or was saved by an unusual tool."
         )
-    _assign(((unet, usd, dtype), (vae, vsd, dtype), (text, tsd, dtype)), Path(path).name, "SD 1.x")
-    return unet.to(device).eval(), vae.to(device).eval(), text.to(device).eval()
+    _assign(tuple(zip(modules, sds, dtypes)), Path(path).name, family)
+    return tuple(m.to(device).eval() for m in modules)
 
 
 def _assign(parts, file_name: str, family: str) -> None:
@@ -151,28 +155,17 @@ def load_single_file_modules_xl(path: str | os.PathLike, dtype: torch.dtype = to
     """(unet, vae, text_encoder, text_encoder_2) from an SDXL single-file checkpoint (.safetensors).
 
     ``config_dir`` holds unet/vae/text_encoder/text_encoder_2 configs (default: the shipped SDXL ones)."""
-    from safetensors import safe_open
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     root = Path(config_dir) if config_dir is not None else XL_CONFIG_DIR
     ucfg, vcfg = read_config("unet", root), read_config("vae", root)
     tcfg, t2cfg = read_config("text_encoder", root), read_config("text_encoder_2", root)
-    info = inspect_checkpoint(path)
-    require_sdxl(info, context_dim=ucfg["cross_attention_dim"])
+    require_sdxl(inspect_checkpoint(path), context_dim=ucfg["cross_attention_dim"])
     unet, vae, text = build_modules(ucfg, vcfg, tcfg, "meta")
     with torch.device("meta"):
         text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{k: v for k, v in t2cfg.items() if not k.startswith("_")}))
-    targets = [m.state_dict().keys() for m in (unet, vae, text, text_2)]
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        usd, vsd, tsd, t2sd, missing = to_diffusers_xl(_Lazy(f, f.keys()), *targets, ucfg, vcfg)
-    if missing:
-        raise CheckpointError(
-            f"{Path(path).name}: an SDXL checkpoint with {len(missing)} tensors missing "
-            f"(first: {', '.join(missing[:3])}). The file is incomplete or was saved by an unusual tool."
-        )
-    _assign(((unet, usd, dtype), (vae, vsd, vae_dtype_for(dtype)), (text, tsd, dtype), (text_2, t2sd, dtype)),
-            Path(path).name, "SDXL")
-    return tuple(m.to(device).eval() for m in (unet, vae, text, text_2))
+    return _fill(path, "SDXL", (unet, vae, text, text_2), (dtype, vae_dtype_for(dtype), dtype, dtype),
+                 to_diffusers_xl, ucfg, vcfg, device)
 
 
 def folder_family(folder: str | os.PathLike) -> str:
