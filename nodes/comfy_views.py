@@ -540,15 +540,32 @@ def text_adapted(clip, weight_functions: Mapping[str, WeightFunction]) -> Iterat
 class PatchFunction:
     """Weight function applying ComfyUI weight patches (``ModelPatcher.patches`` entries:
     LoRA, diff, ...) with ComfyUI's own ``comfy.lora.calculate_weight``: a view of a MODEL
-    that a LoRA loader or a fine-tune node patched."""
+    that a LoRA loader or a fine-tune node patched.
 
-    def __init__(self, patches: list, key: str):
-        self.patches, self.key = patches, key
+    It repeats what ``ModelPatcher.patch_weight_to_device`` does to the patched MODEL, so that
+    the view predicts exactly what sampling that MODEL predicts: the patches are summed in
+    ComfyUI's LoRA dtype (``lora_compute_dtype``: float16 on GPUs that prefer it since 0.8,
+    float32 otherwise) and the sum is rounded to the dtype the weight is stored in
+    (``stored_dtype``, e.g. bf16 with ``--bf16-unet``), then cast to the compute dtype the
+    layer runs in.  Without the rounding a bf16-stored UNet's view kept the deltas the patched
+    MODEL rounds away: on a random SDXL, SINE's eq. 3 against separate runs of the patched MODEL
+    was off by 2.7 % (cfg 1) and 8 % (cfg 5) after one LoRA step.
+    """
+
+    def __init__(self, patches: list, key: str, stored_dtype: torch.dtype | None = None):
+        self.patches, self.key, self.stored_dtype = patches, key, stored_dtype
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        import comfy.float
         import comfy.lora
+        import comfy.model_management as mm
+        from comfy.model_patcher import string_to_seed
 
-        return comfy.lora.calculate_weight(self.patches, weight.float(), self.key).to(weight.dtype)
+        lora_dtype = getattr(mm, "lora_compute_dtype", lambda device: torch.float32)(weight.device)
+        out = comfy.lora.calculate_weight(self.patches, weight.to(lora_dtype), self.key)
+        if self.stored_dtype is not None:
+            out = comfy.float.stochastic_rounding(out, self.stored_dtype, seed=string_to_seed(self.key))
+        return out.to(weight.dtype)
 
 
 def view_spec_from_patched(base, patched, features: Features | None = None) -> ViewSpec:
@@ -556,11 +573,14 @@ def view_spec_from_patched(base, patched, features: Features | None = None) -> V
     e.g. from Load LoRA or Fine-Tune) as a view of ``base``."""
     if not base.is_clone(patched):
         raise ValueError("the patched MODEL is not a clone of the base MODEL (a different checkpoint)")
+    import comfy.utils
+
     fns = {}
     for key, plist in patched.patches.items():
         extra = plist[len(base.patches.get(key, [])):]
         if extra and key.startswith("diffusion_model."):
-            fns[key[len("diffusion_model."):]] = PatchFunction(extra, key)
+            stored = comfy.utils.get_attr(base.model, key).dtype
+            fns[key[len("diffusion_model."):]] = PatchFunction(extra, key, stored)
     return ViewSpec(fns, features)
 
 

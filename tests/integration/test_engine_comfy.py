@@ -165,6 +165,20 @@ SCRIPT = textwrap.dedent("""
         with ComfySD(model).views(ViewSpec(modulates=(name,))) as (_, vc), d.views(ViewSpec(modulates=(name,))) as (_, vd):
             m_c, m_d = vc.eps(x, t, ca, mod), vd.eps(x, t, ca, mod)
         out["modulation"] = {"rel": rel(m_c, m_d), "effect": rel(m_d, plain)}
+
+        # 5) a bf16-stored UNet (--bf16-unet): the patched MODEL rounds W + delta to bf16, and so must the view
+        #    (the unrounded sum, what the view computed before, is the comparison that must differ)
+        from sie_pack.nodes.comfy_views import PatchFunction
+        m16 = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=False, output_clip=False,
+                                                    model_options={"dtype": torch.bfloat16})[0]
+        l16 = apply_delta(m16, lora_sd)
+        spec16 = view_spec_from_patched(m16, l16)
+        raw16 = ViewSpec({k: PatchFunction(f.patches, f.key) for k, f in spec16.weight_functions.items()})
+        e16 = ComfySD(l16).eps(x, t, c)
+        with ComfySD(m16).views(spec16, raw16) as (_, v16, r16):
+            out["bf16"] = {"stored": str(m16.model.diffusion_model.input_blocks[1][1].proj_in.weight.dtype),
+                           "view": rel(v16.eps(x, t, c), e16), "unrounded": rel(r16.eps(x, t, c), e16),
+                           "effect": rel(e16, ComfySD(m16).eps(x, t, c))}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -203,6 +217,15 @@ def test_comfy_views_coexist_on_one_load_and_match_the_patched_models(result):
     assert v["lora"] < 1e-5 and v["lora2"] < 1e-5 and v["base"] < 1e-5, v
     assert v["loads"] == 1 and v["clip_loaded_after"], v
     print("switch cost per call (s):", result["timing_s_per_call"])
+
+
+def test_a_view_of_a_bf16_stored_model_rounds_like_the_patched_model(result):
+    """ComfyUI stores a patched weight as round_bf16(W + delta); a view computing W + delta unrounded predicts
+    something else than sampling the patched MODEL (what Model-Based Guidance's eq. 3 is checked against)."""
+    b = result["bf16"]
+    assert b["stored"] == "torch.bfloat16" and b["effect"] > 1e-3, b
+    assert b["view"] < 1e-6, b
+    assert b["unrounded"] > 100 * max(b["view"], 1e-7), b  # the rounding matters here: the check can fail
 
 
 def test_typed_features_give_the_same_eps_on_both_backends(result):

@@ -328,14 +328,14 @@ SINE_WHOLE = SINE_SETUP + textwrap.dedent("""
     free()
 
     # eq. 3 from separate runs of ComfyUI's CFGGuider, F(v) on the tuned branch only.  The tuned MODEL carries
-    # diff patches whose sums are bf16 numbers: a view computes W + delta in the compute dtype (float32 on the
-    # CPU) while a patched MODEL stores it in bf16, so a LoRA's rounding would show (3 % after one step)
+    # diff patches whose sums are not bf16 numbers: the patched MODEL stores round_bf16(W + delta), and the
+    # guider's views must round the same way (unrounded, eq. 3 here was off by 5.6e-4 at cfg 1, 2.0e-3 at cfg 5)
     diffs, exact = {}, True
     gen = torch.Generator().manual_seed(9)
     for k, v in model.model.diffusion_model.named_parameters():
         if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight", "attn1.to_q.weight")):
             w = v.detach().float()
-            d = (w + torch.randn(v.shape, generator=gen) * 0.05).to(v.dtype).float() - w
+            d = torch.randn(v.shape, generator=gen) * 0.05
             exact = exact and torch.equal((w + d).to(v.dtype).float(), w + d)
             diffs["diffusion_model." + k[:-len(".weight")] + ".diff"] = d
     out["diff_sums_exact"] = exact
@@ -417,7 +417,7 @@ def test_sine_nodes_on_sdxl(tmp_path):
     assert rl["eps"] == 0.0 and r["native_vs_ours"] == 0.0, r  # Load SINE and LoraLoaderModelOnly: our MODEL
     assert r["map"] == {"count": 1, "channels": 320, "map_channels": 320}, r  # SDXL's first block: 320 channels
     assert r["sample"] == {"shape": [1, 4, 8, 12], "finite": True, "calls": [2, 1]}, r
-    assert r["diff_sums_exact"] and r["map_effect"] > 1e-3 and r["ft_effect"] > 1e-3, r
+    assert not r["diff_sums_exact"] and r["map_effect"] > 1e-3 and r["ft_effect"] > 1e-3, r
     assert r["eq3_cfg1"] < 1e-5 and r["eq3_cfg5"] < 1e-5, r  # eq. 3 from separate runs; F(v) on the tuned branch
 
 
