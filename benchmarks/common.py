@@ -175,24 +175,6 @@ def random_sdxl(device="cpu", dtype=None, seed: int = 0):
                          text_encoder_2=mods[3], tokenizer_2=load_clip_tokenizer(None, pad_token="!"))
 
 
-def tiny_sdxl(device="cpu", dtype=None):
-    """The tests' tiny SDXL-shaped model, loaded through the real single-file loader."""
-    import tempfile
-
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "tests"))
-    from core.sd.loader import load_sdxl
-    from tiny_sd import build_tiny_xl, write_config_dir_xl, write_single_file_xl
-
-    d = Path(tempfile.mkdtemp(prefix="sie_tiny_sdxl_"))
-    mods = build_tiny_xl(0)
-    return load_sdxl(write_single_file_xl(d / "tiny_xl.safetensors", *mods), device=device,
-                     dtype=dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32),
-                     config_dir=write_config_dir_xl(d / "cfg", *mods))
-
-
 # google/ddpm-celebahq-256 (UNet2DModel, 113.7 M parameters), from its published config
 # (/work/shared/reference/pixel-ddpm.md); the church and bedroom 256 models share it.
 CELEBAHQ_256 = dict(
@@ -253,22 +235,24 @@ def step_stats(timer: Timer, warmup: int = 1) -> dict:
             "steps_timed": max(len(times) - warmup, 1)}
 
 
-def tiny_sd(device="cpu", dtype=None):
-    """The tests' tiny SD-shaped model, loaded through the real single-file loader."""
+def tiny_sd(device="cpu", dtype=None, xl: bool = False):
+    """The tests' tiny SD-shaped model (``xl``: the SDXL-shaped one), loaded through the real single-file loader."""
     import tempfile
 
     import torch
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
-    from core.sd.loader import load_sd15
-    from tiny_sd import build_tiny, write_config_dir, write_single_file
+    import tiny_sd as tiny
+    from core.sd.loader import load_sd
 
-    d = Path(tempfile.mkdtemp(prefix="sie_tiny_sd_"))
-    u, v, t = build_tiny(0)
-    return load_sd15(write_single_file(d / "tiny.safetensors", u, v, t), device=device,
-                     dtype=dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32),
-                     config_dir=write_config_dir(d / "cfg", u, v, t))
+    d = Path(tempfile.mkdtemp(prefix="sie_tiny_sdxl_" if xl else "sie_tiny_sd_"))
+    mods = tiny.build_tiny_xl(0) if xl else tiny.build_tiny(0)
+    write, configs = ((tiny.write_single_file_xl, tiny.write_config_dir_xl) if xl
+                      else (tiny.write_single_file, tiny.write_config_dir))
+    return load_sd(write(d / "tiny.safetensors", *mods), device=device,
+                   dtype=dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32),
+                   config_dir=configs(d / "cfg", *mods))
 
 
 def sd_parser(doc: str | None):
@@ -277,7 +261,8 @@ def sd_parser(doc: str | None):
     import argparse
 
     ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=None, help="an SD 1.x single-file checkpoint")
+    ap.add_argument("--checkpoint", default=None,
+                    help="an SD 1.x or SDXL single-file checkpoint (or diffusers folder)")
     ap.add_argument("--random", action="store_true",
                     help="SD 1.5 with random weights built from the shipped configs (no checkpoint file)")
     ap.add_argument("--tiny", action="store_true", help="a tiny SD-shaped model built in code (CPU check)")
@@ -297,7 +282,7 @@ def sd_model(ap, a):
         return random_sd15(device), "SD 1.5 with random weights (shipped configs)", device, False
     if a.checkpoint:
         sys.path.insert(0, str(ROOT))
-        from core.sd.loader import load_sd15
+        from core.sd.loader import load_sd
 
-        return load_sd15(a.checkpoint, device=device), Path(a.checkpoint).name, device, False
+        return load_sd(a.checkpoint, device=device), Path(a.checkpoint).name, device, False
     ap.error("give --checkpoint, --random or --tiny")

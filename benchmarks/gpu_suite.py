@@ -244,12 +244,12 @@ SDXL_TARGETS = {"lora_step_peak_gib": 16 * 1e9 / 2**30, "whole_lora_edit_min": 3
 
 def run_imagic_sdxl(table: Table, cfg: dict, device, log) -> dict:
     """Imagic's stages on SDXL at its native size (random weights), with issue 21's targets."""
-    from common import random_sdxl, tiny_sdxl
+    from common import random_sdxl, tiny_sd
     from imagic_speed import time_stages, whole_edit
 
     t0 = time.perf_counter()
     if cfg["sd"] == "tiny":
-        model, name = tiny_sdxl(device), "tiny SDXL-shaped model (tests/tiny_sd.py)"
+        model, name = tiny_sd(device, xl=True), "tiny SDXL-shaped model (tests/tiny_sd.py)"
     else:
         model, name = random_sdxl(device), "SDXL base, random weights from core/sd/configs/sdxl"
     log(f"{name} built on {device} in {time.perf_counter() - t0:.1f} s")
