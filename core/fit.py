@@ -320,7 +320,9 @@ class StepInBackward:
 
     def __init__(self, opt: torch.optim.Optimizer, trainable: Sequence[torch.Tensor]):
         self.opt = opt
-        self.group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+        # the group's index, not the group: load_state_dict (a resume) replaces the group dicts, and the
+        # scheduler then sets the learning rate on the new ones
+        self.group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
         self.stepped: set[int] = set()
         self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in trainable]
 
@@ -330,7 +332,7 @@ class StepInBackward:
                                "step_in_backward needs one: turn it off for this model")
         self.stepped.add(id(p))
         groups = self.opt.param_groups
-        self.opt.param_groups = [{**self.group_of[id(p)], "params": [p]}]
+        self.opt.param_groups = [{**groups[self.group_of[id(p)]], "params": [p]}]
         try:
             self.opt.step()
         finally:

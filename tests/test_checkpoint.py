@@ -46,14 +46,14 @@ class Toy:
         return (lambda: {"ema": self.ema}, lambda d: self.ema.copy_(d["ema"]))
 
 
-def config(steps, schedule="step"):
+def config(steps, schedule="step", in_backward=False):
     kw = {"decay_every": 3, "decay_gamma": 0.5} if schedule == "step" else {"milestones": (4, 7), "decay_gamma": 0.3}
-    return FitConfig(steps=steps, lr=0.05, **kw)
+    return FitConfig(steps=steps, lr=0.05, step_in_backward=in_backward, **kw)
 
 
-def run(toy, steps, ck=None, schedule="step", **kw):
-    return fit(toy.groups(), toy.batches, toy.terms(), config(steps, schedule), after_step=toy.after_step,
-               checkpointing=ck, extra_state=toy.extra(), **kw)
+def run(toy, steps, ck=None, schedule="step", in_backward=False, **kw):
+    return fit(toy.groups(), toy.batches, toy.terms(), config(steps, schedule, in_backward),
+               after_step=toy.after_step, checkpointing=ck, extra_state=toy.extra(), **kw)
 
 
 def checkpointing(tmp_path, toy, **kw):
@@ -66,15 +66,19 @@ def assert_same(toy_a, res_a, toy_b, res_b):
     assert res_a.steps_done == res_b.steps_done
 
 
+@pytest.mark.parametrize("in_backward", [False, True], ids=["step", "step_in_backward"])
 @pytest.mark.parametrize("schedule", ["step", "milestones"])
-def test_resume_equals_uninterrupted(tmp_path, schedule):
+def test_resume_equals_uninterrupted(tmp_path, schedule, in_backward):
+    """Also with the optimiser step inside backward (full fine-tunes): after a resume it must take the learning
+    rate the restored scheduler sets, not that of the parameter groups the optimiser had before loading."""
     whole = Toy()
-    res_whole = run(whole, 10, schedule=schedule)
+    res_whole = run(whole, 10, schedule=schedule, in_backward=in_backward)
     first = Toy()
-    res_first = run(first, 4, checkpointing(tmp_path, first, every=4), schedule=schedule)
+    res_first = run(first, 4, checkpointing(tmp_path, first, every=4), schedule=schedule, in_backward=in_backward)
     assert res_first.checkpoint == tmp_path / "toy_step0000004.safetensors"
     second = Toy()  # a new process: fresh tensors and generator, everything from the file
-    res = run(second, 10, checkpointing(tmp_path, second, resume=res_first.checkpoint), schedule=schedule)
+    res = run(second, 10, checkpointing(tmp_path, second, resume=res_first.checkpoint), schedule=schedule,
+              in_backward=in_backward)
     assert res.resumed_from == 4
     assert_same(whole, res_whole, second, res)
 
