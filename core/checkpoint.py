@@ -16,7 +16,9 @@ configuration, a fingerprint of the base weights), which a resume must match key
 Exactness: the state saved at step N is the state after N optimiser steps, with each generator as
 it was *before* step N + 1 drew from it (the loop records it at the start of every step), so a run
 resumed from step N takes the same steps N + 1, ... as one that never stopped; on the CPU the
-trained tensors and losses are bit-equal (tested in ``tests/test_checkpoint.py``).  On a GPU they agree to
+trained tensors and losses are bit-equal (tested in ``tests/test_checkpoint.py``; across processes with
+Intel MKL's reproducibility mode, ``MKL_CBWR=AUTO,STRICT``: without it MKL's threaded kernels may round
+with the buffers' alignment, which tests/integration/test_resume_comfy.py measured on ComfyUI 0.8.0).  On a GPU they agree to
 float rounding only: cuDNN / cuBLAS choose non-deterministic kernels by default (atomic adds in backward), so two
 uninterrupted GPU runs already differ in the last bits.
 """

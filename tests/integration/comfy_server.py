@@ -129,12 +129,14 @@ class ComfyServer:
     """A ComfyUI process with this pack linked in; use as a context manager."""
 
     def __init__(self, with_pack: bool = True, extra_args: list[str] | None = None,
-                 models: dict[str, list[Path]] | None = None, base: Path | None = None):
+                 models: dict[str, list[Path]] | None = None, base: Path | None = None,
+                 env: dict[str, str] | None = None):
         self.root = comfyui_dir()
         self.python = comfyui_python(self.root)
         self.with_pack = with_pack
         self.extra_args = extra_args or []
         self.models = models or {}
+        self.env = dict(env or {})  # added to the server's environment
         self._tmp = None if base else tempfile.TemporaryDirectory(prefix="sie_comfy_")
         self.base = Path(base) if base else Path(self._tmp.name)
         self.port = free_port()
@@ -158,7 +160,7 @@ class ComfyServer:
         cmd = [str(self.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **self.env)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
