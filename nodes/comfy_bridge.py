@@ -221,19 +221,20 @@ def torch_device() -> torch.device:
 
 
 def free_memory() -> None:
-    """After a training node: empty the GPU cache and hand the freed host heap back to the OS.
+    """After a node that held large tensors (training, SAM, SinDDM): collect what is unreachable, empty
+    the GPU cache and hand the freed host heap back to the OS.
 
     glibc keeps the pages of freed small allocations (autograd's saved tensors on the CPU, optimiser
     state) in the process, and the next training node's memory check, which reads the free memory,
     would then refuse; ``malloc_trim(0)`` returns them (on Linux with glibc; a no-op elsewhere).
     """
+    gc.collect()  # first, so that what it frees reaches the cache emptied below
     try:
         import comfy.model_management
 
         comfy.model_management.soft_empty_cache()
     except ImportError:
         pass
-    gc.collect()
     trim_heap()
 
 
@@ -242,9 +243,10 @@ def trim_heap() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
         return False
+    return True
 
 
 # --------------------------------------------------------------------------------------
